@@ -1,0 +1,104 @@
+"""Planner vs baselines, side by side: `python bench/planner.py [--time-limit S]`.
+
+One row per graph x budget: tierplan's predicted step time, overhead over keep-all, device peak,
+solve time and gap, then keep-all, checkpoint-blocks and swap-all at the same budget (priced by
+the same simulator; "over" when the baseline does not fit). Synthetic graphs always; captured zoo
+models and the hardware cost model when those modules exist.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from planner_graphs import channels, random_layered, transformer  # noqa: E402
+from tierplan.planner.baselines import baseline_plans  # noqa: E402
+from tierplan.planner.keep_all import keep_all_plan  # noqa: E402
+from tierplan.planner.plan import InfeasibleBudget  # noqa: E402
+from tierplan.planner.remat_swap import solve  # noqa: E402
+from tierplan.planner.validate import validate  # noqa: E402
+
+MIB = 2**20
+
+
+def synthetic_cases():
+    chans = channels(bandwidth=25e9, latency_s=10e-6)  # PCIe 4 x16 host link, measured-ish
+    for name, (graph, times) in (
+        ("transformer-12", transformer(12, hidden=8 * 2**20, mm_s=2e-4)),
+        ("transformer-12-jitter", transformer(12, hidden=8 * 2**20, seed=5, mm_s=2e-4)),
+        ("random-layered-120", random_layered(120, seed=3)),
+        ("transformer-200 (2.4k ops)", transformer(200, hidden=2 * 2**20, mm_s=5e-5)),
+    ):
+        yield name, graph, times, {"host": 10**12}, chans
+
+
+def zoo_cases():
+    try:
+        from tierplan.cost_models.compute import graph_op_times
+        from tierplan.cost_models.hardware import load_hardware
+        from tierplan.passes.capture import capture
+        from tierplan.planner.problem import tier_capacities, transfer_channels
+        from tierplan.zoo import load_model
+    except Exception as exc:  # noqa: BLE001
+        print(f"(zoo models skipped: {type(exc).__name__}: {exc})")
+        return
+    hw = load_hardware("h100-sxm")
+    for model_name in ("gpt2-tiny",):
+        try:
+            model, args, kwargs = load_model(model_name, batch_size=2, seq_len=64, training=True, fake=True)
+            graph = capture(model, args, example_kwargs=kwargs, training=True).graph
+        except Exception as exc:  # noqa: BLE001
+            print(f"({model_name} skipped: {type(exc).__name__}: {exc})")
+            continue
+        caps = tier_capacities(hw, ("host",))
+        yield model_name, graph, graph_op_times(graph, hw), {k: v for k, v in caps.items() if k != "device"}, \
+            transfer_channels(hw, ("host",))
+
+
+def cell(plan, budget, keep_time) -> str:
+    if plan is None:
+        return "-"
+    if plan.peak_bytes["device"] > budget:
+        return f"over ({plan.peak_bytes['device'] / MIB:.0f})"
+    return f"{plan.predicted_time_s * 1e3:.2f} (+{(plan.predicted_time_s / keep_time - 1) * 100:.1f}%)"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--time-limit", type=float, default=20.0)
+    parser.add_argument("--fractions", default="0.7,0.45,0.3")
+    args = parser.parse_args()
+    fractions = [float(f) for f in args.fractions.split(",")]
+    header = (f"{'graph':28s} {'ops':>5s} {'budget':>13s} | {'tierplan ms (+ovh)':>19s} {'peak MiB':>8s} "
+              f"{'solve s':>7s} {'gap':>6s} {'method':10s} | {'keep-all':>16s} | {'ckpt-blocks':>16s} | {'swap-all':>16s}")
+    print(header)
+    print("-" * len(header))
+    for name, graph, times, other_tiers, chans in list(synthetic_cases()) + list(zoo_cases()):
+        probe = dict(other_tiers, device=10**15)
+        ka = keep_all_plan(graph, capacities=probe, channels=chans, op_time_s=times, hardware="bench", training=True)
+        peak, keep_time = ka.keep_all_peak_bytes, ka.predicted_time_s
+        for fraction in fractions:
+            budget = int(peak * fraction)
+            caps = dict(other_tiers, device=budget)
+            bases = baseline_plans(graph, capacities=caps, channels=chans, op_time_s=times, hardware="bench", training=True)
+            started = time.perf_counter()
+            try:
+                plan = solve(graph, capacities=caps, channels=chans, op_time_s=times, hardware="bench",
+                             training=True, time_limit_s=args.time_limit)
+                validate(plan)
+                ours = (f"{cell(plan, budget, keep_time):>19s} {plan.peak_bytes['device'] / MIB:8.1f} "
+                        f"{plan.solver['solve_s']:7.2f} {plan.solver['gap']:6.3f} {plan.method.split(' ')[0]:10s}")
+            except InfeasibleBudget as exc:
+                ours = (f"{'infeasible':>19s} {'min ' + str(round(exc.min_feasible_bytes / MIB)):>8s} "
+                        f"{time.perf_counter() - started:7.2f} {'':6s} {'':10s}")
+            print(f"{name:28s} {len(graph.ops):5d} {fraction:4.2f}x{peak / MIB:6.0f}Mi | {ours} | "
+                  f"{cell(bases['keep-all'], budget, keep_time):>16s} | "
+                  f"{cell(bases.get('checkpoint-blocks'), budget, keep_time):>16s} | "
+                  f"{cell(bases['swap-all'], budget, keep_time):>16s}")
+
+
+if __name__ == "__main__":
+    main()

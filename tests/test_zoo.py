@@ -1,0 +1,117 @@
+"""The model zoo: every entry builds (fake without storage, small ones for real) and load_model."""
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+import torch
+
+from tierplan.zoo import ZOO, ZooError, list_models, load_model
+
+EXPECTED = [
+    "mlp", "cnn", "tiny-transformer", "gpt2", "gpt2-medium", "gpt2-large", "llama-7b",
+    "llama-13b", "llama-70b", "bert-base", "bert-large", "gpt2-tiny", "llama-tiny", "bert-tiny",
+]
+SMALL = ["mlp", "cnn", "tiny-transformer", "gpt2-tiny", "llama-tiny", "bert-tiny"]
+# Parameter counts of the published shapes (tied embeddings counted once).
+PARAMS = {
+    "gpt2": 124_439_808,
+    "gpt2-medium": 354_823_168,
+    "gpt2-large": 774_030_080,
+    "llama-7b": 6_738_415_616,
+    "llama-13b": 13_015_864_320,
+    "llama-70b": 68_976_648_192,
+}
+
+
+def test_all_models_are_listed_with_descriptions():
+    assert list_models() == EXPECTED
+    for entry in ZOO.values():
+        assert entry.description and entry.batch_size >= 1 and entry.seq_len >= 1
+
+
+@pytest.mark.parametrize("name", EXPECTED)
+def test_fake_build_allocates_nothing(name):
+    model, args, kwargs = load_model(name, training=True, fake=True)
+    tensors = [*model.parameters(), *model.buffers()]
+    tensors += [t for t in [*args, *kwargs.values()] if isinstance(t, torch.Tensor)]
+    assert all(t.device.type == "meta" for t in tensors)
+    assert model.training
+    if name in PARAMS:
+        assert sum(p.numel() for p in model.parameters()) == PARAMS[name]
+
+
+@pytest.mark.parametrize("name", SMALL)
+def test_small_models_run_for_real(name):
+    model, args, kwargs = load_model(name, training=True)
+    loss = model(*args, **kwargs)
+    loss = loss if isinstance(loss, torch.Tensor) else loss.loss
+    assert loss.shape == () and torch.isfinite(loss)
+    model, args, kwargs = load_model(name, training=False)
+    assert not model.training and "labels" not in kwargs
+    with torch.no_grad():
+        out = model(*args, **kwargs)
+    assert out is not None
+
+
+def test_batch_and_sequence_sizes_are_honoured():
+    model, args, kwargs = load_model("gpt2-tiny", batch_size=3, seq_len=17, training=True, fake=True)
+    assert kwargs["input_ids"].shape == (3, 17) and kwargs["labels"].shape == (3, 17)
+    assert kwargs["labels"] is not kwargs["input_ids"]
+    _, (x,), _ = load_model("mlp", batch_size=5, training=False)
+    assert x.shape == (5, 784)
+    with pytest.raises(ZooError, match="exceeds"):
+        load_model("gpt2-tiny", seq_len=4096, fake=True)
+
+
+def test_real_builds_are_deterministic():
+    a, _, _ = load_model("mlp")
+    b, _, _ = load_model("mlp")
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_unknown_name_lists_known_ones():
+    with pytest.raises(ZooError) as err:
+        load_model("gpt5")
+    assert "gpt5" in str(err.value) and "llama-70b" in str(err.value) and "file.py:factory" in str(err.value)
+
+
+def _write(tmp_path, body: str):
+    path = tmp_path / "user_model.py"
+    path.write_text(textwrap.dedent(body))
+    return path
+
+
+def test_file_factory_with_two_and_three_results(tmp_path):
+    path = _write(tmp_path, """
+        import torch
+
+        def two():
+            return torch.nn.Linear(3, 2), torch.randn(4, 3)
+
+        def three(batch_size=2, training=True):
+            model = torch.nn.Linear(3, 2)
+            return model, (torch.randn(batch_size, 3),), {}
+    """)
+    model, args, kwargs = load_model(f"{path}:two")
+    assert isinstance(model, torch.nn.Linear) and args[0].shape == (4, 3) and kwargs == {}
+    model, args, kwargs = load_model(f"{path}:three", batch_size=7)
+    assert args[0].shape == (7, 3)
+
+
+def test_file_errors(tmp_path):
+    with pytest.raises(ZooError, match="does not exist"):
+        load_model(f"{tmp_path}/missing.py:make")
+    path = _write(tmp_path, """
+        def make_model():
+            return 3
+    """)
+    with pytest.raises(ZooError, match="no function 'build'.*make_model"):
+        load_model(f"{path}:build")
+    with pytest.raises(ZooError, match="must return"):
+        load_model(f"{path}:make_model")
+    broken = tmp_path / "broken.py"
+    broken.write_text("raise RuntimeError('boom')\n")
+    with pytest.raises(ZooError, match="boom"):
+        load_model(f"{broken}:make")

@@ -1,0 +1,27 @@
+"""tierplan: a memory-placement compiler for PyTorch.
+
+    plan = tierplan.plan(model, example_inputs, hardware="h100-sxm", memory_budget="6GiB")
+    print(plan.summary())
+    tierplan.validate(plan)
+"""
+from tierplan.api import plan, plan_graph
+from tierplan.cost_models.hardware import Hardware, HardwareError, load_hardware
+from tierplan.ir import Graph
+from tierplan.passes.capture import CaptureError, capture
+from tierplan.planner.plan import InfeasibleBudget, Plan, PlanError
+from tierplan.planner.validate import validate
+
+__all__ = [
+    "CaptureError",
+    "Graph",
+    "Hardware",
+    "HardwareError",
+    "InfeasibleBudget",
+    "Plan",
+    "PlanError",
+    "capture",
+    "load_hardware",
+    "plan",
+    "plan_graph",
+    "validate",
+]

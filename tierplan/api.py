@@ -1,0 +1,103 @@
+"""The public entry points: ``tierplan.plan`` for a model, ``plan_graph`` for a captured graph."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from tierplan.cost_models.compute import graph_op_times
+from tierplan.cost_models.hardware import Hardware, load_hardware
+from tierplan.ir import Graph
+from tierplan.passes.blocks import detect_blocks
+from tierplan.passes.capture import capture
+from tierplan.passes.liveness import peak_bytes
+from tierplan.planner.plan import DEVICE, Plan, PlanError
+from tierplan.planner.problem import tier_capacities, transfer_channels
+from tierplan.planner.remat_swap import solve
+from tierplan.units import format_bytes, parse_bytes
+
+Budget = int | float | str | None
+
+
+def plan(
+    model: torch.nn.Module,
+    example_inputs: Sequence[Any],
+    *,
+    example_kwargs: dict[str, Any] | None = None,
+    hardware: str | Path | Hardware = "h100-sxm",
+    memory_budget: Budget = None,
+    training: bool = True,
+    tiers: Sequence[str] = ("host",),
+    time_limit: float | None = None,
+) -> Plan:
+    """Capture ``model`` on ``example_inputs`` and plan it on ``hardware`` within ``memory_budget``.
+
+    ``memory_budget``: bytes (int), a string with a unit ("6GiB", "500MB"), a float in (0, 1]
+    meaning that fraction of the keep-all plan's device peak, or None for the whole device memory.
+    With ``training=True`` the loss is the model's output, or the ``loss`` field of it.
+    """
+    captured = capture(model, tuple(example_inputs), example_kwargs=example_kwargs, training=training)
+    return plan_graph(
+        captured.graph, hardware=hardware, memory_budget=memory_budget, training=training,
+        tiers=tiers, time_limit=time_limit,
+    )
+
+
+def plan_graph(
+    graph: Graph,
+    *,
+    hardware: str | Path | Hardware = "h100-sxm",
+    memory_budget: Budget = None,
+    training: bool = True,
+    tiers: Sequence[str] = ("host",),
+    time_limit: float | None = None,
+) -> Plan:
+    """Plan an already captured graph (see ``plan``)."""
+    hw = hardware if isinstance(hardware, Hardware) else load_hardware(hardware)
+    if not graph.blocks:
+        graph = detect_blocks(graph)
+    capacities = tier_capacities(hw, tiers)
+    budget = resolve_budget(memory_budget, keep_all_peak=peak_bytes(graph),
+                            device_bytes=capacities[DEVICE], hardware=hw.name)
+    return solve(
+        graph,
+        capacities={**capacities, DEVICE: budget},
+        channels=transfer_channels(hw, tiers),
+        op_time_s=graph_op_times(graph, hw),
+        hardware=hw.name,
+        training=training,
+        time_limit_s=time_limit,
+    )
+
+def resolve_budget(budget: Budget, *, keep_all_peak: int, device_bytes: int, hardware: str) -> int:
+    """The device budget in bytes; see ``plan`` for the forms it accepts."""
+    if budget is None:
+        return device_bytes
+    if isinstance(budget, bool):
+        raise PlanError(f"memory_budget={budget!r}: give bytes, a size such as '6GiB', or a fraction")
+    if isinstance(budget, float):
+        if not 0.0 < budget <= 1.0:
+            raise PlanError(
+                f"memory_budget={budget}: a float is a fraction of the keep-all peak and must be in "
+                f"(0, 1]; give bytes (int) or a size string such as '6GiB' for an absolute budget"
+            )
+        resolved = int(budget * keep_all_peak)
+    elif isinstance(budget, int):
+        resolved = budget
+    elif isinstance(budget, str):
+        try:
+            resolved = parse_bytes(budget, setting="memory_budget")
+        except ValueError as exc:
+            raise PlanError(str(exc)) from None
+    else:
+        raise PlanError(f"memory_budget of type {type(budget).__name__} is not supported")
+    if resolved <= 0:
+        raise PlanError(f"memory_budget={budget!r} resolves to {resolved} bytes; it must be positive")
+    if resolved > device_bytes:
+        raise PlanError(
+            f"memory_budget {format_bytes(resolved)} exceeds the {format_bytes(device_bytes)} of device "
+            f"memory on {hardware}; lower the budget or pick hardware with more memory"
+        )
+    return resolved
+

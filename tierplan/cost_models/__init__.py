@@ -1,0 +1,1 @@
+"""tierplan.cost_models"""

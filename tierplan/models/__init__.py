@@ -1,0 +1,1 @@
+"""Models written in-repo (see tierplan.zoo for the catalogue)."""

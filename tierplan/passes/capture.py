@@ -1,0 +1,620 @@
+"""Capture a model as an aten-level, functionalized torch.fx graph and reduce it to the IR.
+
+Training captures the joint forward+backward graph the way AOTAutograd builds it for
+``torch.compile``: parameters and buffers are lifted to graph inputs, the backward seed of the loss
+is an input (a "tangent"), and parameter gradients are graph outputs. The forward/backward split is
+AOTAutograd's own ``default_partition``; the joint graph's node names are shared by the partitioned
+graphs, so every joint op is labelled FORWARD or BACKWARD from the partition.
+
+Tracing always runs on fake tensors (AOTAutograd fakifies real inputs itself), so no kernel runs and
+no activation is allocated. A model whose parameters live on the meta device (or are fake already)
+is captured by handing AOTAutograd fake CPU tensors of the same shapes, which lets a
+Llama-2-70B-shaped model be captured on a laptop.
+
+The seam with AOTAutograd is ``AotRecorder``: a partition function plus forward/backward/inference
+compilers that record the graphs they are given. The same object plugs into
+``aot_module_simplified`` for a later ``torch.compile`` backend.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+import torch.fx
+import torch.fx.traceback as fx_traceback
+from torch import nn
+from torch._functorch.aot_autograd import aot_function
+from torch._functorch.partitioners import default_partition
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch.utils import _pytree as pytree
+
+from tierplan.ir import Graph, Phase, TensorKind
+from tierplan.passes.annotate import (
+    MODULE_META_KEY,
+    GraphSignature,
+    InputSpec,
+    OutputSpec,
+    annotate_graph,
+)
+
+# The issuing module's qualified name is recorded under node.meta["custom"][MODULE_META_KEY]:
+# make_fx copies the "custom" dict onto every node created while it is set, and AOTAutograd
+# copies it from a forward node to the backward nodes that differentiate it (via seq_nr).
+
+
+class CaptureError(RuntimeError):
+    """The model could not be traced; the message names the module and/or op, why, and what to do."""
+
+
+@dataclass
+class AotRecorder:
+    """Records what AOTAutograd hands its partitioner and compilers.
+
+    ``partition_fn`` keeps the joint graph and partitions it with AOTAutograd's default
+    partitioner (no recomputation: what the forward produces and the backward reads is saved).
+    The compilers keep the graphs and return ``compiled`` (the graph itself when None), so a
+    ``torch.compile`` backend can wrap this object and decide what to run.
+    """
+
+    compiled: Callable[[torch.fx.GraphModule], Callable[..., Any]] | None = None
+    joint: torch.fx.GraphModule | None = None
+    forward: torch.fx.GraphModule | None = None
+    backward: torch.fx.GraphModule | None = None
+    inference: torch.fx.GraphModule | None = None
+    num_fwd_outputs: int = 0
+
+    def partition_fn(
+        self, joint: torch.fx.GraphModule, joint_inputs: Sequence[Any], **kwargs: Any
+    ) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
+        # Dead nodes (e.g. a detach whose result nothing reads) would otherwise be run by the
+        # joint module and counted by the planner although neither partition contains them.
+        joint.graph.eliminate_dead_code()
+        self.joint = joint
+        self.num_fwd_outputs = int(kwargs.get("num_fwd_outputs", 0))
+        fw, bw = default_partition(joint, joint_inputs, **kwargs)
+        self.forward, self.backward = fw, bw
+        return fw, bw
+
+    def fw_compiler(self, gm: torch.fx.GraphModule, example_inputs: Any) -> Callable[..., Any]:
+        self.forward = gm
+        return self._compile(gm)
+
+    def bw_compiler(self, gm: torch.fx.GraphModule, example_inputs: Any) -> Callable[..., Any]:
+        self.backward = gm
+        return self._compile(gm)
+
+    def inference_compiler(
+        self, gm: torch.fx.GraphModule, example_inputs: Any
+    ) -> Callable[..., Any]:
+        self.inference = gm
+        return self._compile(gm)
+
+    def _compile(self, gm: torch.fx.GraphModule) -> Callable[..., Any]:
+        return gm if self.compiled is None else self.compiled(gm)
+
+
+class _TraceDone(Exception):
+    """Raised by the recorded graph in place of running it: capture needs the graphs only."""
+
+
+def _stop_running(gm: torch.fx.GraphModule) -> Callable[..., Any]:
+    def run(*args: Any) -> Any:
+        raise _TraceDone()
+
+    return run
+
+
+@dataclass
+class Captured:
+    """A captured model: the IR, the fx graphs it came from, and how to feed them."""
+
+    graph: Graph
+    # Training: the joint forward+backward module; inference: the forward module. It takes the
+    # flat input list of ``real_inputs`` and its node order is ``graph.ops`` order.
+    joint: torch.fx.GraphModule
+    training: bool
+    inputs: list[InputSpec]  # one per placeholder of ``joint``, in order
+    forward: torch.fx.GraphModule | None = None  # the partitioned forward (training)
+    backward: torch.fx.GraphModule | None = None  # the partitioned backward (training)
+    seconds: float = 0.0  # wall time of the trace
+
+    def real_inputs(
+        self,
+        model: nn.Module,
+        example_inputs: Any,
+        example_kwargs: dict[str, Any] | None = None,
+    ) -> list[torch.Tensor]:
+        """The flat input list of ``joint`` built from a real model and real example inputs.
+
+        Parameters and buffers are looked up by qualified name (so a model rebuilt with real
+        weights after a fake capture works), user inputs by their position in the flattened
+        ``(args, kwargs)``, and the loss tangent is ones (the seed of ``loss.backward()``).
+        """
+        params = dict(model.named_parameters())
+        buffers = dict(model.named_buffers())
+        leaves = _tensor_leaves(_as_args(example_inputs), dict(example_kwargs or {}))
+        result: list[torch.Tensor] = []
+        for spec in self.inputs:
+            if spec.kind is TensorKind.PARAMETER:
+                t = _lookup(params, spec.source, "parameter")
+            elif spec.kind is TensorKind.BUFFER:
+                t = _lookup(buffers, spec.source, "buffer")
+            elif spec.source == "tangent":
+                t = torch.ones(spec.shape, dtype=_dtype(spec.dtype))
+            else:
+                t = leaves[spec.index]
+            if tuple(t.shape) != tuple(spec.shape) or str(t.dtype).removeprefix("torch.") != spec.dtype:
+                raise CaptureError(
+                    f"input {spec.name!r} ({spec.source}) was captured as {spec.dtype}"
+                    f"{list(spec.shape)} but the given tensor is {t.dtype}{list(t.shape)}; "
+                    f"pass the model and example inputs the capture was made with"
+                )
+            if t.device.type == "meta" or isinstance(t, FakeTensor):
+                raise CaptureError(
+                    f"input {spec.name!r} ({spec.source}) is a {t.device.type}/fake tensor; "
+                    f"real_inputs needs a model and inputs with real storage"
+                )
+            result.append(t.detach())
+        return result
+
+    def run(self, inputs: Sequence[torch.Tensor]) -> list[Any]:
+        """Run ``joint`` on the flat inputs without autograd (the graph computes the gradients)."""
+        with torch.no_grad():
+            return list(self.joint(*inputs))
+
+
+def capture(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    example_kwargs: dict[str, Any] | None = None,
+    training: bool = True,
+    fake: bool | None = None,
+    fake_device: str = "cpu",
+    name: str | None = None,
+) -> Captured:
+    """Trace ``model(*example_inputs, **example_kwargs)`` into a Captured graph.
+
+    ``training=True`` captures the joint forward+backward graph of the loss: the model's output
+    if it is a scalar tensor, else its ``loss`` field or attribute. ``fake=None`` traces on fake
+    tensors when the model's parameters are on the meta device or fake already; ``fake=True``
+    forces it (meta tensors become fake tensors on ``fake_device``). Tracing never runs a kernel
+    either way. Raises CaptureError when the model cannot be traced.
+    """
+    args = _as_args(example_inputs)
+    kwargs = dict(example_kwargs or {})
+    params = dict(model.named_parameters())  # tied weights appear once
+    buffers = dict(model.named_buffers())
+    flat_user, user_spec = pytree.tree_flatten((args, kwargs))
+    tensor_pos = [i for i, x in enumerate(flat_user) if isinstance(x, torch.Tensor)]
+    user_tensors = [flat_user[i] for i in tensor_pos]
+
+    all_tensors = [*params.values(), *buffers.values(), *user_tensors]
+    on_meta = any(t.device.type == "meta" for t in all_tensors)
+    if fake is None:
+        fake = on_meta or any(isinstance(t, FakeTensor) for t in all_tensors)
+    elif not fake and on_meta:
+        raise CaptureError(
+            f"{type(model).__name__} has tensors on the meta device, which hold no data: capture "
+            f"it with fake=True (or fake=None), or build it on a real device"
+        )
+    if training and not any(p.requires_grad for p in params.values()):
+        raise CaptureError(
+            f"{type(model).__name__} has no parameter with requires_grad=True, so there is no "
+            f"backward to capture; use capture(..., training=False) for inference"
+        )
+
+    if fake:
+        mode = _existing_fake_mode(all_tensors) or FakeTensorMode()
+        fakes: dict[int, torch.Tensor] = {}
+
+        def convert(t: torch.Tensor) -> torch.Tensor:
+            # One fake per distinct tensor, so a tensor passed twice still shares one storage.
+            if id(t) not in fakes:
+                fakes[id(t)] = _to_fake(t, mode, fake_device)
+            return fakes[id(t)]
+    else:
+        convert = lambda t: t  # noqa: E731  (AOTAutograd fakifies real tensors itself)
+    flat_params = [_with_grad(convert(p), training and p.requires_grad) for p in params.values()]
+    flat_buffers = [_with_grad(convert(b), False) for b in buffers.values()]
+    flat_inputs = [_with_grad(convert(t), training and t.requires_grad) for t in user_tensors]
+    n_params, n_buffers = len(flat_params), len(flat_buffers)
+    param_names, buffer_names = list(params), list(buffers)
+
+    def flat_fn(*flat: torch.Tensor) -> Any:
+        state = dict(zip(param_names, flat[:n_params]))
+        state.update(zip(buffer_names, flat[n_params : n_params + n_buffers]))
+        leaves = list(flat_user)
+        for pos, t in zip(tensor_pos, flat[n_params + n_buffers :]):
+            leaves[pos] = t
+        call_args, call_kwargs = pytree.tree_unflatten(leaves, user_spec)
+        out = torch.func.functional_call(model, state, tuple(call_args), call_kwargs)
+        if training:
+            return _loss_of(out, type(model).__name__)
+        # Non-tensor leaves (None, ints, cache objects) are not graph values.
+        return tuple(x for x in pytree.tree_leaves(out) if isinstance(x, torch.Tensor))
+
+    recorder = AotRecorder(compiled=_stop_running)
+    compiled = aot_function(
+        flat_fn,
+        fw_compiler=recorder.fw_compiler,
+        bw_compiler=recorder.bw_compiler,
+        partition_fn=recorder.partition_fn,
+        inference_compiler=recorder.inference_compiler,
+        num_params_buffers=n_params + n_buffers,
+        keep_inference_input_mutations=True,
+        # Logging pretty-prints every graph (several seconds on a 20k-node joint graph) even when
+        # no log handler is listening.
+        enable_log=False,
+    )
+    modules = _ModuleStack(model)
+    start = time.perf_counter()
+    try:
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(fx_traceback.preserve_node_meta())
+            stack.enter_context(_tracing_flag())
+            # GraphModules generate their Python code on first call instead of at every
+            # construction and graph edit (partitioning builds several).
+            stack.enter_context(torch.fx._lazy_graph_module._use_lazy_graph_module(True))
+            stack.enter_context(modules.installed())
+            if not training:
+                stack.enter_context(torch.no_grad())
+            compiled(*flat_params, *flat_buffers, *flat_inputs)
+    except _TraceDone:
+        pass
+    except CaptureError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - every tracer failure becomes a CaptureError
+        raise _capture_error(
+            exc, modules.failed_in, modules.type_of(modules.failed_in), type(model).__name__
+        ) from exc
+    seconds = time.perf_counter() - start
+
+    gm = recorder.joint if training else recorder.inference
+    if gm is None:
+        raise CaptureError(
+            f"AOTAutograd produced no {'joint' if training else 'inference'} graph for "
+            f"{type(model).__name__}: "
+            + (
+                "the loss does not depend on any parameter that requires grad"
+                if training
+                else "no output of the model is a tensor"
+            )
+        )
+    _use_flat_calling_convention(gm)
+
+    n_user = len(user_tensors)
+    user_paths = [_leaf_path(user_spec, pos) for pos in tensor_pos]
+    specs = _input_specs(
+        gm, param_names, buffer_names, user_paths, n_user, n_params, n_buffers
+    )
+    outputs = _output_specs(gm, recorder.num_fwd_outputs if training else None, specs)
+    phases: dict[str, Phase] = {}
+    if training:
+        assert recorder.forward is not None
+        fw_names = {n.name for n in recorder.forward.graph.nodes if n.op == "call_function"}
+        phases = {
+            n.name: Phase.FORWARD if n.name in fw_names else Phase.BACKWARD
+            for n in gm.graph.nodes
+            if n.op == "call_function"
+        }
+    signature = GraphSignature(inputs=specs, outputs=outputs, phases=phases)
+    graph = annotate_graph(gm, signature, name=name or type(model).__name__)
+    graph.meta["training"] = training
+    graph.meta["capture_seconds"] = round(seconds, 3)
+    return Captured(
+        graph=graph,
+        joint=gm,
+        training=training,
+        inputs=specs,
+        forward=recorder.forward if training else gm,
+        backward=recorder.backward,
+        seconds=seconds,
+    )
+
+
+# -- tracing helpers -----------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _tracing_flag() -> Iterator[None]:
+    """Tell libraries that they are being traced, as torch.compile and torch.export do.
+
+    Libraries (transformers among them) skip eager-only, data-dependent checks such as
+    ``if (mask == 0).all():`` when ``torch.compiler.is_compiling()`` is true; without the flag
+    they would call ``bool()`` on a traced tensor.
+    """
+    import torch.compiler as tc
+
+    old = tc._is_compiling_flag
+    tc._is_compiling_flag = True
+    try:
+        yield
+    finally:
+        tc._is_compiling_flag = old
+
+
+class _ModuleStack:
+    """Forward pre/post hooks that keep the stack of modules being run during the trace.
+
+    The innermost module is recorded on every fx node created inside it (MODULE_META_KEY), and
+    on failure ``failed_in`` names the module the tracer was in.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.stack: list[tuple[str, contextlib.AbstractContextManager[None]]] = []
+        self.failed_in: str | None = None
+        self.types = {name: type(m).__name__ for name, m in model.named_modules()}
+
+    def type_of(self, name: str | None) -> str:
+        return self.types.get(name or "", "nn.Module")
+
+    def _pre(self, name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any) -> None:
+            ctx = fx_traceback.annotate({MODULE_META_KEY: name})
+            ctx.__enter__()
+            self.stack.append((name, ctx))
+            self.failed_in = name
+
+        return hook
+
+    def _post(self, name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if self.stack and self.stack[-1][0] == name:
+                self.stack.pop()[1].__exit__(None, None, None)
+            self.failed_in = self.stack[-1][0] if self.stack else None
+
+        return hook
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        handles = []
+        for name, module in self.model.named_modules():
+            handles.append(module.register_forward_pre_hook(self._pre(name)))
+            handles.append(module.register_forward_hook(self._post(name)))
+        try:
+            yield
+        except BaseException:
+            # Keep failed_in (the innermost module entered and not left); the annotation
+            # contexts are discarded with the preserved node meta around us.
+            self.stack.clear()
+            raise
+        finally:
+            for h in handles:
+                h.remove()
+        self.failed_in = None
+
+
+def _loss_of(out: Any, model_name: str) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        if out.dim() == 0 or out.numel() == 1:
+            return out
+        raise CaptureError(
+            f"training capture of {model_name} needs a scalar loss, but the model returned a "
+            f"tensor of shape {list(out.shape)}; return the loss (e.g. "
+            f"F.cross_entropy(logits, labels)) or an object with a `loss` field, or capture with "
+            f"training=False"
+        )
+    loss = out.get("loss") if isinstance(out, dict) else getattr(out, "loss", None)
+    if isinstance(loss, torch.Tensor) and loss.numel() == 1:
+        return loss
+    hint = (
+        " (for transformers models pass labels=... in example_kwargs)"
+        if loss is None and hasattr(out, "logits")
+        else ""
+    )
+    raise CaptureError(
+        f"training capture of {model_name} needs a scalar loss: the model's output (a "
+        f"{type(out).__name__}) is neither a scalar tensor nor has a scalar `loss` "
+        f"field/attribute{hint}; return the loss from forward, or capture with training=False"
+    )
+
+
+def _capture_error(
+    exc: Exception, module: str | None, module_type: str, model_name: str
+) -> CaptureError:
+    """Translate a tracer exception into a CaptureError saying where, why and what to do."""
+    from torch._subclasses.fake_tensor import (
+        DataDependentOutputException,
+        DynamicOutputShapeException,
+        UnsupportedOperatorException,
+    )
+
+    if module:
+        where = f"in module {module!r} ({module_type})"
+    elif module == "":
+        where = f"in the top-level forward of {model_name}"
+    else:
+        where = f"in {model_name} (outside any module's forward: the loss or the backward trace)"
+    reason = f"{type(exc).__name__}: {_first_line(exc)}"
+    op = getattr(exc, "func", None)
+    op_text = f" at op {op}" if op is not None else ""
+    name = type(exc).__name__
+    if isinstance(exc, DataDependentOutputException) or "DataDependent" in name:
+        return CaptureError(
+            f"cannot capture {model_name}: data-dependent control flow {where}{op_text} - the "
+            f"model reads a tensor's value (bool(), .item(), if tensor: ...) to decide what to "
+            f"run, which a trace on fake tensors cannot know. Use torch.cond or torch.where, or "
+            f"move the branch out of the model. ({reason})"
+        )
+    if isinstance(exc, DynamicOutputShapeException):
+        return CaptureError(
+            f"cannot capture {model_name}: an op{op_text} {where} has an output shape that depends "
+            f"on tensor values (e.g. nonzero, boolean-mask indexing); use a fixed-shape "
+            f"formulation (torch.where, masking with multiplication). ({reason})"
+        )
+    if isinstance(exc, UnsupportedOperatorException):
+        return CaptureError(
+            f"cannot capture {model_name}: an op{op_text} {where} has no fake/meta kernel, so it "
+            f"cannot be traced without running it; register a fake implementation "
+            f"(torch.library.register_fake) or replace the op. ({reason})"
+        )
+    return CaptureError(
+        f"cannot capture {model_name}: the tracer failed {where}{op_text}. Make the model "
+        f"traceable by torch.compile/torch.export (no data-dependent Python control flow, no "
+        f"tensors created outside forward on another device). ({reason})"
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else ""
+
+
+# -- inputs and outputs --------------------------------------------------------------------------
+
+
+def _as_args(example_inputs: Any) -> tuple[Any, ...]:
+    if isinstance(example_inputs, tuple):
+        return example_inputs
+    if isinstance(example_inputs, list):
+        return tuple(example_inputs)
+    return (example_inputs,)
+
+
+def _tensor_leaves(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[torch.Tensor]:
+    return [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
+
+
+def _leaf_path(spec: pytree.TreeSpec, position: int) -> str:
+    """A readable path ("args[0]", "kwargs['labels']") of leaf ``position`` of (args, kwargs)."""
+    dummy = pytree.tree_unflatten(list(range(spec.num_leaves)), spec)
+    for path, leaf in pytree.tree_flatten_with_path(dummy)[0]:
+        if leaf == position:
+            text = pytree.keystr(path)  # e.g. "[0][1]['labels']"
+            head, _, rest = text.partition("]")
+            return ("args" if head == "[0" else "kwargs") + rest
+    return f"input[{position}]"
+
+
+def _existing_fake_mode(tensors: Sequence[torch.Tensor]) -> FakeTensorMode | None:
+    for t in tensors:
+        if isinstance(t, FakeTensor):
+            return t.fake_mode
+    return None
+
+
+def _to_fake(t: torch.Tensor, mode: FakeTensorMode, device: str) -> torch.Tensor:
+    if isinstance(t, FakeTensor) and t.fake_mode is mode:
+        return t
+    if t.device.type == "meta":
+        # A fake tensor on a real device type, not a fake meta tensor: some autograd formulas
+        # (nll_loss among them) are not registered for meta and would silently drop the backward.
+        with mode:
+            return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=device)
+    return mode.from_tensor(t)
+
+
+def _with_grad(t: torch.Tensor, requires_grad: bool) -> torch.Tensor:
+    if t.requires_grad == requires_grad:
+        return t
+    return t.detach().requires_grad_(requires_grad)
+
+
+def _lookup(table: dict[str, torch.Tensor], name: str, what: str) -> torch.Tensor:
+    try:
+        return table[name]
+    except KeyError:
+        raise CaptureError(
+            f"the model has no {what} named {name!r}; real_inputs needs the same architecture "
+            f"the capture was made from"
+        ) from None
+
+
+def _dtype(name: str) -> torch.dtype:
+    return getattr(torch, name)
+
+
+def _use_flat_calling_convention(gm: torch.fx.GraphModule) -> None:
+    """Make ``gm(*flat_inputs)`` work: the joint graph is generated to take (primals, tangents)."""
+    if type(gm.graph._codegen) is not torch.fx.graph.CodeGen:
+        gm.graph._codegen = torch.fx.graph.CodeGen()
+    gm.recompile()
+    # A lazy GraphModule generates its code on the first call and then calls itself again,
+    # which runs forward hooks (a memory tracker's, say) twice; generate the code now.
+    torch.fx._lazy_graph_module._LazyGraphModule.force_recompile(gm)
+
+
+def _input_specs(
+    gm: torch.fx.GraphModule,
+    param_names: list[str],
+    buffer_names: list[str],
+    user_paths: list[str],
+    n_user: int,
+    n_params: int,
+    n_buffers: int,
+) -> list[InputSpec]:
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    primals = [n for n in placeholders if not _is_tangent(n)]
+    if len(primals) != n_params + n_buffers + n_user:
+        raise CaptureError(
+            f"the traced graph has {len(primals)} inputs but {n_params} parameters, "
+            f"{n_buffers} buffers and {n_user} input tensors were given; AOTAutograd merged or "
+            f"split inputs (the same tensor passed twice, or inputs that are views of each "
+            f"other) - pass distinct tensors"
+        )
+    specs = []
+    for i, node in enumerate(primals):
+        if i < n_params:
+            kind, source, index = TensorKind.PARAMETER, param_names[i], i
+        elif i < n_params + n_buffers:
+            kind, source, index = TensorKind.BUFFER, buffer_names[i - n_params], i - n_params
+        else:
+            index = i - n_params - n_buffers
+            kind, source = TensorKind.INPUT, user_paths[index]
+        specs.append(_spec(node, kind, source, index))
+    for j, node in enumerate(n for n in placeholders if _is_tangent(n)):
+        specs.append(_spec(node, TensorKind.INPUT, "tangent", j))
+    order = {n.name: i for i, n in enumerate(placeholders)}
+    return sorted(specs, key=lambda s: order[s.name])
+
+
+def _is_tangent(node: torch.fx.Node) -> bool:
+    desc = node.meta.get("desc")
+    if desc is not None:
+        return type(desc).__name__ == "TangentAOTInput"
+    return node.name.startswith("tangents")
+
+
+def _spec(node: torch.fx.Node, kind: TensorKind, source: str, index: int) -> InputSpec:
+    val = node.meta.get("val")
+    shape = tuple(int(s) for s in val.shape) if isinstance(val, torch.Tensor) else ()
+    dtype = str(val.dtype).removeprefix("torch.") if isinstance(val, torch.Tensor) else "float32"
+    return InputSpec(name=node.name, kind=kind, source=source, index=index, shape=shape, dtype=dtype)
+
+
+def _output_specs(
+    gm: torch.fx.GraphModule, num_fwd_outputs: int | None, inputs: list[InputSpec]
+) -> list[OutputSpec]:
+    """Kinds of the graph outputs; gradients are matched to the primal they differentiate."""
+    out_node = next(n for n in gm.graph.nodes if n.op == "output")
+    values = list(pytree.tree_leaves(out_node.args[0], is_leaf=lambda x: x is None))
+    descs = out_node.meta.get("desc")
+    primals = [s for s in inputs if s.source != "tangent"]
+    n_fwd = len(values) if num_fwd_outputs is None else num_fwd_outputs
+    specs = []
+    for i, value in enumerate(values):
+        if not isinstance(value, torch.fx.Node):
+            continue
+        if i < n_fwd:
+            specs.append(OutputSpec(node=value.name, kind=TensorKind.OUTPUT, position=i))
+            continue
+        grad_of = None
+        desc = descs[i] if isinstance(descs, (list, tuple)) and i < len(descs) else None
+        inner = getattr(desc, "grad_of", None)
+        idx = getattr(inner, "idx", None)
+        if idx is None:
+            idx = i - n_fwd  # AOTAutograd returns one gradient slot per primal, in order
+        if 0 <= idx < len(primals):
+            grad_of = primals[idx].name
+        specs.append(
+            OutputSpec(node=value.name, kind=TensorKind.GRADIENT, position=i, grad_of=grad_of)
+        )
+    return specs
+
+
+__all__ = ["AotRecorder", "CaptureError", "Captured", "MODULE_META_KEY", "capture"]

@@ -1,0 +1,1 @@
+"""tierplan.planner"""

@@ -1,0 +1,258 @@
+"""From decisions to a concrete schedule, and the exact figures of a schedule.
+
+``build_schedule`` turns one fate per unit into steps (computes, recomputes, transfers, waits) and
+lets ``insert_frees`` free every copy right after its last use, the Checkmate accounting the
+validator uses. ``simulate`` steps through a schedule with the validator's timing and memory rules
+and returns the peaks and times the plan must predict. It is the planner's own simulator: the
+validator stays an independent check of it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+from tierplan.ir import Graph
+from tierplan.planner.candidates import KEEP, Problem, Segment, option_tier
+from tierplan.planner.plan import (
+    DEVICE, Channel, PlanError, Step, StepKind, compute, free, recompute, start_transfer, wait_transfer,
+)
+
+
+@dataclass
+class Figures:
+    peak_bytes: dict[str, int]
+    time_s: float
+    compute_time_s: float
+    recompute_time_s: float
+    exposed_transfer_s: float
+    peak_step: int  # index in the schedule where the device peak is first reached
+    device_at_peak: tuple[str, ...]  # storages on the device at that moment
+
+
+def build_schedule(
+    problem: Problem, fates: Mapping, segments: Mapping[int, Segment] | None = None
+) -> list[Step]:
+    """Steps for ``fates`` (member -> option; missing members are kept), frees included.
+
+    Members are unit indices, ("stream", i) for ``problem.streams[i]`` and ("offload", i) for
+    ``problem.offloads[i]``. ``segments`` overrides where and what a recomputed unit re-runs.
+    """
+    segments = segments or {}
+    n = len(problem.order)
+    pre_start: list[list[Step]] = [[] for _ in range(n)]
+    pre_wait: list[list[Step]] = [[] for _ in range(n)]
+    post_start: list[list[Step]] = [[] for _ in range(n)]
+    post_wait: list[list[Step]] = [[] for _ in range(n)]
+    groups: list[list[tuple[int, Segment]]] = [[] for _ in range(n)]
+    for index, fate in fates.items():
+        if fate == KEEP:
+            continue
+        tier = option_tier(fate)
+        if isinstance(index, tuple):
+            kind, i = index
+            if kind == "stream":
+                st = problem.streams[i]
+                for (first, _), q in zip(st.clusters, st.fetch):
+                    pre_start[q].append(start_transfer(st.storage, st.tier, DEVICE))
+                    pre_wait[first].append(wait_transfer(st.storage, DEVICE))
+            else:
+                off = problem.offloads[i]
+                post_start[off.start].append(start_transfer(off.storage, DEVICE, off.tier))
+                post_wait[off.wait].append(wait_transfer(off.storage, off.tier))
+            continue
+        unit = problem.units[index]
+        if tier is not None:
+            for w in unit.windows(fate):
+                post_start[w.last_fwd].append(start_transfer(w.storage, DEVICE, tier))
+                post_wait[w.out_wait].append(wait_transfer(w.storage, tier))
+                pre_start[w.in_start].append(start_transfer(w.storage, tier, DEVICE))
+                pre_wait[w.first_bwd].append(wait_transfer(w.storage, DEVICE))
+            continue
+        segment = segments.get(index) or unit.segment_for(fate)
+        if segment is None:
+            raise PlanError(f"unit {unit.op} cannot be recomputed (no valid recompute segment)")
+        groups[segment.at].append((unit.position, segment))
+
+    graph = problem.graph
+    steps: list[Step] = []
+    for i, name in enumerate(problem.order):
+        steps.extend(pre_start[i])
+        steps.extend(pre_wait[i])
+        present: set[str] = set()
+        # Producers first, so that a unit another recomputed unit reads is back before it.
+        for _, segment in sorted(groups[i], key=lambda item: item[0]):
+            for op in segment.ops:
+                outs = [o for o in graph.op(op).outputs if not graph.tensors[o].is_view]
+                if outs and all(o in present for o in outs):
+                    continue  # an earlier segment of this group re-created it already
+                steps.append(recompute(op))
+                present.update(outs)
+        steps.append(compute(name))
+        steps.extend(post_start[i])
+        steps.extend(post_wait[i])
+    keep, keep_on = placement(problem, fates)
+    return insert_frees(graph, steps, keep, keep_on)
+
+
+def placement(problem: Problem, fates: Mapping) -> tuple[frozenset[str], frozenset[tuple[str, str]]]:
+    """(storages whose device copy is never freed, (storage, tier) copies never freed) for
+    ``fates``: streamed storages live on their tier, offloaded gradients end there."""
+    keep = set(problem.never_free)
+    keep_on = set()
+    for index, fate in fates.items():
+        if fate == KEEP or not isinstance(index, tuple):
+            continue
+        kind, i = index
+        item = problem.streams[i] if kind == "stream" else problem.offloads[i]
+        keep.discard(item.storage)
+        keep_on.add((item.storage, item.tier))
+    return frozenset(keep), frozenset(keep_on)
+
+
+def initial_tiers(problem: Problem, fates: Mapping) -> dict[str, str]:
+    graph = problem.graph
+    initial = {graph.tensors[name].storage: DEVICE for name in graph.inputs}
+    for index, fate in fates.items():
+        if fate != KEEP and isinstance(index, tuple) and index[0] == "stream":
+            st = problem.streams[index[1]]
+            initial[st.storage] = st.tier
+    return initial
+
+
+def insert_frees(graph: Graph, steps: Sequence[Step], keep: frozenset[str],
+                 keep_on: frozenset[tuple[str, str]] = frozenset()) -> list[Step]:
+    """Free each copy of a storage on a tier right after its last use.
+
+    A copy lives from its allocation (an op writing it, a transfer landing it) to its last use
+    (an op reading it, a transfer reading it, the wait of a transfer reading or landing it); a
+    new allocation of the same storage on the same tier closes the previous copy. Copies on the
+    device of storages in ``keep`` (caller-owned, graph outputs) are never freed.
+    """
+    last_use: dict[tuple[str, str], int] = {}
+    frees_after: dict[int, list[tuple[str, str]]] = {}
+    source: dict[tuple[str, str], str] = {}
+
+    def close(key: tuple[str, str]) -> None:
+        index = last_use.pop(key)
+        if not (key[1] == DEVICE and key[0] in keep) and key not in keep_on:
+            frees_after.setdefault(index, []).append(key)
+
+    def allocate(storage: str, tier: str, index: int) -> None:
+        if (storage, tier) in last_use:
+            close((storage, tier))
+        last_use[storage, tier] = index
+
+    for index, step in enumerate(steps):
+        if step.kind in (StepKind.COMPUTE, StepKind.RECOMPUTE):
+            op = graph.op(step.op)
+            for name in op.inputs:
+                last_use[graph.tensors[name].storage, DEVICE] = index
+            for name in op.outputs:
+                t = graph.tensors[name]
+                if t.is_view:
+                    last_use[t.storage, DEVICE] = index
+                else:
+                    allocate(name, DEVICE, index)
+        elif step.kind == StepKind.START_TRANSFER:
+            storage = graph.tensors[step.tensor].storage
+            last_use[storage, step.src] = index
+            allocate(storage, step.dst, index)
+            source[storage, step.dst] = step.src
+        elif step.kind == StepKind.WAIT_TRANSFER:
+            storage = graph.tensors[step.tensor].storage
+            last_use[storage, step.dst] = index
+            last_use[storage, source.pop((storage, step.dst))] = index
+    for key in list(last_use):
+        close(key)
+    out: list[Step] = []
+    for index, step in enumerate(steps):
+        out.append(step)
+        out.extend(free(storage, tier) for storage, tier in frees_after.get(index, ()))
+    return out
+
+
+def simulate(
+    graph: Graph,
+    schedule: Sequence[Step],
+    *,
+    capacities: Mapping[str, int],
+    channels: Sequence[Channel],
+    op_time_s: Mapping[str, float],
+    initial_tiers: Mapping[str, str],
+) -> Figures:
+    """Peaks per tier and the step time of ``schedule`` (the validator's rules).
+
+    Raises PlanError when a step reads something absent; capacities are not enforced here (the
+    caller compares the peaks with them), so that an over-budget plan can still be measured.
+    """
+    held: dict[str, set[str]] = {tier: set() for tier in capacities}
+    used = {tier: 0 for tier in capacities}
+    peak = dict(used)
+    pending: dict[tuple[str, str], float] = {}
+    queue_free: dict[str, float] = {}
+    by_route = {(c.src, c.dst): c for c in channels}
+    clock = compute_s = recompute_s = exposed = 0.0
+    peak_step, at_peak = -1, tuple()
+    for name in graph.inputs:
+        storage = graph.tensors[name].storage
+        tier = initial_tiers[storage]
+        if storage not in held[tier]:
+            held[tier].add(storage)
+            used[tier] += graph.tensors[storage].nbytes
+    peak = dict(used)
+    at_peak = tuple(sorted(held[DEVICE]))
+
+    def allocate(storage: str, tier: str, index: int) -> None:
+        nonlocal peak_step, at_peak
+        if storage in held[tier]:
+            raise PlanError(f"step {index}: {storage} is already on {tier}")
+        held[tier].add(storage)
+        used[tier] += graph.tensors[storage].nbytes
+        if used[tier] > peak[tier]:
+            peak[tier] = used[tier]
+            if tier == DEVICE:
+                peak_step, at_peak = index, tuple(sorted(held[DEVICE]))
+
+    for index, step in enumerate(schedule):
+        kind = step.kind
+        if kind in (StepKind.COMPUTE, StepKind.RECOMPUTE):
+            op = graph.op(step.op)
+            for name in op.inputs:
+                storage = graph.tensors[name].storage
+                if storage not in held[DEVICE] or (storage, DEVICE) in pending:
+                    raise PlanError(f"step {index} ({step.describe()}): input {name} is not ready")
+            for name in op.outputs:
+                if not graph.tensors[name].is_view:
+                    allocate(name, DEVICE, index)
+            seconds = op_time_s[op.name]
+            clock += seconds
+            if kind == StepKind.RECOMPUTE:
+                recompute_s += seconds
+            else:
+                compute_s += seconds
+        elif kind == StepKind.START_TRANSFER:
+            storage = graph.tensors[step.tensor].storage
+            if storage not in held[step.src]:
+                raise PlanError(f"step {index} ({step.describe()}): source not on {step.src}")
+            allocate(storage, step.dst, index)
+            channel = by_route[step.src, step.dst]
+            begin = max(clock, queue_free.get(channel.queue, 0.0))
+            end = begin + channel.latency_s + graph.tensors[storage].nbytes / channel.bandwidth
+            queue_free[channel.queue] = end
+            pending[storage, step.dst] = end
+        elif kind == StepKind.WAIT_TRANSFER:
+            storage = graph.tensors[step.tensor].storage
+            end = pending.pop((storage, step.dst))
+            if end > clock:
+                exposed += end - clock
+                clock = end
+        else:
+            storage = graph.tensors[step.tensor].storage
+            held[step.tier].discard(storage)
+            used[step.tier] -= graph.tensors[storage].nbytes
+    if pending:
+        raise PlanError(f"a transfer of {next(iter(pending))[0]} is never waited for")
+    return Figures(
+        peak_bytes=peak, time_s=clock, compute_time_s=compute_s, recompute_time_s=recompute_s,
+        exposed_transfer_s=exposed, peak_step=peak_step, device_at_peak=at_peak,
+    )

@@ -1,0 +1,364 @@
+"""The model zoo: models built from configs with random weights (nothing is ever downloaded).
+
+Every entry builds ``(model, example_args, example_kwargs)`` for a batch size and sequence
+length, either with real (random) weights on the CPU or on the meta device (``fake=True``), where
+even a Llama-2-70B shape costs no memory; ``tierplan.passes.capture`` traces meta models on fake
+tensors. Training examples pass labels, so the model returns a loss (transformers models return
+``.loss``, the in-repo ones a scalar).
+
+``load_model`` also accepts ``path/to/file.py:factory``: a function returning
+``(model, example_inputs)`` or ``(model, example_inputs, example_kwargs)``; it is called with
+whichever of ``batch_size``, ``seq_len``, ``training``, ``fake`` it declares.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import inspect
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tierplan.models.tiny_transformer import TinyTransformer, TinyTransformerConfig
+
+Example = tuple[nn.Module, tuple[Any, ...], dict[str, Any]]
+# (batch_size, seq_len, fake, training) -> (model, example_args, example_kwargs)
+Factory = Callable[[int, int, bool, bool], Example]
+
+
+class ZooError(ValueError):
+    """An unknown model name, a missing file or factory, or a factory returning the wrong thing."""
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    name: str
+    description: str
+    factory: Factory
+    batch_size: int  # defaults used when the caller gives none
+    seq_len: int  # tokens for language models; image side for the CNN; unused by the MLP
+
+    def build(
+        self,
+        batch_size: int | None = None,
+        seq_len: int | None = None,
+        *,
+        fake: bool = False,
+        training: bool = True,
+    ) -> Example:
+        b = self.batch_size if batch_size is None else int(batch_size)
+        s = self.seq_len if seq_len is None else int(seq_len)
+        if b < 1 or s < 1:
+            raise ZooError(f"{self.name}: batch_size and seq_len must be positive, got {b}, {s}")
+        with _building(fake):
+            model, args, kwargs = self.factory(b, s, fake, training)
+        model.train(training)
+        return model, args, kwargs
+
+
+@contextlib.contextmanager
+def _building(fake: bool) -> Iterator[None]:
+    """Build on the meta device (no storage) when fake; else with a fixed seed, leaving the
+    caller's random state untouched."""
+    if fake:
+        with torch.device("meta"):
+            yield
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            yield
+
+
+# -- in-repo models ------------------------------------------------------------------------------
+
+
+class MLP(nn.Module):
+    """A classifier on flat features; returns the cross-entropy loss when given labels."""
+
+    def __init__(self, d_in: int = 784, hidden: int = 1024, depth: int = 3, classes: int = 10) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Linear(d_in, hidden), nn.ReLU()]
+        for _ in range(depth - 1):
+            layers += [nn.Linear(hidden, hidden), nn.ReLU()]
+        layers.append(nn.Linear(hidden, classes))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        logits = self.net(x)
+        return logits if labels is None else F.cross_entropy(logits, labels)
+
+
+class CNN(nn.Module):
+    """A small conv net (conv-BN-ReLU stages, pooling, a linear head) for 3-channel images."""
+
+    def __init__(self, classes: int = 10, width: int = 32) -> None:
+        super().__init__()
+
+        def stage(c_in: int, c_out: int) -> nn.Sequential:
+            return nn.Sequential(
+                nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+                nn.BatchNorm2d(c_out),
+                nn.ReLU(),
+            )
+
+        self.features = nn.Sequential(
+            stage(3, width),
+            stage(width, width),
+            nn.MaxPool2d(2),
+            stage(width, 2 * width),
+            stage(2 * width, 2 * width),
+            nn.AdaptiveAvgPool2d(1),
+        )
+        self.head = nn.Linear(2 * width, classes)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        logits = self.head(self.features(x).flatten(1))
+        return logits if labels is None else F.cross_entropy(logits, labels)
+
+
+def _mlp(batch: int, seq: int, fake: bool, training: bool) -> Example:
+    model = MLP()
+    x = torch.randn(batch, 784)
+    kwargs = {"labels": torch.randint(0, 10, (batch,))} if training else {}
+    return model, (x,), kwargs
+
+
+def _cnn(batch: int, side: int, fake: bool, training: bool) -> Example:
+    model = CNN()
+    x = torch.randn(batch, 3, side, side)
+    kwargs = {"labels": torch.randint(0, 10, (batch,))} if training else {}
+    return model, (x,), kwargs
+
+
+def _tiny_transformer(**overrides: Any) -> Factory:
+    def factory(batch: int, seq: int, fake: bool, training: bool) -> Example:
+        cfg = TinyTransformerConfig(**{"max_seq_len": max(seq, 128), **overrides})
+        model = TinyTransformer(cfg)
+        ids = torch.randint(0, cfg.vocab_size, (batch, seq))
+        return model, (ids,), ({"labels": ids.clone()} if training else {})
+
+    return factory
+
+
+# -- transformers models -------------------------------------------------------------------------
+
+
+def _transformers() -> Any:
+    try:
+        import transformers
+    except ImportError as exc:  # pragma: no cover - an optional dependency
+        raise ZooError(
+            "this zoo entry needs the `transformers` package: pip install 'tierplan[transformers]'"
+        ) from exc
+    return transformers
+
+
+def _hf(
+    config_cls: str, model_cls: str, loss_type: str, dtype: torch.dtype, **config: Any
+) -> Factory:
+    def factory(batch: int, seq: int, fake: bool, training: bool) -> Example:
+        tf = _transformers()
+        cfg = getattr(tf, config_cls)(**config)
+        cfg.use_cache = False  # no KV cache in training or single-pass inference
+        cfg.loss_type = loss_type  # what labels= computes (silences transformers' guess)
+        limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+        if limit is not None and seq > limit:
+            raise ZooError(f"seq_len={seq} exceeds the model's {limit} positions")
+        model = getattr(tf, model_cls)(cfg).to(dtype)
+        ids = torch.randint(0, cfg.vocab_size, (batch, seq))
+        kwargs: dict[str, Any] = {"input_ids": ids}
+        if training:
+            # Causal LMs shift labels internally; the MLM predicts every token. A separate
+            # tensor, as data collators hand it over.
+            kwargs["labels"] = ids.clone()
+        return model, (), kwargs
+
+    return factory
+
+
+def _gpt2(**config: Any) -> Factory:
+    return _hf("GPT2Config", "GPT2LMHeadModel", "ForCausalLM", torch.float32, **config)
+
+
+def _llama(dtype: torch.dtype = torch.bfloat16, **config: Any) -> Factory:
+    base = dict(vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5)
+    return _hf("LlamaConfig", "LlamaForCausalLM", "ForCausalLM", dtype, **{**base, **config})
+
+
+def _bert(**config: Any) -> Factory:
+    return _hf("BertConfig", "BertForMaskedLM", "ForMaskedLM", torch.float32, **config)
+
+
+ZOO: dict[str, ZooEntry] = {
+    e.name: e
+    for e in [
+        ZooEntry("mlp", "4-layer MLP classifier, 784 -> 3 x 1024 -> 10 (2.9M params)", _mlp, 64, 1),
+        ZooEntry("cnn", "4-stage conv-BN-ReLU net on 3x32x32 images (65k params)", _cnn, 32, 32),
+        ZooEntry(
+            "tiny-transformer",
+            "in-repo decoder-only transformer, 4 layers, d_model 128 (0.9M params)",
+            _tiny_transformer(),
+            8,
+            128,
+        ),
+        ZooEntry("gpt2", "GPT-2 small, 12 layers, 768 hidden (124M params)", _gpt2(), 8, 1024),
+        ZooEntry(
+            "gpt2-medium",
+            "GPT-2 medium, 24 layers, 1024 hidden (355M params)",
+            _gpt2(n_layer=24, n_embd=1024, n_head=16),
+            4,
+            1024,
+        ),
+        ZooEntry(
+            "gpt2-large",
+            "GPT-2 large, 36 layers, 1280 hidden (774M params)",
+            _gpt2(n_layer=36, n_embd=1280, n_head=20),
+            2,
+            1024,
+        ),
+        ZooEntry(
+            "llama-7b",
+            "Llama-2-7B shape, 32 layers, 4096 hidden, bf16 (6.7B params)",
+            _llama(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                   num_key_value_heads=32, intermediate_size=11008),
+            1,
+            4096,
+        ),
+        ZooEntry(
+            "llama-13b",
+            "Llama-2-13B shape, 40 layers, 5120 hidden, bf16 (13B params)",
+            _llama(hidden_size=5120, num_hidden_layers=40, num_attention_heads=40,
+                   num_key_value_heads=40, intermediate_size=13824),
+            1,
+            4096,
+        ),
+        ZooEntry(
+            "llama-70b",
+            "Llama-2-70B shape, 80 layers, 8192 hidden, GQA 64/8 heads, bf16 (69B params)",
+            _llama(hidden_size=8192, num_hidden_layers=80, num_attention_heads=64,
+                   num_key_value_heads=8, intermediate_size=28672),
+            1,
+            4096,
+        ),
+        ZooEntry("bert-base", "BERT-base masked LM, 12 layers, 768 hidden (110M params)",
+                 _bert(), 32, 512),
+        ZooEntry(
+            "bert-large",
+            "BERT-large masked LM, 24 layers, 1024 hidden (335M params)",
+            _bert(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                  intermediate_size=4096),
+            16,
+            512,
+        ),
+        ZooEntry(
+            "gpt2-tiny",
+            "GPT-2 test config, 2 layers, 64 hidden",
+            _gpt2(n_layer=2, n_embd=64, n_head=4, vocab_size=1000, n_positions=128,
+                  bos_token_id=0, eos_token_id=0),
+            2,
+            32,
+        ),
+        ZooEntry(
+            "llama-tiny",
+            "Llama test config, 2 layers, 64 hidden, GQA 4/2 heads",
+            _llama(dtype=torch.float32, hidden_size=64, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+                   vocab_size=1000, max_position_embeddings=128),
+            2,
+            32,
+        ),
+        ZooEntry(
+            "bert-tiny",
+            "BERT test config, 2 layers, 64 hidden",
+            _bert(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  intermediate_size=128, vocab_size=1000, max_position_embeddings=128),
+            2,
+            32,
+        ),
+    ]
+}
+
+
+def list_models() -> list[str]:
+    return list(ZOO)
+
+
+def load_model(
+    spec: str,
+    *,
+    batch_size: int | None = None,
+    seq_len: int | None = None,
+    training: bool = True,
+    fake: bool = False,
+) -> Example:
+    """``(model, example_args, example_kwargs)`` for a zoo name or ``path/to/file.py:factory``."""
+    if spec in ZOO:
+        return ZOO[spec].build(batch_size, seq_len, fake=fake, training=training)
+    path, sep, func = spec.rpartition(":")
+    if not sep or not path.endswith(".py"):
+        raise ZooError(
+            f"unknown model {spec!r}; known models: {', '.join(ZOO)}; or give "
+            f"path/to/file.py:factory"
+        )
+    factory = _load_factory(Path(path), func)
+    accepted = inspect.signature(factory).parameters
+    offered = {"batch_size": batch_size, "seq_len": seq_len, "training": training, "fake": fake}
+    kwargs = {k: v for k, v in offered.items() if k in accepted and v is not None}
+    result = factory(**kwargs)
+    return _normalize(result, spec)
+
+
+def _load_factory(path: Path, func: str) -> Callable[..., Any]:
+    if not path.is_file():
+        raise ZooError(f"model file {str(path)!r} does not exist")
+    if not func.isidentifier():
+        raise ZooError(f"{func!r} is not a function name; write path/to/file.py:factory")
+    module_name = f"tierplan_user_model_{abs(hash(str(path.resolve())))}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise ZooError(f"cannot import {str(path)!r} as a Python module")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # dataclasses and pickling look modules up by name
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        sys.modules.pop(module_name, None)
+        raise ZooError(f"importing {str(path)!r} failed: {type(exc).__name__}: {exc}") from exc
+    factory = getattr(module, func, None)
+    if not callable(factory):
+        functions = [n for n, v in vars(module).items() if inspect.isfunction(v) and not n.startswith("_")]
+        raise ZooError(
+            f"{str(path)!r} has no function {func!r}; it defines: {', '.join(functions) or 'none'}"
+        )
+    return factory
+
+
+def _normalize(result: Any, spec: str) -> Example:
+    if not isinstance(result, tuple) or len(result) not in (2, 3):
+        raise ZooError(
+            f"{spec} returned {type(result).__name__}; it must return (model, example_inputs) "
+            f"or (model, example_inputs, example_kwargs)"
+        )
+    model, args = result[0], result[1]
+    kwargs = result[2] if len(result) == 3 else {}
+    if not isinstance(model, nn.Module):
+        raise ZooError(f"{spec} returned a {type(model).__name__} as the model; expected an nn.Module")
+    if isinstance(args, torch.Tensor):
+        args = (args,)
+    elif isinstance(args, list):
+        args = tuple(args)
+    elif not isinstance(args, tuple):
+        raise ZooError(f"{spec}: example_inputs must be a tensor, tuple or list, got {type(args).__name__}")
+    if kwargs is None:
+        kwargs = {}
+    if not isinstance(kwargs, dict):
+        raise ZooError(f"{spec}: example_kwargs must be a dict, got {type(kwargs).__name__}")
+    return model, args, kwargs
+
+
+__all__ = ["CNN", "MLP", "ZOO", "ZooEntry", "ZooError", "list_models", "load_model"]
