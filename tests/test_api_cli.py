@@ -103,3 +103,125 @@ def test_cli_hardware_list_and_calibrate(tmp_path, capsys) -> None:
     hw = tierplan.load_hardware(out)
     assert hw.device.peak("float32") > 0
     assert "here.toml" in capsys.readouterr().out
+
+
+# -- the report, pictures and errors of the CLI ---------------------------------------------------
+
+
+def test_cli_plan_writes_plot_trace_and_compare(tmp_path, capsys) -> None:
+    plan_path, plot, trace = tmp_path / "plan.json", tmp_path / "m.png", tmp_path / "t.json"
+    argv = ["plan", "gpt2-tiny", "--hardware", "rtx4090", "--budget", "0.6", "--time-limit", "5",
+            "--json", str(plan_path), "--plot", str(plot), "--trace", str(trace), "--compare"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    out = captured.out
+    for needle in ("peak per tier", "overhead", "repeated blocks", "largest storages",
+                   "compared with the baselines", "keep-all", "swap-all", "written: "):
+        assert needle in out, needle
+    # stderr is not a terminal here: progress comes as plain lines, one per phase start and end.
+    progress = captured.err.strip().splitlines()
+    assert progress and all(line.startswith("[tierplan] ") for line in progress), captured.err
+    assert plot.read_bytes()[:4] == b"\x89PNG"
+    events = json.loads(trace.read_text())["traceEvents"]
+    plan = tierplan.Plan.from_json(plan_path)
+    computed = [e["name"] for e in events if e["ph"] == "X" and e.get("cat") in ("compute", "recompute")]
+    assert computed == [s.op for s in plan.schedule if s.op is not None]
+    # A saved plan draws the same pictures.
+    assert main(["show", str(plan_path), "--trace", str(tmp_path / "again.json")]) == 0
+    assert json.loads((tmp_path / "again.json").read_text())["traceEvents"] == events
+
+
+def test_cli_quiet_prints_no_progress(capsys) -> None:
+    assert main(["plan", "mlp", "--hardware", "cpu", "--quiet"]) == 0
+    assert capsys.readouterr().err == ""
+
+
+@pytest.fixture(scope="module")
+def saved_plan(tmp_path_factory):
+    path = tmp_path_factory.mktemp("plan") / "plan.json"
+    assert main(["plan", "mlp", "--hardware", "cpu", "--json", str(path), "--quiet"]) == 0
+    return path
+
+
+def test_cli_explain_unknown_tensor_lists_close_names(saved_plan, capsys) -> None:
+    plan = tierplan.Plan.from_json(saved_plan)
+    name = next(n for n in plan.graph.tensors if n.startswith("mm"))
+    assert main(["explain", str(saved_plan), name + "x"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "has no tensor" in lines[0] and "close names:" in lines[0]
+    assert name in lines[0]
+
+
+def test_cli_explain_accepts_a_parameter_path(saved_plan, capsys) -> None:
+    plan = tierplan.Plan.from_json(saved_plan)
+    tensor, path = next(iter(plan.graph.meta["param_names"].items()))
+    assert main(["explain", str(saved_plan), path]) == 0
+    assert capsys.readouterr().out.startswith(f"{tensor}: ")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["plan"], "required: model"),
+        (["plan", "mlp", "--batch-size", "x"], "invalid int value"),
+        (["plan", "mlp", "--no-such-option"], "unrecognized arguments"),
+        (["frobnicate"], "invalid choice"),
+        (["plan", "missing_file.py:factory"], "does not exist"),
+        (["plan", "mlp", "--hardware", "cpu", "--plot", "p.jpg"], "--plot"),
+        (["plan", "mlp", "--hardware", "cpu", "--trace", "/no/such/dir/t.json"], "does not exist"),
+        (["plan", "mlp", "--hardware", "cpu", "--tiers", "device"], "tiers lists 'device'"),
+        (["explain", "/nonexistent/plan.json", "x"], "cannot read plan file"),
+        (["pack", "/nonexistent/buffers.csv"], ""),
+    ],
+)
+def test_cli_usage_errors_are_one_line(argv, message, capsys) -> None:
+    assert main(argv + (["--quiet"] if argv[0] == "plan" and len(argv) > 1 else [])) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("tierplan: error: ") and message in lines[0]
+    assert captured.out == ""
+
+
+def test_cli_impossible_budget_says_what_would_fit(capsys) -> None:
+    assert main(["plan", "mlp", "--hardware", "cpu", "--budget", "1KiB", "--quiet"]) == 2
+    line = capsys.readouterr().err.strip()
+    assert "\n" not in line and "give --budget" in line
+
+
+def test_cli_debug_shows_the_traceback() -> None:
+    with pytest.raises(ValueError, match="not a byte quantity"):
+        main(["plan", "mlp", "--hardware", "cpu", "--budget", "8 parsecs", "--quiet", "--debug"])
+
+
+def test_cli_internal_errors_are_one_line_too(monkeypatch, capsys) -> None:
+    import tierplan.cli as cli
+
+    def broken(args):
+        raise KeyError("boom")
+
+    monkeypatch.setattr(cli, "cmd_show", broken)
+    assert main(["show", "whatever.json"]) == cli.INTERNAL_ERROR
+    line = capsys.readouterr().err.strip()
+    assert "\n" not in line and line.startswith("tierplan: internal error: KeyError") and "--debug" in line
+
+
+def test_cli_emit_writes_the_generated_module(tmp_path, capsys) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("tierplan.codegen.emit") is None:
+        pytest.skip("code generation is not in this checkout")
+    out = tmp_path / "gen"
+    assert main(["plan", "mlp", "--hardware", "cpu", "--budget", "0.9", "--emit", str(out), "--quiet"]) == 0
+    (source,) = out.glob("*.py")
+    compile(source.read_text(), str(source), "exec")
+    assert str(source) in capsys.readouterr().out
+
+
+def test_cli_whatif_bad_gpu_counts(capsys) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("tierplan.whatif") is None:
+        pytest.skip("what-if is not in this checkout")
+    assert main(["whatif", "gpt2", "--hardware", "h100-sxm", "--gpus", "eight"]) == 2
+    assert "--gpus" in capsys.readouterr().err

@@ -1,52 +1,299 @@
-"""Plans as text: the summary and the table of the largest decisions that `tierplan plan` prints."""
+"""Plans as text: what `tierplan plan` and `tierplan show` print.
+
+The report has four parts: the headline figures (machine, budget, predicted step time and its
+overhead against keep-all, peak per tier, the solver's bound and gap), the fates of all storages
+in a line, one summary per repeated-block structure (counts and bytes by fate per block, instead
+of thousands of lines), and a table of the largest decisions, where a decision repeated in every
+block is listed once with its count.
+"""
 from __future__ import annotations
 
 import io
-from collections import Counter
+from collections import Counter, defaultdict
+from dataclasses import dataclass
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from tierplan.planner.plan import Plan
+from tierplan.ir import TensorKind
+from tierplan.planner.plan import DEVICE, Plan
 from tierplan.units import format_bytes
 
+# The order fates are listed in.
+FATES = ("persistent", "keep", "recompute", "swap", "stream", "offload")
+# Kept storages of these kinds involve no choice: they live from producer to last reader.
+_NO_CHOICE_KINDS = frozenset({TensorKind.TEMPORARY, TensorKind.INPUT, TensorKind.OUTPUT})
 
-def plan_report(plan: Plan, *, largest: int = 12, width: int = 140) -> str:
-    """The plan's summary, its largest storages with their fate, and the repeated blocks."""
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:,.1f} ms" if seconds < 100 else f"{seconds:,.1f} s"
+
+
+def _pct(part: float, whole: float) -> str:
+    return f"{100.0 * part / whole:.0f}%" if whole else "-"
+
+
+@dataclass
+class _Group:
+    """Storages that are the same decision repeated across blocks of one structure."""
+
+    first: str
+    count: int
+    nbytes: int  # of one
+    fate: str
+    tier: str
+    reason: str
+
+
+def storage_blocks(plan: Plan) -> dict[str, tuple[int, int, str]]:
+    """storage -> (block, position of its anchor op in the block, role) for storages that belong
+    to a repeated block: made by one of its ops, or (parameters) first read by one."""
     graph = plan.graph
-    out = [plan.summary()]
-
-    kinds = Counter()
+    position: dict[str, tuple[int, int]] = {}
+    for block in graph.blocks:
+        for i, op in enumerate(block.ops):
+            position[op] = (block.index, i)
+    out: dict[str, tuple[int, int, str]] = {}
     for storage in graph.storages():
-        kinds[graph.tensors[storage].kind] += graph.tensors[storage].nbytes
-    out.append(
-        "  bytes by kind: "
-        + ", ".join(f"{kind.value} {format_bytes(n)}" for kind, n in kinds.most_common() if n)
-    )
-    if graph.blocks:
-        templates = Counter(b.template for b in graph.blocks)
-        first = graph.blocks[0]
-        out.append(
-            f"  repeated blocks: {len(graph.blocks)} blocks of {len(first.ops)} ops "
-            f"({len(templates)} distinct structure{'s' if len(templates) > 1 else ''}); "
-            "the table lists each decision once per structure"
-        )
-
-    table = Table(title=f"largest storages ({largest} of {len(graph.storages())})", title_justify="left")
-    for column in ("tensor", "kind", "size", "fate", "tier", "why"):
-        # One line per row: the full reason is one `tierplan explain` away.
-        table.add_column(column, no_wrap=True, overflow="ellipsis", ratio=1 if column == "why" else None)
-    ranked = sorted(graph.storages(), key=lambda s: graph.tensors[s].nbytes, reverse=True)
-    for storage in ranked[:largest]:
         t = graph.tensors[storage]
-        decision = plan.decisions.get(storage)
-        table.add_row(
-            storage, t.kind.value, format_bytes(t.nbytes),
-            decision.fate if decision else "-", decision.tier if decision else "-",
-            decision.reason if decision else "-",
-        )
-    buffer = io.StringIO()
-    Console(file=buffer, width=width, no_color=True, highlight=False).print(table)
-    out.append(buffer.getvalue().rstrip())
+        if t.producer is not None:
+            if t.producer in position:
+                op = graph.op(t.producer)
+                block, i = position[t.producer]
+                out[storage] = (block, i, f"out{op.outputs.index(storage)}")
+        else:
+            first = next((u for u in t.users if u in position), None)
+            if first is not None:
+                block, i = position[first]
+                out[storage] = (block, i, f"in{graph.op(first).inputs.index(storage)}")
+    return out
+
+
+def _fate_line(counts: Counter, nbytes: Counter, per: int = 1) -> str:
+    parts = []
+    for fate in FATES + tuple(sorted(set(counts) - set(FATES))):
+        if counts.get(fate):
+            parts.append(f"{fate} {counts[fate] // per:,} ({format_bytes(nbytes[fate] // per)})")
+    return ", ".join(parts) or "none"
+
+
+def plan_report(
+    plan: Plan,
+    *,
+    largest: int = 12,
+    width: int = 140,
+    hardware_description: str | None = None,
+) -> str:
+    """The readable report of ``plan`` (see the module docstring)."""
+    graph = plan.graph
+    mode = "training step" if plan.training else "inference"
+    machine = plan.hardware + (f" ({hardware_description})" if hardware_description else "")
+    out = [f"plan for {graph.name} ({'training' if plan.training else 'inference'}) on {plan.hardware}"]
+    rows: list[tuple[str, str]] = []
+    rows.append(("machine", machine))
+    keep_peak = plan.keep_all_peak_bytes
+    rows.append((
+        "device budget",
+        f"{format_bytes(plan.budget_bytes)}; keep-all needs {format_bytes(keep_peak)}"
+        + (f" (the budget is {_pct(plan.budget_bytes, keep_peak)} of it)" if keep_peak > plan.budget_bytes else
+           " (fits: nothing has to move)"),
+    ))
+    overhead = plan.overhead_s
+    rows.append((
+        f"predicted {mode}",
+        f"{_ms(plan.predicted_time_s)}; keep-all {_ms(plan.keep_all_time_s)}; overhead "
+        f"{'+' if overhead >= 0 else ''}{_ms(overhead)} ({'+' if overhead >= 0 else ''}"
+        f"{_pct(overhead, plan.keep_all_time_s)})",
+    ))
+    rows.append((
+        "  made of",
+        f"compute {_ms(plan.compute_time_s)}, recompute {_ms(plan.recompute_time_s)}, "
+        f"exposed transfers {_ms(plan.exposed_transfer_s)}",
+    ))
+    peaks = []
+    for tier, peak in plan.peak_bytes.items():
+        cap = plan.capacities.get(tier)
+        peaks.append(f"{tier} {format_bytes(peak)}" + (f" of {format_bytes(cap)} ({_pct(peak, cap)})" if cap else ""))
+    rows.append(("peak per tier", "; ".join(peaks)))
+    rows.append(("method", plan.method or "-"))
+    solver = plan.solver
+    if solver:
+        bits = []
+        if "status" in solver:
+            bits.append(str(solver["status"]))
+        if isinstance(solver.get("solve_s"), (int, float)):
+            bits.append(f"in {solver['solve_s']:.1f} s")
+        if isinstance(solver.get("bound_s"), (int, float)):
+            bits.append(f"bound {_ms(solver['bound_s'])}")
+        if isinstance(solver.get("gap"), (int, float)):
+            bits.append(f"gap {100 * solver['gap']:.1f}%")
+        known = {"status", "solve_s", "bound_s", "gap", "bound_kind"}
+        bits += [f"{k} {_value(v)}" for k, v in solver.items() if k not in known and not _long(v)]
+        rows.append(("solver", ", ".join(bits)))
+        if solver.get("bound_kind"):
+            rows.append(("  bound", str(solver["bound_kind"])))
+        rows += [(f"  {k}", str(v)) for k, v in solver.items() if k not in known and _long(v)]
+    rows.append((
+        "graph",
+        f"{len(graph.ops):,} ops, {len(graph.storages()):,} storages, {len(plan.schedule):,} steps; "
+        f"parameters {format_bytes(graph.total_bytes(TensorKind.PARAMETER))}",
+    ))
+    label_width = max(len(k) for k, _ in rows)
+    out += [f"  {k:<{label_width}}  {v}" for k, v in rows]
+
+    counts: Counter = Counter()
+    nbytes: Counter = Counter()
+    for storage in graph.storages():
+        d = plan.decisions.get(storage)
+        fate = d.fate if d else "undecided"
+        counts[fate] += 1
+        nbytes[fate] += graph.tensors[storage].nbytes
+    out.append("")
+    out.append(f"fates of all {len(graph.storages()):,} storages: {_fate_line(counts, nbytes)}")
+
+    in_block = storage_blocks(plan)
+    if graph.blocks:
+        out.append(_block_summary(plan, in_block))
+    out.append("")
+    out.append(_decision_table(plan, in_block, largest, width))
     return "\n".join(out)
 
+
+def _block_summary(plan: Plan, in_block: dict[str, tuple[int, int, str]]) -> str:
+    graph = plan.graph
+    members: dict[int, list[int]] = defaultdict(list)
+    for b in graph.blocks:
+        members[b.template].append(b.index)
+    per_block: dict[int, tuple[Counter, Counter]] = {b.index: (Counter(), Counter()) for b in graph.blocks}
+    for storage, (block, _, _) in in_block.items():
+        d = plan.decisions.get(storage)
+        fate = d.fate if d else "undecided"
+        per_block[block][0][fate] += 1
+        per_block[block][1][fate] += graph.tensors[storage].nbytes
+    lines = ["repeated blocks (storages made in a block, and parameters first read there):"]
+    outside_c: Counter = Counter()
+    outside_b: Counter = Counter()
+    for storage in graph.storages():
+        if storage not in in_block:
+            d = plan.decisions.get(storage)
+            fate = d.fate if d else "undecided"
+            outside_c[fate] += 1
+            outside_b[fate] += graph.tensors[storage].nbytes
+    for template, blocks in members.items():
+        n_ops = len(graph.blocks[blocks[0]].ops)
+        lines.append(f"  structure {template}: {len(blocks)} blocks of {n_ops} ops")
+        # Blocks whose fate counts are the same share one line.
+        patterns: dict[tuple, list[int]] = defaultdict(list)
+        for b in blocks:
+            c, by = per_block[b]
+            patterns[tuple(sorted(c.items())) + tuple(sorted(by.items()))].append(b)
+        for _, which in sorted(patterns.items(), key=lambda kv: kv[1][0]):
+            c, by = per_block[which[0]]
+            label = ("each block" if len(which) == len(blocks) else
+                     f"block {which[0]}" if len(which) == 1 else f"blocks {_ranges(which)}, each")
+            lines.append(f"    {label}: {_fate_line(c, by)}")
+    if outside_c:
+        lines.append(f"  outside blocks: {_fate_line(outside_c, outside_b)}")
+    return "\n".join(lines)
+
+
+def _ranges(indices: list[int]) -> str:
+    indices = sorted(indices)
+    spans: list[str] = []
+    start = prev = indices[0]
+    for i in indices[1:] + [None]:  # type: ignore[list-item]
+        if i is not None and i == prev + 1:
+            prev = i
+            continue
+        spans.append(f"{start}" if start == prev else f"{start}-{prev}")
+        if i is not None:
+            start = prev = i
+    return ",".join(spans)
+
+
+def _decision_table(plan: Plan, in_block: dict[str, tuple[int, int, str]], largest: int, width: int) -> str:
+    graph = plan.graph
+    template_of = {b.index: b.template for b in graph.blocks}
+    groups: dict[tuple, _Group] = {}
+    skipped = 0
+    for storage in graph.storages():
+        t = graph.tensors[storage]
+        d = plan.decisions.get(storage)
+        if d is None or t.nbytes == 0:
+            continue
+        if d.fate == "keep" and t.kind in _NO_CHOICE_KINDS:
+            skipped += 1
+            continue
+        if storage in in_block:
+            block, position, role = in_block[storage]
+            key = (template_of[block], position, role, d.fate, d.tier, t.nbytes)
+        else:
+            key = (storage,)
+        group = groups.get(key)
+        if group is None:
+            groups[key] = _Group(storage, 1, t.nbytes, d.fate, d.tier, d.reason)
+        else:
+            group.count += 1
+    # Choices first (keep against alternatives, recompute, swap, stream, offload), largest first;
+    # storages the caller owns and that stay put come after them.
+    ranked = sorted(groups.values(), key=lambda g: (g.fate != "persistent", g.nbytes * g.count, g.nbytes),
+                    reverse=True)
+    shown = ranked[:largest]
+    table = Table(
+        title=f"largest storages and their decisions ({len(shown)} of {len(ranked)}; ×N: the same decision in N blocks)",
+        title_justify="left", expand=False, box=box.SIMPLE_HEAD, pad_edge=False,
+    )
+    table.add_column("tensor", no_wrap=True, max_width=28, overflow="ellipsis")
+    table.add_column("kind", no_wrap=True)
+    table.add_column("size", justify="right", no_wrap=True)
+    table.add_column("×", justify="right", no_wrap=True)
+    table.add_column("fate", no_wrap=True)
+    table.add_column("tier", no_wrap=True)
+    table.add_column("why", overflow="fold")
+    for g in shown:
+        why = g.reason.split("; ")[0]
+        table.add_row(g.first, graph.tensors[g.first].kind.value, format_bytes(g.nbytes),
+                      str(g.count), g.fate, g.tier, why)
+    buffer = io.StringIO()
+    Console(file=buffer, width=width, no_color=True, highlight=False, emoji=False).print(table)
+    text = _strip(buffer.getvalue())
+    text += "\nthe full reason of any tensor: tierplan explain PLAN.json TENSOR"
+    if skipped:
+        text += (f"\n(not listed: {skipped:,} temporaries, inputs and outputs that live on the device from "
+                 "their producer to their last reader)")
+    return text
+
+
+def compare_report(plan: Plan, baselines: dict[str, Plan], *, width: int = 140) -> str:
+    """The plan next to the baselines, priced by the same cost model."""
+    table = Table(title="compared with the baselines (same cost model, same budget)", title_justify="left",
+                  box=box.SIMPLE_HEAD, pad_edge=False)
+    for column in ("plan", "fits", "peak device", "step time", "overhead", "recompute", "exposed transfers"):
+        table.add_column(column, justify="left" if column in ("plan", "fits") else "right", no_wrap=True)
+    rows = [(f"this plan ({plan.method.split(' ')[0] or 'tierplan'})", plan)] + list(baselines.items())
+    for name, p in rows:
+        peak = p.peak_bytes.get(DEVICE, 0)
+        fits = "yes" if peak <= plan.budget_bytes else f"no (+{format_bytes(peak - plan.budget_bytes)})"
+        over = p.predicted_time_s - plan.keep_all_time_s
+        table.add_row(
+            name, fits, format_bytes(peak), _ms(p.predicted_time_s),
+            f"{'+' if over >= 0 else ''}{_ms(over)} ({_pct(over, plan.keep_all_time_s)})",
+            _ms(p.recompute_time_s), _ms(p.exposed_transfer_s),
+        )
+    buffer = io.StringIO()
+    Console(file=buffer, width=width, no_color=True, highlight=False, emoji=False).print(table)
+    return _strip(buffer.getvalue())
+
+
+def _long(value: object) -> bool:
+    return isinstance(value, str) and len(value) > 40
+
+
+def _value(value: object) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _strip(text: str) -> str:
+    """rich pads every line to the console width: drop the padding and blank lines."""
+    return "\n".join(line.rstrip() for line in text.splitlines() if line.strip())

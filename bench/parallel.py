@@ -1,0 +1,54 @@
+"""Parallel planning benchmark: the Llama-2-70B search on 64 H100 (8 nodes of 8) and a what-if.
+
+    python bench/parallel.py [--serve]
+
+Prints the profile time (2 captured layers, scaled to 80), the search time, the top plans with
+their memory and time breakdowns, where a Megatron-style layout (TP8 PP4 interleaved, ZeRO-1)
+ranks, and a what-if table over presets x {8, 64} GPUs.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+from tierplan.cost_models.hardware import load_hardware
+from tierplan.planner.parallel import format_plan, format_result, plan_parallel
+from tierplan.planner.parallel_profile import profile_model
+from tierplan.planner.parallel_train import TrainSearch
+from tierplan.planner.parallel_types import cluster_for
+from tierplan.whatif import format_whatif, whatif
+
+PRESETS = ["h100-sxm", "h200", "a100-80gb-sxm", "a100-40gb-pcie", "rtx4090", "mi300x"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--serve", action="store_true")
+    args = ap.parse_args()
+    start = time.perf_counter()
+    prof = profile_model("llama-70b")
+    profiled = time.perf_counter() - start
+    start = time.perf_counter()
+    result = plan_parallel(prof, "h100-sxm", 64, serve=args.serve, top=5)
+    searched = time.perf_counter() - start
+    print(f"llama-70b: profile {profiled:.2f} s, search {searched:.2f} s, "
+          f"total {profiled + searched:.2f} s")
+    print(format_result(result))
+    if not args.serve:
+        hw = load_hardware("h100-sxm")
+        cluster, _ = cluster_for(hw, 64)
+        s = TrainSearch(prof, hw, cluster, 64, 1024)
+        mega = s.evaluate(t=8, pp=4, d=2, b=1, schedule="interleaved", v=2, zero=1,
+                          offload_optimizer=False, offload_params=False)
+        every = plan_parallel(prof, "h100-sxm", 64, top=0).plans
+        rank = next(i for i, p in enumerate(every, 1) if p.describe().split(" rc[")[0] == mega.describe().split(" rc[")[0])
+        print(f"\nMegatron-style layout for comparison (rank {rank} of {len(every)} fitting plans):")
+        print(f"  {format_plan(mega)}")
+    start = time.perf_counter()
+    rows = whatif(prof, PRESETS, [8, 64], serve=args.serve)
+    print(f"\nwhat-if ({time.perf_counter() - start:.2f} s):")
+    print(format_whatif(rows, serve=args.serve))
+
+
+if __name__ == "__main__":
+    main()

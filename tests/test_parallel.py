@@ -1,0 +1,106 @@
+"""The parallel planner: the 70B search (time, coverage, sanity), serving, what-if."""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from tierplan.cost_models.hardware import load_hardware
+from tierplan.planner.parallel import format_result, plan_parallel
+from tierplan.planner.parallel_profile import profile_model
+from tierplan.planner.parallel_train import RecomputeOption, TrainSearch, solve_recompute_mix
+from tierplan.planner.parallel_types import cluster_for
+from tierplan.whatif import format_whatif, whatif, whatif_command
+
+pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def llama70b():
+    return profile_model("llama-70b")  # 2 captured layers, scaled to 80
+
+
+def test_profile_scales_to_the_real_model(llama70b) -> None:
+    p = llama70b
+    assert p.num_layers == 80 and p.profiled_layers == 2
+    assert p.total_params == pytest.approx(68.98e9, rel=1e-3)  # Llama-2-70B
+    assert p.layer_params == 855_654_400
+    assert p.cells["mlp"].params == 3 * 8192 * 28672
+
+
+def test_70b_on_64_h100_is_fast_and_sane(llama70b) -> None:
+    start = time.perf_counter()
+    r = plan_parallel(llama70b, "h100-sxm", 64, top=20)
+    assert time.perf_counter() - start < 10
+    assert r.evaluated > 1000  # DP x TP x PP x schedule x ZeRO x micro-batch x offload
+    best = r.best
+    assert best is not None and best.fits
+    c = best.config
+    assert c["tp"] <= 8  # TP stays inside a node (NVLink)
+    assert c["dp"] * c["tp"] * c["pp"] == 64
+    assert 0.3 < best.metrics["mfu"] < 0.8
+    # Breakdowns add up.
+    assert best.step_time == pytest.approx(best.time.total)
+    assert best.memory.total <= best.capacity
+    # The search covered every dimension among the plans that fit.
+    seen = {k: {p.config[k] for p in plan_parallel(llama70b, "h100-sxm", 64, top=0).plans}
+            for k in ("tp", "pp", "zero", "micro_batch", "schedule")}
+    assert {1, 2, 4, 8} <= seen["tp"] and {1, 2, 4} <= seen["pp"] and seen["zero"] == {0, 1, 2, 3}
+    assert {"1f1b", "interleaved", "none"} <= seen["schedule"] and len(seen["micro_batch"]) >= 3
+    assert "step" in format_result(r)
+
+
+def test_megatron_layout_is_priced_and_needs_recompute(llama70b) -> None:
+    hw = load_hardware("h100-sxm")
+    cluster, _ = cluster_for(hw, 64)
+    s = TrainSearch(llama70b, hw, cluster, 64, 1024)
+    plan = s.evaluate(t=8, pp=4, d=2, b=1, schedule="interleaved", v=2, zero=1,
+                      offload_optimizer=False, offload_params=False)
+    assert plan is not None and plan.fits
+    assert "tp allgather+reducescatter" in plan.time.collectives and plan.time.bubble > 0
+    # Without TP or ZeRO the 70B model state alone overflows 80 GiB.
+    assert s.state_lower_bound(dict(t=1, pp=1, d=64, zero=0, offload_optimizer=False,
+                                    offload_params=False)) > s.capacity
+
+
+def test_recompute_mix_pairs_match_cpsat() -> None:
+    opts = [RecomputeOption("none", 10, 0), RecomputeOption("attn", 6, 1),
+            RecomputeOption("mlp", 4, 2.5), RecomputeOption("full", 1, 3)]
+    for budget in (200, 150, 110, 80, 47, 20):
+        fast = solve_recompute_mix(opts, 20, budget)
+        exact = solve_recompute_mix(opts, 20, budget, exact=True)
+        by = {o.name: o for o in opts}
+        cost = lambda m: sum(by[k].seconds * n for k, n in m.items())  # noqa: E731
+        assert sum(exact.values()) == 20 and sum(by[k].act_bytes * n for k, n in exact.items()) <= budget
+        assert cost(fast) <= cost(exact) + 3  # within one layer's worth of recompute
+    assert solve_recompute_mix(opts, 20, 19) is None
+
+
+def test_serving_70b_on_8_h100(llama70b) -> None:
+    r = plan_parallel(llama70b, "h100-sxm", 8, serve=True)
+    best = r.best
+    assert best is not None
+    assert best.config["ep"] == 1  # no experts in Llama
+    shards = best.config["tp"] * best.config["pp"]
+    assert best.memory.parameters * shards == pytest.approx(2 * llama70b.total_params, rel=0.01)
+    assert best.memory.kv_cache > 0 and best.metrics["tpot_s"] > 0 and best.metrics["ttft_s"] > 0
+    # One 80 GiB H100 cannot hold 138 GB of bf16 weights.
+    one = plan_parallel(llama70b, "h100-sxm", 1, serve=True)
+    assert one.best is None and "does not fit" in one.reason
+
+
+def test_whatif_table(llama70b, tmp_path) -> None:
+    presets = ["h100-sxm", "h200", "a100-80gb-sxm", "a100-40gb-pcie", "rtx4090"]
+    rows = whatif(llama70b, presets, [8, 64])
+    assert len(rows) == 10
+    assert all(r.plan or r.reason for r in rows)
+    h100 = {r.gpus: r for r in rows if r.hardware == "h100-sxm"}
+    assert h100[64].step_s < h100[8].step_s
+    text = format_whatif(rows, serve=False)
+    assert "rtx4090" in text and "why not" in text
+    out = tmp_path / "w.json"
+    text = whatif_command("llama-7b", ["h100-sxm", "rtx4090"], [1, 8], True, out)
+    assert "tokens/s" in text
+    data = json.loads(out.read_text())
+    assert data["mode"] == "serving" and len(data["rows"]) == 4

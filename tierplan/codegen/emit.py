@@ -1,0 +1,458 @@
+"""Render a Plan into the Python source of a program that runs it.
+
+The program is one function, ``step(ctx, *flat_inputs)``, whose body follows ``plan.schedule``
+line for line: a compute or recompute step is a call of the captured fx node's op
+(``aten.mm.default(t, primals_3)``) with its arguments (fx values by name, everything else as a
+literal); a transfer is ``ctx.start`` at its start step and ``ctx.wait`` at its wait step; a free
+from the device is ``del`` of every name bound to that storage. Python frees a storage when its
+last name goes, which is what makes ``del`` at the planned step the plan's free.
+
+Views: the plan moves and frees storages, the program names tensors. When a storage comes back to
+the device (a prefetch lands, or the op that makes it is recomputed), every view of it that the
+program still reads is rebuilt over it with the geometry recorded at capture (``alias``), since
+the view ops that made them are not re-run.
+
+The source is rendered by the jinja2 template ``templates/program.py.j2``.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import jinja2
+import torch
+import torch.fx
+
+from tierplan.codegen.runtime import Layout
+from tierplan.ir import PERSISTENT_KINDS
+from tierplan.planner.buffers import Buffer, pack_greedy
+from tierplan.planner.plan import DEVICE, HOST, NVME, Plan, Step, StepKind
+from tierplan.units import format_bytes
+
+_TEMPLATES = Path(__file__).parent / "templates"
+_RESERVED = {"ctx", "torch", "aten", "alias", "step", "DEVICE", "CONSTANTS", "TARGETS", "_"}
+_HOST_ALIGNMENT = 64  # bytes; every dtype's alignment, and a cache line
+
+
+class EmitError(ValueError):
+    """The plan or graph cannot be rendered; the message names the step, op or tensor."""
+
+
+@dataclass
+class Program:
+    """A rendered program and what its loader and caller need to know about it."""
+
+    source: str
+    inputs: list[str]  # the parameter names of ``step``: the placeholders of the graph, in order
+    outputs: list[str | None]  # the graph's flat outputs, by tensor name (None stays None)
+    line_steps: dict[int, str]  # source line (1-based) -> "step 12 (compute addmm)"
+    layout: Layout
+    constants: dict[str, torch.Tensor] = field(default_factory=dict)
+    targets: list[Callable[..., Any]] = field(default_factory=list)
+    # Per output: True when the plan leaves it on the host tier, so the program returns a view of
+    # the host pool (or the caller's host tensor), which the caller must copy before the next run.
+    outputs_on_host: list[bool] = field(default_factory=list)
+    offdevice_inputs: list[str] = field(default_factory=list)  # placeholders starting on host/nvme
+
+
+@dataclass(frozen=True)
+class _Geometry:
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    offset: int
+
+
+def emit(plan: Plan, gm: torch.fx.GraphModule, *, title: str | None = None) -> Program:
+    """The program of ``plan`` over ``gm``, the fx graph the plan's graph was captured from
+    (``Captured.joint``: each IR op is one of its nodes, by name)."""
+    return _Emitter(plan, gm).render(title or f"plan for {plan.graph.name}")
+
+
+class _Emitter:
+    def __init__(self, plan: Plan, gm: torch.fx.GraphModule) -> None:
+        self.plan = plan
+        self.graph = plan.graph
+        self.gm = gm
+        self.nodes = {n.name: n for n in gm.graph.nodes}
+        self.value_of: dict[str, str] = {}  # fx node name -> IR tensor name
+        self.outputs_of: dict[str, list[str | None]] = {}  # op -> tensor per tuple slot
+        self.geometry: dict[str, _Geometry] = {}
+        self.targets: list[Callable[..., Any]] = []
+        self._index_values()
+        self.aliases: dict[str, list[str]] = {}  # storage -> tensors over it (itself first)
+        for t in self.graph.tensors.values():
+            self.aliases.setdefault(t.storage, []).append(t.name)
+        self.reads = self._read_steps()
+        self.bound: set[str] = set()
+        self.dropped: dict[str, set[str]] = {}  # storage -> names deleted at its last free
+        self.host_named: dict[str, str] = {}  # caller-owned storage starting on host -> its name
+        self.on_host: set[str] = set()  # storages resident on the host tier (static tracking)
+        self.on_nvme: set[str] = set()  # storages that have a swap file
+        self.offdevice_inputs: list[str] = []  # caller-owned storages the plan starts off the device
+        self.body: list[tuple[str, str]] = []  # (code, step label)
+
+    # -- the fx graph -------------------------------------------------------------------------
+
+    def _index_values(self) -> None:
+        """Name every fx value the way annotate names IR tensors (getitem -> the element)."""
+        for node in self.gm.graph.nodes:
+            if node.op in ("placeholder", "get_attr"):
+                self.value_of[node.name] = node.name
+                self._record_geometry(node.name, node.meta.get("val"))
+            elif node.op == "call_function" and node.target is not operator.getitem:
+                val = node.meta.get("val")
+                if isinstance(val, (tuple, list)):
+                    slots: list[str | None] = []
+                    users = _getitem_users(node)
+                    for i, v in enumerate(val):
+                        if not isinstance(v, torch.Tensor):
+                            slots.append(None)
+                            continue
+                        name = users[i][0] if users.get(i) else f"{node.name}.{i}"
+                        for u in users.get(i, []):
+                            self.value_of[u] = name
+                        self._record_geometry(name, v)
+                        slots.append(name)
+                    self.outputs_of[node.name] = slots
+                else:
+                    self.value_of[node.name] = node.name
+                    self._record_geometry(node.name, val)
+                    self.outputs_of[node.name] = [node.name] if isinstance(val, torch.Tensor) else [None]
+
+    def _record_geometry(self, name: str, val: Any) -> None:
+        if isinstance(val, torch.Tensor):
+            self.geometry[name] = _Geometry(
+                val.dtype, tuple(int(s) for s in val.shape), tuple(int(s) for s in val.stride()),
+                int(val.storage_offset()),
+            )
+
+    def _read_steps(self) -> dict[str, list[int]]:
+        """Tensor name -> schedule indices that read it (ops and transfers; len(schedule) for the
+        graph's return)."""
+        reads: dict[str, list[int]] = {}
+        for i, s in enumerate(self.plan.schedule):
+            if s.op is not None:
+                for t in self.graph.op(s.op).inputs:
+                    reads.setdefault(t, []).append(i)
+        for t in self.graph.outputs:
+            reads.setdefault(t, []).append(len(self.plan.schedule))
+        return reads
+
+    # -- names and literals -------------------------------------------------------------------
+
+    @staticmethod
+    def var(tensor: str) -> str:
+        name = tensor.replace(".", "_out")
+        return name + "_" if name in _RESERVED or not name.isidentifier() else name
+
+    def literal(self, x: Any) -> str:
+        if isinstance(x, torch.fx.Node):
+            if x.name not in self.value_of:
+                raise EmitError(f"fx value {x.name!r} is not a tensor the program names")
+            return self.var(self.value_of[x.name])
+        if isinstance(x, (list, tuple)):
+            items = ", ".join(self.literal(v) for v in x)
+            return f"({items},)" if isinstance(x, tuple) and len(x) == 1 else (
+                f"({items})" if isinstance(x, tuple) else f"[{items}]"
+            )
+        if isinstance(x, dict):
+            return "{" + ", ".join(f"{k!r}: {self.literal(v)}" for k, v in x.items()) + "}"
+        if isinstance(x, torch.device):
+            return "DEVICE"  # the capture device becomes the run device
+        if isinstance(x, (torch.dtype, torch.layout, torch.memory_format)):
+            return str(x)  # "torch.float32", "torch.strided", "torch.contiguous_format"
+        if isinstance(x, float) and not math.isfinite(x):
+            return f"float({str(x)!r})"
+        if x is None or isinstance(x, (bool, int, float, str)):
+            return repr(x)
+        raise EmitError(f"cannot write argument {x!r} of type {type(x).__name__} as a literal")
+
+    def call(self, node: torch.fx.Node) -> str:
+        target = node.target
+        if isinstance(target, torch._ops.OpOverload):
+            text = str(target)
+            fn = text if text.startswith("aten.") else f"torch.ops.{text}"
+        else:
+            self.targets.append(target)
+            fn = f"TARGETS[{len(self.targets) - 1}]"
+        args = [self.literal(a) for a in node.args]
+        args += [f"{k}={self.literal(v)}" for k, v in node.kwargs.items()]
+        return f"{fn}({', '.join(args)})"
+
+    def alias_line(self, name: str, over: str) -> str:
+        g = self.geometry.get(name)
+        if g is None:
+            raise EmitError(f"no recorded geometry for tensor {name!r}; cannot rebuild it")
+        return (f"{self.var(name)} = alias({over}, {g.dtype}, {g.shape}, {g.stride}, {g.offset})")
+
+    # -- the schedule -------------------------------------------------------------------------
+
+    def line(self, code: str, label: str) -> None:
+        self.body.append((code, label))
+
+    def render(self, title: str) -> Program:
+        plan = self.plan
+        inputs = [n.name for n in self.gm.graph.nodes if n.op == "placeholder"]
+        constants = [n.name for n in self.gm.graph.nodes if n.op == "get_attr"]
+        self.bound = set(inputs) | set(constants)
+        for storage, tier in plan.initial_tiers.items():
+            if tier == DEVICE:
+                continue
+            if tier not in (HOST, NVME) or storage not in self.bound:
+                raise EmitError(
+                    f"the plan starts {storage} on {tier}; code generation supports caller-owned "
+                    f"graph inputs that start on the device, the host or nvme"
+                )
+            self.offdevice_inputs.append(storage)
+            if tier == NVME:
+                # The caller's tensor (in host memory) is written to the swap file the program
+                # reads it from: the plan keeps it on NVMe between uses.
+                self.on_nvme.add(storage)
+                self.line(f"ctx.stage_file({storage!r}, {self.var(storage)})  # starts on nvme", "prologue")
+                self.line(f"del {self.var(storage)}", "prologue")
+                self.bound.discard(storage)
+                continue
+            # The caller passes it in host memory; the program's device copy comes and goes.
+            self.host_named[storage] = f"_host_{self.var(storage)}"
+            self.on_host.add(storage)
+            self.line(f"{self.host_named[storage]} = {self.var(storage)}  # starts on the host", "prologue")
+            self.line(f"del {self.var(storage)}", "prologue")
+            self.bound.discard(storage)
+        random_recomputed = {
+            s.op for s in plan.schedule if s.kind == StepKind.RECOMPUTE and _is_random(self.nodes[s.op])
+        }
+        phase = None
+        for index, s in enumerate(plan.schedule):
+            label = f"step {index} ({s.describe()})"
+            if s.op is not None:
+                op = self.graph.op(s.op)
+                if op.phase != phase:
+                    phase = op.phase
+                    self.line(f"# -- {phase.value} --", label)
+                self.op_step(index, s, label, s.op in random_recomputed)
+            elif s.kind == StepKind.START_TRANSFER:
+                self.start_step(index, s, label)
+            elif s.kind == StepKind.WAIT_TRANSFER:
+                self.wait_step(index, s, label)
+            else:
+                self.free_step(s, label)
+        out_node = self.gm.graph.output_node()
+        outputs: list[str | None] = []
+        for v in _flat(out_node.args[0]):
+            outputs.append(None if v is None else self.value_of[v.name])
+        returned: list[str] = []
+        on_host: list[bool] = []
+        for name in outputs:
+            storage = self.graph.tensors[name].storage if name is not None else None
+            if name is None or name in self.bound:
+                returned.append("None" if name is None else self.var(name))
+                on_host.append(False)
+            elif storage in self.on_host:
+                over = self.host_named.get(storage) or f"ctx.host_bytes({storage!r})"
+                returned.append(self.alias_line(name, over).split(" = ", 1)[1])
+                on_host.append(True)
+            elif storage in self.on_nvme:
+                # Read back into host memory for the caller (after the step's last op).
+                returned.append(self.alias_line(name, f"ctx.read_file({storage!r}, {self.graph.tensors[storage].nbytes})").split(" = ", 1)[1])
+                on_host.append(True)
+            else:
+                raise EmitError(f"graph output {name} is on no tier at the end of the plan")
+
+        env = jinja2.Environment(
+            loader=jinja2.FileSystemLoader(str(_TEMPLATES)), trim_blocks=True, lstrip_blocks=True,
+            keep_trailing_newline=True, undefined=jinja2.StrictUndefined,
+        )
+        source = env.get_template("program.py.j2").render(
+            title=title, summary=plan.summary().splitlines(), inputs=[self.var(n) for n in inputs],
+            constants=constants, n_steps=len(plan.schedule), body=[code for code, _ in self.body],
+            outputs=returned,
+        )
+        lines = source.splitlines()
+        first = next(i for i, ln in enumerate(lines) if ln.strip().startswith("# ---- schedule:")) + 2
+        line_steps = {first + i: label for i, (_, label) in enumerate(self.body)}
+        constants_values = {}
+        for name in constants:
+            target = str(self.nodes[name].target)
+            constants_values[name] = _getattr_path(self.gm, target)
+        return Program(
+            source=source, inputs=inputs, outputs=outputs, outputs_on_host=on_host,
+            offdevice_inputs=list(self.offdevice_inputs), line_steps=line_steps,
+            layout=self.layout(), constants=constants_values, targets=list(self.targets),
+        )
+
+    def op_step(self, index: int, s: Step, label: str, random_replay: bool) -> None:
+        node = self.nodes.get(s.op or "")
+        if node is None:
+            raise EmitError(f"{label}: the fx graph has no node {s.op!r}")
+        op = self.graph.op(node.name)
+        slots = self.outputs_of[node.name]
+        if len(slots) == 1 and not isinstance(node.meta.get("val"), (tuple, list)):
+            target = self.var(slots[0]) if slots[0] else "_"
+        else:
+            target = ", ".join(self.var(n) if n else "_" for n in slots) + ("," if len(slots) == 1 else "")
+        call = self.call(node)
+        note = op.module or ""
+        if s.kind == StepKind.RECOMPUTE:
+            reasons = {self._reason(t) for t in op.outputs} - {""}
+            self.line(f"# recompute {node.name}: {'; '.join(sorted(reasons)) or 'planned'}", label)
+            if random_replay:
+                # A random op must draw the same numbers again: replay the RNG state it started from.
+                call = f"ctx.replay_rng(_rng_{node.name}, lambda: {call})"
+        elif random_replay:
+            self.line(f"_rng_{node.name} = ctx.rng_state()  # {node.name} is recomputed later", label)
+        self.line(f"{target} = {call}" + (f"  # {note}" if note else ""), label)
+        produced = [n for n in slots if n]
+        self.bound.update(produced)
+        # Views of a storage this op re-creates that the program still reads are rebuilt over it.
+        for t in produced:
+            info = self.graph.tensors.get(t)
+            if info is None or info.is_view:
+                continue
+            for view in sorted(self.dropped.pop(t, set()) - set(produced)):
+                if self._read_after(view, index):
+                    self.line(self.alias_line(view, self.var(t)), label)
+                    self.bound.add(view)
+
+    def start_step(self, index: int, s: Step, label: str) -> None:
+        storage = self.graph.tensors[s.tensor or ""].storage
+        nbytes = self.graph.tensors[storage].nbytes
+        handle = f"_to_{s.dst}_{self.var(storage)}"
+        decision = self.plan.decisions.get(storage)
+        why = f"{decision.fate}: {decision.reason}" if decision else "no decision recorded"
+        self.line(f"# {storage} ({format_bytes(nbytes)}) {s.src} -> {s.dst}; {why}", label)
+        if s.src == DEVICE:
+            source = next((n for n in self.aliases[storage] if n in self.bound), None)
+            if source is None:
+                raise EmitError(f"{label}: no name of {storage} is bound on the device")
+            src_expr = self.var(source)
+        else:
+            src_expr = self.host_named.get(storage, "None") if s.src == HOST else "None"
+        self.line(f"{handle} = ctx.start({storage!r}, {src_expr}, {s.src!r}, {s.dst!r}, {nbytes})", label)
+
+    def wait_step(self, index: int, s: Step, label: str) -> None:
+        storage = self.graph.tensors[s.tensor or ""].storage
+        handle = f"_to_{s.dst}_{self.var(storage)}"
+        if s.dst != DEVICE:
+            (self.on_host if s.dst == HOST else self.on_nvme).add(storage)
+            self.line(f"ctx.wait({handle})", label)
+            return
+        self.line(self.alias_line(storage, f"ctx.wait({handle})"), label)
+        self.bound.add(storage)
+        for view in sorted(self.dropped.pop(storage, set()) - {storage}):
+            if self._read_after(view, index):
+                self.line(self.alias_line(view, self.var(storage)), label)
+                self.bound.add(view)
+        self.line(f"del {handle}", label)
+
+    def free_step(self, s: Step, label: str) -> None:
+        storage = self.graph.tensors[s.tensor or ""].storage
+        if s.tier == HOST:
+            self.on_host.discard(storage)
+            self.line(f"# {storage} leaves the host pool (its slot is free for reuse)", label)
+            return
+        if s.tier == NVME:
+            self.on_nvme.discard(storage)
+            self.line(f"ctx.drop_file({storage!r})", label)
+            return
+        info = self.graph.tensors[storage]
+        owned = info.kind in PERSISTENT_KINDS or storage in self.graph.inputs
+        if owned and storage not in self.offdevice_inputs:
+            raise EmitError(
+                f"{label}: the plan frees caller-owned {info.kind.value} {storage} from the device; "
+                f"code generation can free only what the program itself allocated"
+            )
+        names = sorted(n for n in self.aliases[storage] if n in self.bound)
+        if not names:
+            raise EmitError(f"{label}: nothing named {storage} is bound on the device")
+        self.line(f"del {', '.join(self.var(n) for n in names)}", label)
+        self.bound.difference_update(names)
+        self.dropped[storage] = set(names)
+
+    def _read_after(self, tensor: str, index: int) -> bool:
+        return any(i > index for i in self.reads.get(tensor, []))
+
+    def _reason(self, tensor: str) -> str:
+        d = self.plan.decisions.get(self.graph.tensors[tensor].storage)
+        return d.reason if d else ""
+
+    # -- other tiers ----------------------------------------------------------------------------
+
+    def layout(self) -> Layout:
+        """Static host-pool slots (packed by lifetime on the host tier) and the copy queues."""
+        opened: dict[str, int] = {}
+        spans: dict[str, tuple[int, int]] = {}
+        n = len(self.plan.schedule)
+        for i, s in enumerate(self.plan.schedule):
+            if s.kind == StepKind.START_TRANSFER and s.dst == HOST:
+                opened.setdefault(self.graph.tensors[s.tensor or ""].storage, i)
+            elif s.kind == StepKind.FREE and s.tier == HOST:
+                storage = self.graph.tensors[s.tensor or ""].storage
+                if storage in opened:
+                    start = opened.pop(storage)
+                    lo, hi = spans.get(storage, (start, i + 1))
+                    spans[storage] = (min(lo, start), max(hi, i + 1))
+        for storage, start in opened.items():
+            lo, _ = spans.get(storage, (start, n + 1))
+            spans[storage] = (min(lo, start), n + 1)
+        buffers = [
+            Buffer(s, lo, hi, max(self.graph.tensors[s].nbytes, 1), _HOST_ALIGNMENT)
+            for s, (lo, hi) in spans.items()
+        ]
+        slots: dict[str, tuple[int, int]] = {}
+        pool = 0
+        if buffers:
+            packing = pack_greedy(buffers)
+            slots = {str(b.id): (packing.offsets[b.id], self.graph.tensors[str(b.id)].nbytes) for b in buffers}
+            pool = packing.arena_bytes
+        queues = {f"{c.src}->{c.dst}": c.queue for c in self.plan.channels}
+        return Layout(host_slots=slots, host_pool_bytes=pool, queues=queues)
+
+
+def load(program: Program, path: str | Path, device: torch.device | str) -> Callable[..., Any]:
+    """Write ``program`` to ``path`` and return its ``step`` function.
+
+    The code is compiled with ``path`` as its file name, so tracebacks and debuggers show the
+    generated lines, and a failure can be mapped back to its plan step (``runtime.run_step``).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(program.source)
+    namespace: dict[str, Any] = {"__name__": f"tierplan_generated_{path.stem}", "__file__": str(path)}
+    exec(compile(program.source, str(path), "exec"), namespace)  # noqa: S102 - our own output
+    dev = torch.device(device)
+    namespace["DEVICE"] = dev
+    namespace["CONSTANTS"] = {k: v.to(dev) for k, v in program.constants.items()}
+    namespace["TARGETS"] = list(program.targets)
+    return namespace["step"]
+
+
+def _getitem_users(node: torch.fx.Node) -> dict[int, list[str]]:
+    users: dict[int, list[str]] = {}
+    for u in node.users:
+        if u.op == "call_function" and u.target is operator.getitem:
+            users.setdefault(int(u.args[1]), []).append(u.name)
+    return users
+
+
+def _flat(x: Any) -> list[Any]:
+    if isinstance(x, (list, tuple)):
+        return [v for item in x for v in _flat(item)]
+    return [x]
+
+
+def _is_random(node: torch.fx.Node) -> bool:
+    tags = getattr(node.target, "tags", ())
+    return torch.Tag.nondeterministic_seeded in tags
+
+
+def _getattr_path(obj: Any, path: str) -> Any:
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+__all__ = ["EmitError", "Program", "emit", "load"]

@@ -1,0 +1,339 @@
+"""What generated programs call at run time: the host pool, the swap directory, the copy queues.
+
+A generated program (see ``emit.py``) is straight-line Python: one line per scheduled op and one
+call into this module per transfer. Everything stateful lives in a ``Context`` made for one run:
+
+- the **host pool**: one preallocated byte buffer (pinned when the device is a GPU); every storage
+  the plan sends to the host tier has a static (offset, size) slot in it, packed by the emitter;
+- the **swap directory**: one file per storage the plan sends to the NVMe tier, removed when the
+  run ends (returns, raises, or is interrupted);
+- one **copy queue per plan channel queue**: on a GPU, device<->host copies run on their own CUDA
+  stream ordered by CUDA events and file I/O on a worker thread; on the CPU every transfer is a
+  real copy on a one-thread worker per queue, so transfers on one queue run one after another as
+  the plan's timing model assumes, and overlap the compute thread.
+
+Storages move as raw bytes: a transfer copies the whole storage behind a tensor, and the arrival
+rebuilds the tensor (and any view of it the program still needs) over the landed bytes with the
+geometry recorded at capture (``alias``). Destinations are allocated on the compute thread at the
+start of the transfer, which is when the plan counts them.
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+DEVICE = "device"
+HOST = "host"
+NVME = "nvme"
+
+
+class TierplanRuntimeError(RuntimeError):
+    """A generated program failed; the message names the plan step, the tensor and the source line."""
+
+
+def storage_bytes(t: torch.Tensor) -> torch.Tensor:
+    """A 1-D uint8 tensor over the whole storage behind ``t`` (views included)."""
+    return torch.empty(0, dtype=torch.uint8, device=t.device).set_(t.untyped_storage())
+
+
+def alias(
+    data: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...], stride: tuple[int, ...], offset: int
+) -> torch.Tensor:
+    """A tensor of the given geometry over the storage of ``data``.
+
+    ``offset`` (in elements of ``dtype``) counts from where ``data`` starts, so ``data`` may be a
+    slot of the host pool as well as a whole storage.
+    """
+    itemsize = dtype.itemsize
+    start = data.storage_offset() * data.element_size() // itemsize
+    return torch.empty(0, dtype=dtype, device=data.device).set_(
+        data.untyped_storage(), start + offset, shape, stride
+    )
+
+
+@dataclass
+class Transfer:
+    """One copy in flight: what the compute thread waits for, and what it gets at the end."""
+
+    storage: str
+    done: Future | None = None  # worker-thread copies (CPU, and file I/O everywhere)
+    event: Any = None  # CUDA event recorded on the copy stream after the copy
+    landed: torch.Tensor | None = None  # the destination bytes, on the device (arrivals only)
+
+
+@dataclass
+class Layout:
+    """What the emitter decided about tiers other than the device; fixed for a program."""
+
+    host_slots: dict[str, tuple[int, int]]  # storage -> (offset, nbytes) in the host pool
+    host_pool_bytes: int
+    queues: dict[str, str]  # "src->dst" -> queue name (the plan's channel queues)
+
+
+class Runtime:
+    """Per-compiled-program resources that outlive one run: the host pool and the copy queues."""
+
+    def __init__(self, layout: Layout, device: torch.device, swap_root: str | Path | None = None) -> None:
+        self.layout = layout
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        # The host pool is allocated once, before any run, so it is never part of a run's device
+        # peak (and on a GPU it is pinned so device<->host copies are asynchronous).
+        self.host_pool = torch.empty(
+            layout.host_pool_bytes, dtype=torch.uint8, pin_memory=self.cuda and layout.host_pool_bytes > 0
+        )
+        self.swap_root = Path(swap_root) if swap_root is not None else None
+        self._workers: dict[str, ThreadPoolExecutor] = {}
+        self._streams: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def worker(self, queue: str) -> ThreadPoolExecutor:
+        with self._lock:
+            if queue not in self._workers:
+                self._workers[queue] = ThreadPoolExecutor(1, thread_name_prefix=f"tierplan-{queue}")
+            return self._workers[queue]
+
+    def stream(self, queue: str) -> Any:
+        if queue not in self._streams:
+            self._streams[queue] = torch.cuda.Stream(device=self.device)
+        return self._streams[queue]
+
+    def host_slot(self, storage: str) -> torch.Tensor:
+        offset, nbytes = self.layout.host_slots[storage]
+        return self.host_pool[offset : offset + nbytes]
+
+    def close(self) -> None:
+        for w in self._workers.values():
+            w.shutdown(wait=True)
+        self._workers.clear()
+
+
+class Context:
+    """One run of a generated program: pending transfers and the swap directory.
+
+    ``on_transfer`` (debugging, tests) is called with the Context and the storage name after
+    every transfer is issued.
+    """
+
+    def __init__(self, runtime: Runtime, on_transfer: Callable[[Context, str], None] | None = None) -> None:
+        self.rt = runtime
+        self.device = runtime.device
+        self.on_transfer = on_transfer
+        self._swap_dir: Path | None = None
+        self._pending: list[Transfer] = []
+
+    # -- the swap directory -------------------------------------------------------------------
+
+    @property
+    def swap_dir(self) -> Path:
+        if self._swap_dir is None:
+            root = self.rt.swap_root
+            if root is not None:
+                root.mkdir(parents=True, exist_ok=True)
+            self._swap_dir = Path(tempfile.mkdtemp(prefix="tierplan-swap-", dir=root))
+        return self._swap_dir
+
+    def swap_file(self, storage: str) -> Path:
+        return self.swap_dir / f"{storage}.bin"
+
+    def host_bytes(self, storage: str) -> torch.Tensor:
+        """The host-pool slot of ``storage`` (for outputs the plan leaves on the host)."""
+        return self.rt.host_slot(storage)
+
+    def stage_file(self, storage: str, tensor: torch.Tensor) -> None:
+        """Write a caller-owned tensor the plan keeps on NVMe to its swap file (synchronously)."""
+        _write_file(self.swap_file(storage), storage_bytes(tensor), None)
+
+    def read_file(self, storage: str, nbytes: int) -> torch.Tensor:
+        """The bytes of ``storage``'s swap file, in a new host tensor (outputs left on NVMe)."""
+        host = torch.empty(nbytes, dtype=torch.uint8)
+        _read_file(self.swap_file(storage), host, None)
+        return host
+
+    def drop_file(self, storage: str) -> None:
+        """The plan frees ``storage`` from the NVMe tier: its file goes."""
+        self.swap_file(storage).unlink(missing_ok=True)
+
+    def close(self) -> None:
+        """Finish every copy still running (their buffers must outlive them), then remove the
+        swap directory. Called when a run ends, however it ends."""
+        for t in self._pending:
+            try:
+                if t.done is not None:
+                    t.done.result()
+                elif t.event is not None:
+                    t.event.synchronize()
+            except BaseException:  # noqa: BLE001 - the run's own error is the one to report
+                pass
+        self._pending.clear()
+        if self._swap_dir is not None:
+            shutil.rmtree(self._swap_dir, ignore_errors=True)
+            self._swap_dir = None
+
+    # -- random ops that are recomputed -----------------------------------------------------------
+
+    def rng_state(self) -> torch.Tensor:
+        return torch.cuda.get_rng_state(self.device) if self.rt.cuda else torch.get_rng_state()
+
+    def replay_rng(self, state: torch.Tensor, run: Callable[[], Any]) -> Any:
+        """Run ``run`` from RNG ``state`` (so a recomputed dropout draws its mask again), then put
+        the generator back where it was."""
+        now = self.rng_state()
+        setter = (lambda s: torch.cuda.set_rng_state(s, self.device)) if self.rt.cuda else torch.set_rng_state
+        setter(state)
+        try:
+            return run()
+        finally:
+            setter(now)
+
+    # -- transfers ----------------------------------------------------------------------------
+
+    def start(self, storage: str, tensor: torch.Tensor | None, src: str, dst: str, nbytes: int) -> Transfer:
+        """Issue the copy of ``storage`` from ``src`` to ``dst``; ``tensor`` is its device value
+        when ``src`` is the device."""
+        queue = self.rt.layout.queues[f"{src}->{dst}"]
+        if src == DEVICE:
+            assert tensor is not None
+            t = self._offload(storage, storage_bytes(tensor), dst, queue)
+        else:
+            t = self._fetch(storage, src, queue, nbytes, tensor)
+        self._pending.append(t)
+        if self.on_transfer is not None:
+            self.on_transfer(self, storage)
+        return t
+
+    def wait(self, t: Transfer) -> torch.Tensor | None:
+        """The compute stream waits for ``t``; returns the landed bytes of an arrival."""
+        if t.done is not None:
+            t.done.result()
+        if t.event is not None:
+            torch.cuda.current_stream(self.device).wait_event(t.event)
+        self._pending.remove(t)
+        landed, t.landed = t.landed, None  # the handle must not keep the storage alive
+        return landed
+
+    def _offload(self, storage: str, data: torch.Tensor, dst: str, queue: str) -> Transfer:
+        if dst == HOST:
+            slot = self.rt.host_slot(storage)
+            if self.rt.cuda:
+                return self._on_stream(storage, queue, lambda: slot.copy_(data, non_blocking=True))
+            return Transfer(storage, done=self.rt.worker(queue).submit(_copy, slot, data))
+        path = self.swap_file(storage)
+        ready = self._compute_event()
+        return Transfer(storage, done=self.rt.worker(queue).submit(_write_file, path, data, ready))
+
+    def _fetch(
+        self, storage: str, src: str, queue: str, nbytes: int, tensor: torch.Tensor | None
+    ) -> Transfer:
+        # The destination is allocated here, on the compute stream, when the plan counts it.
+        landed = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        if src == HOST:
+            # A caller-owned tensor that lives on the host is read in place; anything else the
+            # program sent to the host is in its pool slot.
+            slot = storage_bytes(tensor) if tensor is not None else self.rt.host_slot(storage)
+            if self.rt.cuda:
+                t = self._on_stream(storage, queue, lambda: landed.copy_(slot, non_blocking=True))
+            else:
+                t = Transfer(storage, done=self.rt.worker(queue).submit(_copy, landed, slot))
+        else:
+            path = self.swap_file(storage)
+            ready = self._compute_event()
+            t = Transfer(storage, done=self.rt.worker(queue).submit(_read_file, path, landed, ready))
+        t.landed = landed
+        return t
+
+    def _on_stream(self, storage: str, queue: str, copy: Callable[[], Any]) -> Transfer:
+        stream = self.rt.stream(queue)
+        # The copy stream waits for everything the compute stream issued so far (the source's
+        # producer, the destination's allocation).
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            copy()
+            event = torch.cuda.Event()
+            event.record(stream)
+        return Transfer(storage, event=event)
+
+    def _compute_event(self) -> Any:
+        if not self.rt.cuda:
+            return None
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        return event
+
+
+# -- worker-thread jobs (they return nothing, so a finished future keeps no tensor alive) ------
+
+
+def _copy(dst: torch.Tensor, src: torch.Tensor) -> None:
+    dst.copy_(src)
+
+
+def _write_file(path: Path, data: torch.Tensor, ready: Any) -> None:
+    if ready is not None:
+        ready.synchronize()
+    host = data if data.device.type == "cpu" else data.to("cpu")
+    with open(path, "wb") as f:
+        f.write(memoryview(host.numpy()))
+
+
+def _read_file(path: Path, landed: torch.Tensor, ready: Any) -> None:
+    if ready is not None:
+        ready.synchronize()
+    host = landed if landed.device.type == "cpu" else torch.empty_like(landed, device="cpu")
+    with open(path, "rb") as f:
+        read = f.readinto(memoryview(host.numpy()))
+    if read != host.numel():
+        raise TierplanRuntimeError(f"swap file {path} holds {read} bytes, expected {host.numel()}")
+    if host is not landed:
+        landed.copy_(host)
+        torch.cuda.current_stream(landed.device).synchronize()
+
+
+def run_step(
+    step_fn: Callable[..., Any],
+    ctx: Context,
+    inputs: list[torch.Tensor],
+    *,
+    source_path: str,
+    line_steps: dict[int, str],
+) -> Any:
+    """Run a generated ``step`` and always close ``ctx`` (swap files go, copies finish).
+
+    A failure inside the generated code is re-raised as TierplanRuntimeError naming the plan
+    step (and so the op or tensor) at the failing line; KeyboardInterrupt passes through as is.
+    """
+    try:
+        return step_fn(ctx, *inputs)
+    except Exception as exc:
+        where = _failing_step(exc, source_path, line_steps)
+        if where is None:
+            raise
+        raise TierplanRuntimeError(f"{where}: {type(exc).__name__}: {exc}") from exc
+    finally:
+        ctx.close()
+
+
+def _failing_step(exc: BaseException, source_path: str, line_steps: dict[int, str]) -> str | None:
+    tb = exc.__traceback__
+    found = None
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename == source_path:
+            found = tb.tb_lineno
+        tb = tb.tb_next
+    if found is None:
+        return None
+    step = line_steps.get(found, "outside any plan step")
+    return f"{step} failed at {source_path}:{found}"
+
+
+__all__ = [
+    "Context", "Layout", "Runtime", "TierplanRuntimeError", "Transfer", "alias", "run_step",
+    "storage_bytes",
+]

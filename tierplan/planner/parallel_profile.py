@@ -1,0 +1,311 @@
+"""What the parallel planner needs to know about a model, measured on its captured graph.
+
+A ``ModelProfile`` holds, for one transformer layer split into cells (attention, MLP, the rest:
+norms and residuals, as APEX splits a layer), the parameter count, the forward and backward ops
+(FLOPs and bytes, to price by roofline on any device at any micro-batch and TP degree) and the
+activations the forward saves for the backward; the same for what precedes the layers
+(embeddings) and what follows them (final norm, head, loss).
+
+Capturing a Llama-2-70B-shaped model with all 80 layers takes ~30 s; the layers are identical, so
+``profile_model`` captures a copy of the same config with ``layers`` (default 2) layers, measures
+layer 0 and scales by the real layer count. Everything is measured at micro-batch 1; FLOPs, bytes
+and activations are scaled linearly with the micro-batch size (this over-counts the weight reads
+of memory-bound ops at larger batches, a small error for training shapes).
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from tierplan.cost_models.compute import op_dtype, peak_key
+from tierplan.cost_models.compute import is_tensor_core_op
+from tierplan.cost_models.hardware import Device
+from tierplan.cost_models.training_memory import ActivationSplit, activation_split
+from tierplan.ir import Graph, OpInfo, Phase, TensorKind
+
+__all__ = ["CELLS", "ModelProfile", "OpTable", "PartProfile", "profile_graph", "profile_model"]
+
+CELLS = ("attention", "mlp", "other")
+_ATTN = re.compile(r"attn|attention", re.I)
+_MLP = re.compile(r"mlp|feed_forward|ffn|intermediate|\.output\b|experts", re.I)
+
+
+def cell_of(module: str) -> str:
+    """The cell an op belongs to, from the module that issued it."""
+    if _ATTN.search(module):
+        return "attention"
+    if _MLP.search(module):
+        return "mlp"
+    return "other"
+
+
+@dataclass(frozen=True, eq=False)
+class OpTable:
+    """Ops to price together: FLOPs, bytes moved and the tensor-core flag and dtype of each."""
+
+    flops: np.ndarray
+    nbytes: np.ndarray
+    keys: tuple[str, ...]  # peak key per op assuming no tf32
+
+    @staticmethod
+    def of(graph: Graph, ops: list[OpInfo]) -> OpTable:
+        live = [op for op in ops if op.flops or op.bytes_read or op.bytes_written]
+        keys = tuple(
+            peak_key(op_dtype(graph, op), tensor_core=is_tensor_core_op(op.target), allow_tf32=False)
+            for op in live
+        )
+        return OpTable(
+            flops=np.array([op.flops for op in live], dtype=float),
+            nbytes=np.array([op.bytes_read + op.bytes_written for op in live], dtype=float),
+            keys=keys,
+        )
+
+    @property
+    def total_flops(self) -> float:
+        return float(self.flops.sum())
+
+    def seconds(self, device: Device, batch: float = 1.0, tp: int = 1) -> float:
+        """Roofline time of all ops, each scaled by ``batch`` and split ``tp`` ways."""
+        if not self.keys:
+            return 0.0
+        peaks = np.array([device.peak(k) for k in self.keys]) * device.compute_efficiency
+        scale = batch / tp
+        compute = self.flops * scale / peaks
+        memory = self.nbytes * scale / (device.memory_bandwidth * device.memory_efficiency)
+        return float(np.maximum(compute, memory).sum() + len(self.keys) * device.launch_overhead_s)
+
+
+@dataclass(frozen=True, eq=False)
+class PartProfile:
+    params: int
+    forward: OpTable
+    backward: OpTable
+    activations: ActivationSplit
+    largest_temporary: int = 0  # bytes, the biggest transient this part allocates
+
+
+@dataclass(frozen=True, eq=False)
+class ModelProfile:
+    name: str
+    num_layers: int
+    profiled_layers: int
+    seq_len: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    vocab: int
+    param_bytes: int  # bytes per parameter element in the captured dtype
+    cells: dict[str, PartProfile]  # one layer
+    pre: PartProfile
+    post: PartProfile
+    core: OpTable  # the attention core's ops (what selective recompute reruns)
+    experts: int = 0
+    capture_seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    @property
+    def layer_params(self) -> int:
+        return sum(c.params for c in self.cells.values())
+
+    @property
+    def total_params(self) -> int:
+        return self.pre.params + self.post.params + self.num_layers * self.layer_params
+
+    @property
+    def layer_activations(self) -> ActivationSplit:
+        out = ActivationSplit()
+        for c in self.cells.values():
+            out = out + c.activations
+        return out
+
+    def layer_forward_flops(self) -> float:
+        return sum(c.forward.total_flops for c in self.cells.values())
+
+    def kv_bytes_per_token_per_layer(self) -> int:
+        """K and V of one token in one layer, all KV heads, in the captured dtype."""
+        return 2 * self.kv_heads * self.head_dim * self.param_bytes
+
+
+def _config_dims(cfg: Any) -> dict[str, int]:
+    def first(*names: str, default: Any = None) -> Any:
+        for n in names:
+            v = getattr(cfg, n, None)
+            if v is not None:
+                return v
+        return default
+
+    hidden = int(first("hidden_size", "n_embd", "d_model"))
+    heads = int(first("num_attention_heads", "n_head"))
+    return dict(
+        hidden=hidden,
+        heads=heads,
+        kv_heads=int(first("num_key_value_heads", default=heads)),
+        intermediate=int(first("intermediate_size", "n_inner", "ffn_dim", default=4 * hidden)),
+        vocab=int(first("vocab_size")),
+        num_layers=int(first("num_hidden_layers", "n_layer", "num_layers")),
+        experts=int(first("num_local_experts", "num_experts", default=0) or 0),
+    )
+
+
+def _set_layers(cfg: Any, n: int) -> Any:
+    cfg = copy.deepcopy(cfg)
+    for name in ("num_hidden_layers", "n_layer", "num_layers"):
+        if hasattr(cfg, name):
+            setattr(cfg, name, n)
+    return cfg
+
+
+def profile_model(spec: str, *, seq_len: int | None = None, layers: int = 2) -> ModelProfile:
+    """Capture a ``layers``-layer copy of zoo model ``spec`` (fake tensors, batch 1) and
+    profile it, scaled to the real layer count."""
+    import torch
+
+    from tierplan.passes.capture import capture
+    from tierplan.passes.blocks import detect_blocks
+    from tierplan.zoo import ZOO, ZooError, load_model
+
+    entry = ZOO.get(spec)
+    if entry is None:
+        raise ZooError(f"unknown model {spec!r}; known: {', '.join(ZOO)}")
+    s = entry.seq_len if seq_len is None else int(seq_len)
+    closure = inspect.getclosurevars(entry.factory).nonlocals
+    if "config_cls" in closure:  # a transformers model: rebuild its config with fewer layers
+        import transformers
+
+        full = getattr(transformers, closure["config_cls"])(**closure["config"])
+        dims = _config_dims(full)
+        small = _set_layers(full, min(layers, dims["num_layers"]))
+        small.use_cache = False
+        small.loss_type = closure["loss_type"]
+        with torch.device("meta"):
+            model = getattr(transformers, closure["model_cls"])(small).to(closure["dtype"])
+        model.train(True)
+        ids = torch.randint(0, dims["vocab"], (1, s), device="meta")
+        args, kwargs = (), {"input_ids": ids, "labels": ids.clone()}
+    else:  # an in-repo model: small anyway, capture it whole
+        model, args, kwargs = load_model(spec, batch_size=1, seq_len=s, fake=True)
+        dims = None
+    captured = capture(model, args, example_kwargs=kwargs, training=True, name=spec)
+    graph = detect_blocks(captured.graph)
+    if dims is None:
+        cfg = getattr(model, "cfg", None) or getattr(model, "config", None)
+        dims = _config_dims(cfg) if cfg is not None else _guess_dims(graph, s)
+    prof = profile_graph(graph, seq_len=s, **dims)
+    return ModelProfile(**{**prof.__dict__, "capture_seconds": captured.seconds})
+
+
+def _guess_dims(graph: Graph, s: int) -> dict[str, int]:  # pragma: no cover - last resort
+    raise ValueError(f"{graph.name}: no model config found to read hidden size and heads from")
+
+
+def profile_graph(
+    graph: Graph,
+    *,
+    seq_len: int,
+    hidden: int,
+    heads: int,
+    kv_heads: int,
+    intermediate: int,
+    vocab: int,
+    num_layers: int,
+    experts: int = 0,
+) -> ModelProfile:
+    """Profile a captured training graph (batch 1) whose ``blocks`` are its layers."""
+    if not graph.blocks:
+        raise ValueError(f"{graph.name}: no repeated blocks found; run passes.blocks.detect_blocks")
+    block0 = graph.blocks[0].index
+    first_pos = min(graph.op_position(n) for n in graph.blocks[0].ops)
+    head_dim = hidden // heads
+    # Sizes TP splits, fused projections included (GPT-2's c_attn is 3h wide, a fused
+    # gate/up projection 2 x intermediate).
+    tp_dims = {heads, kv_heads, intermediate, 2 * intermediate, vocab,
+               (heads + 2 * kv_heads) * head_dim} | ({experts} if experts else set())
+
+    part_ops: dict[str, list[OpInfo]] = {k: [] for k in (*CELLS, "pre", "post")}
+    for i, op in enumerate(graph.ops):
+        if op.block == block0:
+            part_ops[cell_of(op.module)].append(op)
+        elif op.block is None:
+            if op.phase is Phase.FORWARD:
+                part_ops["pre" if i < first_pos else "post"].append(op)
+            elif "embed" in op.module or "embedding" in op.target or "wte" in op.module:
+                part_ops["pre"].append(op)
+            else:
+                part_ops["post"].append(op)
+
+    # Each parameter belongs to the part of its first forward reader (a tied embedding: "pre").
+    owner: dict[str, str] = {}
+    part_of = {op.name: k for k, ops in part_ops.items() for op in ops}
+    for t in graph.tensors.values():
+        if t.kind is not TensorKind.PARAMETER:
+            continue
+        readers = [u for u in t.users if graph.op(u).phase is Phase.FORWARD] or t.users
+        if readers and readers[0] in part_of:
+            owner[t.name] = part_of[readers[0]]
+    params = {k: 0 for k in part_ops}
+    for name, k in owner.items():
+        n = 1
+        for d in graph.tensor(name).shape:
+            n *= d
+        params[k] += n
+
+    def part(k: str) -> PartProfile:
+        ops = part_ops[k]
+        fwd = [op for op in ops if op.phase is Phase.FORWARD]
+        bwd = [op for op in ops if op.phase is not Phase.FORWARD]
+        names = {op.name for op in ops}
+        temps = [
+            graph.tensor(o).nbytes for op in ops for o in op.outputs
+            if graph.tensor(o).kind is TensorKind.TEMPORARY
+        ]  # fmt: skip
+        return PartProfile(
+            params=params[k],
+            forward=OpTable.of(graph, fwd),
+            backward=OpTable.of(graph, bwd),
+            activations=activation_split(
+                graph, [op.name for op in fwd], seq_len=seq_len, hidden=hidden, tp_dims=tp_dims
+            ),
+            largest_temporary=max(temps, default=0),
+        )
+
+    # Ops producing an s x s tensor per head: the attention core selective recompute reruns.
+    core_ops = [
+        op for op in part_ops["attention"] if op.phase is Phase.FORWARD and any(
+            len(graph.tensor(o).shape) >= 2 and graph.tensor(o).shape[-2:] == (seq_len, seq_len)
+            and heads in graph.tensor(o).shape for o in op.outputs)
+    ]  # fmt: skip
+    pbytes = max(
+        (graph.tensor(n).nbytes // max(1, int(np.prod(graph.tensor(n).shape))) for n in owner),
+        default=2,
+    )
+    return ModelProfile(
+        name=graph.name,
+        num_layers=num_layers,
+        profiled_layers=len(graph.blocks),
+        seq_len=seq_len,
+        hidden=hidden,
+        heads=heads,
+        kv_heads=kv_heads,
+        intermediate=intermediate,
+        vocab=vocab,
+        param_bytes=int(pbytes),
+        cells={k: part(k) for k in CELLS},
+        pre=part("pre"),
+        post=part("post"),
+        core=OpTable.of(graph, core_ops),
+        experts=experts,
+        notes=[
+            f"profiled {len(graph.blocks)} captured layer(s) at batch 1, seq {seq_len}; "
+            f"scaled to {num_layers} layers"
+        ],
+    )
