@@ -5,6 +5,7 @@
     tierplan.validate(plan)
 """
 from tierplan.api import plan, plan_graph
+from tierplan.compile import backend, compile
 from tierplan.cost_models.hardware import Hardware, HardwareError, load_hardware
 from tierplan.ir import Graph
 from tierplan.passes.capture import CaptureError, capture
@@ -19,7 +20,9 @@ __all__ = [
     "InfeasibleBudget",
     "Plan",
     "PlanError",
+    "backend",
     "capture",
+    "compile",
     "load_hardware",
     "plan",
     "plan_graph",

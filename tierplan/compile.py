@@ -242,50 +242,16 @@ def compile_plan(
 
 
 def backend(**options: Any) -> Callable[[torch.fx.GraphModule, list[Any]], Callable[..., Any]]:
-    """A ``torch.compile`` backend: ``torch.compile(fn, backend=tierplan.backend(memory_budget=0.8))``.
+    """A ``torch.compile`` backend (not implemented yet).
 
-    Dynamo hands over a graph and real example inputs (parameters included, as inputs that
-    require grad); the graph is compiled with ``compile`` (same options), which plans its joint
-    forward+backward graph, so the gradients reach the parameters through the returned function.
-    Supported: graphs whose one output is the scalar loss (training) or tensors (inference).
+    The intended design: ``aot_module_simplified`` with ``AotRecorder``-style hooks, the planner
+    deciding on the joint graph in ``partition_fn`` and the emitter compiling the result. Until
+    then, use ``tierplan.compile(model, example_inputs, ...)``.
     """
-
-    def compile_graph(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
-        training = options.get("training", True) and torch.is_grad_enabled() and any(
-            isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs
-        )
-        wrapper = _FirstOutput(gm) if training else _AllOutputs(gm)
-        compiled = compile(wrapper, tuple(example_inputs), **{**options, "training": training})
-
-        def run(*inputs: Any) -> Any:
-            out = compiled(*inputs)
-            return (out,) if training or isinstance(out, torch.Tensor) else out
-
-        run.compiled = compiled  # type: ignore[attr-defined]
-        return run
-
-    return compile_graph
-
-
-class _FirstOutput(nn.Module):
-    """Dynamo graphs return a tuple; capture wants the loss itself."""
-
-    def __init__(self, gm: torch.fx.GraphModule) -> None:
-        super().__init__()
-        self.gm = gm
-
-    def forward(self, *inputs: Any) -> Any:
-        out = self.gm(*inputs)
-        return out[0] if isinstance(out, (tuple, list)) else out
-
-
-class _AllOutputs(nn.Module):
-    def __init__(self, gm: torch.fx.GraphModule) -> None:
-        super().__init__()
-        self.gm = gm
-
-    def forward(self, *inputs: Any) -> Any:
-        return self.gm(*inputs)
+    raise NotImplementedError(
+        "tierplan.backend is not implemented yet: capture() needs a module whose parameters "
+        "require grad, but dynamo lifts parameters to graph inputs; use tierplan.compile"
+    )
 
 
 def _model_device(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any] | None) -> torch.device:

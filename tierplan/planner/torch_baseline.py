@@ -108,6 +108,12 @@ def plan_from_saved(
         + [tensors[name].storage for name in graph.outputs]
     )
     kept = {tensors[n].storage for n in saved if n in tensors}
+    # An op that also writes a graph output (the loss's nll_loss_forward also makes total_weight)
+    # cannot run twice in a plan (the output's copy must survive): its other outputs are kept.
+    for op in graph.ops:
+        outs = [o for o in op.outputs if not tensors[o].is_view]
+        if any(o in never_free for o in outs):
+            kept.update(outs)
     phase_of = {op.name: op.phase for op in graph.ops}
     fwd_made = {
         s for s in graph.storages()
