@@ -1,9 +1,13 @@
 """Planner vs baselines, side by side: `python bench/planner.py [--time-limit S]`.
 
 One row per graph x budget: tierplan's predicted step time, overhead over keep-all, device peak,
-solve time and gap, then keep-all, checkpoint-blocks and swap-all at the same budget (priced by
-the same simulator; "over" when the baseline does not fit). Synthetic graphs always; captured zoo
-models and the hardware cost model when those modules exist.
+solve time and gap, then keep-all, checkpoint-blocks, swap-all and, for captured models, torch's
+own ``activation_memory_budget`` (its min-cut + knapsack partitioner at the fraction that fits the
+byte budget, searched in a few probes; its save set priced by the same simulator) at the same
+budget ("over (MiB)" when a baseline does not fit; for torch, the smallest peak it reached).
+Under the torch column: the fraction used, and the naive fraction (budget / torch's default
+peak) with the peak it gives relative to the budget. Synthetic graphs always; captured zoo models
+and the hardware cost model when those modules exist.
 """
 from __future__ import annotations
 
@@ -32,13 +36,14 @@ def synthetic_cases():
         ("random-layered-120", random_layered(120, seed=3)),
         ("transformer-200 (2.4k ops)", transformer(200, hidden=2 * 2**20, mm_s=5e-5)),
     ):
-        yield name, graph, times, {"host": 10**12}, chans
+        yield name, graph, times, {"host": 10**12}, chans, None
 
 
-def zoo_cases():
+def zoo_cases(models):
     try:
         from tierplan.cost_models.compute import graph_op_times
         from tierplan.cost_models.hardware import load_hardware
+        from tierplan.passes.blocks import detect_blocks
         from tierplan.passes.capture import capture
         from tierplan.planner.problem import tier_capacities, transfer_channels
         from tierplan.zoo import load_model
@@ -46,16 +51,17 @@ def zoo_cases():
         print(f"(zoo models skipped: {type(exc).__name__}: {exc})")
         return
     hw = load_hardware("h100-sxm")
-    for model_name in ("gpt2-tiny",):
+    for model_name, batch, seq in models:
         try:
-            model, args, kwargs = load_model(model_name, batch_size=2, seq_len=64, training=True, fake=True)
-            graph = capture(model, args, example_kwargs=kwargs, training=True).graph
+            model, args, kwargs = load_model(model_name, batch_size=batch, seq_len=seq, training=True, fake=True)
+            captured = capture(model, args, example_kwargs=kwargs, training=True)
+            graph = detect_blocks(captured.graph)  # as tierplan.plan_graph does
         except Exception as exc:  # noqa: BLE001
             print(f"({model_name} skipped: {type(exc).__name__}: {exc})")
             continue
         caps = tier_capacities(hw, ("host",))
-        yield model_name, graph, graph_op_times(graph, hw), {k: v for k, v in caps.items() if k != "device"}, \
-            transfer_channels(hw, ("host",))
+        yield f"{model_name} b{batch}s{seq}", graph, graph_op_times(graph, hw), {k: v for k, v in caps.items() if k != "device"}, \
+            transfer_channels(hw, ("host",)), captured.joint
 
 
 def cell(plan, budget, keep_time) -> str:
@@ -70,14 +76,26 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--time-limit", type=float, default=20.0)
     parser.add_argument("--fractions", default="0.7,0.45,0.3")
+    parser.add_argument("--models", default="gpt2-tiny:2:64",
+                        help="captured zoo models, name:batch:seq comma-separated ('' for none)")
+    parser.add_argument("--torch-probes", type=int, default=6)
     args = parser.parse_args()
+    models = [(m.split(":")[0], int(m.split(":")[1]), int(m.split(":")[2])) for m in args.models.split(",") if m]
     fractions = [float(f) for f in args.fractions.split(",")]
     header = (f"{'graph':28s} {'ops':>5s} {'budget':>13s} | {'tierplan ms (+ovh)':>19s} {'peak MiB':>8s} "
-              f"{'solve s':>7s} {'gap':>6s} {'method':10s} | {'keep-all':>16s} | {'ckpt-blocks':>16s} | {'swap-all':>16s}")
+              f"{'solve s':>7s} {'gap':>6s} {'method':10s} | {'keep-all':>16s} | {'ckpt-blocks':>16s} | {'swap-all':>16s} "
+              f"| {'torch-budget':>16s}")
     print(header)
     print("-" * len(header))
-    for name, graph, times, other_tiers, chans in list(synthetic_cases()) + list(zoo_cases()):
+    notes = []
+    for name, graph, times, other_tiers, chans, joint in list(synthetic_cases()) + list(zoo_cases(models)):
         probe = dict(other_tiers, device=10**15)
+        torch_base = None
+        if joint is not None:
+            from tierplan.planner.torch_baseline import TorchBudgetBaseline
+
+            torch_base = TorchBudgetBaseline(graph, joint, capacities=probe, channels=chans, op_time_s=times,
+                                             hardware="bench", keep_all_time_s=None, keep_all_peak_bytes=None)
         ka = keep_all_plan(graph, capacities=probe, channels=chans, op_time_s=times, hardware="bench", training=True)
         peak, keep_time = ka.keep_all_peak_bytes, ka.predicted_time_s
         for fraction in fractions:
@@ -94,10 +112,25 @@ def main() -> None:
             except InfeasibleBudget as exc:
                 ours = (f"{'infeasible':>19s} {'min ' + str(round(exc.min_feasible_bytes / MIB)):>8s} "
                         f"{time.perf_counter() - started:7.2f} {'':6s} {'':10s}")
+            torch_cell = "-"
+            if torch_base is not None:
+                fit = torch_base.fit(budget, probes=args.torch_probes)
+                if fit.plan is not None:
+                    validate(fit.plan)
+                    torch_cell = cell(fit.plan, budget, keep_time)
+                else:
+                    torch_cell = f"over ({fit.min_plan.peak_bytes['device'] / MIB:.1f})"
+                naive = (f"naive f={fit.naive_fraction:g} -> peak {fit.naive_overshoot:.2f}x budget"
+                         if fit.naive_fraction is not None else "f=1.0 fits")
+                notes.append(f"  {name} {fraction:.2f}x: torch f={fit.fraction}, {naive}, "
+                             f"{len(fit.probes)} partitions {fit.partition_s:.1f} s")
             print(f"{name:28s} {len(graph.ops):5d} {fraction:4.2f}x{peak / MIB:6.0f}Mi | {ours} | "
                   f"{cell(bases['keep-all'], budget, keep_time):>16s} | "
                   f"{cell(bases.get('checkpoint-blocks'), budget, keep_time):>16s} | "
-                  f"{cell(bases['swap-all'], budget, keep_time):>16s}")
+                  f"{cell(bases['swap-all'], budget, keep_time):>16s} | {torch_cell:>16s}", flush=True)
+    if notes:
+        print("torch activation_memory_budget (fraction found; the naive fraction's overshoot):")
+        print("\n".join(notes))
 
 
 if __name__ == "__main__":

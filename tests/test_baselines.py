@@ -58,3 +58,53 @@ def test_swap_all_on_a_slow_link_exposes_the_copies() -> None:
     assert replay(fast).exposed_transfer_s == pytest.approx(0.0, abs=1e-9)
     assert replay(slow).exposed_transfer_s > 0
     assert slow.predicted_time_s > fast.predicted_time_s
+
+
+# -- torch's activation_memory_budget, priced by tierplan ----------------------------------------
+
+
+def _captured_tiny():
+    zoo = pytest.importorskip("tierplan.zoo")
+    from tierplan.cost_models.compute import graph_op_times
+    from tierplan.cost_models.hardware import load_hardware
+    from tierplan.passes.capture import capture
+    from tierplan.planner.problem import tier_capacities, transfer_channels
+
+    model, args, kwargs = zoo.load_model("gpt2-tiny", batch_size=2, seq_len=32, training=True, fake=True)
+    captured = capture(model, args, example_kwargs=kwargs, training=True)
+    hw = load_hardware("h100-sxm")
+    return (captured, graph_op_times(captured.graph, hw), tier_capacities(hw, ("host",)),
+            transfer_channels(hw, ("host",)))
+
+
+def test_torch_activation_memory_budget_baseline_on_a_captured_model() -> None:
+    from tierplan.planner.keep_all import keep_all_plan
+    from tierplan.planner.plan import InfeasibleBudget
+    from tierplan.planner.remat_swap import solve
+    from tierplan.planner.torch_baseline import TorchBudgetBaseline, num_fwd_outputs
+
+    captured, times, caps, chans = _captured_tiny()
+    graph = captured.graph
+    assert num_fwd_outputs(captured.joint) == 1  # the loss
+    baseline = TorchBudgetBaseline(graph, captured.joint, capacities=caps, channels=chans, op_time_s=times,
+                                   hardware="h100-sxm")
+    # torch's default partition (1.0) and its save-little end (0.0) are both valid tierplan plans.
+    default, low = baseline.plan(1.0, caps["device"]), baseline.plan(0.0, caps["device"])
+    for plan in (default, low):
+        validate(plan)
+        assert plan.predicted_time_s >= baseline.keep_all_time_s * (1 - 1e-9)
+    assert low.recompute_time_s > default.recompute_time_s
+    assert any(d.fate == "recompute" and "torch's partitioner" in d.reason for d in low.decisions.values())
+    ka = keep_all_plan(graph, capacities=caps, channels=chans, op_time_s=times, hardware="x", training=True)
+    budget = int(ka.keep_all_peak_bytes * 0.75)
+    result = baseline.fit(budget, probes=5)
+    assert result.probes and result.naive_fraction is not None and result.naive_peak_bytes is not None
+    if result.plan is None:
+        return
+    assert validate(result.plan).peak_bytes["device"] <= budget
+    try:
+        ours = solve(graph, capacities=dict(caps, device=budget), channels=chans, op_time_s=times,
+                     hardware="h100-sxm", training=True, time_limit_s=5)
+    except InfeasibleBudget:  # pragma: no cover - torch fits, so tierplan must
+        raise AssertionError("torch's plan fits the budget but tierplan's planner says infeasible")
+    assert ours.predicted_time_s <= result.plan.predicted_time_s * (1 + 1e-9)

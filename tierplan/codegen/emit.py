@@ -12,6 +12,15 @@ the device (a prefetch lands, or the op that makes it is recomputed), every view
 program still reads is rebuilt over it with the geometry recorded at capture (``alias``), since
 the view ops that made them are not re-run.
 
+Split programs (``emit(..., split=(tangents, num_fwd_outputs))``, used by ``tierplan.backend``):
+the same schedule becomes a generator. It runs up to the first step that needs a late input (the
+backward's tangents), yields the forward outputs there, receives the tangents, and runs the rest;
+its return value is the gradients. Every local of the frame (saved activations, transfers in
+flight, the host-pool slots they use) carries across the yield unchanged, so the plan's schedule
+is run exactly, only paused. A forward output is yielded as the device tensor it was made as: the
+caller holds it from then on, so a plan that frees or offloads a forward output from the device
+before the split cannot free it (the program still runs correctly; that output's memory stays).
+
 The source is rendered by the jinja2 template ``templates/program.py.j2``.
 """
 from __future__ import annotations
@@ -56,6 +65,11 @@ class Program:
     # the host pool (or the caller's host tensor), which the caller must copy before the next run.
     outputs_on_host: list[bool] = field(default_factory=list)
     offdevice_inputs: list[str] = field(default_factory=list)  # placeholders starting on host/nvme
+    # Split programs only: the placeholders sent in at the yield (tangents), and the graph outputs
+    # yielded there (the forward outputs); ``outputs`` are then what the generator returns.
+    late_inputs: list[str] = field(default_factory=list)
+    yielded: list[str | None] = field(default_factory=list)
+    split_step: int | None = None  # schedule index the yield precedes
 
 
 @dataclass(frozen=True)
@@ -66,15 +80,29 @@ class _Geometry:
     offset: int
 
 
-def emit(plan: Plan, gm: torch.fx.GraphModule, *, title: str | None = None) -> Program:
+def emit(
+    plan: Plan, gm: torch.fx.GraphModule, *, title: str | None = None,
+    split: tuple[list[str], int] | None = None,
+) -> Program:
     """The program of ``plan`` over ``gm``, the fx graph the plan's graph was captured from
-    (``Captured.joint``: each IR op is one of its nodes, by name)."""
-    return _Emitter(plan, gm).render(title or f"plan for {plan.graph.name}")
+    (``Captured.joint``: each IR op is one of its nodes, by name).
+
+    ``split=(late_inputs, num_fwd_outputs)`` renders a generator (see the module docstring):
+    ``late_inputs`` are placeholders (the tangents) that arrive at the yield, and the first
+    ``num_fwd_outputs`` graph outputs are yielded there."""
+    return _Emitter(plan, gm, split).render(title or f"plan for {plan.graph.name}")
 
 
 class _Emitter:
-    def __init__(self, plan: Plan, gm: torch.fx.GraphModule) -> None:
+    def __init__(
+        self, plan: Plan, gm: torch.fx.GraphModule, split: tuple[list[str], int] | None = None
+    ) -> None:
         self.plan = plan
+        self.late: list[str] = list(split[0]) if split else []
+        self.num_yielded = split[1] if split else 0
+        self.split = split is not None
+        self.stashed: dict[str, str] = {}  # forward output -> the name that keeps it for the yield
+        self.deferred: list[tuple[str, str]] = []  # prologue lines of late inputs
         self.graph = plan.graph
         self.gm = gm
         self.nodes = {n.name: n for n in gm.graph.nodes}
@@ -198,8 +226,11 @@ class _Emitter:
         plan = self.plan
         inputs = [n.name for n in self.gm.graph.nodes if n.op == "placeholder"]
         constants = [n.name for n in self.gm.graph.nodes if n.op == "get_attr"]
-        self.bound = set(inputs) | set(constants)
+        self.bound = (set(inputs) - set(self.late)) | set(constants)
+        early_body = self.body
         for storage, tier in plan.initial_tiers.items():
+            # The prologue of an input that arrives at the yield runs right after it.
+            self.body = self.deferred if storage in self.late else early_body
             if tier == DEVICE:
                 continue
             if tier not in (HOST, NVME) or storage not in self.bound:
@@ -222,12 +253,16 @@ class _Emitter:
             self.line(f"{self.host_named[storage]} = {self.var(storage)}  # starts on the host", "prologue")
             self.line(f"del {self.var(storage)}", "prologue")
             self.bound.discard(storage)
+        self.body = early_body
+        split_at = self.split_step() if self.split else None
         random_recomputed = {
             s.op for s in plan.schedule if s.kind == StepKind.RECOMPUTE and _is_random(self.nodes[s.op])
         }
         phase = None
         for index, s in enumerate(plan.schedule):
             label = f"step {index} ({s.describe()})"
+            if index == split_at:
+                self.yield_line(label)
             if s.op is not None:
                 op = self.graph.op(s.op)
                 if op.phase != phase:
@@ -240,10 +275,15 @@ class _Emitter:
                 self.wait_step(index, s, label)
             else:
                 self.free_step(s, label)
+        if self.split and split_at == len(plan.schedule):
+            self.yield_line("end of schedule")
         out_node = self.gm.graph.output_node()
         outputs: list[str | None] = []
         for v in _flat(out_node.args[0]):
             outputs.append(None if v is None else self.value_of[v.name])
+        yielded: list[str | None] = []
+        if self.split:
+            yielded, outputs = outputs[: self.num_yielded], outputs[self.num_yielded :]
         returned: list[str] = []
         on_host: list[bool] = []
         for name in outputs:
@@ -267,7 +307,8 @@ class _Emitter:
             keep_trailing_newline=True, undefined=jinja2.StrictUndefined,
         )
         source = env.get_template("program.py.j2").render(
-            title=title, summary=plan.summary().splitlines(), inputs=[self.var(n) for n in inputs],
+            title=title, summary=plan.summary().splitlines(),
+            inputs=[self.var(n) for n in inputs if n not in self.late],
             constants=constants, n_steps=len(plan.schedule), body=[code for code, _ in self.body],
             outputs=returned,
         )
@@ -281,6 +322,7 @@ class _Emitter:
         return Program(
             source=source, inputs=inputs, outputs=outputs, outputs_on_host=on_host,
             offdevice_inputs=list(self.offdevice_inputs), line_steps=line_steps,
+            late_inputs=list(self.late), yielded=yielded, split_step=split_at,
             layout=self.layout(), constants=constants_values, targets=list(self.targets),
         )
 
@@ -307,6 +349,11 @@ class _Emitter:
         self.line(f"{target} = {call}" + (f"  # {note}" if note else ""), label)
         produced = [n for n in slots if n]
         self.bound.update(produced)
+        for t in produced:
+            if t in self.to_stash and t not in self.stashed:
+                # Yielded to the caller at the split, whatever the plan does with it later.
+                self.stashed[t] = f"_yield_{self.var(t)}"
+                self.line(f"{self.stashed[t]} = {self.var(t)}", label)
         # Views of a storage this op re-creates that the program still reads are rebuilt over it.
         for t in produced:
             info = self.graph.tensors.get(t)
@@ -316,6 +363,60 @@ class _Emitter:
                 if self._read_after(view, index):
                     self.line(self.alias_line(view, self.var(t)), label)
                     self.bound.add(view)
+
+    # -- the split (generator programs) --------------------------------------------------------
+
+    @property
+    def to_stash(self) -> set[str]:
+        if not self.split:
+            return set()
+        if not hasattr(self, "_to_stash"):
+            out_node = self.gm.graph.output_node()
+            flat = _flat(out_node.args[0])[: self.num_yielded]
+            self._to_stash = {self.value_of[v.name] for v in flat if v is not None}
+        return self._to_stash
+
+    def split_step(self) -> int:
+        """The first schedule index that reads (or moves) a late input; every forward output must
+        be produced before it."""
+        late = {self.graph.tensors[n].storage for n in self.late if n in self.graph.tensors}
+        at = len(self.plan.schedule)
+        for i, s in enumerate(self.plan.schedule):
+            reads = self.graph.op(s.op).inputs if s.op is not None else [s.tensor or ""]
+            if any(self.graph.tensors[t].storage in late for t in reads if t in self.graph.tensors):
+                at = i
+                break
+        for i, s in enumerate(self.plan.schedule[at:], start=at):
+            if s.kind == StepKind.COMPUTE and set(self.graph.op(s.op or "").outputs) & self.to_stash:
+                raise EmitError(
+                    f"step {i} ({s.describe()}) makes a forward output after step {at}, which "
+                    f"needs the backward's inputs; the plan cannot be split into a forward and a "
+                    f"backward"
+                )
+        return at
+
+    def yield_line(self, label: str) -> None:
+        values = []
+        out_node = self.gm.graph.output_node()
+        for v in _flat(out_node.args[0])[: self.num_yielded]:
+            if v is None:
+                values.append("None")
+                continue
+            name = self.value_of[v.name]
+            if name in self.stashed:
+                values.append(self.stashed[name])
+            elif name in self.bound:
+                values.append(self.var(name))  # a graph input returned as is
+            else:
+                raise EmitError(f"forward output {name} is not on the device at the split ({label})")
+        late = ", ".join(self.var(n) for n in self.late)
+        self.line(f"# ---- forward ends: the outputs go to the caller, the backward's inputs come in ----", label)
+        yielded = "(" + ", ".join(values) + ("," if len(values) == 1 else "") + ")"
+        self.line(f"[{late}] = yield {yielded}" if late else f"yield {yielded}", label)
+        for name in list(self.stashed.values()):
+            self.line(f"del {name}", label)
+        self.bound.update(n for n in self.late if not any(c == f"del {self.var(n)}" for c, _ in self.deferred))
+        self.body.extend((code, label) for code, _ in self.deferred)
 
     def start_step(self, index: int, s: Step, label: str) -> None:
         storage = self.graph.tensors[s.tensor or ""].storage

@@ -320,6 +320,62 @@ def run_step(
         ctx.close()
 
 
+class SplitRun:
+    """One forward..backward of a split (generator) program: ``forward()`` runs it to the yield
+    and returns the forward outputs; ``backward(late)`` sends the late inputs (tangents) and
+    returns the gradients. ``ctx`` is closed when the run ends, fails, or is abandoned (a forward
+    whose backward never comes)."""
+
+    def __init__(
+        self, step_fn: Callable[..., Any], ctx: Context, inputs: list[torch.Tensor], *,
+        source_path: str, line_steps: dict[int, str],
+    ) -> None:
+        self.ctx = ctx
+        self.source_path, self.line_steps = source_path, line_steps
+        self._gen = step_fn(ctx, *inputs)
+        self.done = False
+
+    def _send(self, value: Any) -> tuple[bool, Any]:
+        try:
+            return False, self._gen.send(value)
+        except StopIteration as stop:
+            return True, stop.value
+        except Exception as exc:
+            self.abandon()
+            where = _failing_step(exc, self.source_path, self.line_steps)
+            if where is None:
+                raise
+            raise TierplanRuntimeError(f"{where}: {type(exc).__name__}: {exc}") from exc
+        except BaseException:
+            self.abandon()
+            raise
+
+    def forward(self) -> Any:
+        finished, value = self._send(None)
+        if finished:
+            self.abandon()
+            raise TierplanRuntimeError("the split program returned before its yield")
+        return value
+
+    def backward(self, late: list[Any]) -> Any:
+        if self.done:
+            raise TierplanRuntimeError(
+                "this forward's backward already ran (or was abandoned); a planned step's backward "
+                "runs once - use retain_graph=False and one backward per forward"
+            )
+        finished, value = self._send(list(late))
+        self.abandon()
+        if not finished:
+            raise TierplanRuntimeError("the split program yielded twice")
+        return value
+
+    def abandon(self) -> None:
+        if not self.done:
+            self.done = True
+            self._gen.close()
+            self.ctx.close()
+
+
 def _failing_step(exc: BaseException, source_path: str, line_steps: dict[int, str]) -> str | None:
     tb = exc.__traceback__
     found = None
@@ -334,6 +390,7 @@ def _failing_step(exc: BaseException, source_path: str, line_steps: dict[int, st
 
 
 __all__ = [
-    "Context", "Layout", "Runtime", "TierplanRuntimeError", "Transfer", "alias", "run_step",
+    "Context", "Layout", "Runtime", "SplitRun", "TierplanRuntimeError", "Transfer", "alias",
+    "run_step",
     "storage_bytes",
 ]

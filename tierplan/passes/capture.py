@@ -316,6 +316,46 @@ def capture(
     )
 
 
+def annotate_aot_joint(
+    gm: torch.fx.GraphModule,
+    primal_kinds: Sequence[tuple[TensorKind, str]],
+    *,
+    num_fwd_outputs: int | None,
+    forward_names: set[str] | None,
+    name: str,
+) -> tuple[Graph, list[InputSpec]]:
+    """The IR of a graph AOTAutograd handed a ``torch.compile`` backend (``tierplan.backend``).
+
+    Dynamo lifts parameters and buffers to graph inputs, so the caller says what each primal
+    placeholder is (``primal_kinds``: (kind, source) per primal, in order); tangents are found by
+    their AOT descriptors. ``num_fwd_outputs``/``forward_names`` come from the partitioner call for
+    a joint graph; both are None for an inference graph.
+    """
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    primals = [n for n in placeholders if not _is_tangent(n)]
+    if len(primals) != len(primal_kinds):
+        raise CaptureError(
+            f"the AOT graph of {name} has {len(primals)} primal inputs but the backend was given "
+            f"{len(primal_kinds)} example inputs"
+        )
+    specs = [_spec(node, kind, source, i) for i, (node, (kind, source)) in enumerate(zip(primals, primal_kinds))]
+    for j, node in enumerate(n for n in placeholders if _is_tangent(n)):
+        specs.append(_spec(node, TensorKind.INPUT, "tangent", j))
+    order = {n.name: i for i, n in enumerate(placeholders)}
+    specs.sort(key=lambda s: order[s.name])
+    outputs = _output_specs(gm, num_fwd_outputs, specs)
+    phases: dict[str, Phase] = {}
+    if forward_names is not None:
+        phases = {
+            n.name: Phase.FORWARD if n.name in forward_names else Phase.BACKWARD
+            for n in gm.graph.nodes
+            if n.op == "call_function"
+        }
+    graph = annotate_graph(gm, GraphSignature(inputs=specs, outputs=outputs, phases=phases), name=name)
+    graph.meta["training"] = forward_names is not None
+    return graph, specs
+
+
 # -- tracing helpers -----------------------------------------------------------------------------
 
 
@@ -617,4 +657,6 @@ def _output_specs(
     return specs
 
 
-__all__ = ["AotRecorder", "CaptureError", "Captured", "MODULE_META_KEY", "capture"]
+__all__ = [
+    "AotRecorder", "CaptureError", "Captured", "MODULE_META_KEY", "annotate_aot_joint", "capture",
+]

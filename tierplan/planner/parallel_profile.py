@@ -31,6 +31,19 @@ from tierplan.ir import Graph, OpInfo, Phase, TensorKind
 __all__ = ["CELLS", "ModelProfile", "OpTable", "PartProfile", "profile_graph", "profile_model"]
 
 CELLS = ("attention", "mlp", "other")
+
+# Kernel efficiency beyond the device preset's (which is measured on one 8192^3 matmul and one
+# large copy: the best case). Assumptions, stated in docs/cost-model.md:
+# - a tensor-core kernel (GEMM) loses GEMM_TAIL_S to ramp-up and wave quantization, i.e. it runs
+#   at F / (F + F0) of the large-matmul rate with F0 = GEMM_TAIL_S x that rate (10 us puts a
+#   4096^3 bf16 GEMM at ~94% and a 2048^3 one at ~68% of the 8192^3 rate, the usual cuBLAS
+#   curve on A100/H100); thin TP shards (N = 128 at TP 8) lose about half.
+# - fused attention (SDPA flash / memory-efficient kernels) reaches a fraction of the GEMM rate:
+#   FlashAttention-2 runs at ~35% of H100 peak (Shah et al. 2024, FlashAttention-3) and 50-73% of
+#   A100 peak forward, less backward (Dao 2023), against ~81% / ~90% for large GEMMs; we take
+#   0.6 of the GEMM rate forward and 0.5 backward.
+GEMM_TAIL_S = 10e-6
+ATTENTION_EFFICIENCY = {"forward": 0.6, "backward": 0.5}
 _ATTN = re.compile(r"attn|attention", re.I)
 _MLP = re.compile(r"mlp|feed_forward|ffn|intermediate|\.output\b|experts", re.I)
 
@@ -51,6 +64,8 @@ class OpTable:
     flops: np.ndarray
     nbytes: np.ndarray
     keys: tuple[str, ...]  # peak key per op assuming no tf32
+    derate: np.ndarray | None = None  # fraction of the GEMM rate (fused attention < 1)
+    tensor_core: np.ndarray | None = None  # bool: pays GEMM_TAIL_S
 
     @staticmethod
     def of(graph: Graph, ops: list[OpInfo]) -> OpTable:
@@ -59,10 +74,18 @@ class OpTable:
             peak_key(op_dtype(graph, op), tensor_core=is_tensor_core_op(op.target), allow_tf32=False)
             for op in live
         )
+
+        def derate(op: OpInfo) -> float:
+            if "scaled_dot_product" not in op.target and "flash_attention" not in op.target:
+                return 1.0
+            return ATTENTION_EFFICIENCY["backward" if "backward" in op.target else "forward"]
+
         return OpTable(
             flops=np.array([op.flops for op in live], dtype=float),
             nbytes=np.array([op.bytes_read + op.bytes_written for op in live], dtype=float),
             keys=keys,
+            derate=np.array([derate(op) for op in live], dtype=float),
+            tensor_core=np.array([is_tensor_core_op(op.target) and op.flops > 0 for op in live]),
         )
 
     @property
@@ -74,8 +97,12 @@ class OpTable:
         if not self.keys:
             return 0.0
         peaks = np.array([device.peak(k) for k in self.keys]) * device.compute_efficiency
+        if self.derate is not None:
+            peaks = peaks * self.derate
         scale = batch / tp
         compute = self.flops * scale / peaks
+        if self.tensor_core is not None and device.kind != "cpu":
+            compute = compute + np.where(self.tensor_core, GEMM_TAIL_S, 0.0)
         memory = self.nbytes * scale / (device.memory_bandwidth * device.memory_efficiency)
         return float(np.maximum(compute, memory).sum() + len(self.keys) * device.launch_overhead_s)
 

@@ -37,6 +37,22 @@ VIRTUAL_STAGES = (2, 4)
 # Bytes an Adam step touches per parameter on the host: fp32 master, m, v read and written,
 # the bf16 gradient read and the bf16 parameter written.
 CPU_ADAM_BYTES = 3 * 4 * 2 + 2 + 2
+# Accumulating one micro-batch's bf16 gradient shard into the host's fp32 sum: read 2 + 4, write 4.
+HOST_GRAD_ACC_BYTES = 2 + 4 + 4
+
+# Efficiency assumptions of the time model (docs/cost-model.md, "Parallel training"):
+# NCCL reaches ~80% of the link's per-direction bandwidth as bus bandwidth on large all-gathers
+# and reduce-scatters (nccl-tests on 8 x H100 NVLink: ~360 of 450 GB/s; NDR IB: ~40-45 of 50).
+COLLECTIVE_EFFICIENCY = 0.8
+# A collective hidden behind compute still slows it: NCCL kernels occupy SMs and HBM bandwidth.
+# Each hidden second of communication costs this many seconds of compute.
+OVERLAP_INTERFERENCE = 0.15
+# The CPU Adam step and gradient accumulation on the host stream at this fraction of the DRAM
+# peak (STREAM reaches ~70-80% on a 2-socket server; Adam's 7 streams across NUMA less).
+HOST_EFFICIENCY = 0.5
+# Device memory a training plan leaves to the caching allocator's fragmentation and the CUDA
+# context, besides APEX's 1 GiB workspace: plans packed to 99% of HBM run out in practice.
+ALLOCATOR_HEADROOM = 0.05
 
 
 @dataclass(frozen=True)
@@ -134,7 +150,7 @@ class TrainSearch:
 
     def _coll(self, kind: str, nbytes: float, size: int, stride: int) -> float:
         g = group_shape(size, stride, self.cluster.gpus_per_node)
-        return collective_time(kind, nbytes, g, self.cluster).seconds
+        return collective_time(kind, nbytes, g, self.cluster).seconds / COLLECTIVE_EFFICIENCY
 
     def _reject(self, reason: str) -> None:
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
@@ -194,7 +210,7 @@ class TrainSearch:
             state = model_state_bytes(n_params, d, zero, param_bytes=pb, grad_bytes=pb,
                                       offload_optimizer=offload_optimizer,
                                       offload_params=offload_params)  # fmt: skip
-            buffers = WORKSPACE_BYTES + temp * b / t
+            buffers = WORKSPACE_BYTES + ALLOCATOR_HEADROOM * self.capacity + temp * b / t
             if zero == 3:  # the gathered layer in use and the one prefetched
                 buffers += 2 * prof.layer_params * pb / t
             fixed_act = 0.0
@@ -235,52 +251,85 @@ class TrainSearch:
         mem = max((r[2] for r in results), key=lambda x: x.total)
         mix = results[0][1]  # the first stage's choice: where activations bind
         recompute_by_stage = {r[0]: dict(sorted(r[1].items())) for r in results}
-        tp_time = 2 * L * tp_fwd
+        time = TimeBreakdown()
+        # Per layer and micro-batch, the pieces the overlap model needs.
+        fwd_l = sum(self._sec(c, "forward", b, t) for c in CELLS)
+        bwd_l = sum(self._sec(c, "backward", b, t) for c in CELLS) + recompute / max(L, 1)
+        kappa = OVERLAP_INTERFERENCE
+        # TP + SP (Megatron): forward 2 AG + 2 RS on the critical path; backward 2 AG of the
+        # output gradients on the critical path, and the re-gather of the inputs (2 AG) and the
+        # reduce-scatter of the input gradients (2 RS) overlapped with the dgrad / wgrad GEMMs.
+        tp_layer = 0.0
+        if t > 1:
+            hidden = tp_fwd  # 2 AG + 2 RS overlapped in the backward
+            tp_layer = 1.5 * tp_fwd + max(hidden - bwd_l, 0.0) + kappa * min(hidden, bwd_l)
+        tp_time = L * tp_layer
         p2p = 0.0
         if pp > 1:
             same_node = t * d * pp <= self.cluster.gpus_per_node
-            p2p = 2 * v * p2p_time(seq_bytes / t, self.cluster, same_node=same_node)
-        per_micro = fwd + bwd + recompute + tp_time + p2p
+            p2p = 2 * v * p2p_time(seq_bytes / t, self.cluster, same_node=same_node) / COLLECTIVE_EFFICIENCY
 
-        time = TimeBreakdown()
+        # Data parallelism and offload, per layer: the network (DP collectives), PCIe (offloaded
+        # parameters up, gradient shards down) and the host (accumulating gradient shards) are
+        # three streams pipelined with the layer's compute; each layer exposes what its slowest
+        # stream does not hide, and every hidden second still costs kappa (SMs and HBM shared).
+        pcie = hw.link("device", "host")
+        layer_bytes = prof.layer_params * pb / t  # one layer's unsharded bf16 weights (or grads)
+        layer_shard = layer_bytes / d if zero >= 1 else layer_bytes
+        host_share = hw.host.dram_bandwidth * HOST_EFFICIENCY / self.cluster.gpus_per_node
+
+        def window(net: float, up: float, down: float, host: float, compute: float) -> float:
+            both = up > 0 and down > 0
+            bw = pcie.bandwidth_both_ways() if both else pcie.bandwidth
+            link = (max(up, down) / bw) if (up or down) else 0.0
+            busy = max(net, link, host)
+            return max(busy - compute, 0.0) + kappa * min(net, compute)
+
+        shard = n_params / (d if zero >= 1 else 1)
+        grad_bytes = n_params * pb
+        layers_here = max(L, 1)
+        per_mb_dp = 0.0  # exposed DP / offload seconds per micro-batch
+        grads_streamed = offload_optimizer and zero >= 2
+        host_acc = layer_shard / pb * HOST_GRAD_ACC_BYTES / host_share if grads_streamed else 0.0
+        down = layer_shard if grads_streamed else 0.0
+        if d > 1 and zero == 3:
+            ag_l = self._coll("all_gather", layer_bytes, d, t)
+            rs_l = self._coll("reduce_scatter", layer_bytes, d, t)
+            up = layer_shard if offload_params else 0.0
+            per_mb_dp = (L * (window(ag_l, up, 0.0, 0.0, fwd_l)
+                              + window(ag_l + rs_l, up, down, host_acc, bwd_l))
+                         + ag_l)  # the first layer's gather: nothing to hide it behind
+            time.collectives["zero3 allgather+reducescatter"] = m * per_mb_dp
+        elif d > 1 and zero == 2:
+            rs_l = self._coll("reduce_scatter", layer_bytes, d, t)
+            per_mb_dp = L * window(rs_l, 0.0, down, host_acc, bwd_l) + rs_l  # the last layer's
+            time.collectives["dp reducescatter"] = m * per_mb_dp
+        elif d > 1:  # stages 0 and 1: gradients accumulate whole, one reduction per step
+            kind = "all_reduce" if zero == 0 else "reduce_scatter"
+            comm = self._coll(kind, grad_bytes, d, t)
+            exposed = max(comm - bwd, comm / layers_here) + kappa * min(comm, bwd)
+            time.collectives[f"dp {kind.replace('_', '')}"] = exposed
+        if d > 1 and zero in (1, 2):  # the updated parameters come back before the next forward
+            ag = self._coll("all_gather", grad_bytes, d, t)
+            time.collectives["dp allgather"] = max(ag - fwd, ag / layers_here) + kappa * min(ag, fwd)
+        per_micro = fwd + bwd + recompute + tp_time + p2p
         time.compute = m * (fwd + bwd)
         time.recompute = m * recompute
         if tp_time:
             time.collectives["tp allgather+reducescatter"] = m * tp_time
         if p2p:
             time.collectives["pp send/recv"] = m * p2p
-        time.bubble = (pp - 1) / v * per_micro if pp > 1 else 0.0
-
-        # Data parallelism: what the backward (and the next forward) cannot hide.
-        grad_bytes = n_params * pb
-        layers_here = max(L, 1)
-        if d > 1 and zero <= 2:
-            kind = "all_reduce" if zero == 0 else "reduce_scatter"
-            comm = self._coll(kind, grad_bytes, d, t)
-            exposed = max(comm - bwd, comm / layers_here)  # overlap with the last backward
-            time.collectives[f"dp {kind.replace('_', '')}"] = exposed
-            if zero >= 1:  # the updated parameters come back before the next forward
-                ag = self._coll("all_gather", grad_bytes, d, t)
-                time.collectives["dp allgather"] = max(ag - fwd, ag / layers_here)
-        elif d > 1 and zero == 3:
-            ag = self._coll("all_gather", grad_bytes, d, t)
-            rs = self._coll("reduce_scatter", grad_bytes, d, t)
-            per = max(2 * ag + rs - (fwd + bwd), 0.0) + ag / layers_here
-            time.collectives["zero3 allgather+reducescatter"] = m * per
+        time.bubble = (pp - 1) / v * (per_micro + per_mb_dp) if pp > 1 else 0.0
 
         # Optimizer step on this device's shard.
-        shard = n_params / (d if zero >= 1 else 1)
-        host_share = hw.host.dram_bandwidth / self.cluster.gpus_per_node
         if offload_optimizer:
-            pcie = hw.link("device", "host").bandwidth
-            time.exposed_transfers += 2 * shard * pb / pcie  # grads down, parameters up
+            if not grads_streamed:  # stages 0-1: the reduced gradient shard goes down once
+                time.exposed_transfers += shard * pb / pcie.bandwidth
+            if not offload_params:  # the updated bf16 parameters come back up
+                time.exposed_transfers += shard * pb / pcie.bandwidth
             time.optimizer = shard * CPU_ADAM_BYTES / host_share
         else:
             time.optimizer = shard * CPU_ADAM_BYTES / (dev.memory_bandwidth * dev.memory_efficiency)
-        if offload_params:
-            pcie = hw.link("device", "host").bandwidth
-            per = 2 * (n_params / d) * pb / pcie  # forward and backward fetch the shard
-            time.exposed_transfers += m * max(per - (fwd + bwd), 0.0)
         if offload_optimizer or offload_params:
             host_need = self.cluster.gpus_per_node * (
                 (shard * ADAM_K if offload_optimizer else 0) + (n_params / d * pb if offload_params else 0))
@@ -358,7 +407,8 @@ class TrainSearch:
         return model_state_bytes(n, cfg["d"], cfg["zero"], param_bytes=prof.param_bytes,
                                  grad_bytes=prof.param_bytes,
                                  offload_optimizer=cfg["offload_optimizer"],
-                                 offload_params=cfg["offload_params"]).total + WORKSPACE_BYTES  # fmt: skip
+                                 offload_params=cfg["offload_params"]).total + WORKSPACE_BYTES + (
+                                 ALLOCATOR_HEADROOM * self.capacity)  # fmt: skip
 
     def plans(self) -> Iterator[ParallelPlan]:
         for cfg in self.configurations():

@@ -17,8 +17,10 @@ reads the tensors its forward saves for the backward, and turns that into a tier
 
 A user asks for bytes; torch takes a fraction. ``torch_budget_plan`` searches the fraction
 (a few partitions, each a second or more on a 2k-node graph) for the largest one whose plan fits
-the byte budget, and also records what the naive fraction (the budget placed linearly between
-torch's peaks at 0 and 1) gives: its overshoot is what a user setting the knob by hand would see.
+the byte budget, and also records what the naive fraction (the budget as a share of torch's
+default peak, at 1.0) gives: its overshoot is what a user setting the knob by hand would see.
+The peak is not monotone in the fraction: at 0.0 torch saves only the inputs and its backward
+re-runs the whole forward before the first gradient, so the peak comes back to keep-all's.
 
 CSE is switched off for the partition (``config.cse``) so that torch's node names stay the IR's.
 """
@@ -250,8 +252,9 @@ class TorchBudgetBaseline:
             )
         return self._plans[f, budget]
 
-    def fit(self, budget: int, *, probes: int = 7) -> TorchBudgetResult:
-        """The largest fraction (of at most ``probes`` partitions) whose plan fits ``budget``."""
+    def fit(self, budget: int, *, probes: int = 6) -> TorchBudgetResult:
+        """The fastest plan among at most ``probes`` fractions that fits ``budget``: 1.0 (torch's
+        default), the naive fraction, then bisection above the largest fraction that fits."""
         started = sum(p.seconds for p in self._saved.values())
         result = TorchBudgetResult(plan=None, fraction=None, budget_bytes=budget)
 
@@ -265,32 +268,41 @@ class TorchBudgetBaseline:
                 result.min_plan = plan
             return plan
 
+        peaks: dict[float, int] = {}
         high = probe(1.0)
-        if high.peak_bytes[DEVICE] > budget:
-            low = probe(0.0)
-            p0, p1 = low.peak_bytes[DEVICE], high.peak_bytes[DEVICE]
-            if p1 > p0:
-                naive = min(max((budget - p0) / (p1 - p0), 0.0), 1.0)
-                plan = probe(naive)
-                result.naive_fraction, result.naive_peak_bytes = round(naive, 6), plan.peak_bytes[DEVICE]
-            if low.peak_bytes[DEVICE] <= budget:
-                lo = max([f for f, peak, _ in result.probes if peak <= budget])
-                hi = min([f for f, peak, _ in result.probes if peak > budget])
-                for _ in range(max(probes - len(result.probes), 0)):
-                    if hi - lo < 1e-3:
-                        break
-                    mid = (lo + hi) / 2
-                    if probe(mid).peak_bytes[DEVICE] <= budget:
-                        lo = mid
-                    else:
-                        hi = mid
+        peaks[1.0] = high.peak_bytes[DEVICE]
+        if peaks[1.0] > budget:
+            # What a user would set: the budget as a share of torch's default (1.0) peak.
+            naive = round(min(max(budget / peaks[1.0], 0.0), 1.0), 3)
+            plan = probe(naive)
+            peaks[naive] = plan.peak_bytes[DEVICE]
+            result.naive_fraction, result.naive_peak_bytes = naive, plan.peak_bytes[DEVICE]
+        while len(peaks) < probes and peaks[1.0] > budget:
+            fitting = [f for f, peak in peaks.items() if peak <= budget]
+            if fitting:
+                # The peak is not monotone in the fraction (0.0 re-runs the whole forward at the
+                # start of the backward): refine above the largest fraction that fits.
+                lo = max(fitting)
+                hi = min(f for f in peaks if f > lo)
+                if hi - lo < 0.01:
+                    break
+                f = round((lo + hi) / 2, 4)
+            else:
+                # Nothing fits yet: split the widest unexplored gap of [0, 1] (0.0 last).
+                known = sorted(set(peaks) | {0.0})
+                gaps = [(b - a, a, b) for a, b in zip(known, known[1:])]
+                width, a, b = max(gaps)
+                f = round((a + b) / 2, 4) if width > 0.02 else 0.0
+                if f in peaks:
+                    break
+            peaks[f] = probe(f).peak_bytes[DEVICE]
         result.partition_s = sum(p.seconds for p in self._saved.values()) - started
         return result
 
 
 def torch_budget_plan(graph: Graph, joint: Any, *, capacities: dict[str, int], channels: list[Channel],
                       op_time_s: Mapping[str, float], hardware: str, training: bool = True,
-                      probes: int = 7) -> TorchBudgetResult:
+                      probes: int = 6) -> TorchBudgetResult:
     """torch's activation_memory_budget at the fraction that fits ``capacities["device"]``."""
     baseline = TorchBudgetBaseline(graph, joint, capacities=capacities, channels=channels,
                                    op_time_s=op_time_s, hardware=hardware, training=training)
