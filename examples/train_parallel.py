@@ -3,10 +3,14 @@
     torchrun --nproc-per-node 2 examples/train_parallel.py                 # plan picks dp/tp
     torchrun --nproc-per-node 2 examples/train_parallel.py --tp 2          # force a layout
     torchrun --nproc-per-node 2 examples/train_parallel.py --dp 2 --zero 3
+    torchrun --nproc-per-node 2 examples/train_parallel.py --pp 2          # pipeline, 1F1B
 
 On a machine without GPUs it runs on CPU with gloo. Every rank plans the same way (the search is
-deterministic), so no plan has to be broadcast. Pipeline parallelism is left out here: a
-transformers model is not a sequence of blocks, see ``tierplan.distributed.pipeline_stage``.
+deterministic), so no plan has to be broadcast. With ``--pp`` (or a plan with pp > 1) the
+transformers model is cut into pipeline stages by ``tierplan.distributed.pipeline_stage``: the
+embedding on the first stage, the decoder layers split evenly (each wrapped to compute its own
+rotary embedding; causal attention without a mask), the final norm and head on the last stage,
+and ``Schedule1F1B`` drives ``num_micro`` micro-batches.
 """
 from __future__ import annotations
 
@@ -26,6 +30,8 @@ def main() -> None:
     ap.add_argument("--hardware", default="cpu")
     ap.add_argument("--dp", type=int)
     ap.add_argument("--tp", type=int)
+    ap.add_argument("--pp", type=int)
+    ap.add_argument("--micro", type=int, default=2, help="micro-batches per step with --pp")
     ap.add_argument("--zero", type=int, default=3)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--batch", type=int, default=4)
@@ -37,6 +43,11 @@ def main() -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    if args.pp:
+        layout = Layout(pp=args.pp, dp=world // args.pp, zero=0, num_micro=args.micro)
+        if layout.dp != 1:
+            raise SystemExit("--pp runs pipeline stages only: use as many processes as stages")
+        return _train_pipeline(args, layout, rank)
     if args.dp or args.tp:
         layout = Layout(dp=args.dp or world // (args.tp or 1), tp=args.tp or 1, zero=args.zero)
     else:
@@ -44,11 +55,14 @@ def main() -> None:
 
         result = plan_parallel(args.model, args.hardware, world, seq_len=args.seq,
                                global_batch=args.batch * world, top=50)  # fmt: skip
-        # This example applies DP and TP; take the best plan without pipeline stages.
-        best = next(p for p in result.plans if p.config["pp"] == 1)
+        # This example applies DP x TP, or pipeline stages alone: take the best such plan.
+        best = next(p for p in result.plans
+                    if p.config["pp"] == 1 or p.config["pp"] == world)  # fmt: skip
         layout = Layout.from_plan(best)
         if rank == 0:
             print(f"plan: {best.describe()}")
+        if layout.pp > 1:
+            return _train_pipeline(args, layout, rank)
     mesh = init_mesh(layout)
     model, _, kwargs = load_model(args.model, batch_size=args.batch, seq_len=args.seq)
     model = apply_plan(model.to("cuda" if cuda else "cpu"), layout, mesh)
@@ -63,6 +77,73 @@ def main() -> None:
         opt.step()
         if rank == 0:
             print(f"step {step}: loss {loss.item():.4f} (dp{layout.dp} tp{layout.tp} zero{layout.zero})")
+    dist.destroy_process_group()
+
+
+class _Embed(torch.nn.Module):
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.embed_tokens = inner.embed_tokens
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(ids)
+
+
+class _Layer(torch.nn.Module):
+    """One decoder layer that computes the rotary embedding it needs (positions 0..s-1)."""
+
+    def __init__(self, layer: torch.nn.Module, rotary: torch.nn.Module) -> None:
+        super().__init__()
+        self.layer, self.rotary = layer, rotary
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(h.shape[1], device=h.device).unsqueeze(0)
+        out = self.layer(h, position_embeddings=self.rotary(h, pos), position_ids=pos)
+        return out[0] if isinstance(out, tuple) else out
+
+
+class _Head(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.norm, self.lm_head = model.model.norm, model.lm_head
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.norm(h))
+
+
+def _lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
+
+
+def _train_pipeline(args: argparse.Namespace, layout: Layout, rank: int) -> None:
+    from tierplan.distributed import pipeline_stage
+
+    mesh = init_mesh(layout, "cpu")
+    torch.manual_seed(0)  # every rank builds the same model and keeps its stage
+    model, _, kwargs = load_model(args.model, batch_size=args.batch, seq_len=args.seq)
+    inner = model.model
+    blocks = [_Layer(layer, inner.rotary_emb) for layer in inner.layers]
+    schedule, stage = pipeline_stage(blocks, layout, mesh, head=_Embed(inner), tail=_Head(model),
+                                     loss_fn=_lm_loss)  # fmt: skip
+    opt = torch.optim.AdamW(stage.parameters(), lr=1e-3)
+    vocab = kwargs["input_ids"].max().item() + 1
+    last = rank == layout.pp - 1
+    for step in range(args.steps):
+        g = torch.Generator().manual_seed(1000 * step)
+        ids = torch.randint(0, vocab, kwargs["input_ids"].shape, generator=g)
+        opt.zero_grad()
+        losses: list[torch.Tensor] = []
+        if rank == 0:
+            schedule.step(ids)
+        elif last:
+            schedule.step(target=ids, losses=losses)
+        else:
+            schedule.step()
+        opt.step()
+        if last:
+            loss = torch.stack(losses).mean().item()
+            print(f"step {step}: loss {loss:.4f} (pp{layout.pp} 1F1B, {layout.num_micro} micro-batches)")
     dist.destroy_process_group()
 
 

@@ -141,14 +141,16 @@ def test_lower_bound_never_exceeds_the_optimum(bufs):
 
 
 def test_greedy_best_fit_takes_the_smallest_gap():
-    # Big buffers leave gaps of 4 and 2 bytes at step 1; the 2-byte buffer goes in the 2-byte gap.
+    # Largest first: at step 1 the free gaps end up [100, 135) and [147, 150); the 3-byte buffer
+    # goes into the 3-byte gap (best fit), not the lower 35-byte one (first fit).
     bufs = [
-        Buffer("base", 0, 2, 10), Buffer("mid", 0, 2, 9), Buffer("top", 0, 2, 8),
-        Buffer("g4", 0, 1, 4), Buffer("g2", 0, 1, 2), Buffer("small", 1, 2, 2),
+        Buffer("L", 0, 4, 100), Buffer("a", 0, 1, 50), Buffer("b", 0, 4, 40),
+        Buffer("e", 2, 4, 35), Buffer("f", 0, 4, 20), Buffer("g", 1, 3, 12), Buffer("h", 1, 2, 3),
     ]
     p = pack_greedy(bufs)
     check_packing(bufs, p)
     assert p.method == "greedy-by-size"
+    assert p.offsets == {"L": 0, "a": 100, "b": 150, "e": 100, "f": 190, "g": 135, "h": 147}
 
 
 @FAST
@@ -188,15 +190,16 @@ def test_exact_finds_and_proves_the_optimum(bufs, scale):
     assert p.optimal  # one alignment: exhausting the search is a proof
 
 
-def test_pinwheel_needs_more_than_greedy():
-    # Four buffers around a hole-free square (not guillotine): greedy by size misses it.
+def test_exact_beats_greedy_on_a_cut_rectangle():
+    # Seven pieces of a 4-step x 9-byte rectangle: greedy by size needs 10 bytes.
     bufs = [
-        Buffer("l", 0, 2, 6), Buffer("r", 2, 4, 6), Buffer("m", 1, 3, 4),
-        Buffer("top_l", 0, 1, 4), Buffer("top_r", 3, 4, 4), Buffer("bot", 1, 3, 6),
+        Buffer("a", 1, 4, 3), Buffer("b", 1, 4, 1), Buffer("c", 0, 1, 4), Buffer("d", 2, 4, 2),
+        Buffer("e", 2, 4, 1), Buffer("f", 0, 2, 3), Buffer("g", 0, 4, 2),
     ]
-    p = pack(bufs, capacity=lower_bound(bufs))
-    check_packing(bufs, p, capacity=lower_bound(bufs))
-    assert p.optimal
+    assert lower_bound(bufs) == 9 and pack_greedy(bufs).arena_bytes == 10
+    p = pack(bufs, capacity=9)
+    check_packing(bufs, p, capacity=9)
+    assert p.optimal and p.method == "skyline-search"
 
 
 @pytest.mark.parametrize("name", ["A", "B", "C"])
@@ -267,18 +270,21 @@ def test_capacity_below_the_bound_says_both():
             fn(bufs, capacity=1000)
 
 
-def test_capacity_proven_infeasible_above_the_bound():
-    # Live bytes peak at 10, but the 6-byte buffer spans both 4-byte ones on either side of the
-    # 6-byte ones below: no packing fits in 10 (the optimum is 12).
+def test_search_proves_a_capacity_above_the_bound_infeasible():
+    # Offsets are multiples of 4. The bound lets a 1-byte buffer sit on top, padding-free, at
+    # every step: a on top of c at step 0 and b on top of d at step 2 (bound 5). But a and b are
+    # live together at step 1, so they cannot both sit at 4: the optimum is 8.
     bufs = [
-        Buffer("a", 0, 2, 6), Buffer("b", 1, 3, 4), Buffer("c", 2, 4, 6), Buffer("d", 0, 1, 4),
-        Buffer("e", 3, 4, 4),
+        Buffer("a", 0, 2, 1, 4), Buffer("b", 1, 3, 1, 4),
+        Buffer("c", 0, 1, 4, 4), Buffer("d", 2, 3, 4, 4),
     ]
-    best = cpsat_optimum(bufs)
-    assert lower_bound(bufs) < best
-    with pytest.raises(PackingError, match="capacity"):
-        pack(bufs, capacity=best - 1)
-    check_packing(bufs, pack(bufs, capacity=best), capacity=best)
+    assert lower_bound(bufs) == 5
+    assert cpsat_optimum(bufs) == 8
+    with pytest.raises(PackingError, match="proved"):
+        pack(bufs, capacity=7)
+    p = pack_exact(bufs)
+    check_packing(bufs, p)
+    assert p.arena_bytes == 8 and p.lower_bound == 8 and p.optimal
 
 
 # -- CSV -----------------------------------------------------------------------------------------

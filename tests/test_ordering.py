@@ -82,10 +82,10 @@ def two_branches() -> Graph:
 def test_reordering_lowers_the_peak_of_two_interleaved_branches():
     g = two_branches()
     capture_peak = peak_bytes(g)
-    assert capture_peak == 8 + 1000 + 1000
+    assert capture_peak == 8 + 1000 + 1000 + 10  # at a2: x, A, B and a
     order, peak, method = best_order(g)
     check_topological(g, order)
-    assert peak == peak_bytes(g, order) == 8 + 1000 + 10
+    assert peak == peak_bytes(g, order) == 8 + 10 + 1000 + 10  # at b2: x, a, B and b
     assert peak < capture_peak
 
 

@@ -263,3 +263,55 @@ def test_solver_reports_what_its_bound_is() -> None:
     graph, times = transformer(4)
     plan = _plan(graph, times, int(_keep_all_peak(graph, times) * 0.5))
     assert "not a bound over every possible schedule" in plan.solver["bound_kind"]
+
+
+# -- the measured local search (stage 3) -------------------------------------------------------
+
+
+def test_local_search_improves_checkpoint_blocks_and_stays_within_the_budget() -> None:
+    import time
+
+    from tierplan.planner.baselines import checkpoint_blocks_fates
+    from tierplan.planner.candidates import analyze
+    from tierplan.planner.linear import linearize
+    from tierplan.planner.local_search import improve
+    from tierplan.planner.remat_swap import _choice_of
+    from tierplan.planner.timeline import build_schedule, initial_tiers, simulate
+
+    graph, times = transformer(8, hidden=8 * MB, mm_s=2e-4)
+    chans = channels(bandwidth=25e9, latency_s=10e-6)
+    budget = int(_keep_all_peak(graph, times) * 0.3)
+    caps = {"device": budget, "host": HOST}
+    problem = analyze(graph, op_time_s=times, capacities=caps, channels=chans)
+    linear = linearize(problem)
+    fates, segments = checkpoint_blocks_fates(problem)
+    start = _choice_of(linear, fates, segments)
+
+    def measure(choice):
+        f = linear.fates(choice)
+        fig = simulate(graph, build_schedule(problem, f), capacities=caps, channels=chans, op_time_s=times,
+                       initial_tiers=initial_tiers(problem, f))
+        return all(fig.peak_bytes[t] <= c for t, c in caps.items()), fig.time_s
+
+    fits, start_s = measure(start)
+    assert fits
+    better, better_s, evals = improve(linear, start, budget, measure, deadline=time.perf_counter() + 20)
+    assert measure(better) == (True, better_s)
+    assert better_s < start_s * (1 - 1e-6) and evals > 1
+
+
+def test_tight_budget_with_a_host_tier_beats_checkpoint_blocks() -> None:
+    graph, times = transformer(8, hidden=8 * MB, mm_s=2e-4)
+    budget = int(_keep_all_peak(graph, times) * 0.3)
+    chans = channels(bandwidth=25e9, latency_s=10e-6)
+    plan = _plan(graph, times, budget, chans=chans, time_limit_s=8)
+    _check_with(plan, budget, graph, times, chans)
+    ckpt = baseline_plans(graph, capacities={"device": budget, "host": HOST}, channels=chans, op_time_s=times,
+                          hardware="test", training=True)["checkpoint-blocks"]
+    assert ckpt.peak_bytes["device"] <= budget
+    assert plan.predicted_time_s < ckpt.predicted_time_s * (1 - 1e-6)
+
+
+def _check_with(plan: Plan, budget: int, graph, times, chans) -> None:
+    assert validate(plan).peak_bytes["device"] <= budget
+    assert plan.predicted_time_s >= plan.keep_all_time_s * (1 - 1e-9)

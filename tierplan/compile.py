@@ -21,9 +21,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import tempfile
+import warnings
 import weakref
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
@@ -36,8 +37,9 @@ from tierplan.codegen.runtime import Context, Runtime, SplitRun, TierplanRuntime
 from tierplan.cost_models.hardware import Hardware
 from tierplan.ir import TensorKind
 from tierplan.passes.capture import Captured, CaptureError, annotate_aot_joint, capture
-from tierplan.planner.plan import Plan
+from tierplan.planner.plan import InfeasibleBudget, Plan
 from tierplan.planner.validate import validate
+from tierplan.units import format_bytes
 
 
 class CompiledModule(nn.Module):
@@ -254,6 +256,7 @@ class CompiledGraph:
     plan: Plan
     program: Program
     source_path: Path
+    note: str = ""  # set when the budget was infeasible for this graph and a larger one was used
 
 
 class Backend:
@@ -276,6 +279,11 @@ class Backend:
         self.graphs: list[CompiledGraph] = []
         self.on_transfer: Callable[[Context, str], None] | None = None
         self._count = 0
+        self._runners: list[_Runner] = []
+
+    def pending_runs(self) -> int:
+        """Forward runs whose backward has not run yet (each holds its paused program)."""
+        return sum(len(r.runs) for r in self._runners if isinstance(r, _SplitRunner))
 
     @property
     def plans(self) -> list[Plan]:
@@ -302,21 +310,21 @@ class Backend:
             forward_names = {n.name for n in fw.graph.nodes if n.op == "call_function"}
             graph, specs = annotate_aot_joint(
                 joint, kinds, num_fwd_outputs=num_fwd, forward_names=forward_names, name=f"{name}.train")
-            plan = self._plan(graph, hardware, training=True)
+            plan, note = self._plan(graph, hardware, training=True)
             late = [sp.name for sp in specs if sp.source == "tangent"]
             program = emit(plan, joint, title=f"{graph.name}: {plan.method}", split=(late, num_fwd))
             step, source_path = self._load(program, plan, device)
-            self.graphs.append(CompiledGraph(graph.name, "training", plan, program, source_path))
+            self.graphs.append(CompiledGraph(graph.name, "training", plan, program, source_path, note))
             runner = _SplitRunner(self, step, program, source_path, device)
             return _aot_graphs(joint, joint_inputs, num_fwd, runner)
 
         def inference_compiler(fgm: torch.fx.GraphModule, inputs: Any) -> Callable[..., Any]:
             graph, _ = annotate_aot_joint(
                 fgm, kinds, num_fwd_outputs=None, forward_names=None, name=f"{name}.infer")
-            plan = self._plan(graph, hardware, training=False)
+            plan, note = self._plan(graph, hardware, training=False)
             program = emit(plan, fgm, title=f"{graph.name}: {plan.method}")
             step, source_path = self._load(program, plan, device)
-            self.graphs.append(CompiledGraph(graph.name, "inference", plan, program, source_path))
+            self.graphs.append(CompiledGraph(graph.name, "inference", plan, program, source_path, note))
             return make_boxed_func(_InferenceRunner(self, step, program, source_path, device))
 
         return aot_module_simplified(
@@ -325,11 +333,25 @@ class Backend:
             inference_compiler=inference_compiler,
         )
 
-    def _plan(self, graph: Any, hardware: Any, *, training: bool) -> Plan:
-        plan = plan_graph(graph, hardware=hardware, memory_budget=self.memory_budget,
-                          training=training, tiers=self.tiers, time_limit=self.time_limit)
+    def _plan(self, graph: Any, hardware: Any, *, training: bool) -> tuple[Plan, str]:
+        kw = dict(hardware=hardware, training=training, tiers=self.tiers, time_limit=self.time_limit)
+        note = ""
+        try:
+            plan = plan_graph(graph, memory_budget=self.memory_budget, **kw)
+        except InfeasibleBudget as exc:
+            # A fraction is relative to each subgraph's keep-all peak; a small subgraph (the loss
+            # after a graph break, one op's inputs and outputs at its peak) may have nothing to
+            # move. Such a subgraph gets the smallest budget the planner can meet, with a warning;
+            # a budget in bytes is a hard limit and stays an error.
+            if not isinstance(self.memory_budget, float) or exc.min_feasible_bytes is None:
+                raise
+            note = (f"memory_budget={self.memory_budget} ({format_bytes(exc.budget_bytes)}) is "
+                    f"infeasible for {graph.name}; planned at the smallest feasible budget, "
+                    f"{format_bytes(exc.min_feasible_bytes)}")
+            warnings.warn(f"tierplan.backend: {note}", stacklevel=2)
+            plan = plan_graph(graph, memory_budget=exc.min_feasible_bytes, **kw)
         validate(plan)
-        return plan
+        return plan, note
 
     def _load(self, program: Program, plan: Plan, device: torch.device) -> tuple[Callable[..., Any], Path]:
         digest = hashlib.sha1(program.source.encode()).hexdigest()[:10]
@@ -367,6 +389,7 @@ class _Runner:
         self.source_path, self.device = source_path, device
         swap = backend.debug_dir / "swap" if backend.debug_dir is not None else None
         self.pool = _RuntimePool(program, device, swap)
+        backend._runners.append(self)
 
     def _copied_out(self, outs: Sequence[Any], on_host: Sequence[bool]) -> list[Any]:
         # Outputs the plan leaves on the host are views of the reused host pool: copy them out,
@@ -536,6 +559,10 @@ def backend(
     Graph breaks: every dynamo subgraph is planned on its own, and ``memory_budget`` applies to
     each: a fraction is of that subgraph's keep-all peak, bytes are that subgraph's limit. The
     activations a subgraph hands to the next are held by autograd between them, outside any plan.
+    When a fractional budget is infeasible for a subgraph (a loss-only subgraph after a graph
+    break has nothing to move), that subgraph is planned at the smallest budget the planner can
+    meet, with a warning and ``CompiledGraph.note``; a budget in bytes that a subgraph cannot meet
+    raises InfeasibleBudget (inside torch's BackendCompilerFailed).
     ``training=False`` plans inference graphs only; joint graphs then run AOTAutograd's default
     partition, unplanned. ``hardware`` defaults to "cpu" for graphs on the CPU, else "h100-sxm";
     the other options are as in ``tierplan.compile``. The returned object keeps ``graphs`` and

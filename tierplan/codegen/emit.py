@@ -411,7 +411,10 @@ class _Emitter:
                 raise EmitError(f"forward output {name} is not on the device at the split ({label})")
         late = ", ".join(self.var(n) for n in self.late)
         self.line(f"# ---- forward ends: the outputs go to the caller, the backward's inputs come in ----", label)
-        yielded = "(" + ", ".join(values) + ("," if len(values) == 1 else "") + ")"
+        # handoff() yields detached aliases: the objects the caller gets (and autograd attaches
+        # the backward to) are not the ones this paused frame holds, so dropping the outputs
+        # without a backward frees the run.
+        yielded = f"ctx.handoff({', '.join(values)})"
         self.line(f"[{late}] = yield {yielded}" if late else f"yield {yielded}", label)
         for name in list(self.stashed.values()):
             self.line(f"del {name}", label)

@@ -177,6 +177,12 @@ class Context:
             shutil.rmtree(self._swap_dir, ignore_errors=True)
             self._swap_dir = None
 
+    @staticmethod
+    def handoff(*outputs: Any) -> tuple[Any, ...]:
+        """What a split program yields: its forward outputs as new tensor objects over the same
+        storages (no copy), so the caller's references and the program's are distinct."""
+        return tuple(o.detach() if isinstance(o, torch.Tensor) else o for o in outputs)
+
     # -- random ops that are recomputed -----------------------------------------------------------
 
     def rng_state(self) -> torch.Tensor:

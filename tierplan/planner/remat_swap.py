@@ -38,12 +38,15 @@ from tierplan.planner.assemble import Built, build_plan
 from tierplan.planner.candidates import KEEP, RECOMPUTE, Problem, analyze, is_recompute, option_tier
 from tierplan.planner.keep_all import keep_all_plan
 from tierplan.planner.linear import Key, Linear, greedy, linearize
-from tierplan.planner.plan import DEVICE, Channel, InfeasibleBudget, Plan
+from tierplan.planner.local_search import improve
+from tierplan.planner.plan import DEVICE, Channel, InfeasibleBudget, Plan, PlanError
+from tierplan.planner.timeline import build_schedule, initial_tiers, simulate
 from tierplan.units import format_bytes
 
 DEFAULT_TIME_LIMIT_S = 30.0
 _TIME_UNITS = 1_000_000  # the keep-all step time in the model's integer time units
-_WINDOW_GROUPS = 32  # steps are grouped into this many windows for the channel-load constraints
+_WINDOW_GROUPS = 32
+_LOCAL_SEARCH_SHARE = 0.25  # of the time left after stage 1, kept for the measured local search  # steps are grouped into this many windows for the channel-load constraints
 
 
 @dataclass
@@ -144,7 +147,31 @@ def solve(
     restricted = linearize(problem, restrict=True)
     if len(restricted.pairs) < len(linear.pairs):
         stage(restricted, 0.3, "own-point options")
-    solved = stage(linear, 1.0, "keep/recompute/swap/stream")
+    solved = stage(linear, 1.0 - _LOCAL_SEARCH_SHARE, "keep/recompute/swap/stream")
+
+    # Stage 3: local moves on the best measured plan, measured exactly (see ``local_search``).
+    usable = [b for b in tried if b.fits and id(b) in choices]
+    if usable:
+        start = min(usable, key=lambda b: b.plan.predicted_time_s)
+
+        def measure(choice: dict[Key, str]) -> tuple[bool, float]:
+            fates = linear.fates(choice)
+            try:
+                figures = simulate(graph, build_schedule(problem, fates), capacities=problem.capacities,
+                                   channels=problem.channels, op_time_s=problem.op_time_s,
+                                   initial_tiers=initial_tiers(problem, fates))
+            except PlanError:
+                return False, math.inf
+            return all(figures.peak_bytes.get(t, 0) <= c for t, c in problem.capacities.items()), figures.time_s
+
+        deadline = started + limit
+        better, better_s, evals = improve(linear, choices[id(start)], budget, measure, deadline=deadline)
+        if better_s < start.plan.predicted_time_s * (1 - 1e-9):
+            built = build(linear.fates(better), f"local search ({evals} measured moves) from {start.plan.method}",
+                          solver=dict(start.plan.solver))
+            if built.fits:
+                tried.append(built)
+                choices[id(built)] = better
 
     fitting = [b for b in tried if b.fits]
     if not fitting and getattr(problem, "streams_withheld", False):
@@ -313,6 +340,7 @@ def _solve_model(
     solver = cp_model.CpSolver()
     solver.parameters.max_time_in_seconds = time_limit_s
     solver.parameters.num_workers = 2
+    solver.parameters.random_seed = 0
     started = time.perf_counter()
     status = solver.Solve(model)
     elapsed = time.perf_counter() - started
