@@ -1,15 +1,25 @@
 """Predicted vs measured device peak (and, on a GPU, step time) of compiled models.
 
+    python bench/fidelity.py                      # on a GPU: everything below, one command
     python bench/fidelity.py [--models mlp,gpt2-tiny] [--budgets 1.0,0.9,0.75] [--tiers host]
 
 CPU: the device peak is measured by an independent storage tracker (tierplan.codegen.measure),
 which counts the tensors the program allocates and the caller-owned tensors the plan starts on
-the device, never the host pool. GPU: torch.cuda.max_memory_allocated over the step, and step
-times (median of --repeats) of the compiled module and of eager.
+the device, never the host pool. GPU: the absolute ``torch.cuda.max_memory_allocated`` over one
+step after ``reset_peak_memory_stats`` (gradients set to None first, so the model, its inputs and
+what the step allocates are what is on the device, as in the plan), and step times (median of
+--repeats, after a warm-up) of the compiled module, of eager, and of the checkpoint baseline:
+every repeated block (each element of every nn.ModuleList; for models without one, each layer of
+their top-level nn.Sequential) wrapped in ``torch.utils.checkpoint``. tierplan is then planned
+again with the checkpoint baseline's measured peak as its budget ("@ckpt" rows), so the two step
+times compare at an equal peak.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
+import gc
 import statistics
 import time
 
@@ -40,14 +50,43 @@ def measure_cpu(compiled, args, kwargs) -> int:
     return tracker.peak_bytes
 
 
-def measure_cuda(fn) -> tuple[int, float]:
+def measure_cuda(fn, zero) -> tuple[int, float]:
+    """(peak bytes allocated on the device during ``fn``, its wall time), from a state with no
+    gradients (``zero``) so the peak is comparable with the plan's device peak."""
+    zero()
+    gc.collect()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
     start = time.perf_counter()
     fn()
     torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - base, time.perf_counter() - start
+    return torch.cuda.max_memory_allocated(), time.perf_counter() - start
+
+
+@contextlib.contextmanager
+def checkpointed(model: torch.nn.Module):
+    """Every repeated block of ``model`` runs under torch.utils.checkpoint (non-reentrant)."""
+    from torch.utils.checkpoint import checkpoint
+
+    blocks = [m for ml in model.modules() if isinstance(ml, torch.nn.ModuleList) for m in ml]
+    if not blocks:
+        seq = next((m for m in model.modules() if isinstance(m, torch.nn.Sequential)), None)
+        blocks = list(seq) if seq is not None else []
+    saved = []
+    for b in blocks:
+        saved.append((b, b.forward))
+        b.forward = functools.partial(checkpoint, b.forward, use_reentrant=False)
+    try:
+        yield len(blocks)
+    finally:
+        for b, fwd in saved:
+            b.forward = fwd
+
+
+def timed_runs(fn, zero, repeats: int) -> tuple[int, float]:
+    fn()  # warm-up
+    runs = [measure_cuda(fn, zero) for _ in range(repeats)]
+    return max(r[0] for r in runs), statistics.median(r[1] for r in runs)
 
 
 def main() -> None:
@@ -75,34 +114,54 @@ def main() -> None:
         args = tuple(x.to(device) for x in args)
         kwargs = {k: v.to(device) for k, v in kwargs.items()}
         captured = capture(model, args, example_kwargs=kwargs)
-        for frac in (float(b) for b in a.budgets.split(",")):
+        zero = functools.partial(model.zero_grad, set_to_none=True)
+
+        def eager():
+            out = model(*args, **kwargs)
+            (out if isinstance(out, torch.Tensor) else out.loss).backward()
+
+        budgets: list[tuple[str, object]] = [(f"{float(b):7.2f}", float(b)) for b in a.budgets.split(",")]
+        t_e = None
+        if cuda:
+            eager_peak, t_e = timed_runs(eager, zero, a.repeats)
+            with checkpointed(model) as n_blocks:
+                ckpt_peak, t_ckpt = timed_runs(eager, zero, a.repeats)
+            print(f"{name:18} {'eager':>7} {'torch eager':28} {'':>11} {format_bytes(eager_peak):>11} "
+                  f"{'':>7} {'':>8} {t_e * 1e3:8.3f}")
+            print(f"{name:18} {'ckpt':>7} {f'checkpoint x{n_blocks} blocks':28} {'':>11} "
+                  f"{format_bytes(ckpt_peak):>11} {'':>7} {'':>8} {t_ckpt * 1e3:8.3f}")
+            budgets.append(("   @ckpt", int(ckpt_peak)))
+        for label, budget in budgets:
             try:
-                plan = plan_graph(captured.graph, hardware=hardware, memory_budget=frac, tiers=tiers,
+                plan = plan_graph(captured.graph, hardware=hardware, memory_budget=budget, tiers=tiers,
                                   time_limit=a.time_limit)
-            except InfeasibleBudget:
-                print(f"{name:18} {frac:7.2f} {'infeasible':28}")
+            except InfeasibleBudget as exc:
+                print(f"{name:18} {label:>7} {'infeasible':28} (smallest feasible "
+                      f"{format_bytes(exc.min_feasible_bytes or 0)})")
                 continue
             compiled = compile_plan(model, captured, plan, device=device)
             predicted = plan.peak_bytes[DEVICE]
-            row = f"{name:18} {frac:7.2f} {plan.method.split(' (')[0][:28]:28} {format_bytes(predicted):>11}"
+            row = f"{name:18} {label:>7} {plan.method.split(' (')[0][:28]:28} {format_bytes(predicted):>11}"
             if cuda:
                 def step():
                     compiled(*args, **kwargs).backward()
-                def eager():
-                    out = model(*args, **kwargs)
-                    (out if isinstance(out, torch.Tensor) else out.loss).backward()
-                step(); eager()  # warm up
-                runs = [measure_cuda(step) for _ in range(a.repeats)]
-                measured = max(r[0] for r in runs)
-                t_c = statistics.median(r[1] for r in runs)
-                t_e = statistics.median(measure_cuda(eager)[1] for _ in range(a.repeats))
+                measured, t_c = timed_runs(step, zero, a.repeats)
                 row += (f" {format_bytes(measured):>11} {100 * (measured - predicted) / predicted:6.1f}%"
                         f" {plan.predicted_time_s * 1e3:8.3f} {t_c * 1e3:8.3f} {t_e * 1e3:8.3f}")
+                _restore_devices(model, device)
             else:
                 measured = measure_cpu(compiled, args, kwargs)
                 row += f" {format_bytes(measured):>11} {100 * (measured - predicted) / predicted:6.1f}%"
             model.zero_grad(set_to_none=True)
             print(row, flush=True)
+
+
+def _restore_devices(model: torch.nn.Module, device: torch.device) -> None:
+    """compile_plan moves parameters a plan starts on the host to pinned host memory; the next
+    budget's plan starts from the model on the device again."""
+    for p in [*model.parameters(), *model.buffers()]:
+        if p.device != device:
+            p.data = p.data.to(device)
 
 
 def _small(name: str):

@@ -11,7 +11,7 @@ import argparse
 
 import torch
 
-import tierplan.compile as tp
+import tierplan as tp
 from tierplan.zoo import load_model
 
 

@@ -9,7 +9,7 @@ import copy
 
 import torch
 
-import tierplan.compile as tp
+import tierplan as tp
 from tierplan.zoo import load_model
 
 

@@ -119,3 +119,77 @@ def test_budget_in_bytes_that_cannot_be_met_raises():
         compiled(*args, **kwargs)
     assert isinstance(info.value, InfeasibleBudget) or isinstance(info.value.__cause__, InfeasibleBudget) \
         or "InfeasibleBudget" in str(info.value)
+
+
+def test_checkpoint_baseline_of_the_fidelity_bench_keeps_gradients():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "fidelity", Path(__file__).parents[1] / "bench" / "fidelity.py")
+    fidelity = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fidelity)
+    model, args, kwargs = _build("gpt2-tiny")
+    _loss(model(*args, **kwargs)).backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    with fidelity.checkpointed(model) as n_blocks:
+        _loss(model(*args, **kwargs)).backward()
+    assert n_blocks == model.config.n_layer
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, want[n], rtol=1e-5, atol=1e-6)
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("tiers", [("host",), ("nvme",)])
+def test_cuda_compile_with_transfers_matches_eager(tiers, tmp_path):
+    from tierplan.compile import compile
+
+    model, args, kwargs = _build("gpt2-tiny")
+    model.cuda()
+    args = tuple(a.cuda() for a in args)
+    kwargs = {k: v.cuda() for k, v in kwargs.items()}
+    eager = copy.deepcopy(model)
+    compiled = compile(model, args, example_kwargs=kwargs, hardware="h100-sxm", memory_budget=0.75,
+                       tiers=tiers, time_limit=2, debug_dir=tmp_path)
+    assert any(s.kind == StepKind.START_TRANSFER for s in compiled.plan.schedule)
+    for _ in range(2):  # the second run reuses the pinned pool and the copy streams
+        model.zero_grad(set_to_none=True)
+        loss = compiled(*args, **kwargs)
+        loss.backward()
+    expected = _loss(eager(*args, **kwargs))
+    expected.backward()
+    torch.testing.assert_close(loss.detach(), expected.detach(), rtol=1e-5, atol=1e-5)
+    for (n, p), (_, q) in zip(model.named_parameters(), eager.named_parameters()):
+        torch.testing.assert_close(p.grad.to(q.grad.device), q.grad, rtol=1e-4, atol=1e-5)
+    if compiled.program.layout.host_pool_bytes:
+        assert compiled.host_pool.is_pinned()
+
+
+@pytest.mark.cuda
+@cuda
+def test_cuda_backend_matches_eager():
+    torch._dynamo.reset()
+    model, args, kwargs = _build("gpt2-tiny")
+    model.cuda()
+    args = tuple(a.cuda() for a in args)
+    kwargs = {k: v.cuda() for k, v in kwargs.items()}
+    eager = copy.deepcopy(model)
+    tp = tierplan.backend(hardware="h100-sxm", memory_budget=0.8, time_limit=2)
+    compiled = torch.compile(model, backend=tp)
+    _loss(compiled(*args, **kwargs)).backward()
+    model.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    loss = _loss(compiled(*args, **kwargs))
+    loss.backward()
+    torch.cuda.synchronize()
+    expected = _loss(eager(*args, **kwargs))
+    expected.backward()
+    torch.testing.assert_close(loss.detach(), expected.detach(), rtol=1e-5, atol=1e-5)
+    _assert_grads_equal(model, eager)
+    assert tp.pending_runs() == 0

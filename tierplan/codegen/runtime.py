@@ -66,6 +66,7 @@ class Transfer:
     done: Future | None = None  # worker-thread copies (CPU, and file I/O everywhere)
     event: Any = None  # CUDA event recorded on the copy stream after the copy
     landed: torch.Tensor | None = None  # the destination bytes, on the device (arrivals only)
+    dst: str = DEVICE
 
 
 @dataclass
@@ -128,6 +129,10 @@ class Context:
         self.on_transfer = on_transfer
         self._swap_dir: Path | None = None
         self._pending: list[Transfer] = []
+        # GPU copies into host memory that the compute stream has waited for: the stream wait
+        # orders later GPU work only, so the host (a caller reading an output the plan leaves in
+        # the host pool) must synchronize on them before the run returns.
+        self._host_events: list[Any] = []
 
     # -- the swap directory -------------------------------------------------------------------
 
@@ -173,6 +178,9 @@ class Context:
             except BaseException:  # noqa: BLE001 - the run's own error is the one to report
                 pass
         self._pending.clear()
+        for event in self._host_events:
+            event.synchronize()
+        self._host_events.clear()
         if self._swap_dir is not None:
             shutil.rmtree(self._swap_dir, ignore_errors=True)
             self._swap_dir = None
@@ -208,6 +216,7 @@ class Context:
         if src == DEVICE:
             assert tensor is not None
             t = self._offload(storage, storage_bytes(tensor), dst, queue)
+            t.dst = dst
         else:
             t = self._fetch(storage, src, queue, nbytes, tensor)
         self._pending.append(t)
@@ -221,6 +230,8 @@ class Context:
             t.done.result()
         if t.event is not None:
             torch.cuda.current_stream(self.device).wait_event(t.event)
+            if t.dst != DEVICE:
+                self._host_events.append(t.event)
         self._pending.remove(t)
         landed, t.landed = t.landed, None  # the handle must not keep the storage alive
         return landed
@@ -259,6 +270,10 @@ class Context:
         stream = self.rt.stream(queue)
         # The copy stream waits for everything the compute stream issued so far (the source's
         # producer, the destination's allocation).
+        # No record_stream: both tensors were allocated on the compute stream, and the program
+        # frees neither before its wait, which makes the compute stream wait for this event, so a
+        # later reuse of either block by the caching allocator is ordered after the copy (the
+        # validator rejects plans that free a source while its copy is in flight).
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             copy()

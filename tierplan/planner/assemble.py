@@ -130,7 +130,7 @@ def decisions(problem: Problem, fates: Mapping, segments: Mapping[int, Segment])
     for i, st in enumerate(problem.streams):
         size = format_bytes(st.nbytes)
         uses = ", ".join(f"{order[a]}..{order[b]}" for a, b in st.clusters)
-        if fates.get(("stream", i), KEEP) != KEEP:
+        if option_tier(fates.get(("stream", i), KEEP)) == st.tier:
             exposed = sum(max(0.0, st.in_s - h) for h in st.hidden_s)
             out[st.storage] = Decision("stream", st.tier, (
                 f"streamed from {st.tier}: {size} starts there and is fetched to the device "
@@ -143,7 +143,7 @@ def decisions(problem: Problem, fates: Mapping, segments: Mapping[int, Segment])
                 f"the device for the whole step; streaming it from {st.tier} would fetch {size} "
                 f"{len(st.clusters)} time(s) at {_ms(st.in_s)} each"))
     for i, off in enumerate(problem.offloads):
-        if fates.get(("offload", i), KEEP) != KEEP:
+        if option_tier(fates.get(("offload", i), KEEP)) == off.tier:
             out[off.storage] = Decision("offload", off.tier, (
                 f"offloaded to {off.tier}: {format_bytes(off.nbytes)} copied out after "
                 f"{order[off.start]} ({_ms(off.out_s)}, behind {_ms(off.hidden_s)} of compute), its "

@@ -426,7 +426,8 @@ def _streams_and_offloads(problem: Problem, readers: dict[str, list[int]]) -> No
     graph = problem.graph
     n = len(problem.order)
     cum = problem.cumulative_s
-    written = {graph.tensors[o].storage for op in graph.ops for o in op.outputs}
+    # Storages an op writes; a view an op returns (aten.t of a weight) only reads its base.
+    written = {o for op in graph.ops for o in op.outputs if not graph.tensors[o].is_view}
     outputs = {graph.tensors[name].storage for name in graph.outputs}
     inputs = {graph.tensors[name].storage for name in graph.inputs}
     for tier in problem.capacities:

@@ -419,10 +419,16 @@ def _infeasible(problem: Problem, linear: Linear, budget: int, tried: list[Built
     for index, unit in enumerate(problem.units):
         opts = unit.options()
         everything[index] = RECOMPUTE if RECOMPUTE in opts else (opts[-1] if len(opts) > 1 else KEEP)
+    moved: set[str] = set()  # one tier per storage (a storage has a stream per reachable tier)
     for i, st in enumerate(problem.streams):
-        everything[("stream", i)] = st.option
+        if st.storage not in moved:
+            everything[("stream", i)] = st.option
+            moved.add(st.storage)
+    moved.clear()
     for i, off in enumerate(problem.offloads):
-        everything[("offload", i)] = off.option
+        if off.storage not in moved:
+            everything[("offload", i)] = off.option
+            moved.add(off.storage)
     try:
         candidates.append(build(everything, "free-everything"))
     except Exception:  # noqa: BLE001 - a probe only; the others stand

@@ -50,6 +50,8 @@ def build_schedule(
         tier = option_tier(fate)
         if isinstance(index, tuple):
             kind, i = index
+            if _item(problem, index).tier != tier:
+                continue  # the option moves this storage to another tier (one member per tier)
             if kind == "stream":
                 st = problem.streams[i]
                 for (first, _), q in zip(st.clusters, st.fetch):
@@ -94,6 +96,11 @@ def build_schedule(
     return insert_frees(graph, steps, keep, keep_on)
 
 
+def _item(problem: Problem, index: tuple):
+    kind, i = index
+    return problem.streams[i] if kind == "stream" else problem.offloads[i]
+
+
 def placement(problem: Problem, fates: Mapping) -> tuple[frozenset[str], frozenset[tuple[str, str]]]:
     """(storages whose device copy is never freed, (storage, tier) copies never freed) for
     ``fates``: streamed storages live on their tier, offloaded gradients end there."""
@@ -102,8 +109,9 @@ def placement(problem: Problem, fates: Mapping) -> tuple[frozenset[str], frozens
     for index, fate in fates.items():
         if fate == KEEP or not isinstance(index, tuple):
             continue
-        kind, i = index
-        item = problem.streams[i] if kind == "stream" else problem.offloads[i]
+        item = _item(problem, index)
+        if item.tier != option_tier(fate):
+            continue
         keep.discard(item.storage)
         keep_on.add((item.storage, item.tier))
     return frozenset(keep), frozenset(keep_on)
@@ -115,7 +123,8 @@ def initial_tiers(problem: Problem, fates: Mapping) -> dict[str, str]:
     for index, fate in fates.items():
         if fate != KEEP and isinstance(index, tuple) and index[0] == "stream":
             st = problem.streams[index[1]]
-            initial[st.storage] = st.tier
+            if st.tier == option_tier(fate):
+                initial[st.storage] = st.tier
     return initial
 
 
