@@ -19,8 +19,15 @@ from typing import Iterator
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tierplan.planner.buffers import Buffer, Packing, as_buffers, lower_bound, pack_exact, pack_greedy  # noqa: E402
-from tierplan.planner.buffers_io import read_buffers_csv  # noqa: E402
+from tierplan.planner.buffers import (  # noqa: E402
+    Buffer,
+    Packing,
+    as_buffers,
+    lower_bound,
+    pack_exact,
+    pack_greedy,
+    read_buffers_csv,
+)
 
 MINIMALLOC_CAPACITY = 1_048_576
 ZOO_MODELS = ("mlp", "tiny-transformer", "gpt2-tiny")

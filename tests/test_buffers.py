@@ -17,11 +17,13 @@ from tierplan.planner.buffers import (
     PackingError,
     lower_bound,
     pack,
+    pack_command,
     pack_exact,
     pack_greedy,
+    read_buffers_csv,
     verify,
+    write_packing_csv,
 )
-from tierplan.planner.buffers_io import pack_command, read_buffers_csv, write_packing_csv
 
 MINIMALLOC = Path(__file__).resolve().parents[2] / "shared" / "benchmarks" / "minimalloc"
 

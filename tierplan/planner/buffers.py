@@ -10,95 +10,40 @@ MiniMalloc solve for accelerators. The lifetimes of a captured model's storages
 - ``pack_greedy``: best fit by size, largest first into the smallest gap that holds it (TFLite's
   and XLA's greedy). Fast; 31-41 % above the bound on the hard MiniMalloc instances, often at the
   bound on simple inference traces.
-- ``pack_exact``: the greedy packing improved by the skyline search (buffers_exact), which meets
-  the bound on all six shared MiniMalloc instances within seconds.
+- ``pack_exact``: the greedy packing improved by the skyline search (buffers_exact): all six
+  shared MiniMalloc instances fit their capacity within seconds, five of them at the bound.
+  Exact means complete: with one alignment for all buffers, a search that runs out of options
+  proves the capacity infeasible; with mixed alignments it is a (strong) heuristic.
 - ``pack``: greedy first, the exact search only when greedy is above the bound.
+- ``pack_command``: what ``tierplan pack FILE.csv`` prints (CSV I/O in buffers_io, the data
+  types in buffers_types; all re-exported here).
 """
 from __future__ import annotations
 
 import math
+import os
 import time
-from dataclasses import dataclass
-from typing import Hashable, Iterable, Sequence, Union
+from typing import Iterable, Sequence
 
-from tierplan.passes.liveness import Lifetime
 from tierplan.planner.buffers_exact import Item, minimize_arena
+from tierplan.planner.buffers_io import read_buffers_csv, write_packing_csv
+from tierplan.planner.buffers_types import (
+    Buffer,
+    BufferLike,
+    Packing,
+    PackingError,
+    as_buffers,
+    check_buffers,
+)
+
+__all__ = [
+    "Buffer", "BufferLike", "Packing", "PackingError", "as_buffers", "check_buffers",
+    "lower_bound", "pack", "pack_command", "pack_exact", "pack_greedy", "read_buffers_csv",
+    "verify", "write_packing_csv",
+]
 
 GREEDY = "greedy-by-size"
 SEARCH = "skyline-search"
-
-
-class PackingError(ValueError):
-    """The buffers are malformed (the message names the buffer and field) or cannot be packed
-    within the capacity (the message gives the lower bound and the capacity)."""
-
-
-@dataclass(frozen=True)
-class Buffer:
-    """``size`` bytes live over steps [start, end), at an offset that is a multiple of
-    ``alignment``."""
-
-    id: Hashable
-    start: int
-    end: int
-    size: int
-    alignment: int = 1
-
-
-@dataclass
-class Packing:
-    offsets: dict[Hashable, int]  # buffer id -> byte offset in the arena
-    arena_bytes: int  # the highest end of a buffer: offset + size
-    lower_bound: int  # proven: no packing needs fewer bytes (the live-bytes bound or better)
-    optimal: bool  # arena_bytes == lower_bound
-    solve_s: float
-    method: str  # the algorithm that produced the offsets: GREEDY or SEARCH
-
-    @property
-    def gap_bytes(self) -> int:
-        return self.arena_bytes - self.lower_bound
-
-
-BufferLike = Union[Buffer, Lifetime]
-
-
-def as_buffers(items: Iterable[BufferLike], alignment: int = 1) -> list[Buffer]:
-    """Buffers from Buffers or liveness Lifetimes (which get ``alignment``), checked."""
-    out = []
-    for it in items:
-        if isinstance(it, Lifetime):
-            out.append(Buffer(it.storage, it.start, it.end, it.nbytes, alignment))
-        elif isinstance(it, Buffer):
-            out.append(it)
-        else:
-            raise PackingError(f"cannot pack {it!r}: expected a Buffer or a Lifetime")
-    check_buffers(out)
-    return out
-
-
-def check_buffers(buffers: Sequence[Buffer]) -> None:
-    """Raise PackingError naming the first malformed buffer and field."""
-    seen: set[Hashable] = set()
-    for b in buffers:
-        for field in ("start", "end", "size", "alignment"):
-            value = getattr(b, field)
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise PackingError(f"buffer {b.id!r}: {field} must be an integer, got {value!r}")
-        if b.size < 0:
-            raise PackingError(f"buffer {b.id!r}: size {b.size} is negative")
-        if b.end <= b.start:
-            raise PackingError(
-                f"buffer {b.id!r}: end {b.end} <= start {b.start}; a buffer lives at least one step"
-            )
-        if b.alignment < 1:
-            raise PackingError(f"buffer {b.id!r}: alignment {b.alignment} is below 1")
-        try:
-            duplicate = b.id in seen
-        except TypeError:
-            raise PackingError(f"buffer id {b.id!r} is not hashable") from None
-        if duplicate:
-            raise PackingError(f"buffer id {b.id!r} appears twice")
-        seen.add(b.id)
 
 
 def _check_capacity(capacity: int | None) -> None:
@@ -274,3 +219,30 @@ def verify(buffers: Iterable[BufferLike], packing: Packing, capacity: int | None
         raise PackingError(f"packing claims an arena of {packing.arena_bytes:,} bytes; it is {arena:,}")
     if capacity is not None and arena > capacity:
         raise PackingError(f"arena {arena:,} bytes exceeds the capacity {capacity:,}")
+def pack_command(
+    csv_path: str | os.PathLike,
+    capacity: int | None = None,
+    time_limit_s: float = 10.0,
+    out_path: str | os.PathLike | None = None,
+) -> str:
+    """What ``tierplan pack FILE.csv [--capacity BYTES] [--time-limit S] [--out OUT.csv]``
+    prints. Raises PackingError (a ValueError) for a bad file or an unmeetable capacity."""
+    buffers = read_buffers_csv(csv_path)
+    result = pack(buffers, capacity, time_limit_s)
+    gap = result.gap_bytes
+    share = gap / result.lower_bound if result.lower_bound else 0.0
+    lines = [
+        f"{os.fspath(csv_path)}: {len(buffers)} buffers"
+        + (f", capacity {capacity:,} bytes" if capacity is not None else ""),
+        f"  arena        {result.arena_bytes:,} bytes",
+        f"  lower bound  {result.lower_bound:,} bytes",
+        f"  gap          {gap:,} bytes ({share:.2%})",
+        "  optimal      " + ("yes: the arena meets the lower bound" if result.optimal
+                             else "not proven within the time limit"),
+        f"  method       {result.method}",
+        f"  solve time   {result.solve_s:.2f} s",
+    ]
+    if out_path is not None:
+        write_packing_csv(out_path, buffers, result)
+        lines.append(f"  offsets in   {os.fspath(out_path)}")
+    return "\n".join(lines)

@@ -2,18 +2,21 @@
 under a bisection on the capacity.
 
 The steps, each for a reason:
-- Units. Sizes and alignments share a factor (1 KiB in the MiniMalloc suite); dividing it out
-  shrinks every height, and time is compressed to the sections between distinct start/end points.
+- Units. Sizes share a factor (1 KiB in the MiniMalloc suite) that every canonical offset is a
+  multiple of too (see _unit); dividing it out shrinks every height, and time is compressed to
+  the sections between distinct start/end points.
 - Parts. Where no buffer crosses a time point the instance splits into parts that never interact;
   each is solved on its own and the arena is the highest of theirs.
 - Portfolio. Depth-first search on these instances is heavy-tailed: a strategy either finishes in
   a few hundred nodes or wanders for minutes. So short runs with a growing node limit (the Luby
   sequence) rotate over strategies (three buffer preorders as in MiniMalloc, by lifetime, size and
-  area; left, right or both branchings), then over randomly perturbed preorders, with a fixed seed
-  so that results repeat. Failed states are shared between the runs of one capacity.
+  area; left, right or both branchings; raising a valley before or after leaving dead space),
+  then over randomly perturbed preorders, with a fixed seed so that results repeat. With one
+  alignment, failed states are shared between the runs of one capacity.
 - Bisection. With a capacity, fitting under it comes first; then the arena is bisected between the
   best packing found and the lower bound. A probe that exhausts its search proves its capacity
-  infeasible and raises the proven bound; one that runs out of time only steers the bisection.
+  infeasible and raises the proven bound; one that runs out of time only steers the bisection,
+  which starts another pass from the bound while time is left.
 """
 from __future__ import annotations
 
@@ -25,10 +28,24 @@ from typing import Sequence
 
 from tierplan.planner.buffers_search import FailureMemo, Problem, search
 
-# (preorder, sides) pairs tried in turn before the randomized runs start.
-_STRATEGIES = [(order, sides) for order in ("size", "lifetime", "area") for sides in ("l", "r", "lr", "rl")]
-_BASE_NODES = 500  # node limit of the shortest run; about 20-50 ms of search
+# (preorder, sides, raise first) tried in turn, then again with jittered preorders. Each of the
+# hard instances is solved quickly by only a few of them, and not the same few; the broadly
+# successful ones come first.
+_LEADING = [
+    ("size", "lr", False), ("size", "rl", True), ("lifetime", "r", True), ("area", "r", False),
+    ("size", "r", False), ("area", "lr", False), ("lifetime", "lr", False), ("size", "l", True),
+]
+_STRATEGIES = _LEADING + [
+    (order, sides, first)
+    for order in ("size", "lifetime", "area")
+    for sides in ("l", "r", "lr", "rl")
+    for first in (True, False)
+    if (order, sides, first) not in _LEADING
+]
+_BASE_NODES = 500  # node limit of the shortest run (20-50 ms on the MiniMalloc instances) ...
+_NODES_PER_BUFFER = 3  # ... or more on large parts: a packing takes a node per buffer at least
 _NOISE = 0.3  # relative jitter of the preorder keys in randomized runs
+_FOUND, _PROVEN, _TIMEOUT, _GAVE_UP = "found", "proven", "timeout", "gave up"  # probe outcomes
 
 
 @dataclass(frozen=True)
@@ -80,47 +97,46 @@ def minimize_arena(
         if it.size > 0 and incumbent[i] % unit:
             raise ValueError(f"incumbent offset {incumbent[i]} of item {i} is not a multiple of {unit}")
     parts = _split(items, incumbent, unit)
-    complete = len({a for p in parts for a in p.problem.aligns}) <= 1
     rng = random.Random(seed)
     lo = -(-bound // unit)  # every arena is a multiple of the unit
     proof: int | None = None
 
-    def probe(cap: int, probe_deadline: float) -> bool | None:
-        """True if every part now fits under ``cap``; False if one provably cannot; None if
-        the time ran out first."""
+    def probe(cap: int, probe_deadline: float) -> str:
+        """FOUND if every part now fits under ``cap``, PROVEN if one provably cannot, else why
+        not (TIMEOUT or GAVE_UP)."""
         for part in sorted(parts, key=lambda p: -p.arena):
             if part.arena <= cap:
                 continue
-            found, proven = _solve(part.problem, cap, probe_deadline, rng)
-            if found is not None:
-                part.offsets, part.arena = found, _arena(part.problem, found)
-            elif proven and complete:
-                return False
-            else:
-                return None
-        return True
+            found, status = _solve(part.problem, cap, probe_deadline, rng)
+            if found is None:
+                return status
+            part.offsets, part.arena = found, _arena(part.problem, found)
+        return _FOUND
 
     hi = max(p.arena for p in parts)
     if capacity is not None and hi * unit > capacity:
         cap = capacity // unit
-        outcome = probe(cap, deadline)
-        if outcome is False:
+        if probe(cap, deadline) == _PROVEN:
             lo, proof = max(lo, cap + 1), cap * unit
         hi = max(p.arena for p in parts)
     fits = capacity is None or hi * unit <= capacity
-    if fits:
-        guide = lo  # lowest capacity still worth probing; above ``lo`` once probes time out
-        while guide < hi and time.monotonic() < deadline:
-            mid = (guide + hi) // 2
-            remaining = deadline - time.monotonic()
-            outcome = probe(mid, time.monotonic() + max(remaining / 3, min(remaining, 0.5)))
-            if outcome is True:
-                hi = max(p.arena for p in parts)
-            elif outcome is False:
-                lo = guide = mid + 1
-                proof = mid * unit
-            else:
-                guide = mid + 1
+    guide, timed_out = lo, False  # lowest capacity worth probing: above lo after timeouts
+    while fits and lo < hi and time.monotonic() < deadline:
+        if guide >= hi:  # a pass of the bisection is over, time is left: another pass, since
+            if not timed_out:  # randomized runs may succeed where the last ones timed out
+                break
+            guide, timed_out = lo, False
+        mid = (guide + hi) // 2
+        remaining = deadline - time.monotonic()
+        outcome = probe(mid, time.monotonic() + max(remaining / 3, min(remaining, 0.5)))
+        if outcome == _FOUND:
+            hi = max(p.arena for p in parts)
+        elif outcome == _PROVEN:
+            lo = guide = mid + 1
+            proof = mid * unit
+        else:
+            guide = mid + 1
+            timed_out |= outcome == _TIMEOUT
     offsets = [0] * len(items)
     for part in parts:
         for local, i in enumerate(part.items):
@@ -202,23 +218,35 @@ def _arena(problem: Problem, offsets: Sequence[int]) -> int:
 
 def _solve(
     problem: Problem, cap: int, deadline: float, rng: random.Random
-) -> tuple[list[int] | None, bool]:
-    """Run the portfolio on one part: (offsets, False) when found, (None, True) when a run
-    exhausted the search, (None, False) at the deadline."""
-    memo = FailureMemo()
-    run = 0
-    while time.monotonic() < deadline:
-        order, sides = _STRATEGIES[run % len(_STRATEGIES)]
+) -> tuple[list[int] | None, str]:
+    """Run the portfolio on one part: (offsets, FOUND), or None and why: PROVEN (no packing
+    under ``cap``), TIMEOUT, or GAVE_UP (every strategy ran out of options but, with mixed
+    alignments, that proves nothing)."""
+    complete = len(set(problem.aligns)) <= 1
+    # Failed states are facts about the capacity only when the search is complete; otherwise
+    # another strategy may still reach what one strategy's skyline hid, so each run keeps its own.
+    shared = FailureMemo()
+    run = exhausted = 0
+    while exhausted < len(_STRATEGIES):
+        if time.monotonic() >= deadline:
+            return None, _TIMEOUT
+        order, sides, raise_first = _STRATEGIES[run % len(_STRATEGIES)]
         noise = 0.0 if run < len(_STRATEGIES) else _NOISE
         rank = _preorder(problem, order, rng if noise else None, noise)
-        limit = _BASE_NODES * _luby(run // len(_STRATEGIES) + 1)
-        outcome = search(problem, cap, rank, sides, limit, deadline, memo)
+        base = max(_BASE_NODES, _NODES_PER_BUFFER * len(problem.sizes))
+        limit = base * _luby(run // len(_STRATEGIES) + 1)
+        memo = shared if complete else FailureMemo()
+        outcome = search(problem, cap, rank, sides, raise_first, limit, deadline, memo)
         if outcome.offsets is not None:
-            return outcome.offsets, False
+            return outcome.offsets, _FOUND
         if outcome.proven_infeasible:
-            return None, True
+            if complete:
+                return None, _PROVEN
+            exhausted += 1
+        else:
+            exhausted = 0
         run += 1
-    return None, False
+    return None, _GAVE_UP
 
 
 def _preorder(problem: Problem, order: str, rng: random.Random | None, noise: float) -> list[int]:

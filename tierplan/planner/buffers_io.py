@@ -1,4 +1,4 @@
-"""Buffer packing from and to MiniMalloc's CSV format, and the text of ``tierplan pack``.
+"""Buffers from, and packings to, MiniMalloc's CSV format.
 
 Input rows are ``id,lower,upper,size``: buffer ``id`` is live over [lower, upper) and needs
 ``size`` bytes (an optional ``alignment`` column is read too). Output rows repeat them with the
@@ -10,7 +10,7 @@ import csv
 import os
 from typing import Sequence
 
-from tierplan.planner.buffers import Buffer, Packing, PackingError, pack
+from tierplan.planner.buffers_types import Buffer, Packing, PackingError
 
 REQUIRED = ("id", "lower", "upper", "size")
 
@@ -78,32 +78,3 @@ def write_packing_csv(path: str | os.PathLike, buffers: Sequence[Buffer], packin
         for b in buffers:
             extra = [b.alignment] if aligned else []
             out.writerow([b.id, b.start, b.end, b.size, *extra, packing.offsets[b.id]])
-
-
-def pack_command(
-    csv_path: str | os.PathLike,
-    capacity: int | None = None,
-    time_limit_s: float = 10.0,
-    out_path: str | os.PathLike | None = None,
-) -> str:
-    """What ``tierplan pack FILE.csv [--capacity BYTES] [--time-limit S] [--out OUT.csv]``
-    prints. Raises PackingError (a ValueError) for a bad file or an unmeetable capacity."""
-    buffers = read_buffers_csv(csv_path)
-    result = pack(buffers, capacity, time_limit_s)
-    gap = result.gap_bytes
-    share = gap / result.lower_bound if result.lower_bound else 0.0
-    lines = [
-        f"{os.fspath(csv_path)}: {len(buffers)} buffers"
-        + (f", capacity {capacity:,} bytes" if capacity is not None else ""),
-        f"  arena        {result.arena_bytes:,} bytes",
-        f"  lower bound  {result.lower_bound:,} bytes",
-        f"  gap          {gap:,} bytes ({share:.2%})",
-        "  optimal      " + ("yes: the arena meets the lower bound" if result.optimal
-                             else "not proven within the time limit"),
-        f"  method       {result.method}",
-        f"  solve time   {result.solve_s:.2f} s",
-    ]
-    if out_path is not None:
-        write_packing_csv(out_path, buffers, result)
-        lines.append(f"  offsets in   {os.fspath(out_path)}")
-    return "\n".join(lines)

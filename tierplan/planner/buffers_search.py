@@ -79,6 +79,7 @@ def search(
     cap: int,
     rank: list[int],
     sides: str,
+    raise_first: bool,
     node_limit: int,
     deadline: float,
     memo: FailureMemo,
@@ -87,7 +88,9 @@ def search(
 
     ``rank`` orders the buffers tried at a valley (lower first); ``sides`` says which of the two
     mirrored branchings a valley may use: "l", "r", or both ("lr"/"rl", preferring the first on
-    ties). The search stops after ``node_limit`` nodes or at ``deadline`` (time.monotonic()).
+    ties); ``raise_first`` tries raising a valley before the buffers that leave dead space in it
+    (else after them). The search stops after ``node_limit`` nodes or at ``deadline``
+    (time.monotonic()).
     """
     nb, n = len(problem.sizes), problem.sections
     start, end = list(problem.starts), list(problem.ends)
@@ -287,6 +290,9 @@ def search(
                 return False
         return True
 
+    # Branch order: snug buffers (score 0), then raising the valley and the buffers leaving dead
+    # space before them (score 2) in either order.
+    raise_score = (1, 0) if raise_first else (3, 0)
     scanners = {"l": (scan_left,), "r": (scan_right,)}
     scanners = scanners.get(sides) or (scanners[sides[0]] + scanners[sides[1]])
 
@@ -317,7 +323,7 @@ def search(
         out: list[tuple] = []
         scan(a, b, level, h_left, h_right, _WALL, out)
         if can_raise:
-            out.append(((1, 0), 0, -1, 0, 0, a, b, min(h_left, h_right)))
+            out.append((raise_score, 0, -1, 0, 0, a, b, min(h_left, h_right)))
         out.sort()
         return out
 
@@ -344,7 +350,7 @@ def search(
         if not agenda:
             return SearchOutcome(offset, False, nodes)
         nodes += 1
-        if nodes > node_limit or (nodes & 255 == 0 and time.monotonic() > deadline):
+        if nodes > node_limit or (nodes & 15 == 0 and time.monotonic() > deadline):
             return SearchOutcome(None, False, nodes)
         (lo, hi), creator = agenda[0]
         key = (lo, hi, unplaced_bits[0] & bits_within(lo, hi), tuple(sky[lo:hi]))

@@ -17,6 +17,10 @@ Design (see ``candidates`` and ``linear`` for the pieces):
   measured exactly by ``timeline.simulate``; if the approximations let it exceed the budget, the
   model is re-solved with a budget tightened by the overshoot. The best measured plan among the
   solver's, the heuristic's and the baselines' is returned, so it is never worse than them.
+- Stage 3 (``local_search.improve``): from the best measured plan, drop / switch / trade moves
+  screened by the linear profile and measured by the simulator, a quarter of the time left after
+  stage 1; it is what gets tight budgets below checkpoint-blocks. CP-SAT runs with a fixed seed
+  and two workers (results still depend on how far it gets within the wall-clock limit).
 
 Checkmate (Jain et al., MLSys 2020) decides a full T x T recompute grid; Moccasin (Bartan et al.,
 ICML 2023) uses retention intervals in CP-SAT. Both stall at a few hundred nodes. Fixing the order
