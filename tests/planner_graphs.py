@@ -157,3 +157,88 @@ def param_heavy(layers: int = 4, weight: int = 16 * MB, act: int = MB, mm_s: flo
             b.op(f"mm_bwd_in_{k}", [g, f"w_{k}"], [dh], mm_s, Phase.BACKWARD)
             g = dh
     return b.graph(f"param_heavy{layers}", inputs, ["loss"] + outputs), b.times
+
+
+def random_training(seed: int, layers: int = 3, ops_per_layer: int = 3, with_params: bool = True,
+                    views: bool = True, blocks: bool = True) -> tuple[Graph, dict[str, float]]:
+    """A random training graph shaped like a real one: ``layers`` repeats of one random layer
+    template (forward ops reading 1-2 earlier values of the layer or its input, some with a
+    parameter, some with a second small output like layer norm's mean, some read through a view),
+    a loss, and the mirrored backward: per forward op a grad-input op reading the forward
+    activations it needs and the grads of its readers, and a weight-grad op (a gradient output)
+    when it has a parameter. Sizes and times are random per op (the template's structure repeats,
+    so the block structure is real)."""
+    rng = random.Random(seed)
+    b = _Builder()
+    b.tensor("x0", rng.randint(1, 4) * MB, TensorKind.INPUT)
+    b.tensor("dloss", 4, TensorKind.INPUT)
+    inputs, outputs, block_list = ["x0", "dloss"], ["loss"], []
+    # The template: for op j, which earlier values it reads (-1: the layer's input), its traits.
+    template = []
+    for j in range(ops_per_layer):
+        k = rng.randint(1, min(2, j + 1))
+        reads = sorted(set([j - 1] + [rng.randint(-1, j - 1) for _ in range(k - 1)]))
+        template.append(dict(reads=reads, param=with_params and rng.random() < 0.5,
+                             aux=rng.random() < 0.3, view=views and rng.random() < 0.3))
+    nodes = []  # (op name, main output, read-as name, aux, param, reads (node indices))
+    prev = -1  # node index of the layer input (-1: x0)
+
+    def value(i: int) -> str:
+        return "x0" if i < 0 else nodes[i][2]
+
+    for layer in range(layers):
+        first = len(nodes)
+        names = []
+        for j, spec in enumerate(template):
+            i = len(nodes)
+            reads = [prev if r < 0 else first + r for r in spec["reads"]]
+            out = b.tensor(f"f{i}", rng.randint(1, 8) * MB, TensorKind.ACTIVATION)
+            outs = [out]
+            aux = None
+            if spec["aux"]:
+                aux = b.tensor(f"m{i}", rng.randint(1, 4) * MB // 16, TensorKind.ACTIVATION)
+                outs.append(aux)
+            ins = [value(r) for r in reads]
+            param = None
+            if spec["param"]:
+                param = b.tensor(f"w{i}", rng.randint(1, 4) * MB // 2, TensorKind.PARAMETER)
+                inputs.append(param)
+                ins.append(param)
+            b.op(f"op{i}", ins, outs, rng.uniform(0.2, 2.0) * 1e-3, block=layer if blocks else None)
+            names.append(f"op{i}")
+            read_as = out
+            if spec["view"]:
+                read_as = b.tensor(f"v{i}", 0, TensorKind.ACTIVATION, storage=out)
+                b.op(f"view{i}", [out], [read_as], 0.0, block=layer if blocks else None)
+                names.append(f"view{i}")
+            nodes.append((f"op{i}", out, read_as, aux, param, reads))
+        block_list.append(BlockInfo(layer, names, template=0))
+        prev = len(nodes) - 1
+    b.tensor("loss", 4, TensorKind.OUTPUT)
+    b.op("loss", [value(prev)], ["loss"], 1e-5)
+    readers: dict[int, list[int]] = {i: [] for i in range(-1, len(nodes))}
+    for i, node in enumerate(nodes):
+        for r in node[5]:
+            readers[r].append(i)
+    grad: dict[int, str] = {}
+    for i in reversed(range(len(nodes))):
+        _, out, read_as, aux, param, reads = nodes[i]
+        gs = [grad[r] for r in readers[i] if r in grad]
+        if i == prev:
+            gs.append("dloss")
+        if not gs:
+            gs = ["dloss"]
+        acts = [value(r) for r in reads if rng.random() < 0.8] or [read_as]
+        bwd_in = acts + ([aux] if aux else []) + ([param] if param else []) + gs
+        g = b.tensor(f"g{i}", b.tensors[out].nbytes, TensorKind.TEMPORARY)
+        b.op(f"g{i}", bwd_in, [g], rng.uniform(0.4, 4.0) * 1e-3, Phase.BACKWARD)
+        grad[i] = g
+        if param:
+            dw = b.tensor(f"dw{i}", b.tensors[param].nbytes, TensorKind.GRADIENT)
+            b.op(f"gw{i}", acts + gs, [dw], rng.uniform(0.4, 4.0) * 1e-3, Phase.BACKWARD)
+            outputs.append(dw)
+    # The input's gradient, so that every grad is read.
+    dx = b.tensor("dx0", b.tensors["x0"].nbytes, TensorKind.GRADIENT)
+    b.op("gx0", [grad[r] for r in readers[-1]] or ["dloss"], [dx], 1e-4, Phase.BACKWARD)
+    outputs.append(dx)
+    return b.graph(f"random_training_{seed}", inputs, outputs, block_list if blocks else []), b.times

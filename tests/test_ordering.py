@@ -2,6 +2,7 @@
 ``check_topological`` below (independent of tierplan.passes.ordering and liveness)."""
 from __future__ import annotations
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -149,3 +150,16 @@ def test_all_orders_are_topological_and_best_is_no_worse_than_capture(g):
     check_topological(g, order)
     assert peak == peak_bytes(g, order)
     assert peak <= min(peak_bytes(g, o) for o in orders(g).values())
+
+
+def test_captured_model_orders():
+    pytest.importorskip("torch")
+    zoo = pytest.importorskip("tierplan.zoo")
+    capture = pytest.importorskip("tierplan.passes.capture")
+    model, args, kwargs = zoo.load_model("mlp", batch_size=8, training=True)
+    g = capture.capture(model, args, example_kwargs=kwargs, training=True).graph
+    for order in orders(g).values():
+        check_topological(g, order)
+    order, peak, _ = best_order(g, time_limit_s=1.0)
+    check_topological(g, order)
+    assert peak <= peak_bytes(g)

@@ -43,6 +43,8 @@ class Dependencies:
 
 
 def dependencies(graph: Graph) -> Dependencies:
+    """The DAG of ``graph`` (data edges plus in-place write-after-read edges) and what each op
+    allocates and reads; storages of graph inputs and persistent kinds are never freed."""
     names = [op.name for op in graph.ops]
     index = {name: i for i, name in enumerate(names)}
     persistent = {

@@ -44,6 +44,7 @@ __all__ = [
 
 GREEDY = "greedy-by-size"
 SEARCH = "skyline-search"
+_MARGIN_S = 0.05  # of the time limit, left for building the result
 
 
 def _check_capacity(capacity: int | None) -> None:
@@ -160,7 +161,7 @@ def pack_exact(
     greedy = _greedy_offsets(bufs)
     if _arena(bufs, greedy) == bound:
         return _packing(bufs, greedy, bound, GREEDY, started)
-    budget = max(0.0, time_limit_s - (time.perf_counter() - started))
+    budget = max(0.0, time_limit_s - (time.perf_counter() - started) - _MARGIN_S)
     return _search(bufs, greedy, bound, capacity, budget, started)
 
 

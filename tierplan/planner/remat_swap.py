@@ -184,7 +184,10 @@ def solve(
                      hardware=hardware, training=training,
                      time_limit_s=max(limit - (time.perf_counter() - started), 1.0), _offer_streams=True)
     if not fitting:
-        raise _infeasible(problem, linear, budget, tried, limit, build)
+        found = _infeasible(problem, linear, budget, tried, limit, build)
+        if isinstance(found, InfeasibleBudget):
+            raise found
+        fitting = [found]  # the min-peak probe found a plan within the budget
     # Ties go to the solver's plan (its decisions come with a bound).
     best = min(fitting, key=lambda b: (b.plan.predicted_time_s * (1 - 1e-12 * b.plan.method.startswith("cp-sat")),
                                        b.plan.recompute_time_s))
@@ -413,8 +416,11 @@ def _read(solver: cp_model.CpSolver, status: int, linear: Linear, x: dict, unit_
 # -- no plan fits ------------------------------------------------------------------------------
 
 
-def _infeasible(problem: Problem, linear: Linear, budget: int, tried: list[Built], limit: float, build) -> InfeasibleBudget:
-    """The smallest budget a plan of this planner meets (measured), and what dominates it."""
+def _infeasible(problem: Problem, linear: Linear, budget: int, tried: list[Built], limit: float,
+                build) -> InfeasibleBudget | Built:
+    """The smallest budget a plan of this planner meets (measured), and what dominates it; or the
+    smallest-peak plan itself when it fits after all (the stages' budget-constrained models can
+    miss a plan that the min-peak model finds)."""
     candidates = list(tried)
     min_solved = _solve_model(linear, None, hint=None, time_limit_s=min(10.0, max(limit, 1.0)))
     if min_solved.choice is not None:
@@ -441,6 +447,8 @@ def _infeasible(problem: Problem, linear: Linear, budget: int, tried: list[Built
         b.figures.peak_bytes.get(t, 0) <= cap for t, cap in problem.capacities.items() if t != DEVICE)]
     best = min(usable or candidates, key=lambda b: b.figures.peak_bytes[DEVICE])
     smallest = best.figures.peak_bytes[DEVICE]
+    if best.fits:
+        return best
     graph = problem.graph
     at_peak = best.figures.device_at_peak
     owned = sum(graph.tensors[s].nbytes for s in at_peak
