@@ -248,7 +248,7 @@ def test_with_device_capacity() -> None:
     assert budget.tiers["device"].capacity_bytes == 6 * GiB
     assert budget.device == hw.device and hw.tiers["device"].capacity_bytes == 80 * GiB
     assert hw.with_tier_capacity("nvme", 10**12).tiers["nvme"].capacity_bytes == 10**12
-    with pytest.raises(HardwareError, match="exceeds the 80 GiB"):
+    with pytest.raises(HardwareError, match="exceeds the 80.00 GiB"):
         hw.with_device_capacity(81 * GiB)
     with pytest.raises(HardwareError, match="positive int"):
         hw.with_device_capacity(0)
@@ -256,7 +256,7 @@ def test_with_device_capacity() -> None:
 
 def test_describe_hardware() -> None:
     text = describe_hardware(load_hardware("h100-sxm"))
-    for needle in ("h100-sxm", "3.35 TB/s", "80 GiB", "device", "host", "nvme", "NVLink",
+    for needle in ("h100-sxm", "3.35 TB/s", "80.00 GiB", "device", "host", "nvme", "NVLink",
                    "22 GB/s each way when both run", "8 device(s) per node"):  # fmt: skip
         assert needle in text
 
@@ -344,7 +344,7 @@ def test_inconsistent_files(tmp_path: Path) -> None:
     assert "[links.x] dst: 'cxl' is not a tier" in error_of(path)
     path = write(tmp_path, 'extends = "h100-sxm"\n[tiers.device]\ncapacity_bytes = "100 GiB"\n')
     message = error_of(path)
-    assert "[tiers.device] capacity_bytes (100 GiB) exceeds [device] memory_bytes (80 GiB)" in (
+    assert "[tiers.device] capacity_bytes (100.00 GiB) exceeds [device] memory_bytes (80.00 GiB)" in (
         message
     )
     path = h100_with(tmp_path, '[links.device-host]\nconcurrent_bandwidth = "60 GB/s"')

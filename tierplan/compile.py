@@ -77,6 +77,16 @@ class CompiledModule(nn.Module):
         """The preallocated host pool the program swaps into (not device memory)."""
         return self._runtime.host_pool
 
+    @property
+    def arena(self) -> torch.Tensor:
+        """The device arena (compiled with ``arena=True``; empty otherwise), allocated once and
+        reused by every call. ``program.arena`` says what lives where in it."""
+        return self._runtime.arena
+
+    @property
+    def arena_bytes(self) -> int:
+        return self.program.layout.arena_bytes
+
     # -- running ------------------------------------------------------------------------------
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -196,6 +206,7 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile
     tiers: Sequence[str] = ("host",),
     time_limit: float | None = None,
     debug_dir: str | Path | None = None,
+    arena: bool = False,
 ) -> CompiledModule:
     """Plan ``model`` under ``memory_budget`` and return a module that runs the plan.
 
@@ -204,6 +215,11 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile
     to ``debug_dir`` (or a temporary directory) and its path is ``compiled.source_path``; NVMe
     swap files go to ``debug_dir/swap`` (or the system temporary directory) and are removed at
     the end of every call.
+
+    ``arena=True``: every device allocation of the plan is a view of one device buffer allocated
+    with the module (``compiled.arena``, ``compiled.arena_bytes``), written by the ops' ``.out``
+    overloads at offsets packed by lifetime; graph outputs, caller-owned tensors and ops without
+    a usable out overload stay outside it (``compiled.program.arena.summary()``).
     """
     args = example_inputs if isinstance(example_inputs, tuple) else (
         tuple(example_inputs) if isinstance(example_inputs, list) else (example_inputs,)
@@ -217,15 +233,15 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile
         tiers=tiers, time_limit=time_limit,
     )
     validate(plan)
-    return compile_plan(model, captured, plan, device=device, debug_dir=debug_dir)
+    return compile_plan(model, captured, plan, device=device, debug_dir=debug_dir, arena=arena)
 
 
 def compile_plan(
     model: nn.Module, captured: Captured, plan: Plan, *, device: torch.device | str = "cpu",
-    debug_dir: str | Path | None = None,
+    debug_dir: str | Path | None = None, arena: bool = False,
 ) -> CompiledModule:
     """Emit and load the program of an existing ``plan`` of ``captured`` (see ``compile``)."""
-    program = emit(plan, captured.joint, title=f"{plan.graph.name}: {plan.method}")
+    program = emit(plan, captured.joint, title=f"{plan.graph.name}: {plan.method}", arena=arena)
     digest = hashlib.sha1(program.source.encode()).hexdigest()[:10]
     root = Path(debug_dir) if debug_dir is not None else Path(tempfile.gettempdir()) / "tierplan"
     source_path = root / f"{_slug(plan.graph.name)}_{digest}.py"

@@ -21,6 +21,12 @@ is run exactly, only paused. A forward output is yielded as the device tensor it
 caller holds it from then on, so a plan that frees or offloads a forward output from the device
 before the split cannot free it (the program still runs correctly; that output's memory stays).
 
+Arenas (``emit(..., arena=True)``, see ``arena.py``): every storage the plan allocates on the
+device is a view of one preallocated byte buffer (``ctx.arena``) at a static offset packed by
+lifetime; an op writes into its slot through its ``.out`` overload and a transfer to the device
+lands in its slot. Ops without a usable out overload, graph outputs and caller-owned tensors stay
+outside the arena (``Program.arena`` lists every allocation and where it went).
+
 The source is rendered by the jinja2 template ``templates/program.py.j2``.
 """
 from __future__ import annotations
@@ -35,6 +41,7 @@ import jinja2
 import torch
 import torch.fx
 
+from tierplan.codegen.arena import ArenaLayout, out_variant, plan_arena
 from tierplan.codegen.runtime import Layout
 from tierplan.ir import PERSISTENT_KINDS
 from tierplan.planner.buffers import Buffer, pack_greedy
@@ -42,7 +49,7 @@ from tierplan.planner.plan import DEVICE, HOST, NVME, Plan, Step, StepKind
 from tierplan.units import format_bytes
 
 _TEMPLATES = Path(__file__).parent / "templates"
-_RESERVED = {"ctx", "torch", "aten", "alias", "step", "DEVICE", "CONSTANTS", "TARGETS", "_"}
+_RESERVED = {"ctx", "torch", "aten", "alias", "step", "DEVICE", "CONSTANTS", "TARGETS", "_", "_arena"}
 _HOST_ALIGNMENT = 64  # bytes; every dtype's alignment, and a cache line
 
 
@@ -70,6 +77,7 @@ class Program:
     late_inputs: list[str] = field(default_factory=list)
     yielded: list[str | None] = field(default_factory=list)
     split_step: int | None = None  # schedule index the yield precedes
+    arena: ArenaLayout | None = None  # arena programs: where every device allocation lives
 
 
 @dataclass(frozen=True)
@@ -82,22 +90,26 @@ class _Geometry:
 
 def emit(
     plan: Plan, gm: torch.fx.GraphModule, *, title: str | None = None,
-    split: tuple[list[str], int] | None = None,
+    split: tuple[list[str], int] | None = None, arena: bool = False,
 ) -> Program:
     """The program of ``plan`` over ``gm``, the fx graph the plan's graph was captured from
     (``Captured.joint``: each IR op is one of its nodes, by name).
 
     ``split=(late_inputs, num_fwd_outputs)`` renders a generator (see the module docstring):
     ``late_inputs`` are placeholders (the tangents) that arrive at the yield, and the first
-    ``num_fwd_outputs`` graph outputs are yielded there."""
-    return _Emitter(plan, gm, split).render(title or f"plan for {plan.graph.name}")
+    ``num_fwd_outputs`` graph outputs are yielded there. ``arena=True`` places the device
+    allocations in one arena (see the module docstring and ``arena.py``)."""
+    return _Emitter(plan, gm, split, arena=arena).render(title or f"plan for {plan.graph.name}")
 
 
 class _Emitter:
     def __init__(
-        self, plan: Plan, gm: torch.fx.GraphModule, split: tuple[list[str], int] | None = None
+        self, plan: Plan, gm: torch.fx.GraphModule, split: tuple[list[str], int] | None = None,
+        *, arena: bool = False,
     ) -> None:
         self.plan = plan
+        self.use_arena = arena
+        self.arena: ArenaLayout | None = None
         self.late: list[str] = list(split[0]) if split else []
         self.num_yielded = split[1] if split else 0
         self.split = split is not None
@@ -255,6 +267,10 @@ class _Emitter:
             self.bound.discard(storage)
         self.body = early_body
         split_at = self.split_step() if self.split else None
+        if self.use_arena:
+            self.arena = self.plan_arena()
+            self.line(f"_arena = ctx.arena  # {format_bytes(self.arena.arena_bytes)}: every device "
+                      f"allocation of the plan below that says 'arena'", "prologue")
         random_recomputed = {
             s.op for s in plan.schedule if s.kind == StepKind.RECOMPUTE and _is_random(self.nodes[s.op])
         }
@@ -324,6 +340,7 @@ class _Emitter:
             offdevice_inputs=list(self.offdevice_inputs), line_steps=line_steps,
             late_inputs=list(self.late), yielded=yielded, split_step=split_at,
             layout=self.layout(), constants=constants_values, targets=list(self.targets),
+            arena=self.arena,
         )
 
     def op_step(self, index: int, s: Step, label: str, random_replay: bool) -> None:
@@ -338,6 +355,9 @@ class _Emitter:
             target = ", ".join(self.var(n) if n else "_" for n in slots) + ("," if len(slots) == 1 else "")
         call = self.call(node)
         note = op.module or ""
+        if self.arena is not None:
+            call, where = self.arena_call(index, node, slots, call)
+            note = f"{note}; {where}" if note and where else (note or where)
         if s.kind == StepKind.RECOMPUTE:
             reasons = {self._reason(t) for t in op.outputs} - {""}
             self.line(f"# recompute {node.name}: {'; '.join(sorted(reasons)) or 'planned'}", label)
@@ -433,9 +453,18 @@ class _Emitter:
             if source is None:
                 raise EmitError(f"{label}: no name of {storage} is bound on the device")
             src_expr = self.var(source)
+            placed = self.arena.live(storage, index) if self.arena is not None else None
+            if placed is not None and placed.in_arena:
+                src_expr = f"_arena[{placed.offset}:{placed.offset + nbytes}], raw=True"
         else:
             src_expr = self.host_named.get(storage, "None") if s.src == HOST else "None"
-        self.line(f"{handle} = ctx.start({storage!r}, {src_expr}, {s.src!r}, {s.dst!r}, {nbytes})", label)
+        into = ""
+        placed = self.arena.at(index, storage) if self.arena is not None and s.dst == DEVICE else None
+        if placed is not None and placed.in_arena:
+            into = f", into=_arena[{placed.offset}:{placed.offset + nbytes}]"
+        if src_expr.endswith(", raw=True"):
+            src_expr, into = src_expr.removesuffix(", raw=True"), ", raw=True"
+        self.line(f"{handle} = ctx.start({storage!r}, {src_expr}, {s.src!r}, {s.dst!r}, {nbytes}{into})", label)
 
     def wait_step(self, index: int, s: Step, label: str) -> None:
         storage = self.graph.tensors[s.tensor or ""].storage
@@ -476,6 +505,82 @@ class _Emitter:
         self.bound.difference_update(names)
         self.dropped[storage] = set(names)
 
+    # -- the arena ------------------------------------------------------------------------------
+
+    def plan_arena(self) -> ArenaLayout:
+        out_node = self.gm.graph.output_node()
+        keep_out = {
+            self.graph.tensors[self.value_of[v.name]].storage
+            for v in _flat(out_node.args[0]) if v is not None and self.value_of.get(v.name) in self.graph.tensors
+        }
+        return plan_arena(self.plan, keep_out=keep_out, op_placeable=self._op_placeable)
+
+    def _op_placeable(self, op: str) -> str | None:
+        """None when every output of ``op`` can be written into the arena by its out overload."""
+        node = self.nodes.get(op)
+        if node is None:
+            return "not in the fx graph"
+        found = out_variant(node.target)
+        if isinstance(found, str):
+            return found
+        slots = self.outputs_of.get(op, [])
+        if not slots or any(t is None for t in slots):
+            return "an output is not a tensor"
+        if len(slots) != len(found.outs):
+            return "its outputs do not map to the out overload's"
+        for t in slots:
+            info = self.graph.tensors.get(t or "")
+            if info is None:
+                return f"output {t} is not a tensor the plan tracks"
+            if info.is_view:
+                return f"output {t} is a view"
+            g = self.geometry.get(t or "")
+            if g is None:
+                return f"no recorded geometry for output {t}"
+            extent = g.offset + sum((n - 1) * st for n, st in zip(g.shape, g.stride)) + 1
+            if all(g.shape) and extent * g.dtype.itemsize > info.nbytes:
+                return f"output {t} reaches past its storage"
+        if len(node.args) > len(node.target._schema.arguments):
+            return "more arguments than its schema"
+        return None
+
+    def arena_call(self, index: int, node: torch.fx.Node, slots: list[str | None], call: str) -> tuple[str, str]:
+        """The call of ``node`` at schedule ``index`` writing into its arena slots, and a note;
+        ``call`` (the functional call) and the reason when its outputs are outside the arena."""
+        assert self.arena is not None
+        placed = [self.arena.at(index, t) for t in slots if t is not None and t in self.graph.tensors
+                  and not self.graph.tensors[t].is_view]
+        placed = [p for p in placed if p is not None]
+        if not placed:
+            return call, ""  # allocates nothing on the device (views, or nothing the plan counts)
+        if not all(p.in_arena for p in placed):
+            return call, f"outside the arena: {placed[0].how}"
+        found = out_variant(node.target)
+        assert not isinstance(found, str)
+        values = dict(zip((a.name for a in node.target._schema.arguments), node.args))
+        values.update(node.kwargs)
+        parts: list[str] = []
+        positional = True
+        for name in found.args:
+            if name not in values:
+                positional = positional and name not in found.positional
+                continue
+            if name in found.positional and positional:
+                parts.append(self.literal(values[name]))
+            else:
+                positional = False
+                parts.append(f"{name}={self.literal(values[name])}")
+        spans = []
+        for out_name, t, p in zip(found.outs, slots, placed):
+            g = self.geometry[t or ""]
+            assert p.offset is not None and p.offset % g.dtype.itemsize == 0
+            parts.append(f"{out_name}=alias(_arena, {g.dtype}, {g.shape}, {g.stride}, "
+                         f"{p.offset // g.dtype.itemsize + g.offset})")
+            spans.append(f"[{p.offset}, {p.offset + p.nbytes})")
+        overload = str(found.overload)
+        fn = overload if overload.startswith("aten.") else f"torch.ops.{overload}"
+        return f"{fn}({', '.join(parts)})", f"arena {' '.join(spans)}"
+
     def _read_after(self, tensor: str, index: int) -> bool:
         return any(i > index for i in self.reads.get(tensor, []))
 
@@ -513,7 +618,8 @@ class _Emitter:
             slots = {str(b.id): (packing.offsets[b.id], self.graph.tensors[str(b.id)].nbytes) for b in buffers}
             pool = packing.arena_bytes
         queues = {f"{c.src}->{c.dst}": c.queue for c in self.plan.channels}
-        return Layout(host_slots=slots, host_pool_bytes=pool, queues=queues)
+        arena = self.arena.arena_bytes if self.arena is not None else 0
+        return Layout(host_slots=slots, host_pool_bytes=pool, queues=queues, arena_bytes=arena)
 
 
 def load(program: Program, path: str | Path, device: torch.device | str) -> Callable[..., Any]:

@@ -76,6 +76,7 @@ class Layout:
     host_slots: dict[str, tuple[int, int]]  # storage -> (offset, nbytes) in the host pool
     host_pool_bytes: int
     queues: dict[str, str]  # "src->dst" -> queue name (the plan's channel queues)
+    arena_bytes: int = 0  # the device arena (programs emitted with arena=True; see arena.py)
 
 
 class Runtime:
@@ -90,6 +91,8 @@ class Runtime:
         self.host_pool = torch.empty(
             layout.host_pool_bytes, dtype=torch.uint8, pin_memory=self.cuda and layout.host_pool_bytes > 0
         )
+        # The device arena, likewise allocated once and reused by every run (arena.py).
+        self.arena = torch.empty(layout.arena_bytes, dtype=torch.uint8, device=self.device)
         self.swap_root = Path(swap_root) if swap_root is not None else None
         self._workers: dict[str, ThreadPoolExecutor] = {}
         self._streams: dict[str, Any] = {}
@@ -209,16 +212,26 @@ class Context:
 
     # -- transfers ----------------------------------------------------------------------------
 
-    def start(self, storage: str, tensor: torch.Tensor | None, src: str, dst: str, nbytes: int) -> Transfer:
+    @property
+    def arena(self) -> torch.Tensor:
+        """The device arena (1-D uint8) of arena programs."""
+        return self.rt.arena
+
+    def start(
+        self, storage: str, tensor: torch.Tensor | None, src: str, dst: str, nbytes: int,
+        into: torch.Tensor | None = None, raw: bool = False,
+    ) -> Transfer:
         """Issue the copy of ``storage`` from ``src`` to ``dst``; ``tensor`` is its device value
-        when ``src`` is the device."""
+        when ``src`` is the device (with ``raw``, already its bytes: a slot of the arena).
+        ``into`` (arena programs) is the device bytes an arrival lands in; otherwise they are
+        allocated here."""
         queue = self.rt.layout.queues[f"{src}->{dst}"]
         if src == DEVICE:
             assert tensor is not None
-            t = self._offload(storage, storage_bytes(tensor), dst, queue)
+            t = self._offload(storage, tensor if raw else storage_bytes(tensor), dst, queue)
             t.dst = dst
         else:
-            t = self._fetch(storage, src, queue, nbytes, tensor)
+            t = self._fetch(storage, src, queue, nbytes, tensor, into)
         self._pending.append(t)
         if self.on_transfer is not None:
             self.on_transfer(self, storage)
@@ -247,10 +260,12 @@ class Context:
         return Transfer(storage, done=self.rt.worker(queue).submit(_write_file, path, data, ready))
 
     def _fetch(
-        self, storage: str, src: str, queue: str, nbytes: int, tensor: torch.Tensor | None
+        self, storage: str, src: str, queue: str, nbytes: int, tensor: torch.Tensor | None,
+        into: torch.Tensor | None = None,
     ) -> Transfer:
-        # The destination is allocated here, on the compute stream, when the plan counts it.
-        landed = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        # The destination is allocated here, on the compute stream, when the plan counts it
+        # (or is its slot of the arena).
+        landed = into if into is not None else torch.empty(nbytes, dtype=torch.uint8, device=self.device)
         if src == HOST:
             # A caller-owned tensor that lives on the host is read in place; anything else the
             # program sent to the host is in its pool slot.

@@ -27,10 +27,9 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10: the same parser as a package
-    import tomli as tomllib  # type: ignore[no-redef]
+import tomllib
+
+from tierplan.units import format_bytes
 
 if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
@@ -47,7 +46,6 @@ __all__ = [
     "PEAK_FLOPS_KEYS",
     "describe_hardware",
     "format_bandwidth",
-    "format_bytes",
     "format_flops",
     "format_seconds",
     "list_parts",
@@ -293,12 +291,6 @@ def _scaled(value: float, divisors: list[tuple[float, str]], digits: int = 3) ->
             return f"{value / divisor:.{digits}g} {unit}"
     divisor, unit = divisors[-1]
     return f"{value / divisor:.{digits}g} {unit}"
-
-
-def format_bytes(n: float) -> str:
-    """Binary units, as memory is sized: 85899345920 -> '80 GiB'."""
-    steps = [(2**50, "PiB"), (2**40, "TiB"), (2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")]
-    return _scaled(n, steps + [(1, "B")])
 
 
 def format_bandwidth(bps: float) -> str:
