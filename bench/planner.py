@@ -8,6 +8,14 @@ budget ("over (MiB)" when a baseline does not fit; for torch, the smallest peak 
 Under the torch column: the fraction used, and the naive fraction (budget / torch's default
 peak) with the peak it gives relative to the budget. Synthetic graphs always; captured zoo models
 and the hardware cost model when those modules exist.
+
+``--torch-compare gpt2-tiny:2:64,gpt2:8:1024`` (issue #3's acceptance table, ``--only-compare``
+to skip the main table): for each model and each torch ``activation_memory_budget`` fraction f in
+``--compare-fractions`` (default 0.2,0.5: the "20% / 50% budgets"), torch's partition at f is
+priced by the same simulator; the device peak it actually reaches is the equal-bytes budget given
+to tierplan, remat-only (no slower tier, no channels) and with the host tier. Printed: torch's
+peaks at f=0 and f=1 (for scale), the budget, each overhead over keep-all, and the ratios
+tierplan / torch (issue target: remat-only <= 0.7x, with host <= 0.5x).
 """
 from __future__ import annotations
 
@@ -37,6 +45,79 @@ def synthetic_cases():
         ("transformer-200 (2.4k ops)", transformer(200, hidden=2 * 2**20, mm_s=5e-5)),
     ):
         yield name, graph, times, {"host": 10**12}, chans, None
+
+
+def _zoo_imports():
+    from tierplan.cost_models.compute import graph_op_times
+    from tierplan.cost_models.hardware import load_hardware
+    from tierplan.passes.blocks import detect_blocks
+    from tierplan.passes.capture import capture
+    from tierplan.planner.problem import tier_capacities, transfer_channels
+    from tierplan.zoo import load_model
+    return graph_op_times, load_hardware, detect_blocks, capture, tier_capacities, transfer_channels, load_model
+
+
+def torch_compare(models, fractions, hardware: str, time_limit: float) -> None:
+    """tierplan (remat-only, and with the host tier) vs torch's activation_memory_budget at the
+    device bytes torch's own plan reaches (see the module docstring)."""
+    from tierplan.planner.torch_baseline import TorchBudgetBaseline
+
+    graph_op_times, load_hardware, detect_blocks, capture, tier_capacities, transfer_channels, load_model = _zoo_imports()
+    hw = load_hardware(hardware)
+    print(f"\ntierplan vs torch activation_memory_budget at equal device bytes ({hw.name}; overhead = "
+          f"predicted step time - keep-all's, same cost model and simulator; budget = the device peak "
+          f"torch's plan reaches at fraction f; torch f=0 / f=1 peaks for scale)")
+    header = (f"{'model':20s} {'f':>4s} {'f=0 peak':>9s} {'f=1 peak':>9s} {'budget':>9s} {'at %':>5s} | "
+              f"{'torch ovh':>14s} | {'remat-only ovh':>14s} {'ratio':>6s} | {'host ovh':>14s} {'ratio':>6s} | "
+              f"{'solve s':>9s}")
+    print(header)
+    print("-" * len(header))
+    rows = []
+    for model_name, batch, seq in models:
+        model, args, kwargs = load_model(model_name, batch_size=batch, seq_len=seq, training=True, fake=True)
+        captured = capture(model, args, example_kwargs=kwargs, training=True)
+        graph = detect_blocks(captured.graph)
+        times = graph_op_times(graph, hw)
+        caps = tier_capacities(hw, ("host",))
+        chans = transfer_channels(hw, ("host",))
+        probe = dict(caps, device=10**15)
+        base = TorchBudgetBaseline(graph, captured.joint, capacities=probe, channels=chans, op_time_s=times,
+                                   hardware=hw.name)
+        ka_time = base.keep_all_time_s
+        p0 = base.plan(0.0, 10**15).peak_bytes["device"]
+        p1 = base.plan(1.0, 10**15).peak_bytes["device"]
+        for f in fractions:
+            tp = base.plan(f, 10**15)
+            budget = tp.peak_bytes["device"]
+            torch_ovh = tp.predicted_time_s - ka_time
+            figures = []
+            for label, c, ch in (("remat-only", {"device": budget}, []),
+                                 ("host", dict(caps, device=budget), chans)):
+                started = time.perf_counter()
+                try:
+                    plan = solve(graph, capacities=c, channels=ch, op_time_s=times, hardware=hw.name,
+                                 training=True, time_limit_s=time_limit)
+                    validate(plan)
+                    figures.append((plan.predicted_time_s - ka_time, time.perf_counter() - started))
+                except InfeasibleBudget:
+                    figures.append((None, time.perf_counter() - started))
+            at = (budget - p0) / (p1 - p0) * 100 if p1 != p0 else float("nan")
+
+            def ms(v):
+                return "infeasible" if v is None else f"{v * 1e3:.2f} ({v / ka_time * 100:.1f}%)"
+
+            def ratio(v):
+                if v is None:
+                    return "-"
+                return f"{v / torch_ovh:.2f}x" if torch_ovh > 0 else ("=" if v <= 0 else "inf")
+
+            row = (f"{f'{model_name} b{batch}s{seq}':20s} {f:4.2f} {p0 / MIB:8.0f}M {p1 / MIB:8.0f}M {budget / MIB:8.0f}M "
+                   f"{at:5.0f} | {ms(torch_ovh):>14s} | {ms(figures[0][0]):>14s} {ratio(figures[0][0]):>6s} | "
+                   f"{ms(figures[1][0]):>14s} {ratio(figures[1][0]):>6s} | {figures[0][1]:4.1f} {figures[1][1]:4.1f}")
+            print(row, flush=True)
+            rows.append(row)
+    print("ovh in ms (% of keep-all step); ratio = tierplan overhead / torch overhead (target: remat-only "
+          "<= 0.70x, host <= 0.50x); 'at %' = where the budget sits between torch's f=0 and f=1 peaks")
 
 
 def zoo_cases(models):
@@ -79,7 +160,20 @@ def main() -> None:
     parser.add_argument("--models", default="gpt2-tiny:2:64",
                         help="captured zoo models, name:batch:seq comma-separated ('' for none)")
     parser.add_argument("--torch-probes", type=int, default=6)
+    parser.add_argument("--torch-compare", default="",
+                        help="models for the equal-bytes table vs torch, name:batch:seq comma-separated, "
+                             "e.g. gpt2-tiny:2:64,gpt2:8:1024")
+    parser.add_argument("--compare-fractions", default="0.2,0.5",
+                        help="torch activation_memory_budget fractions for that table")
+    parser.add_argument("--compare-hardware", default="rtx4090")
+    parser.add_argument("--only-compare", action="store_true", help="skip the main table")
     args = parser.parse_args()
+    compare = [(m.split(":")[0], int(m.split(":")[1]), int(m.split(":")[2]))
+               for m in args.torch_compare.split(",") if m]
+    if args.only_compare:
+        torch_compare(compare, [float(f) for f in args.compare_fractions.split(",")], args.compare_hardware,
+                      args.time_limit)
+        return
     models = [(m.split(":")[0], int(m.split(":")[1]), int(m.split(":")[2])) for m in args.models.split(",") if m]
     fractions = [float(f) for f in args.fractions.split(",")]
     header = (f"{'graph':28s} {'ops':>5s} {'budget':>13s} | {'tierplan ms (+ovh)':>19s} {'peak MiB':>8s} "
@@ -131,6 +225,9 @@ def main() -> None:
     if notes:
         print("torch activation_memory_budget (fraction found; the naive fraction's overshoot):")
         print("\n".join(notes))
+    if compare:
+        torch_compare(compare, [float(f) for f in args.compare_fractions.split(",")], args.compare_hardware,
+                      args.time_limit)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,13 @@ from typing import Iterator
 from tierplan.cost_models.collectives import CollectiveError, collective_time, group_shape, p2p_time
 from tierplan.cost_models.hardware import Cluster, Hardware
 from tierplan.planner.parallel_profile import CELLS, ModelProfile
-from tierplan.planner.parallel_types import WORKSPACE_BYTES, MemoryBreakdown, ParallelPlan, TimeBreakdown
+from tierplan.planner.parallel_types import (
+    WORKSPACE_BYTES,
+    MemoryBreakdown,
+    ParallelPlan,
+    TimeBreakdown,
+    divisors,
+)
 
 __all__ = ["ServeSearch", "search_serving"]
 
@@ -123,15 +129,15 @@ class ServeSearch:
 
     def configurations(self) -> Iterator[tuple[int, int, int]]:
         prof = self.profile
-        for t in _divisors(self.gpus):
+        for t in divisors(self.gpus):
             if prof.heads % t:
                 self._reject("TP degree does not divide the heads")
                 continue
-            for pp in _divisors(self.gpus // t):
+            for pp in divisors(self.gpus // t):
                 if prof.num_layers % pp:
                     self._reject("layers do not split evenly over pipeline stages")
                     continue
-                eps = [e for e in _divisors(t) if prof.experts and prof.experts % e == 0] or [1]
+                eps = [e for e in divisors(t) if prof.experts and prof.experts % e == 0] or [1]
                 for ep in eps:
                     yield t, pp, ep
 
@@ -144,10 +150,6 @@ class ServeSearch:
                 continue
             if plan is not None:
                 yield plan
-
-
-def _divisors(n: int) -> list[int]:
-    return [k for k in range(1, n + 1) if n % k == 0]
 
 
 def search_serving(

@@ -28,6 +28,7 @@ from tierplan.planner.parallel_types import (
     MemoryBreakdown,
     ParallelPlan,
     TimeBreakdown,
+    divisors,
 )
 
 __all__ = ["RecomputeOption", "TrainSearch", "search_training", "solve_recompute_mix"]
@@ -365,12 +366,12 @@ class TrainSearch:
 
     def configurations(self) -> Iterator[dict]:
         prof, n = self.profile, self.gpus
-        for t in _divisors(n):
+        for t in divisors(n):
             if prof.heads % t or prof.intermediate % t or (t > prof.kv_heads and t % prof.kv_heads) or (
                     t <= prof.kv_heads and prof.kv_heads % t):
                 self._reject("TP degree does not divide the heads / MLP width")
                 continue
-            for pp in _divisors(n // t):
+            for pp in divisors(n // t):
                 if prof.num_layers % pp:
                     self._reject("layers do not split evenly over pipeline stages")
                     continue
@@ -426,10 +427,6 @@ class TrainSearch:
                 continue
             if plan is not None:
                 yield plan
-
-
-def _divisors(n: int) -> list[int]:
-    return [k for k in range(1, n + 1) if n % k == 0]
 
 
 def search_training(

@@ -131,3 +131,8 @@ class ParallelPlan:
 
     def with_notes(self, notes: list[str]) -> ParallelPlan:
         return replace(self, notes=[*self.notes, *notes])
+
+
+def divisors(n: int) -> list[int]:
+    """The degrees a dimension of n devices can be split into (APEX enumerates the same)."""
+    return [k for k in range(1, n + 1) if n % k == 0]
