@@ -2,6 +2,7 @@
 
     python bench/fidelity.py                      # on a GPU: everything below, one command
     python bench/fidelity.py [--models mlp,gpt2-tiny] [--budgets 1.0,0.9,0.75] [--tiers host]
+    python bench/fidelity.py --arena              # also each plan's arena program (one row more)
 
 CPU: the device peak is measured by an independent storage tracker (tierplan.codegen.measure),
 which counts the tensors the program allocates and the caller-owned tensors the plan starts on
@@ -13,6 +14,11 @@ every repeated block (each element of every nn.ModuleList; for models without on
 their top-level nn.Sequential) wrapped in ``torch.utils.checkpoint``. tierplan is then planned
 again with the checkpoint baseline's measured peak as its budget ("@ckpt" rows), so the two step
 times compare at an equal peak.
+
+--arena: every plan is also compiled with ``arena=True``; its row ("arena") predicts the arena
+plus the plan's peak outside it (caller-owned tensors, graph outputs, ops without an out
+overload), measures the same way, and notes the share of the program's allocated bytes placed in
+the arena.
 """
 from __future__ import annotations
 
@@ -37,7 +43,7 @@ from tierplan.zoo import load_model
 def measure_cpu(compiled, args, kwargs) -> int:
     flat = compiled.flat_inputs(args, kwargs)
     plan = compiled.plan
-    on_device, off = [], [compiled.host_pool]
+    on_device, off = [compiled.arena] if compiled.arena_bytes else [], [compiled.host_pool]
     for name, t in zip(compiled.program.inputs, flat):
         if name.startswith("tangents"):
             continue
@@ -96,6 +102,7 @@ def main() -> None:
     ap.add_argument("--tiers", default="host")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--time-limit", type=float, default=2.0)
+    ap.add_argument("--arena", action="store_true", help="also run every plan as an arena program")
     a = ap.parse_args()
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -154,6 +161,28 @@ def main() -> None:
                 row += f" {format_bytes(measured):>11} {100 * (measured - predicted) / predicted:6.1f}%"
             model.zero_grad(set_to_none=True)
             print(row, flush=True)
+            if a.arena:
+                print(_arena_row(name, model, captured, plan, device, args, kwargs, zero, a.repeats), flush=True)
+
+
+def _arena_row(name, model, captured, plan, device, args, kwargs, zero, repeats) -> str:
+    compiled = compile_plan(model, captured, plan, device=device, arena=True)
+    layout = compiled.program.arena
+    predicted = layout.arena_bytes + layout.fallback_peak_bytes
+    what = f"arena {format_bytes(layout.arena_bytes)}, {layout.placed_fraction:.0%} in"
+    row = f"{name:18} {'arena':>7} {what[:28]:28} {format_bytes(predicted):>11}"
+    if device.type == "cuda":
+        def step():
+            compiled(*args, **kwargs).backward()
+        measured, t_c = timed_runs(step, zero, repeats)
+        row += (f" {format_bytes(measured):>11} {100 * (measured - predicted) / predicted:6.1f}%"
+                f" {'':>8} {t_c * 1e3:8.3f}")
+        _restore_devices(model, device)
+    else:
+        measured = measure_cpu(compiled, args, kwargs)
+        row += f" {format_bytes(measured):>11} {100 * (measured - predicted) / predicted:6.1f}%"
+    model.zero_grad(set_to_none=True)
+    return row
 
 
 def _restore_devices(model: torch.nn.Module, device: torch.device) -> None:

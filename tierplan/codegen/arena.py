@@ -14,8 +14,9 @@ What stays outside the arena (counted as "fallback"):
 - storages that are graph outputs (the loss, gradients) or yielded at a split: the caller keeps
   them after the run, and the arena is reused by the next one;
 - outputs of ops that have no ``.out`` overload the emitter can map (a functional op whose
-  arguments the out variant does not take, ops returning lists, several outputs some of which
-  cannot go in the arena): the op runs as a normal functional call and a note says why.
+  arguments the out variant does not take, ops returning lists or views): the op runs as a normal
+  functional call and a note says why. An op with several outputs, some of them graph outputs,
+  still runs its out overload: those outputs get their own ``torch.empty_strided`` outside.
 
 The arena of a ``Runtime`` is allocated once and reused by every run of the program (runs never
 overlap on one Runtime; the backend's pool gives runs in flight their own Runtime).
@@ -216,10 +217,7 @@ def plan_arena(
         elif op is None:
             how = "transfer"
         else:
-            outs = [t for t in graph.op(op).outputs if not graph.tensors[t].is_view]
             why = op_placeable(op)
-            if why is None and any(t in keep_out for t in outs):
-                why = "another output of the op is a graph output"
             how = "out" if why is None else f"{graph.op(op).target}: {why}"
         rows.append((storage, start, end, op, how))
     buffers = [

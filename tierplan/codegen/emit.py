@@ -553,7 +553,8 @@ class _Emitter:
         placed = [p for p in placed if p is not None]
         if not placed:
             return call, ""  # allocates nothing on the device (views, or nothing the plan counts)
-        if not all(p.in_arena for p in placed):
+        if not any(p.in_arena for p in placed) or any(p.how not in ("out", "transfer") and
+                                                      not p.how.startswith("a graph output") for p in placed):
             return call, f"outside the arena: {placed[0].how}"
         found = out_variant(node.target)
         assert not isinstance(found, str)
@@ -573,6 +574,11 @@ class _Emitter:
         spans = []
         for out_name, t, p in zip(found.outs, slots, placed):
             g = self.geometry[t or ""]
+            if not p.in_arena:  # a graph output: its own allocation, outside the arena
+                parts.append(f"{out_name}=torch.empty_strided({g.shape}, {g.stride}, dtype={g.dtype}, "
+                             f"device=DEVICE)")
+                spans.append(f"{t} outside")
+                continue
             assert p.offset is not None and p.offset % g.dtype.itemsize == 0
             parts.append(f"{out_name}=alias(_arena, {g.dtype}, {g.shape}, {g.stride}, "
                          f"{p.offset // g.dtype.itemsize + g.offset})")

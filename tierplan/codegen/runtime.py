@@ -5,6 +5,9 @@ call into this module per transfer. Everything stateful lives in a ``Context`` m
 
 - the **host pool**: one preallocated byte buffer (pinned when the device is a GPU); every storage
   the plan sends to the host tier has a static (offset, size) slot in it, packed by the emitter;
+- the **device arena** (programs emitted with ``arena=True``, see ``arena.py``): one device byte
+  buffer, allocated once like the host pool, in which ops write their outputs (``.out`` overloads)
+  and transfers to the device land, at static offsets;
 - the **swap directory**: one file per storage the plan sends to the NVMe tier, removed when the
   run ends (returns, raises, or is interrupted);
 - one **copy queue per plan channel queue**: on a GPU, device<->host copies run on their own CUDA
