@@ -387,6 +387,28 @@ def _recompute_points(problem: Problem) -> None:
     it anchors on see them (a chain of readers propagates its earliest point to the front).
     """
     extra: dict[int, set[int]] = {i: set() for i in range(len(problem.units))}
+    # The block's first backward use (where checkpoint-blocks re-runs the whole block): offered to
+    # every unit of the block, so that plan is a choice of the model (a hint, a local-search start).
+    by_block: dict[int, list[int]] = {}
+    block_points: dict[int, set[int]] = {i: set() for i in range(len(problem.units))}
+    for index, unit in enumerate(problem.units):
+        block = problem.graph.op(unit.op).block
+        if block is not None:
+            by_block.setdefault(block, []).append(index)
+    graph = problem.graph
+    for block, members in by_block.items():
+        # Units whose outputs no forward op outside the block reads (checkpoint-blocks' set).
+        inside = [m for m in members if not any(
+            graph.ops[problem.position[user]].phase == Phase.FORWARD
+            and graph.ops[problem.position[user]].block != block
+            for name in graph.op(problem.units[m].op).outputs
+            for user in graph.tensors[graph.tensors[name].storage].users)]
+        for group in (members, inside):
+            if group:
+                first = min(problem.units[m].recompute_at for m in group)
+                for m in members:
+                    extra[m].add(first)
+                    block_points[m].add(first)
     for index in sorted(range(len(problem.units)), key=lambda i: -problem.units[i].position):
         unit = problem.units[index]
         own = unit.recompute_at
@@ -394,6 +416,8 @@ def _recompute_points(problem: Problem) -> None:
         points = sorted((p for p in extra[index] if floor <= p < own), reverse=True)
         if len(points) > MAX_POINTS - 1:  # the earliest (whole group) and the nearest ones
             points = points[:MAX_POINTS - 2] + [points[-1]]
+            points += sorted((p for p in block_points[index] if floor <= p < own and p not in points),
+                             reverse=True)
         unit.recomputes = {}
         if unit.segment is not None:
             unit.recomputes[RECOMPUTE] = unit.segment

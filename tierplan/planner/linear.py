@@ -70,9 +70,10 @@ def unit_key(problem: Problem, index: int) -> Key:
     return ("block",) + unit.share_key if unit.share_key is not None else ("unit", index)
 
 
-def linearize(problem: Problem, *, restrict: bool = False) -> Linear:
+def linearize(problem: Problem, *, restrict: bool = False, recompute_only: bool = False) -> Linear:
     """``restrict``: only v1's options (recompute at the unit's own first backward use, the
-    default swap window), a smaller model whose answers are valid choices of the full one."""
+    default swap window), a smaller model whose answers are valid choices of the full one.
+    ``recompute_only``: no swap / stream / offload options (the remat-only sub-model)."""
     units_of: dict[Key, list] = {}
     for index in range(len(problem.units)):
         units_of.setdefault(unit_key(problem, index), []).append(index)
@@ -83,12 +84,14 @@ def linearize(problem: Problem, *, restrict: bool = False) -> Linear:
             common &= set(problem.units[m].options())
         if restrict:
             common = {o for o in common if "@" not in o}
+        if recompute_only:
+            common = {o for o in common if is_recompute(o)}
         options[key] = [o for o in problem.units[members[0]].options() if o in common and o != KEEP]
-    for i, stream in enumerate(problem.streams):
+    for i, stream in enumerate([] if recompute_only else problem.streams):
         key = ("stream", stream.storage)
         units_of.setdefault(key, []).append(("stream", i))
         options.setdefault(key, []).append(stream.option)
-    for i, off in enumerate(problem.offloads):
+    for i, off in enumerate([] if recompute_only else problem.offloads):
         key = ("offload", off.storage)
         units_of.setdefault(key, []).append(("offload", i))
         options.setdefault(key, []).append(off.option)
