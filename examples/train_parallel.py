@@ -4,13 +4,18 @@
     torchrun --nproc-per-node 2 examples/train_parallel.py --tp 2          # force a layout
     torchrun --nproc-per-node 2 examples/train_parallel.py --dp 2 --zero 3
     torchrun --nproc-per-node 2 examples/train_parallel.py --pp 2          # pipeline, 1F1B
+    torchrun --nproc-per-node 2 examples/train_parallel.py --model gpt2-tiny --tp 2   # GPT-2 Conv1D TP
+    torchrun --nproc-per-node 2 examples/train_parallel.py --model gpt2-tiny --pp 2
 
 On a machine without GPUs it runs on CPU with gloo. Every rank plans the same way (the search is
 deterministic), so no plan has to be broadcast. With ``--pp`` (or a plan with pp > 1) the
 transformers model is cut into pipeline stages by ``tierplan.distributed.pipeline_stage``: the
 embedding on the first stage, the decoder layers split evenly (each wrapped to compute its own
 rotary embedding; causal attention without a mask), the final norm and head on the last stage,
-and ``Schedule1F1B`` drives ``num_micro`` micro-batches.
+and ``Schedule1F1B`` drives ``num_micro`` micro-batches. GPT-2 (``gpt2*``) is cut the same way
+(token + position embeddings first, ``ln_f`` and the LM head last); its LM head is tied to the
+token embedding, so that weight lives on the first and the last stage and its gradient is summed
+over the pipeline group before each step (Megatron's embedding all-reduce).
 """
 from __future__ import annotations
 
@@ -89,6 +94,36 @@ class _Embed(torch.nn.Module):
         return self.embed_tokens(ids)
 
 
+class _GPT2Embed(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.wte, self.wpe = model.transformer.wte, model.transformer.wpe
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.wte(ids) + self.wpe(torch.arange(ids.shape[1], device=ids.device))
+
+
+class _GPT2Block(torch.nn.Module):
+    """One GPT2Block on hidden states alone (causal SDPA without a mask)."""
+
+    def __init__(self, block: torch.nn.Module) -> None:
+        super().__init__()
+        self.block = block
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        out = self.block(h)
+        return out[0] if isinstance(out, tuple) else out
+
+
+class _GPT2Head(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.ln_f, self.lm_head = model.transformer.ln_f, model.lm_head
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.ln_f(h))
+
+
 class _Layer(torch.nn.Module):
     """One decoder layer that computes the rotary embedding it needs (positions 0..s-1)."""
 
@@ -122,10 +157,19 @@ def _train_pipeline(args: argparse.Namespace, layout: Layout, rank: int) -> None
     mesh = init_mesh(layout, "cpu")
     torch.manual_seed(0)  # every rank builds the same model and keeps its stage
     model, _, kwargs = load_model(args.model, batch_size=args.batch, seq_len=args.seq)
-    inner = model.model
-    blocks = [_Layer(layer, inner.rotary_emb) for layer in inner.layers]
-    schedule, stage = pipeline_stage(blocks, layout, mesh, head=_Embed(inner), tail=_Head(model),
-                                     loss_fn=_lm_loss)  # fmt: skip
+    tied = None
+    if hasattr(model, "transformer") and hasattr(model.transformer, "h"):  # GPT-2
+        blocks = [_GPT2Block(b) for b in model.transformer.h]
+        head, tail = _GPT2Embed(model), _GPT2Head(model)
+        if model.lm_head.weight is model.transformer.wte.weight:
+            tied = model.transformer.wte.weight
+    else:
+        inner = model.model
+        blocks = [_Layer(layer, inner.rotary_emb) for layer in inner.layers]
+        head, tail = _Embed(inner), _Head(model)
+    schedule, stage = pipeline_stage(blocks, layout, mesh, head=head, tail=tail, loss_fn=_lm_loss)
+    if tied is not None and layout.pp > 2:
+        raise SystemExit("tied embeddings are synchronized for 2 pipeline stages only")
     opt = torch.optim.AdamW(stage.parameters(), lr=1e-3)
     vocab = kwargs["input_ids"].max().item() + 1
     last = rank == layout.pp - 1
@@ -140,6 +184,8 @@ def _train_pipeline(args: argparse.Namespace, layout: Layout, rank: int) -> None
             schedule.step(target=ids, losses=losses)
         else:
             schedule.step()
+        if tied is not None:  # first and last stage each hold the tied embedding: sum its grad
+            dist.all_reduce(tied.grad, group=mesh["pp"].get_group())
         opt.step()
         if last:
             loss = torch.stack(losses).mean().item()

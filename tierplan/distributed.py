@@ -15,7 +15,12 @@ What each knob becomes:
   (output ``[q | k | v]``) is sharded ``_StridedShard(1, split_factor=3)``, so each rank holds
   ``[q_r | k_r | v_r]`` (whole heads of each) while the DTensor's global view stays the
   original weight (``full_tensor()`` and checkpoints are unchanged); ``apply_plan`` then sets
-  the attention's ``split_size`` to the local width.
+  the attention's ``split_size`` to the local width. Known gap, FSDP2 x TP only: FSDP2 then
+  shards ``c_attn.bias`` on the same dim as TP's ``_StridedShard`` and labels it
+  ``(_StridedShard(0, dp), _StridedShard(0, 3))``, which does not describe the layout, so that
+  tensor's ``full_tensor()`` (and a full or resharded checkpoint of it) comes out permuted.
+  Training is exact (the forward gathers with FSDP's own all-gather); to read it whole,
+  ``unshard()`` the FSDP modules and assemble the TP DTensors.
   Sequence parallelism, which the cost model assumes with TP, is not applied here: it needs the
   norms wrapped as ``SequenceParallel`` with model-specific layouts (see the report).
 - ZeRO 3: FSDP2 ``fully_shard`` on every block, then the root, ``reshard_after_forward=True``.
@@ -137,6 +142,8 @@ def _conv1d_styles() -> tuple[type, type]:
 
         def __init__(self, *, fused: int = 1, **kwargs: Any) -> None:
             super().__init__(**kwargs)
+            if fused > 1 and not self.use_local_output:
+                raise ValueError("a fused Conv1D's caller splits its output: use_local_output=True")
             self.fused = fused
 
         def _partition_conv1d_fn(self, name: str, module: nn.Module, mesh: Any) -> None:
@@ -150,15 +157,16 @@ def _conv1d_styles() -> tuple[type, type]:
             # addmm on a _StridedShard weight yields _StridedShard on the last dim: already the
             # wanted [q_r | k_r | v_r] per rank (a redistribute would only renormalize dims).
             (p,) = outputs.placements
-            if getattr(p, "dim", None) != outputs.ndim - 1 or getattr(p, "split_factor", 0) != self.fused:
-                raise RuntimeError(f"fused Conv1D output placed {p}, expected _StridedShard(-1, {self.fused})")
-            return outputs.to_local() if self.use_local_output else outputs
+            k = self.fused
+            if getattr(p, "dim", None) != outputs.ndim - 1 or getattr(p, "split_factor", 0) != k:
+                raise RuntimeError(f"fused Conv1D output placed {p}, expected _StridedShard(-1, {k})")
+            return outputs.to_local()
 
         def _apply(self, module: nn.Module, device_mesh: Any) -> nn.Module:
             if not _is_conv1d(module):
                 return super()._apply(module, device_mesh)
             if self.fused > 1:
-                out_fn = lambda mod, outputs, mesh: self._prepare_output_fn_fused(mod, outputs, mesh)  # noqa: E731
+                out_fn = self._prepare_output_fn_fused
             else:
                 out_fn = partial(self._prepare_output_fn, self.output_layouts, self.use_local_output)
             return distribute_module(
@@ -235,7 +243,7 @@ def _localize_fused(model: nn.Module, plan: dict[str, Any], tp: int) -> None:
         parent = model.get_submodule(name.rpartition(".")[0])
         split = getattr(parent, "split_size", None)
         if not isinstance(split, int) or split % tp:
-            raise ValueError(f"{name} is fused but its parent's split_size {split!r} does not split by tp={tp}")
+            raise ValueError(f"{name} is fused; split_size {split!r} does not divide by tp={tp}")
         parent.split_size = split // tp
 
 
