@@ -78,10 +78,14 @@ class CompiledModule(nn.Module):
         return self._runtime.host_pool
 
     @property
-    def arena(self) -> torch.Tensor:
-        """The device arena (compiled with ``arena=True``; empty otherwise), allocated once and
-        reused by every call. ``program.arena`` says what lives where in it."""
-        return self._runtime.arena
+    def arena(self) -> torch.Tensor | None:
+        """The device arena of the latest call (compiled with ``arena=True``) while its gradients
+        keep it alive, else None. Every call allocates its own arena of ``arena_bytes`` when it
+        starts; ``program.arena`` says what lives where in it."""
+        storage = self._runtime.latest_arena()
+        if storage is None:
+            return None
+        return torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
 
     @property
     def arena_bytes(self) -> int:
@@ -102,9 +106,18 @@ class CompiledModule(nn.Module):
     def run_flat(self, flat: Sequence[torch.Tensor]) -> list[Any]:
         """Run the program once on its flat inputs (the placeholders of the captured graph)."""
         # The host pool is about to be reused: gradients of earlier runs still in it move out.
+        # Gradients that are views of an earlier run's arena (a forward whose backward has not
+        # run; ``.grad`` kept for gradient accumulation) move out of it too, so they keep their
+        # own bytes alive, not a whole arena, while this run allocates its own.
+        arena = self._runtime.latest_arena()
         for held in self._held:
-            held.materialize()
+            held.materialize(arena)
         self._held.clear()
+        if arena is not None:
+            for p in self.model.parameters():
+                if p.grad is not None and p.grad.untyped_storage()._cdata == arena._cdata:
+                    p.grad = p.grad.clone()
+        del arena
         ctx = Context(self._runtime, on_transfer=self.on_transfer)
         outs = run_step(
             self._step, ctx, list(flat), source_path=str(self.source_path),
@@ -157,9 +170,12 @@ class _HeldGrads:
     def __init__(self, grads: list[Any], devices: list[torch.device], on_host: list[bool]) -> None:
         self.grads, self.devices, self.on_host = grads, devices, on_host
 
-    def materialize(self) -> None:
+    def materialize(self, arena: torch.UntypedStorage | None = None) -> None:
+        """Copy out gradients in the host pool (to their parameter's device) and in ``arena``."""
+        key = arena._cdata if arena is not None else None
         self.grads = [
-            g.to(d, copy=True) if host and g is not None else g
+            g.to(d, copy=True) if g is not None and (
+                host or (key is not None and g.untyped_storage()._cdata == key)) else g
             for g, d, host in zip(self.grads, self.devices, self.on_host)
         ]
         self.on_host = [False] * len(self.grads)
@@ -216,10 +232,16 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile
     swap files go to ``debug_dir/swap`` (or the system temporary directory) and are removed at
     the end of every call.
 
-    ``arena=True``: every device allocation of the plan is a view of one device buffer allocated
-    with the module (``compiled.arena``, ``compiled.arena_bytes``), written by the ops' ``.out``
-    overloads at offsets packed by lifetime; graph outputs, caller-owned tensors and ops without
-    a usable out overload stay outside it (``compiled.program.arena.summary()``).
+    ``arena=True``: every device allocation of the plan, gradients included, is a view of one
+    device buffer of ``compiled.arena_bytes`` that each call allocates when it starts, written by
+    the ops' ``.out`` overloads at offsets packed by lifetime; the loss, caller-owned tensors and
+    ops without a usable out overload stay outside it (``compiled.program.arena.summary()``). The
+    gradients in ``.grad`` keep their call's arena alive until they are dropped
+    (``optimizer.zero_grad()``, which sets them to None by default); on a GPU the caching
+    allocator then gives the same block to the next call, so the device holds one arena plus
+    the caller's tensors. A call that finds ``.grad`` still in the previous call's arena (gradient
+    accumulation) first copies those gradients out, so the old arena is freed and only the
+    gradients' own bytes stay, as in eager mode.
     """
     args = example_inputs if isinstance(example_inputs, tuple) else (
         tuple(example_inputs) if isinstance(example_inputs, list) else (example_inputs,)

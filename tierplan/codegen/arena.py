@@ -11,15 +11,21 @@ plus the packing's fragmentation (the packing's lower bound is the most bytes li
 What stays outside the arena (counted as "fallback"):
 
 - caller-owned storages that start on the device (parameters, inputs): the caller allocated them;
-- storages that are graph outputs (the loss, gradients) or yielded at a split: the caller keeps
-  them after the run, and the arena is reused by the next one;
+- graph outputs other than gradients (the loss, logits) and values yielded at a split: a caller
+  may keep them across runs, and a view would keep a whole arena alive. Gradients are IN the
+  arena (live from their producing step to the end of the schedule): they go to ``.grad`` and
+  are dropped by ``zero_grad()`` before the next run;
 - outputs of ops that have no ``.out`` overload the emitter can map (a functional op whose
   arguments the out variant does not take, ops returning lists or views): the op runs as a normal
   functional call and a note says why. An op with several outputs, some of them graph outputs,
   still runs its out overload: those outputs get their own ``torch.empty_strided`` outside.
 
-The arena of a ``Runtime`` is allocated once and reused by every run of the program (runs never
-overlap on one Runtime; the backend's pool gives runs in flight their own Runtime).
+Every run allocates its own arena when it starts (``Context.new_arena``); the gradients it
+returns are views of it and keep it alive until they are dropped, and on a GPU the caching
+allocator hands the freed block to the next run. The program's device peak is then
+``arena_bytes + fallback_peak_bytes``, which equals the plan's device peak when every op has an
+out overload and the packing meets its lower bound; an op without one (fused attention) adds its
+outputs on top, since they are allocated outside while the arena keeps its full size.
 """
 from __future__ import annotations
 
@@ -125,6 +131,8 @@ class ArenaLayout:
     # arena_bytes + fallback_peak_bytes.
     fallback_peak_bytes: int
     method: str = ""
+    # Caller-owned storages the plan starts on the device (part of fallback_peak_bytes).
+    caller_bytes: int = 0
     notes: list[str] = field(default_factory=list)
 
     def at(self, start: int, storage: str) -> Placement | None:
@@ -139,6 +147,16 @@ class ArenaLayout:
         if not hasattr(self, "_by_start"):
             self._by_start = {(p.start, p.storage): p for p in self.placements}
         return self._by_start
+
+    @property
+    def predicted_peak_bytes(self) -> int:
+        """The program's device peak: the arena plus the peak of what is outside it."""
+        return self.arena_bytes + self.fallback_peak_bytes
+
+    @property
+    def outside_peak_bytes(self) -> int:
+        """The peak of what the program itself allocates outside the arena."""
+        return self.fallback_peak_bytes - self.caller_bytes
 
     @property
     def placed_bytes(self) -> int:
@@ -168,7 +186,9 @@ class ArenaLayout:
         lines = [
             f"arena {format_bytes(self.arena_bytes)} (packing lower bound "
             f"{format_bytes(self.lower_bound)}, {self.method}); fallback peak "
-            f"{format_bytes(self.fallback_peak_bytes)}",
+            f"{format_bytes(self.fallback_peak_bytes)} (caller-owned "
+            f"{format_bytes(self.caller_bytes)}); predicted device peak "
+            f"{format_bytes(self.predicted_peak_bytes)}",
             f"  allocations in the arena: {format_bytes(self.placed_bytes)} "
             f"({self.placed_fraction:.1%} of the bytes the program allocates); ops {ops_in} in, "
             f"{ops_out} outside",
@@ -237,10 +257,12 @@ def plan_arena(
         nbytes = graph.tensors[storage].nbytes
         offset = offsets.get((storage, start), 0 if how in ("out", "transfer") else None)
         placements.append(Placement(storage, start, end, nbytes, op, offset, how))
-    return ArenaLayout(arena_bytes, bound, placements, _fallback_peak(plan, placements), method)
+    peak, caller = _fallback_peak(plan, placements)
+    return ArenaLayout(arena_bytes, bound, placements, peak, method, caller_bytes=caller)
 
 
-def _fallback_peak(plan: Plan, placements: list[Placement]) -> int:
+def _fallback_peak(plan: Plan, placements: list[Placement]) -> tuple[int, int]:
+    """(the peak of what is outside the arena, caller-owned storages included; those alone)."""
     graph = plan.graph
     used = 0
     seen: set[str] = set()
@@ -249,7 +271,7 @@ def _fallback_peak(plan: Plan, placements: list[Placement]) -> int:
         if plan.initial_tiers.get(storage) == DEVICE and storage not in seen:
             seen.add(storage)
             used += graph.tensors[storage].nbytes
-    peak = used
+    peak = caller = used
     starts: dict[int, int] = {}
     ends: dict[int, int] = {}
     for p in placements:
@@ -260,7 +282,7 @@ def _fallback_peak(plan: Plan, placements: list[Placement]) -> int:
         used += starts.get(i, 0)
         peak = max(peak, used)
         used -= ends.get(i, 0)
-    return peak
+    return peak, caller
 
 
 __all__ = ["ALIGNMENT", "ArenaLayout", "OutVariant", "Placement", "device_allocations",

@@ -22,9 +22,12 @@ caller holds it from then on, so a plan that frees or offloads a forward output 
 before the split cannot free it (the program still runs correctly; that output's memory stays).
 
 Arenas (``emit(..., arena=True)``, see ``arena.py``): every storage the plan allocates on the
-device is a view of one preallocated byte buffer (``ctx.arena``) at a static offset packed by
-lifetime; an op writes into its slot through its ``.out`` overload and a transfer to the device
-lands in its slot. Ops without a usable out overload, graph outputs and caller-owned tensors stay
+device is a view of one byte buffer that the program allocates when it starts
+(``_arena = ctx.new_arena()``) at a static offset packed by lifetime; an op writes into its slot
+through its ``.out`` overload and a transfer to the device lands in its slot. Gradients (graph
+outputs the plan counts until the end of the step) are in the arena too, so they keep that run's
+arena alive until the caller drops them. Ops without a usable out overload, the other graph
+outputs (the loss, logits: the caller may keep them across runs) and caller-owned tensors stay
 outside the arena (``Program.arena`` lists every allocation and where it went).
 
 The source is rendered by the jinja2 template ``templates/program.py.j2``.
@@ -43,7 +46,7 @@ import torch.fx
 
 from tierplan.codegen.arena import ArenaLayout, out_variant, plan_arena
 from tierplan.codegen.runtime import Layout
-from tierplan.ir import PERSISTENT_KINDS
+from tierplan.ir import PERSISTENT_KINDS, TensorKind
 from tierplan.planner.buffers import Buffer, pack_greedy
 from tierplan.planner.plan import DEVICE, HOST, NVME, Plan, Step, StepKind
 from tierplan.units import format_bytes
@@ -269,8 +272,8 @@ class _Emitter:
         split_at = self.split_step() if self.split else None
         if self.use_arena:
             self.arena = self.plan_arena()
-            self.line(f"_arena = ctx.arena  # {format_bytes(self.arena.arena_bytes)}: every device "
-                      f"allocation of the plan below that says 'arena'", "prologue")
+            self.line(f"_arena = ctx.new_arena()  # {format_bytes(self.arena.arena_bytes)}, this run's: "
+                      f"every device allocation of the plan below that says 'arena'", "prologue")
         random_recomputed = {
             s.op for s in plan.schedule if s.kind == StepKind.RECOMPUTE and _is_random(self.nodes[s.op])
         }
@@ -508,10 +511,14 @@ class _Emitter:
     # -- the arena ------------------------------------------------------------------------------
 
     def plan_arena(self) -> ArenaLayout:
+        # Gradients go in the arena: the run's arena is the caller's until it drops them. Other
+        # graph outputs (the loss, logits) stay outside: a caller may keep them across runs, and
+        # would keep a whole arena alive with them.
         out_node = self.gm.graph.output_node()
+        outputs = [self.value_of.get(v.name) for v in _flat(out_node.args[0]) if v is not None]
         keep_out = {
-            self.graph.tensors[self.value_of[v.name]].storage
-            for v in _flat(out_node.args[0]) if v is not None and self.value_of.get(v.name) in self.graph.tensors
+            self.graph.tensors[t].storage for t in outputs
+            if t in self.graph.tensors and self.graph.tensors[t].kind is not TensorKind.GRADIENT
         }
         return plan_arena(self.plan, keep_out=keep_out, op_placeable=self._op_placeable)
 

@@ -6,8 +6,10 @@ call into this module per transfer. Everything stateful lives in a ``Context`` m
 - the **host pool**: one preallocated byte buffer (pinned when the device is a GPU); every storage
   the plan sends to the host tier has a static (offset, size) slot in it, packed by the emitter;
 - the **device arena** (programs emitted with ``arena=True``, see ``arena.py``): one device byte
-  buffer, allocated once like the host pool, in which ops write their outputs (``.out`` overloads)
-  and transfers to the device land, at static offsets;
+  buffer per run, allocated when the program starts (``Context.new_arena``), in which ops write
+  their outputs (``.out`` overloads) and transfers to the device land, at static offsets; the
+  gradients it returns are views of it, so it lives until the caller drops them (on a GPU the
+  caching allocator then hands the same block to the next run);
 - the **swap directory**: one file per storage the plan sends to the NVMe tier, removed when the
   run ends (returns, raises, or is interrupted);
 - one **copy queue per plan channel queue**: on a GPU, device<->host copies run on their own CUDA
@@ -25,6 +27,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import threading
+import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,8 +97,9 @@ class Runtime:
         self.host_pool = torch.empty(
             layout.host_pool_bytes, dtype=torch.uint8, pin_memory=self.cuda and layout.host_pool_bytes > 0
         )
-        # The device arena, likewise allocated once and reused by every run (arena.py).
-        self.arena = torch.empty(layout.arena_bytes, dtype=torch.uint8, device=self.device)
+        # The device arena is NOT allocated here: every run allocates its own (Context.new_arena),
+        # and its gradients keep it alive. This is the storage of the latest one, while it lives.
+        self._last_arena: Callable[[], torch.UntypedStorage | None] = lambda: None
         self.swap_root = Path(swap_root) if swap_root is not None else None
         self._workers: dict[str, ThreadPoolExecutor] = {}
         self._streams: dict[str, Any] = {}
@@ -111,6 +115,10 @@ class Runtime:
         if queue not in self._streams:
             self._streams[queue] = torch.cuda.Stream(device=self.device)
         return self._streams[queue]
+
+    def latest_arena(self) -> torch.UntypedStorage | None:
+        """The storage of the latest run's arena while anything (its gradients) keeps it alive."""
+        return self._last_arena()
 
     def host_slot(self, storage: str) -> torch.Tensor:
         offset, nbytes = self.layout.host_slots[storage]
@@ -215,10 +223,13 @@ class Context:
 
     # -- transfers ----------------------------------------------------------------------------
 
-    @property
-    def arena(self) -> torch.Tensor:
-        """The device arena (1-D uint8) of arena programs."""
-        return self.rt.arena
+    def new_arena(self) -> torch.Tensor:
+        """This run's device arena (1-D uint8, ``layout.arena_bytes``), allocated now, on the
+        compute stream. The Context keeps no reference: the program's views of it (and the
+        gradients it returns) are what keep it alive."""
+        arena = torch.empty(self.rt.layout.arena_bytes, dtype=torch.uint8, device=self.device)
+        self.rt._last_arena = weakref.ref(arena.untyped_storage())
+        return arena
 
     def start(
         self, storage: str, tensor: torch.Tensor | None, src: str, dst: str, nbytes: int,
