@@ -4,7 +4,6 @@ keep-all, with and without a host tier; every plan replays under
 ``tierplan.validate`` within its budget, and every budget from the smallest reported one up plans."""
 from __future__ import annotations
 
-import time
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st

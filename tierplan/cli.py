@@ -16,15 +16,13 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
+from tierplan.planner.remat_swap import DEFAULT_TIME_LIMIT_S
+
 if TYPE_CHECKING:
     from tierplan.planner.plan import Plan
 
 USAGE_ERROR = 2
 INTERNAL_ERROR = 1  # a bug, not a usage error
-# The planner's solver gets this long unless --time-limit says otherwise. Measured on 2 shared CPU
-# cores: Llama-2-70B training (18k ops) captures in 20-60 s and plans in ~46 s with this limit
-# (the CP-SAT stage stops at the limit; building and checking candidate plans takes the rest).
-DEFAULT_TIME_LIMIT_S = 30.0
 _IMAGE_SUFFIXES = (".png", ".svg", ".pdf")
 
 
@@ -33,21 +31,15 @@ class UsageError(Exception):
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    # Imported lazily: `tierplan --help` should not pay for importing torch.
+    # Imported here, not at the top, so that `tierplan.cli` stays cheap to import for tools.
     from tierplan.cost_models.hardware import HardwareError
     from tierplan.ir import GraphError
     from tierplan.passes.capture import CaptureError
+    from tierplan.planner.buffers import PackingError
     from tierplan.planner.plan import PlanError
     from tierplan.zoo import ZooError
 
-    errors: list[type[BaseException]] = [UsageError, HardwareError, GraphError, CaptureError, PlanError, ZooError]
-    try:  # buffer packing lives in its own module, which may be absent from a partial checkout
-        from tierplan.planner.buffers import PackingError
-    except ImportError:
-        pass
-    else:
-        errors.append(PackingError)
-    return tuple(errors)
+    return (UsageError, HardwareError, GraphError, CaptureError, PackingError, PlanError, ZooError)
 
 
 # -- progress ------------------------------------------------------------------------------------
@@ -190,11 +182,7 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
 
 
 def cmd_pack(args: argparse.Namespace) -> None:
-    try:
-        from tierplan.planner.buffers import pack_command
-    except ImportError:
-        raise UsageError("buffer packing is not available in this checkout (tierplan.planner.buffers "
-                         "is missing); reinstall tierplan") from None
+    from tierplan.planner.buffers import pack_command
 
     capacity = _budget_arg(args.capacity) if args.capacity else None
     print(pack_command(args.csv, capacity, args.time_limit, args.out))
@@ -261,16 +249,6 @@ def _baselines(plan: Plan) -> dict[str, Plan]:
 
     return baseline_plans(plan.graph, capacities=plan.capacities, channels=plan.channels,
                           op_time_s=plan.op_time_s, hardware=plan.hardware, training=plan.training)
-
-
-def _available(module: str) -> bool:
-    """Whether this checkout has ``module`` (code generation and what-if are optional parts)."""
-    import importlib.util
-
-    try:
-        return importlib.util.find_spec(module) is not None
-    except ImportError:
-        return False
 
 
 def _identifier(name: str) -> str:
@@ -381,9 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-limit", type=float, default=None,
                    help=f"solver time limit in seconds (default {DEFAULT_TIME_LIMIT_S:g})")
     _add_outputs(p)
-    if _available("tierplan.codegen.emit"):
-        p.add_argument("--emit", type=Path, metavar="DIR",
-                       help="write the generated Python module that runs the plan into this directory")
+    p.add_argument("--emit", type=Path, metavar="DIR",
+                   help="write the generated Python module that runs the plan into this directory")
     p.add_argument("--quiet", action="store_true", help="no progress messages")
     p.set_defaults(run=cmd_plan)
 
@@ -398,14 +375,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("tensor", help="a tensor name from the plan, or a parameter's module path")
     p.set_defaults(run=cmd_explain)
 
-    if _available("tierplan.whatif"):
-        p = sub.add_parser("whatif", help="the best parallel plan of a model on several machines and GPU counts")
-        p.add_argument("model", help="a zoo name (llama-70b, gpt2, ...)")
-        p.add_argument("--hardware", required=True, help="comma-separated presets, e.g. h100-sxm,a100-80gb-sxm")
-        p.add_argument("--gpus", required=True, help="comma-separated GPU counts, e.g. 8,64")
-        p.add_argument("--serve", action="store_true", help="serving (tokens/s, TTFT, TPOT) instead of training")
-        p.add_argument("--json", type=Path, help="write the rows to this JSON file")
-        p.set_defaults(run=cmd_whatif)
+    p = sub.add_parser("whatif", help="the best parallel plan of a model on several machines and GPU counts")
+    p.add_argument("model", help="a zoo name (llama-70b, gpt2, ...)")
+    p.add_argument("--hardware", required=True, help="comma-separated presets, e.g. h100-sxm,a100-80gb-sxm")
+    p.add_argument("--gpus", required=True, help="comma-separated GPU counts, e.g. 8,64")
+    p.add_argument("--serve", action="store_true", help="serving (tokens/s, TTFT, TPOT) instead of training")
+    p.add_argument("--json", type=Path, help="write the rows to this JSON file")
+    p.set_defaults(run=cmd_whatif)
 
     p = sub.add_parser("hardware", help="list the hardware presets or show one")
     p.add_argument("action", choices=["list", "show"])

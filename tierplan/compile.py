@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import shutil
 import tempfile
 import warnings
 import weakref
@@ -33,7 +34,14 @@ from torch.utils import _pytree as pytree
 
 from tierplan.api import Budget, plan_graph
 from tierplan.codegen.emit import Program, emit, load
-from tierplan.codegen.runtime import Context, Runtime, SplitRun, TierplanRuntimeError, run_step
+from tierplan.codegen.runtime import (
+    Context,
+    Runtime,
+    SplitRun,
+    TierplanRuntimeError,
+    run_step,
+    shutdown_workers,
+)
 from tierplan.cost_models.hardware import Hardware
 from tierplan.ir import TensorKind
 from tierplan.passes.capture import Captured, CaptureError, annotate_aot_joint, capture
@@ -100,7 +108,8 @@ class CompiledModule(nn.Module):
         with torch.no_grad():
             outs = self.run_flat([t.detach() for t in flat])
             # Outputs the plan leaves on the host are views of the reused host pool: copy them out.
-            outs = [o.clone() if host else o for o, host in zip(outs, self.program.outputs_on_host)]
+            outs = [o.to(self._device, copy=True) if host else o
+                    for o, host in zip(outs, self.program.outputs_on_host)]
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     def run_flat(self, flat: Sequence[torch.Tensor]) -> list[Any]:
@@ -264,11 +273,11 @@ def compile_plan(
 ) -> CompiledModule:
     """Emit and load the program of an existing ``plan`` of ``captured`` (see ``compile``)."""
     program = emit(plan, captured.joint, title=f"{plan.graph.name}: {plan.method}", arena=arena)
-    digest = hashlib.sha1(program.source.encode()).hexdigest()[:10]
-    root = Path(debug_dir) if debug_dir is not None else Path(tempfile.gettempdir()) / "tierplan"
-    source_path = root / f"{_slug(plan.graph.name)}_{digest}.py"
-    step = load(program, source_path, device)
     device = torch.device(device)
+    runtime = Runtime(program.layout, device,
+                      swap_root=Path(debug_dir) / "swap" if debug_dir is not None else None)
+    source_root = Path(debug_dir) if debug_dir is not None else Path(tempfile.mkdtemp(prefix="tierplan-"))
+    step, source_path = _load_program(program, plan, device, source_root, keep_plan=debug_dir is not None)
     if device.type == "cuda" and program.offdevice_inputs:
         # The plan keeps these caller-owned tensors (parameters, usually) off the device: they
         # move to pinned host memory, and the program brings them to the GPU when it needs them.
@@ -277,11 +286,22 @@ def compile_plan(
             if spec.name in program.offdevice_inputs and spec.source in named:
                 t = named[spec.source]
                 t.data = t.data.to("cpu").pin_memory()
-    if debug_dir is not None:
+    compiled = CompiledModule(model, captured, plan, program, step, runtime, source_path, device)
+    if debug_dir is None:
+        weakref.finalize(compiled, shutil.rmtree, source_root, True)
+    return compiled
+
+
+def _load_program(program: Program, plan: Plan, device: torch.device, root: Path, *,
+                  keep_plan: bool) -> tuple[Callable[..., Any], Path]:
+    """Write ``program`` under ``root`` (named after the model and its source's digest), load it,
+    and with ``keep_plan`` write the plan's JSON beside it."""
+    digest = hashlib.sha1(program.source.encode()).hexdigest()[:10]
+    source_path = root / f"{_slug(plan.graph.name)}_{digest}.py"
+    step = load(program, source_path, device)
+    if keep_plan:
         plan.to_json(source_path.with_suffix(".plan.json"))
-    runtime = Runtime(program.layout, torch.device(device),
-                      swap_root=Path(debug_dir) / "swap" if debug_dir is not None else None)
-    return CompiledModule(model, captured, plan, program, step, runtime, source_path, torch.device(device))
+    return step, source_path
 
 
 @dataclass
@@ -317,7 +337,8 @@ class Backend:
         self.graphs: list[CompiledGraph] = []
         self.on_transfer: Callable[[Context, str], None] | None = None
         self._count = 0
-        self._runners: list[_Runner] = []
+        self._runners: weakref.WeakSet[_Runner] = weakref.WeakSet()
+        self._source_root: Path | None = None  # generated sources without a debug_dir
 
     def pending_runs(self) -> int:
         """Forward runs whose backward has not run yet (each holds its paused program)."""
@@ -392,13 +413,12 @@ class Backend:
         return plan, note
 
     def _load(self, program: Program, plan: Plan, device: torch.device) -> tuple[Callable[..., Any], Path]:
-        digest = hashlib.sha1(program.source.encode()).hexdigest()[:10]
-        root = self.debug_dir if self.debug_dir is not None else Path(tempfile.gettempdir()) / "tierplan"
-        source_path = root / f"{_slug(plan.graph.name)}_{digest}.py"
-        step = load(program, source_path, device)
         if self.debug_dir is not None:
-            plan.to_json(source_path.with_suffix(".plan.json"))
-        return step, source_path
+            return _load_program(program, plan, device, self.debug_dir, keep_plan=True)
+        if self._source_root is None:
+            self._source_root = Path(tempfile.mkdtemp(prefix="tierplan-"))
+            weakref.finalize(self, shutil.rmtree, self._source_root, True)
+        return _load_program(program, plan, device, self._source_root, keep_plan=False)
 
 
 class _RuntimePool:
@@ -413,7 +433,7 @@ class _RuntimePool:
         if self.free:
             return self.free.pop()
         rt = Runtime(self.program.layout, self.device, swap_root=self.swap_root)
-        weakref.finalize(rt, rt.close)
+        weakref.finalize(rt, shutdown_workers, rt._workers)
         return rt
 
     def give(self, rt: Runtime) -> None:
@@ -427,7 +447,7 @@ class _Runner:
         self.source_path, self.device = source_path, device
         swap = backend.debug_dir / "swap" if backend.debug_dir is not None else None
         self.pool = _RuntimePool(program, device, swap)
-        backend._runners.append(self)
+        backend._runners.add(self)
 
     def _copied_out(self, outs: Sequence[Any], on_host: Sequence[bool]) -> list[Any]:
         # Outputs the plan leaves on the host are views of the reused host pool: copy them out,

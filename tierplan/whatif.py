@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 from tierplan.cost_models.hardware import format_seconds, load_hardware
 from tierplan.planner.parallel import plan_parallel
@@ -116,8 +116,3 @@ def whatif_command(
         Path(json_out).write_text(json.dumps(
             {"model": model, "mode": mode, "rows": [asdict(r) for r in rows]}, indent=2) + "\n")
     return format_whatif(rows, serve=serve, title=title)
-
-
-def _cli_args(args: Any) -> str:  # pragma: no cover - the lead wires the CLI
-    return whatif_command(args.model, args.hardware.split(","),
-                          [int(g) for g in args.gpus.split(",")], args.serve, args.json)  # fmt: skip

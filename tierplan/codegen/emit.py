@@ -47,6 +47,7 @@ import torch.fx
 from tierplan.codegen.arena import ArenaLayout, out_variant, plan_arena
 from tierplan.codegen.runtime import Layout
 from tierplan.ir import PERSISTENT_KINDS, TensorKind
+from tierplan.passes.annotate import getitem_users
 from tierplan.planner.buffers import Buffer, pack_greedy
 from tierplan.planner.plan import DEVICE, HOST, NVME, Plan, Step, StepKind
 from tierplan.units import format_bytes
@@ -150,7 +151,7 @@ class _Emitter:
                 val = node.meta.get("val")
                 if isinstance(val, (tuple, list)):
                     slots: list[str | None] = []
-                    users = _getitem_users(node)
+                    users = getitem_users(node)
                     for i, v in enumerate(val):
                         if not isinstance(v, torch.Tensor):
                             slots.append(None)
@@ -174,8 +175,8 @@ class _Emitter:
             )
 
     def _read_steps(self) -> dict[str, list[int]]:
-        """Tensor name -> schedule indices that read it (ops and transfers; len(schedule) for the
-        graph's return)."""
+        """Tensor name -> schedule indices of the compute and recompute steps that read it
+        (len(schedule) for the graph's return)."""
         reads: dict[str, list[int]] = {}
         for i, s in enumerate(self.plan.schedule):
             if s.op is not None:
@@ -433,7 +434,7 @@ class _Emitter:
             else:
                 raise EmitError(f"forward output {name} is not on the device at the split ({label})")
         late = ", ".join(self.var(n) for n in self.late)
-        self.line(f"# ---- forward ends: the outputs go to the caller, the backward's inputs come in ----", label)
+        self.line("# ---- forward ends: the outputs go to the caller, the backward's inputs come in ----", label)
         # handoff() yields detached aliases: the objects the caller gets (and autograd attaches
         # the backward to) are not the ones this paused frame holds, so dropping the outputs
         # without a backward frees the run.
@@ -651,14 +652,6 @@ def load(program: Program, path: str | Path, device: torch.device | str) -> Call
     namespace["CONSTANTS"] = {k: v.to(dev) for k, v in program.constants.items()}
     namespace["TARGETS"] = list(program.targets)
     return namespace["step"]
-
-
-def _getitem_users(node: torch.fx.Node) -> dict[int, list[str]]:
-    users: dict[int, list[str]] = {}
-    for u in node.users:
-        if u.op == "call_function" and u.target is operator.getitem:
-            users.setdefault(int(u.args[1]), []).append(u.name)
-    return users
 
 
 def _flat(x: Any) -> list[Any]:

@@ -29,15 +29,13 @@ import tempfile
 import threading
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-DEVICE = "device"
-HOST = "host"
-NVME = "nvme"
+from tierplan.planner.plan import DEVICE, HOST
 
 
 class TierplanRuntimeError(RuntimeError):
@@ -125,9 +123,15 @@ class Runtime:
         return self.host_pool[offset : offset + nbytes]
 
     def close(self) -> None:
-        for w in self._workers.values():
-            w.shutdown(wait=True)
-        self._workers.clear()
+        shutdown_workers(self._workers)
+
+
+def shutdown_workers(workers: dict[str, ThreadPoolExecutor]) -> None:
+    """Stop a Runtime's copy threads. A free function so that ``weakref.finalize`` can call it on
+    the Runtime's worker table without keeping the Runtime itself alive."""
+    for w in workers.values():
+        w.shutdown(wait=True)
+    workers.clear()
 
 
 class Context:

@@ -132,7 +132,7 @@ class _Builder:
             outputs.append(self._add_result(node.name, val, base))
             aliased += base is not None
         elif isinstance(val, (tuple, list)):
-            unpacked = _getitem_users(node)
+            unpacked = getitem_users(node)
             for i, v in enumerate(val):
                 if not isinstance(v, torch.Tensor):
                     continue
@@ -399,7 +399,8 @@ def _writes(node: torch.fx.Node) -> bool:
     )
 
 
-def _getitem_users(node: torch.fx.Node) -> dict[int, list[str]]:
+def getitem_users(node: torch.fx.Node) -> dict[int, list[str]]:
+    """Names of the getitem nodes reading each output index of a multi-output node."""
     found: dict[int, list[str]] = {}
     for user in node.users:
         if user.op == "call_function" and user.target is operator.getitem:
@@ -438,6 +439,7 @@ __all__ = [
     "MODULE_META_KEY",
     "OutputSpec",
     "annotate_graph",
+    "getitem_users",
     "module_path",
     "op_flops",
     "storage_nbytes",

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from tierplan.ir import PERSISTENT_KINDS, TensorKind
-from tierplan.planner.candidates import KEEP, RECOMPUTE, Problem, Segment, Unit, is_recompute, option_tier
+from tierplan.planner.candidates import KEEP, Problem, Segment, Unit, is_recompute, option_tier
 from tierplan.planner.plan import DEVICE, Decision, Plan
 from tierplan.planner.timeline import Figures, build_schedule, initial_tiers, simulate
 from tierplan.units import format_bytes

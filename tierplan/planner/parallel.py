@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tierplan.cost_models.hardware import Hardware, format_seconds, load_hardware
-from tierplan.units import format_bytes
 from tierplan.planner.parallel_profile import ModelProfile, profile_model
 from tierplan.planner.parallel_serve import search_serving
 from tierplan.planner.parallel_train import search_training

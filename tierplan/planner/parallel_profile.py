@@ -155,9 +155,6 @@ class ModelProfile:
             out = out + c.activations
         return out
 
-    def layer_forward_flops(self) -> float:
-        return sum(c.forward.total_flops for c in self.cells.values())
-
     def kv_bytes_per_token_per_layer(self) -> int:
         """K and V of one token in one layer, all KV heads, in the captured dtype."""
         return 2 * self.kv_heads * self.head_dim * self.param_bytes
@@ -290,7 +287,6 @@ def profile_graph(
         ops = part_ops[k]
         fwd = [op for op in ops if op.phase is Phase.FORWARD]
         bwd = [op for op in ops if op.phase is not Phase.FORWARD]
-        names = {op.name for op in ops}
         temps = [
             graph.tensor(o).nbytes for op in ops for o in op.outputs
             if graph.tensor(o).kind is TensorKind.TEMPORARY

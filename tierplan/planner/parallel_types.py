@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from tierplan.cost_models.hardware import Cluster, Hardware, Link
@@ -128,9 +128,6 @@ class ParallelPlan:
         d["time"]["total"] = self.time.total
         d["describe"] = self.describe()
         return d
-
-    def with_notes(self, notes: list[str]) -> ParallelPlan:
-        return replace(self, notes=[*self.notes, *notes])
 
 
 def divisors(n: int) -> list[int]:

@@ -270,7 +270,7 @@ class Plan:
                 solver=dict(data["solver"]),
                 decisions={k: Decision(**d) for k, d in data["decisions"].items()},
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, IndexError, AttributeError, TypeError, ValueError) as exc:
             raise PlanError(f"malformed plan JSON: {type(exc).__name__}: {exc}") from None
 
     def to_json(self, path: str | Path) -> None:

@@ -27,7 +27,7 @@ _NO_CHOICE_KINDS = frozenset({TensorKind.TEMPORARY, TensorKind.INPUT, TensorKind
 
 
 def _ms(seconds: float) -> str:
-    return f"{seconds * 1e3:,.1f} ms" if seconds < 100 else f"{seconds:,.1f} s"
+    return f"{seconds * 1e3:,.1f} ms" if seconds < 1 else f"{seconds:,.2f} s"
 
 
 def _pct(part: float, whole: float) -> str:

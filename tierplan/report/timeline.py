@@ -28,10 +28,6 @@ _GROUP_OF = {
 }
 
 
-def kind_group(kind: TensorKind) -> str:
-    return _GROUP_OF[kind]
-
-
 @dataclass(frozen=True)
 class ComputeEvent:
     step: int
