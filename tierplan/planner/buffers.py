@@ -127,14 +127,20 @@ def _infeasible(bound: int, capacity: int) -> PackingError:
     )
 
 
-def pack_greedy(buffers: Iterable[BufferLike], capacity: int | None = None) -> Packing:
-    """Greedy best fit by size. Raises PackingError when its arena exceeds ``capacity``."""
-    started = time.perf_counter()
+def _prepare(buffers: Iterable[BufferLike], capacity: int | None) -> tuple[list[Buffer], int]:
+    """Checked buffers and their lower bound; PackingError when the bound exceeds ``capacity``."""
     _check_capacity(capacity)
     bufs = as_buffers(buffers)
     bound = lower_bound(bufs)
     if capacity is not None and bound > capacity:
         raise _infeasible(bound, capacity)
+    return bufs, bound
+
+
+def pack_greedy(buffers: Iterable[BufferLike], capacity: int | None = None) -> Packing:
+    """Greedy best fit by size. Raises PackingError when its arena exceeds ``capacity``."""
+    started = time.perf_counter()
+    bufs, bound = _prepare(buffers, capacity)
     result = _packing(bufs, _greedy_offsets(bufs), bound, GREEDY, started)
     if capacity is not None and result.arena_bytes > capacity:
         raise PackingError(
@@ -153,11 +159,7 @@ def pack_exact(
     Raises PackingError when no packing within the capacity exists or none was found in time.
     """
     started = time.perf_counter()
-    _check_capacity(capacity)
-    bufs = as_buffers(buffers)
-    bound = lower_bound(bufs)
-    if capacity is not None and bound > capacity:
-        raise _infeasible(bound, capacity)
+    bufs, bound = _prepare(buffers, capacity)
     greedy = _greedy_offsets(bufs)
     if _arena(bufs, greedy) == bound:
         return _packing(bufs, greedy, bound, GREEDY, started)
