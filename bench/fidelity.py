@@ -151,16 +151,10 @@ def main() -> None:
             compiled = compile_plan(model, captured, plan, device=device)
             predicted = plan.peak_bytes[DEVICE]
             row = f"{name:18} {label:>7} {plan.method.split(' (')[0][:28]:28} {format_bytes(predicted):>11}"
-            if cuda:
-                def step():
-                    compiled(*args, **kwargs).backward()
-                measured, t_c = timed_runs(step, zero, a.repeats)
-                row += (f" {format_bytes(measured):>11} {100 * (measured - predicted) / predicted:6.1f}%"
-                        f" {plan.predicted_time_s * 1e3:8.3f} {t_c * 1e3:8.3f} {t_e * 1e3:8.3f}")
-                _restore_devices(model, device)
-            else:
-                measured = measure_cpu(compiled, args, kwargs)
-                row += f" {format_bytes(measured):>11} {100 * (measured - predicted) / predicted:6.1f}%"
+            measured, t_c = _measure(compiled, model, device, args, kwargs, zero, a.repeats)
+            row += f" {format_bytes(measured):>11} {100 * (measured - predicted) / predicted:6.1f}%"
+            if t_c is not None:
+                row += f" {plan.predicted_time_s * 1e3:8.3f} {t_c * 1e3:8.3f} {t_e * 1e3:8.3f}"
             model.zero_grad(set_to_none=True)
             print(row, flush=True)
             if a.arena:
@@ -173,18 +167,25 @@ def _arena_row(name, model, captured, plan, device, args, kwargs, zero, repeats)
     predicted = plan.peak_bytes[DEVICE]
     what = f"arena {format_bytes(layout.arena_bytes)} +{format_bytes(layout.outside_peak_bytes)}"
     row = f"{name:18} {'arena':>7} {what[:28]:28} {format_bytes(predicted):>11}"
-    if device.type == "cuda":
-        def step():
-            compiled(*args, **kwargs).backward()
-        measured, t_c = timed_runs(step, zero, repeats)
-        row += (f" {format_bytes(measured):>11} {100 * (measured - predicted) / predicted:6.1f}%"
-                f" {'':>8} {t_c * 1e3:8.3f}")
-        _restore_devices(model, device)
-    else:
-        measured = measure_cpu(compiled, args, kwargs)
-        row += f" {format_bytes(measured):>11} {100 * (measured - predicted) / predicted:6.1f}%"
+    measured, t_c = _measure(compiled, model, device, args, kwargs, zero, repeats)
+    row += f" {format_bytes(measured):>11} {100 * (measured - predicted) / predicted:6.1f}%"
+    if t_c is not None:
+        row += f" {'':>8} {t_c * 1e3:8.3f}"
     model.zero_grad(set_to_none=True)
     return row
+
+
+def _measure(compiled, model, device, args, kwargs, zero, repeats) -> tuple[int, float | None]:
+    """Device peak of one compiled step, and on CUDA its time (None on the CPU)."""
+    if device.type != "cuda":
+        return measure_cpu(compiled, args, kwargs), None
+
+    def step():
+        compiled(*args, **kwargs).backward()
+
+    measured, seconds = timed_runs(step, zero, repeats)
+    _restore_devices(model, device)
+    return measured, seconds
 
 
 def _restore_devices(model: torch.nn.Module, device: torch.device) -> None:
