@@ -259,10 +259,20 @@ def test_inference_streams_weights_and_keeps_activations() -> None:
     assert "stream" in fates and not fates & {"recompute", "swap"}
 
 
-def test_solver_reports_what_its_bound_is() -> None:
+def test_solver_reports_a_proven_bound_below_its_plan_and_the_baselines() -> None:
     graph, times = transformer(4)
-    plan = _plan(graph, times, int(_keep_all_peak(graph, times) * 0.5))
-    assert "not a bound over every possible schedule" in plan.solver["bound_kind"]
+    budget = int(_keep_all_peak(graph, times) * 0.5)
+    plan = _plan(graph, times, budget, chans=[], host=None)  # remat only: dropping bytes costs
+    _check(plan, budget, graph, times, host=None)
+    bound = plan.solver["bound_s"]
+    assert plan.keep_all_time_s < bound <= plan.predicted_time_s * (1 + 1e-9)
+    assert plan.solver["gap"] == pytest.approx(1 - bound / plan.predicted_time_s)
+    assert plan.solver["bound_step"] in {op.name for op in graph.ops}
+    assert "model_bound_s" in plan.solver and "capture order" in plan.solver["bound_kind"]
+    for base in baseline_plans(graph, capacities={"device": budget}, channels=[],
+                               op_time_s=times, hardware="test", training=True).values():
+        if base.peak_bytes["device"] <= budget:
+            assert bound <= base.predicted_time_s * (1 + 1e-9)
 
 
 # -- the measured local search (stage 3) -------------------------------------------------------

@@ -1,7 +1,8 @@
 """Property test of the joint planner (issue #3): random training-shaped graphs, random budgets
 between the smallest the planner reaches (its InfeasibleBudget at a floor no plan can beat) and
 keep-all, with and without a host tier; every plan replays under
-``tierplan.validate`` within its budget, and every budget from the smallest reported one up plans."""
+``tierplan.validate`` within its budget, every budget from the smallest reported one up plans, and
+the proven lower bound never exceeds the plan's step time."""
 from __future__ import annotations
 
 
@@ -77,6 +78,8 @@ def test_random_graphs_plan_within_budget_and_validate(seed, layers, ops_per_lay
     for tier, cap in plan.capacities.items():
         assert replay.peak_bytes[tier] <= cap
     assert plan.predicted_time_s >= plan.keep_all_time_s * (1 - 1e-9)
+    # The proven bound holds for this plan (and is reported unclipped, so a wrong one shows).
+    assert plan.solver["bound_s"] <= plan.predicted_time_s * (1 + 1e-9) + 1e-12
     if not host:
         assert all(d.fate not in ("swap", "stream", "offload") for d in plan.decisions.values())
     _stats["planned"] += 1
