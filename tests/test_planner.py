@@ -330,3 +330,30 @@ def test_tight_budget_with_a_host_tier_beats_checkpoint_blocks() -> None:
 def _check_with(plan: Plan, budget: int, graph, times, chans) -> None:
     assert validate(plan).peak_bytes["device"] <= budget
     assert plan.predicted_time_s >= plan.keep_all_time_s * (1 - 1e-9)
+
+
+def test_two_slower_tiers_never_stream_a_weight_a_recompute_reads() -> None:
+    """A weight can be streamed from host or from NVMe (two options of one key); a recompute that
+    reads it where neither stream holds it must exclude both (it once excluded only the last)."""
+    from tierplan.cost_models.compute import graph_op_times
+    from tierplan.cost_models.hardware import load_hardware
+    from tierplan.passes.capture import capture
+    from tierplan.planner.problem import tier_capacities, transfer_channels
+    from tierplan.zoo import load_model
+
+    hw = load_hardware("h100-sxm")
+    model, args, kwargs = load_model("cnn", batch_size=32, seq_len=32, training=True, fake=True)
+    graph = capture(model, args, example_kwargs=kwargs, training=True).graph
+    times = graph_op_times(graph, hw)
+    tiers = ("host", "nvme")
+    peak = _keep_all_peak(graph, times)
+    for share in (0.2, 0.5):
+        budget = int(peak * share)
+        try:
+            plan = solve(graph, capacities=dict(tier_capacities(hw, tiers), device=budget),
+                         channels=transfer_channels(hw, tiers), op_time_s=times, hardware=hw.name,
+                         training=True, time_limit_s=2)
+        except InfeasibleBudget as exc:
+            assert exc.min_feasible_bytes > budget
+            continue
+        assert validate(plan).peak_bytes["device"] <= budget

@@ -149,7 +149,9 @@ def linearize(problem: Problem, *, restrict: bool = False, recompute_only: bool 
     delta = np.cumsum(diff, axis=1)[:, :n]
     anchors = _anchors(problem, units_of, options)
     conflicts = []
-    stream_of = {st.storage: st for st in problem.streams}
+    streams_of: dict[str, list] = {}  # one stream per tier the storage can start on
+    for st in problem.streams:
+        streams_of.setdefault(st.storage, []).append(st)
     for key, members in units_of.items():
         for option in options[key]:
             if not is_recompute(option):
@@ -157,11 +159,11 @@ def linearize(problem: Problem, *, restrict: bool = False, recompute_only: bool 
             for u in members:
                 seg = problem.units[u].segment_for(option)
                 for storage in seg.persistent if seg is not None else ():
-                    st = stream_of.get(storage)
-                    if st is not None and not st.present_at(seg.at):
-                        pair = ((key, option), (("stream", storage), st.option))
-                        if pair not in conflicts:
-                            conflicts.append(pair)
+                    for st in streams_of.get(storage, ()):
+                        if not st.present_at(seg.at):
+                            pair = ((key, option), (("stream", storage), st.option))
+                            if pair not in conflicts:
+                                conflicts.append(pair)
     graph = problem.graph
     outs = np.array([sum(graph.tensors[o].nbytes for o in op.outputs if not graph.tensors[o].is_view)
                      for op in graph.ops], dtype=np.int64)
