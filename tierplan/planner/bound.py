@@ -10,9 +10,11 @@ Pick a step t. While its op runs, the device holds its inputs and outputs, every
 may move (backward-made tensors alive at t, caller-owned state without a slower tier), and, of
 the forward-made storages read at or after t, the ones the plan keeps. Every other such storage
 is off the device at t, so after t it is either re-created (its producer runs again: that op's
-time is overhead) or copied back (its copy out finished before t and its copy in runs after t, on
-the channels' queues). A queue runs one copy at a time, so its copies fit in the time the step
-runs, which is the compute time plus the overhead itself. That is a small knapsack:
+time is overhead, and the re-run needs its own inputs then: kept at t, re-created or copied back
+in turn) or copied back (its copy out finished before t and its copy in runs after t, on the
+channels' queues). A queue runs one copy at a time, a copy out starts after its storage is made,
+a copy in lands before its reader, and the clock in any window is its compute plus at most the
+plan's whole overhead. That is a small MIP:
 
     minimize   R + E
     subject to kept bytes <= budget - forced bytes at t
@@ -20,9 +22,10 @@ runs, which is the compute time plus the overhead itself. That is a small knapsa
                copies out of storages made after step k  <= compute in (k, t) + R + E   (per queue, k)
                copies in of storages read by step k      <= compute in (t, k) + R + E   (per queue, k)
 
-Each step's optimum (or CP-SAT's bound on it) is a valid lower bound; the best over a few
-high-pressure steps is reported. Relaxed on purpose: it ignores what a re-run op itself reads
-and when copies may start, so it is loose where those bind, but it never exceeds a real plan.
+Each step's optimum (or SCIP's bound on it, when it stops at its time limit) is a valid lower
+bound; the best over a few high-pressure steps is reported. Relaxed on purpose: a producer pays
+once however often a plan re-runs it, the bytes a re-run needs and other steps' budgets are not
+counted, so it is loose where those bind, but it never exceeds a real plan (docs/cost-model.md).
 """
 from __future__ import annotations
 
