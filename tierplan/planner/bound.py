@@ -93,9 +93,10 @@ def overhead_lower_bound(
         for name in op.inputs:
             readers.setdefault(graph.tensors[name].storage, []).append(i)
     cumulative = np.concatenate([[0.0], np.cumsum([op_time_s[n] for n in order])])
+    lives = lifetimes(graph, order)
     best = LowerBound(0.0, -1, 0, True)
     for step in np.argsort(-base, kind="stable")[:steps].tolist():
-        found = _step_bound(graph, order, int(step), budget, channels, op_time_s, readers, cumulative,
+        found = _step_bound(graph, order, lives, int(step), budget, channels, op_time_s, readers, cumulative,
                             time_limit_s)
         if found.overhead_s > best.overhead_s:
             best = found
@@ -119,7 +120,7 @@ def _copies(nbytes: int, channels: Sequence[Channel], *, out: bool, back: bool) 
     return tuple(found)
 
 
-def _step_bound(graph: Graph, order: list[str], t: int, budget: int, channels: Sequence[Channel],
+def _step_bound(graph: Graph, order: list[str], lives: list, t: int, budget: int, channels: Sequence[Channel],
                 op_time_s: Mapping[str, float], readers: dict[str, list[int]], cumulative: np.ndarray,
                 time_limit_s: float) -> LowerBound:
     tensors = graph.tensors
@@ -130,7 +131,7 @@ def _step_bound(graph: Graph, order: list[str], t: int, budget: int, channels: S
     position = {name: i for i, name in enumerate(order)}
     forced = 0
     items: list[_Item] = []
-    for life in lifetimes(graph, order):
+    for life in lives:
         s = life.storage
         info = tensors[s]
         if s in here:
