@@ -28,7 +28,7 @@ def _keep_all(graph, times):
 def _exhaustive_best(graph, times, budget, chans) -> float:
     """The fastest fitting plan over every combination of every unit's options (inf if none)."""
     caps = {"device": budget, "host": HOST} if chans else {"device": budget}
-    problem = analyze(graph, op_time_s=times, capacities=caps, channels=chans, share_blocks=False,
+    problem = analyze(graph, op_time_s=times, capacities=caps, channels=chans,
                       offer_streams=False)
     menus = [u.options() for u in problem.units]
     assert math.prod(len(m) for m in menus) <= 20_000, "graph too large to enumerate"

@@ -104,6 +104,47 @@ def test_compiled_matches_eager_and_plan_peak(name, budget):
     _assert_peak_matches_plan(tracker, plan)
 
 
+def test_recompute_that_discards_a_kept_output_matches_eager():
+    """Re-running each residual add re-runs the dropout before it, whose mask the plan keeps:
+    the re-run discards its mask (Step.discard) and the program still trains like eager."""
+    from tierplan.cost_models.compute import graph_op_times
+    from tierplan.cost_models.hardware import load_hardware
+    from tierplan.planner.assemble import build_plan
+    from tierplan.planner.candidates import RECOMPUTE, analyze
+    from tierplan.planner.validate import validate
+
+    model, args, kwargs = load_model("gpt2-tiny", batch_size=2, seq_len=32)
+    model.train(True)
+    captured = capture(model, args, example_kwargs=kwargs)
+    graph = captured.graph
+    problem = analyze(graph, op_time_s=graph_op_times(graph, load_hardware("cpu")),
+                      capacities={"device": 10**15}, channels=[])
+    adds = {i: RECOMPUTE for i, u in enumerate(problem.units)
+            if graph.op(u.op).target == "aten.add.Tensor" and RECOMPUTE in u.options()
+            and any(graph.op(op).target == "aten.native_dropout.default" for op in u.segment.ops)}
+    assert adds, "gpt2-tiny in train mode has residual adds behind dropouts"
+    plan = build_plan(problem, adds, method="test", hardware="cpu", training=True,
+                      keep_all_time_s=0.0, keep_all_peak_bytes=0).plan
+    discarding = [s for s in plan.schedule if s.discard]
+    assert discarding and all(graph.op(s.op).target == "aten.native_dropout.default" for s in discarding)
+    validate(plan)
+    compiled = compile_plan(model, captured, plan)
+    tracker = _tracker(compiled, compiled.flat_inputs(args, kwargs))
+    torch.manual_seed(3)
+    with tracker:
+        loss = compiled(*args, **kwargs)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    torch.manual_seed(3)
+    expected = _loss(model(*args, **kwargs))
+    expected.backward()
+    torch.testing.assert_close(loss.detach(), expected.detach(), rtol=1e-5, atol=1e-6)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(grads[n], p.grad, rtol=1e-5, atol=1e-6, msg=lambda m: f"{n}: {m}")
+    _assert_peak_matches_plan(tracker, plan)  # the scratch masks included
+
+
 def _nvme_compiled(tmp_path):
     model, args, kwargs = _build("gpt2-tiny")
     captured = _captured("gpt2-tiny")

@@ -184,3 +184,79 @@ def test_malformed_plan_files(tmp_path) -> None:
         P.Plan.from_json(bad)
     with pytest.raises(P.PlanError, match="cannot read plan file"):
         P.Plan.from_json(tmp_path / "missing.json")
+
+
+def dropout_graph() -> Graph:
+    """x (input, 1 MB), w (param, 2 MB) -> h = x @ w (4 MB) -> o, m = dropout(h) (4 MB, mask
+    1 MB) -> a = o * m (4 MB) -> loss; backward: gw = grad(a, m, p) (2 MB). Re-running the mul for
+    the backward needs o, so the dropout again, whose mask the plan already holds (and the mul
+    reads that copy)."""
+    tensors = {
+        "x": TensorInfo("x", (250_000,), "float32", 1 * MB, TensorKind.INPUT),
+        "w": TensorInfo("w", (500_000,), "float32", 2 * MB, TensorKind.PARAMETER),
+        "h": TensorInfo("h", (1_000_000,), "float32", 4 * MB, TensorKind.TEMPORARY),
+        "o": TensorInfo("o", (1_000_000,), "float32", 4 * MB, TensorKind.TEMPORARY),
+        "m": TensorInfo("m", (1_000_000,), "bool", 1 * MB, TensorKind.ACTIVATION),
+        "a": TensorInfo("a", (1_000_000,), "float32", 4 * MB, TensorKind.ACTIVATION),
+        "loss": TensorInfo("loss", (), "float32", 4, TensorKind.OUTPUT),
+        "gw": TensorInfo("gw", (500_000,), "float32", 2 * MB, TensorKind.GRADIENT),
+    }
+    ops = [
+        OpInfo("mm", "aten.mm.default", ["x", "w"], ["h"], Phase.FORWARD),
+        OpInfo("drop", "aten.native_dropout.default", ["h"], ["o", "m"], Phase.FORWARD),
+        OpInfo("mul", "aten.mul.Tensor", ["o", "m"], ["a"], Phase.FORWARD),
+        OpInfo("sum", "aten.sum.default", ["a"], ["loss"], Phase.FORWARD),
+        OpInfo("pad", "aten.relu.default", ["x"], ["p"], Phase.FORWARD),
+        OpInfo("grad", "aten.mm.default", ["a", "m", "p"], ["gw"], Phase.BACKWARD),
+    ]
+    tensors["p"] = TensorInfo("p", (250_000,), "float32", 1 * MB, TensorKind.ACTIVATION)
+    link_users(tensors, ops)
+    graph = Graph("dropout", tensors, ops, inputs=["x", "w"], outputs=["loss", "gw"])
+    graph.check()
+    return graph
+
+
+def _recompute_the_mul() -> P.Plan:
+    from tierplan.planner.assemble import build_plan
+    from tierplan.planner.candidates import analyze
+
+    graph = dropout_graph()
+    times = {op.name: 1.0 for op in graph.ops}
+    problem = analyze(graph, op_time_s=times, capacities={"device": 100 * MB}, channels=[])
+    (unit,) = [i for i, u in enumerate(problem.units) if u.op == "mul"]
+    return build_plan(problem, {unit: "recompute"}, method="test", hardware="test", training=True,
+                      keep_all_time_s=0.0, keep_all_peak_bytes=0).plan
+
+
+def test_a_recompute_discards_an_output_the_plan_holds(tmp_path) -> None:
+    plan = _recompute_the_mul()
+    reruns = [s for s in plan.schedule if s.kind == P.StepKind.RECOMPUTE]
+    assert [s.op for s in reruns] == ["mm", "drop", "mul"]
+    assert reruns[1].discard == ("m",) and reruns[0].discard == reruns[2].discard == ()
+    result = validate(plan)
+    # While the dropout re-runs: x, w, p, m (held), h (its input), o and a scratch mask.
+    assert result.peak_bytes["device"] == (1 + 2 + 1 + 1 + 4 + 4 + 1) * MB + 4
+    path = tmp_path / "plan.json"
+    plan.to_json(path)
+    assert P.Plan.from_json(path).schedule == plan.schedule
+
+
+def test_rejects_bad_discards() -> None:
+    plan = _recompute_the_mul()
+    at = next(i for i, s in enumerate(plan.schedule) if s.discard)
+
+    def with_step(step: P.Step) -> P.Plan:
+        return dataclasses.replace(plan, schedule=plan.schedule[:at] + [step] + plan.schedule[at + 1:])
+
+    with pytest.raises(P.PlanError, match="m is already on device"):
+        replay(with_step(P.recompute("drop")))  # re-creating the mask the plan holds
+    with pytest.raises(P.PlanError, match="not a storage the op writes"):
+        replay(with_step(P.recompute("drop", ("h",))))
+    first = next(i for i, s in enumerate(plan.schedule) if s.op == "drop")
+    broken = list(plan.schedule)
+    broken[first] = P.Step(P.StepKind.COMPUTE, op="drop", discard=("m",))
+    with pytest.raises(P.PlanError, match="only a recompute may discard"):
+        replay(dataclasses.replace(plan, schedule=broken))
+    # The scratch bytes count against the budget.
+    with pytest.raises(P.PlanError, match="scratch bytes of the discarded outputs"):
+        replay(dataclasses.replace(plan, capacities={"device": validate(plan).peak_bytes["device"] - 1}))

@@ -198,13 +198,16 @@ def test_block_recompute_groups_are_in_the_option_space() -> None:
     and between its peak and keep-all's the solver finds strictly faster mixes."""
     from tierplan.planner.candidates import analyze
     from tierplan.planner.linear import linearize
-    from tierplan.planner.remat_swap import _choice_of
+    from tierplan.planner.remat_swap import _as_options
     from tierplan.planner.baselines import checkpoint_blocks_fates
 
     graph, times = transformer(6)
     problem = analyze(graph, op_time_s=times, capacities={"device": 10**15}, channels=[])
     fates, segments = checkpoint_blocks_fates(problem)
-    assert _choice_of(linearize(problem), fates, segments) is not None
+    as_options = _as_options(problem, fates, segments)
+    assert as_options is not None
+    for shared in (False, True):
+        assert linearize(problem, shared=shared).choice(as_options) is not None
     caps = {"device": 10**15}
     ckpt = baseline_plans(graph, capacities=caps, channels=[], op_time_s=times, hardware="test",
                           training=True)["checkpoint-blocks"]
@@ -285,7 +288,7 @@ def test_local_search_improves_checkpoint_blocks_and_stays_within_the_budget() -
     from tierplan.planner.candidates import analyze
     from tierplan.planner.linear import linearize
     from tierplan.planner.local_search import improve
-    from tierplan.planner.remat_swap import _choice_of
+    from tierplan.planner.remat_swap import _as_options
     from tierplan.planner.timeline import build_schedule, initial_tiers, simulate
 
     graph, times = transformer(8, hidden=8 * MB, mm_s=2e-4)
@@ -294,7 +297,7 @@ def test_local_search_improves_checkpoint_blocks_and_stays_within_the_budget() -
     problem = analyze(graph, op_time_s=times, capacities=caps, channels=chans)
     linear = linearize(problem)
     fates, segments = checkpoint_blocks_fates(problem)
-    start = _choice_of(linear, fates, segments)
+    start = linear.choice(_as_options(problem, fates, segments))
     f = linear.fates(start)
     budget = simulate(graph, build_schedule(problem, f), capacities=caps, channels=chans, op_time_s=times,
                       initial_tiers=initial_tiers(problem, f)).peak_bytes["device"]  # checkpoint-blocks' own

@@ -208,7 +208,7 @@ def device_allocations(plan: Plan) -> list[tuple[str, int, int, str | None]]:
     for i, s in enumerate(plan.schedule):
         if s.op is not None:
             for t in graph.op(s.op).outputs:
-                if not graph.tensors[t].is_view:
+                if not graph.tensors[t].is_view and t not in s.discard:
                     opened[t] = (i, s.op)
         elif s.kind == StepKind.START_TRANSFER and s.dst == DEVICE:
             opened[graph.tensors[s.tensor or ""].storage] = (i, None)
@@ -236,6 +236,9 @@ def plan_arena(
             how = "a graph output (the caller keeps it)"
         elif op is None:
             how = "transfer"
+        elif plan.schedule[start].discard:
+            # Its out variant would need scratch space for the discarded outputs as well.
+            how = "a recompute that discards outputs (allocated outside)"
         else:
             why = op_placeable(op)
             how = "out" if why is None else f"{graph.op(op).target}: {why}"
@@ -278,9 +281,10 @@ def _fallback_peak(plan: Plan, placements: list[Placement]) -> tuple[int, int]:
         if not p.in_arena:
             starts[p.start] = starts.get(p.start, 0) + p.nbytes
             ends[p.end - 1] = ends.get(p.end - 1, 0) + p.nbytes
-    for i in range(len(plan.schedule)):
+    for i, step in enumerate(plan.schedule):
         used += starts.get(i, 0)
-        peak = max(peak, used)
+        scratch = sum(graph.tensors[t].nbytes for t in step.discard)  # a discarding recompute's
+        peak = max(peak, used + scratch)
         used -= ends.get(i, 0)
     return peak, caller
 

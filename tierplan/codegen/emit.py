@@ -352,7 +352,9 @@ class _Emitter:
         if node is None:
             raise EmitError(f"{label}: the fx graph has no node {s.op!r}")
         op = self.graph.op(node.name)
-        slots = self.outputs_of[node.name]
+        # Outputs the recompute discards are bound to nothing: the plan holds its own copy (or
+        # none), and the re-run's value is garbage the allocator takes back at once.
+        slots = [None if n in s.discard else n for n in self.outputs_of[node.name]]
         if len(slots) == 1 and not isinstance(node.meta.get("val"), (tuple, list)):
             target = self.var(slots[0]) if slots[0] else "_"
         else:

@@ -94,7 +94,7 @@ def baseline_plans(
         training=training,
     )
     out = {"keep-all": reference}
-    problem = analyze(graph, op_time_s=op_time_s, capacities=capacities, channels=channels, share_blocks=False)
+    problem = analyze(graph, op_time_s=op_time_s, capacities=capacities, channels=channels)
     common = dict(
         hardware=hardware, training=training, keep_all_time_s=reference.predicted_time_s,
         keep_all_peak_bytes=reference.keep_all_peak_bytes,

@@ -115,7 +115,8 @@ class Unit:
     nbytes: int
     segment: Segment | None = None  # None: recompute is not an option
     swaps: dict[str, list[SwapWindow]] = field(default_factory=dict)  # tier -> windows
-    share_key: tuple[int, int] | None = None  # (block template, index in block) when repeated
+    # (block template, index in block) when repeated: where a shared model gives one decision.
+    share_key: tuple[int, int] | None = None
     # Every recompute option (recompute_option(d)) -> its segment; every swap option -> windows.
     recomputes: dict[str, Segment] = field(default_factory=dict)
     swap_variants: dict[str, list[SwapWindow]] = field(default_factory=dict)
@@ -245,7 +246,6 @@ def analyze(
     op_time_s: dict[str, float],
     capacities: dict[str, int],
     channels: Sequence[Channel],
-    share_blocks: bool | None = None,
     offer_streams: bool | None = None,
 ) -> Problem:
     order = [op.name for op in graph.ops]
@@ -281,15 +281,13 @@ def analyze(
     _streams_and_offloads(problem, readers)
     # Streams and offloads enlarge the model a lot; offer them only where caller-owned state and
     # gradients are a large share of the budget (otherwise activations decide the plan).
-    movable = sum(st.nbytes for st in problem.streams) + sum(o.nbytes for o in problem.offloads)
+    # (Each storage once, however many tiers could take it: the decision must not depend on them.)
+    movable = sum({item.storage: item.nbytes for item in [*problem.streams, *problem.offloads]}.values())
     problem.streams_withheld = False
     if offer_streams is False or (offer_streams is None and movable < 0.75 * problem.capacities.get(DEVICE, 0)):
         problem.streams_withheld = bool(problem.streams or problem.offloads)
         problem.streams, problem.offloads = [], []
-    if share_blocks is None:
-        share_blocks = len(problem.units) > 150
-    if share_blocks:
-        _share_keys(problem)
+    _share_keys(problem)
     return problem
 
 
@@ -331,16 +329,13 @@ def _unit_for(problem: Problem, op_name: str, pos: int, readers: dict[str, list[
 def recompute_segment(problem: Problem, unit: Unit, at: int) -> Segment | None:
     """The ops to re-run right before step ``at`` to re-create ``unit``'s storages, or None.
 
-    The chain grows backwards through producers whose outputs are dead at ``at`` (so re-creating
-    them cannot collide with a copy still on the device); it stops at storages that are alive at
-    ``at`` in the keep-all plan (the anchors, which the solver must keep available there).
+    The chain grows backwards through storages that are dead at ``at`` in the keep-all plan; it
+    stops at storages alive there (the anchors, which the solver must keep available). Outputs of
+    the re-run ops that the recompute does not need are discarded (``Step.discard``), so an op
+    whose other output is still held (a dropout's mask) can be re-run for the one that is not.
     """
     graph = problem.graph
     moved = set(unit.storages)
-    for name in graph.op(unit.op).outputs:
-        t = graph.tensors[name]
-        if not t.is_view and name not in moved and _blocked(problem, name, at):
-            return None
     ops, anchors, stack, seen = {unit.op}, set(), [unit.op], {unit.op}
     persistent: set[str] = set()
     while stack:
@@ -356,11 +351,6 @@ def recompute_segment(problem: Problem, unit: Unit, at: int) -> Segment | None:
             producer = graph.tensors[storage].producer
             if producer is None or producer in seen:
                 continue
-            if any(
-                not graph.tensors[o].is_view and _blocked(problem, o, at)
-                for o in graph.op(producer).outputs
-            ):
-                return None
             seen.add(producer)
             ops.add(producer)
             stack.append(producer)
@@ -506,11 +496,6 @@ def _streams_and_offloads(problem: Problem, readers: dict[str, list[int]]) -> No
                     storage=storage, tier=tier, nbytes=t.nbytes, start=last, wait=w, out_s=out_s,
                     out_queue=down.queue, hidden_s=problem.compute_between(last + 1, w),
                 ))
-
-
-def _blocked(problem: Problem, storage: str, at: int) -> bool:
-    """Re-creating ``storage`` right before ``at`` would collide with a live copy or the caller's."""
-    return storage in problem.never_free or problem.alive_before(storage, at)
 
 
 def _swap_windows(problem: Problem, unit: Unit) -> dict[str, list[SwapWindow]]:

@@ -11,6 +11,7 @@ by per-window channel loads in the solver and measured exactly by ``timeline.sim
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Collection
 
 import numpy as np
 
@@ -64,19 +65,37 @@ class Linear:
         """member (a unit index, or ("stream"|"offload", index)) -> option."""
         return {u: choice.get(key, KEEP) for key, units in self.units_of.items() for u in units}
 
+    def choice(self, fates: dict) -> dict[Key, str] | None:
+        """The inverse of ``fates``: this model's choice for member fates, or None when the model
+        cannot express them (members of one shared key differ, or an option is not offered)."""
+        out: dict[Key, str] = {}
+        for key, members in self.units_of.items():
+            picked = {fates.get(m, KEEP) for m in members}
+            if len(picked) != 1:
+                return None
+            option = picked.pop()
+            if option != KEEP:
+                if option not in self.options[key]:
+                    return None
+                out[key] = option
+        return out
 
-def unit_key(problem: Problem, index: int) -> Key:
+
+def unit_key(problem: Problem, index: int, shared: bool) -> Key:
     unit = problem.units[index]
-    return ("block",) + unit.share_key if unit.share_key is not None else ("unit", index)
+    return ("block",) + unit.share_key if shared and unit.share_key is not None else ("unit", index)
 
 
-def linearize(problem: Problem, *, restrict: bool = False, recompute_only: bool = False) -> Linear:
-    """``restrict``: only v1's options (recompute at the unit's own first backward use, the
-    default swap window), a smaller model whose answers are valid choices of the full one.
-    ``recompute_only``: no swap / stream / offload options (the remat-only sub-model)."""
+def linearize(problem: Problem, *, shared: bool = False, restrict: bool = False,
+              tiers: Collection[str] | None = None) -> Linear:
+    """``shared``: units at the same place of repeated blocks take one decision (a model the size
+    of one block). ``restrict``: only v1's options (recompute at the unit's own first backward use,
+    the default swap window), a smaller model whose answers are valid choices of the full one.
+    ``tiers``: the slower tiers swap / stream / offload options may use (None: all; empty: the
+    remat-only sub-model)."""
     units_of: dict[Key, list] = {}
     for index in range(len(problem.units)):
-        units_of.setdefault(unit_key(problem, index), []).append(index)
+        units_of.setdefault(unit_key(problem, index, shared), []).append(index)
     options: dict[Key, list[str]] = {}
     for key, members in units_of.items():
         common = set(problem.units[members[0]].options())
@@ -84,14 +103,18 @@ def linearize(problem: Problem, *, restrict: bool = False, recompute_only: bool 
             common &= set(problem.units[m].options())
         if restrict:
             common = {o for o in common if "@" not in o}
-        if recompute_only:
-            common = {o for o in common if is_recompute(o)}
+        if tiers is not None:
+            common = {o for o in common if is_recompute(o) or option_tier(o) in tiers}
         options[key] = [o for o in problem.units[members[0]].options() if o in common and o != KEEP]
-    for i, stream in enumerate([] if recompute_only else problem.streams):
+    for i, stream in enumerate(problem.streams):
+        if tiers is not None and stream.tier not in tiers:
+            continue
         key = ("stream", stream.storage)
         units_of.setdefault(key, []).append(("stream", i))
         options.setdefault(key, []).append(stream.option)
-    for i, off in enumerate([] if recompute_only else problem.offloads):
+    for i, off in enumerate(problem.offloads):
+        if tiers is not None and off.tier not in tiers:
+            continue
         key = ("offload", off.storage)
         units_of.setdefault(key, []).append(("offload", i))
         options.setdefault(key, []).append(off.option)

@@ -53,6 +53,11 @@ class Step:
     compute / recompute: ``op``. start_transfer: ``tensor``, ``src``, ``dst``.
     wait_transfer: ``tensor``, ``dst`` (the compute stream waits until the copy has landed).
     free: ``tensor``, ``tier`` (its storage leaves that tier).
+
+    A recompute may ``discard`` outputs the plan does not need from it: the re-run writes them to
+    scratch memory released when the step ends, and a copy of the storage already on the device
+    (the dropout mask a kept unit holds while the dropout is re-run for its other output) stays
+    as it is. That is what lets a plan re-run an op one of whose outputs it keeps.
     """
 
     kind: StepKind
@@ -61,10 +66,12 @@ class Step:
     src: str | None = None
     dst: str | None = None
     tier: str | None = None
+    discard: tuple[str, ...] = ()
 
     def describe(self) -> str:
         if self.kind in (StepKind.COMPUTE, StepKind.RECOMPUTE):
-            return f"{self.kind.value} {self.op}"
+            extra = f" (discards {', '.join(self.discard)})" if self.discard else ""
+            return f"{self.kind.value} {self.op}{extra}"
         if self.kind == StepKind.START_TRANSFER:
             return f"start_transfer {self.tensor} {self.src}->{self.dst}"
         if self.kind == StepKind.WAIT_TRANSFER:
@@ -74,7 +81,7 @@ class Step:
     def to_list(self) -> list[Any]:
         """Compact JSON form: [kind, field, ...] with only the fields the kind uses."""
         if self.kind in (StepKind.COMPUTE, StepKind.RECOMPUTE):
-            return [self.kind.value, self.op]
+            return [self.kind.value, self.op] + ([list(self.discard)] if self.discard else [])
         if self.kind == StepKind.START_TRANSFER:
             return [self.kind.value, self.tensor, self.src, self.dst]
         if self.kind == StepKind.WAIT_TRANSFER:
@@ -85,7 +92,7 @@ class Step:
     def from_list(cls, item: list[Any]) -> Step:
         kind = StepKind(item[0])
         if kind in (StepKind.COMPUTE, StepKind.RECOMPUTE):
-            return cls(kind, op=item[1])
+            return cls(kind, op=item[1], discard=tuple(item[2]) if len(item) > 2 else ())
         if kind == StepKind.START_TRANSFER:
             return cls(kind, tensor=item[1], src=item[2], dst=item[3])
         if kind == StepKind.WAIT_TRANSFER:
@@ -97,8 +104,8 @@ def compute(op: str) -> Step:
     return Step(StepKind.COMPUTE, op=op)
 
 
-def recompute(op: str) -> Step:
-    return Step(StepKind.RECOMPUTE, op=op)
+def recompute(op: str, discard: tuple[str, ...] = ()) -> Step:
+    return Step(StepKind.RECOMPUTE, op=op, discard=tuple(discard))
 
 
 def start_transfer(tensor: str, src: str, dst: str) -> Step:

@@ -8,8 +8,7 @@ Design (see ``candidates`` and ``linear`` for the pieces):
   reader, prefetch early enough to hide behind the backward's compute).
 - The device's live bytes at every step are a linear function of the choices; only steps that can
   exceed the budget are constrained, one per stretch of steps with the same set of choices in
-  play (the others are dominated). Units at the same place of repeated blocks share one decision
-  when the graph is large.
+  play (the others are dominated).
 - Objective: recompute seconds + exposed copy time, a lower bound per queue from the load of
   every window of steps (bytes / bandwidth of the copies that must run inside it beyond its
   compute time). A recompute needs its inputs: precedence constraints tie it to its anchors.
@@ -17,18 +16,23 @@ Design (see ``candidates`` and ``linear`` for the pieces):
   measured exactly by ``timeline.simulate``; if the approximations let it exceed the budget, the
   model is re-solved with a budget tightened by the overshoot. The best measured plan among the
   solver's, the heuristic's and the baselines' is returned, so it is never worse than them.
-- Stages: (1) each unit recomputed only at its own first backward use, one swap window; (1b) with
-  a slower tier, the recompute-only sub-model (so a host tier never makes the plan worse than
-  remat alone); (2) every option, hinted with the best measured plan so far. The recompute points
-  include each block's first backward use, so checkpoint-blocks is a choice of the model.
+- Stages: (1) small models whose answers are choices of the full one: each unit recomputed only
+  at its own first backward use with one swap window; with a slower tier, the recompute-only
+  sub-model (so a host tier never makes the plan worse than remat alone); on a large graph
+  (more than ``_SHARE_ABOVE_UNITS`` units), every option with one decision per block position
+  (the size of one block: solved in a fraction of a second), then measured local moves in it;
+  (2) every option with one decision per unit, hinted with the best measured plan so far (GPT-2
+  small b8 s1024 on the RTX 4090 model at 12 GiB: 38.6 ms of recompute with one decision per
+  block position and its local search, 34.0 ms with one per unit); (3) measured local moves with one decision per unit. The recompute
+  points include each block's first backward use, so checkpoint-blocks is a choice of the model.
 - Local search (``local_search.improve``): drop / switch / trade moves screened by the linear
-  profile and measured by the simulator, from the best three measured plans; then, where repeated
-  blocks share one decision in the model, once more with one decision per unit from the best plan
-  (until the time limit). It is what gets tight budgets below checkpoint-blocks. CP-SAT runs with
-  a fixed seed and two workers (results still depend on how far it gets within the limit).
+  profile and measured by the simulator, from the best three measured plans. It finds plans the
+  model's conservative transient bytes exclude and, with copies in play, corrects the model's
+  queue timing (it gets more of the time then). CP-SAT runs with a fixed seed and two workers
+  (results still depend on how far it gets within the limit).
 - The gap reported is against ``bound.overhead_lower_bound``: a relaxation that no plan of the
-  space beats (per-block plans and torch's included). CP-SAT's bound on its own block-shared
-  model is ``solver["model_bound_s"]``; it does not cover plans outside that model.
+  space beats (torch's included). CP-SAT's bound on its own model is ``solver["model_bound_s"]``;
+  it does not cover plans outside that model.
 
 Checkmate (Jain et al., MLSys 2020) decides a full T x T recompute grid; Moccasin (Bartan et al.,
 ICML 2023) uses retention intervals in CP-SAT. Both stall at a few hundred nodes. Fixing the order
@@ -37,6 +41,7 @@ take thousands of ops, and adds the swap tiers neither has.
 """
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -62,7 +67,11 @@ DEFAULT_TIME_LIMIT_S = 30.0
 _TIME_UNITS = 1_000_000  # the keep-all step time in the model's integer time units
 _WINDOW_GROUPS = 32  # steps are grouped into this many windows for the channel-load constraints
 _LOCAL_SEARCH_STARTS = 3  # measured plans the local search starts from (best first)
+# Above this many units a block-shared model (one decision per block position) solves first and
+# hints the per-unit model; below it the per-unit model alone is small enough.
+_SHARE_ABOVE_UNITS = 150
 _LOCAL_SEARCH_SHARE = 0.25  # of the time left after stage 1, kept for the measured local search
+_LOCAL_SEARCH_SHARE_WITH_COPIES = 0.6
 _BOUND_STEPS = 2  # high-pressure steps the proven bound tries (the keep-all peak is the first)
 _BOUND_STEP_S = 2.0  # SCIP time per step; its LP-based bound is used when it stops early
 
@@ -111,50 +120,59 @@ def solve(
                                   steps=_BOUND_STEPS, time_limit_s=min(_BOUND_STEP_S, max(0.2, 0.05 * limit)))
     problem = analyze(graph, op_time_s=op_time_s, capacities=capacities, channels=channels,
                       offer_streams=_offer_streams)
+    # One decision per unit is the model that matters; on a large graph a block-shared model (the
+    # size of one block) solves first, in a fraction of a second, and hints it.
     linear = linearize(problem)
+    shared = len(problem.units) > _SHARE_ABOVE_UNITS and any(u.share_key for u in problem.units)
+    coarse = linearize(problem, shared=True) if shared else linear
     common = dict(hardware=hardware, training=training, keep_all_time_s=ka_time, keep_all_peak_bytes=ka_peak)
 
-    def build(fates: dict[int, str], method: str, **extra: Any) -> Built:
-        return build_plan(problem, fates, method=method, **common, **extra)
+    # Every plan tried, and the member fates of those a model can start from (as a hint or for the
+    # local search): fates, not one model's choice, so any model reads them back (Linear.choice).
+    tried: list[Built] = []
+    fates_of: dict[int, dict] = {}
+
+    def build(fates: dict, method: str, **extra: Any) -> Built:
+        built = build_plan(problem, fates, method=method, **common, **extra)
+        tried.append(built)
+        return built
 
     # Portfolio: the heuristic and the baselines are both hints and fallbacks.
     from tierplan.planner.baselines import checkpoint_blocks_fates, swap_all_fates
 
-    tried: list[Built] = []
-    choices: dict[int, dict[Key, str]] = {}  # id(built) -> its choice, for plans usable as hints
-    hint = greedy(linear, budget)
-    tried.append(build(linear.fates(hint), "greedy (seconds per byte freed at the peak step)"))
-    choices[id(tried[-1])] = hint
+    fates = coarse.fates(greedy(coarse, budget))
+    fates_of[id(build(fates, "greedy (seconds per byte freed at the peak step)"))] = fates
     ckpt = checkpoint_blocks_fates(problem)
     if ckpt is not None:
-        tried.append(build(ckpt[0], "checkpoint-blocks", segments=ckpt[1]))
-        as_choice = _choice_of(linear, ckpt[0], ckpt[1])
-        if as_choice is not None:
-            choices[id(tried[-1])] = as_choice
-    tried.append(build(swap_all_fates(problem), "swap-all"))
+        built = build(ckpt[0], "checkpoint-blocks", segments=ckpt[1])
+        as_options = _as_options(problem, ckpt[0], ckpt[1])
+        if as_options is not None:
+            fates_of[id(built)] = as_options
+    build(swap_all_fates(problem), "swap-all")
 
-    def best_hint() -> dict[Key, str]:
-        usable = [b for b in tried if b.fits and id(b) in choices]
-        if not usable:
-            return hint
-        return choices[id(min(usable, key=lambda b: b.plan.predicted_time_s))]
+    def starts(model: Linear) -> list[tuple[Built, dict[Key, str]]]:
+        """Plans the model can express, fitting ones first, fastest first, with their choices."""
+        ranked = sorted((b for b in tried if id(b) in fates_of),
+                        key=lambda b: (not b.fits, b.plan.predicted_time_s))
+        return [(b, c) for b in ranked if (c := model.choice(fates_of[id(b)])) is not None]
 
-    def stage(model_linear: Linear, share: float, label: str) -> Solved | None:
+    def stage(model: Linear, share: float, label: str) -> Solved | None:
         """Solve, measure, tighten the cap by any overshoot; at most ``share`` of the time left."""
         stage_end = time.perf_counter() + share * (limit - (time.perf_counter() - started))
-        cap, result, start_hint = budget, None, best_hint()
+        hints = starts(model)
+        cap, result, start_hint = budget, None, hints[0][1] if hints else None
         for _ in range(4):
             remaining = stage_end - time.perf_counter()
             if remaining <= 0.05:
                 break
-            result = _solve_model(model_linear, cap, hint=start_hint, time_limit_s=remaining)
+            result = _solve_model(model, cap, hint=start_hint, time_limit_s=remaining)
             if result.choice is None:
                 break
             info = _solver_info(result.status, ka_time + (result.objective_s or 0.0),
                                 ka_time + (result.bound_s or 0.0), result.solve_s)
-            built = build(model_linear.fates(result.choice), f"cp-sat ({label})", solver=info)
-            tried.append(built)
-            choices[id(built)] = result.choice
+            fates = model.fates(result.choice)
+            built = build(fates, f"cp-sat ({label})", solver=info)
+            fates_of[id(built)] = fates
             if built.fits:
                 break
             over = built.figures.peak_bytes[DEVICE] - budget
@@ -164,53 +182,72 @@ def solve(
             start_hint = result.choice
         return result
 
-    # Stage 1: each unit recomputed only at its own first backward use, one swap window (a small
-    # model that solves fast); stage 2: every option, hinted with the best measured plan so far.
-    restricted = linearize(problem, restrict=True)
-    if len(restricted.pairs) < len(linear.pairs):
-        stage(restricted, 0.3, "own-point options")
-    if any(option_tier(o) is not None for _, o in linear.pairs):
-        # The remat-only sub-model: its answers are choices of the full model, so a slower tier
-        # never makes the plan worse than recompute alone (copy costs the model under-prices
-        # cannot lure the search away from it).
-        remat = linearize(problem, recompute_only=True)
+    def measure(model: Linear, choice: dict[Key, str]) -> tuple[bool, float]:
+        fates = model.fates(choice)
+        try:
+            figures = simulate(graph, build_schedule(problem, fates), capacities=problem.capacities,
+                               channels=problem.channels, op_time_s=problem.op_time_s,
+                               initial_tiers=initial_tiers(problem, fates))
+        except PlanError:
+            return False, math.inf
+        return all(figures.peak_bytes.get(t, 0) <= c for t, c in problem.capacities.items()), figures.time_s
+
+    end = started + limit - 0.5  # time to build the plan (a schedule and its replay)
+
+    def local_search(model: Linear, label: str, share: float = 1.0) -> None:
+        """Local moves from the best measured plans the model can express, measured exactly, for
+        at most ``share`` of the time left."""
+        deadline = time.perf_counter() + share * (end - time.perf_counter())
+        seen: list[dict] = []
+        for start, choice in [(b, c) for b, c in starts(model) if b.fits][:_LOCAL_SEARCH_STARTS]:
+            if time.perf_counter() >= deadline or choice in seen:
+                continue
+            seen.append(choice)
+            better, better_s, evals = improve(model, choice, budget, functools.partial(measure, model),
+                                              deadline=deadline)
+            if better_s < start.plan.predicted_time_s * (1 - 1e-9):
+                fates = model.fates(better)
+                built = build(fates, f"local search ({evals} measured moves{label}) from {start.plan.method}",
+                              solver=dict(start.plan.solver))
+                fates_of[id(built)] = fates
+
+    # Stage 1 (small models that solve fast; their answers are choices of the full model): each
+    # unit recomputed only at its own first backward use with one swap window; with a slower tier,
+    # the remat-only sub-model (so a slower tier never makes the plan worse than recompute alone:
+    # copy costs the model under-prices cannot lure the search away from it); on a large graph,
+    # every option with one decision per block position, then local moves in that model (a move
+    # changes every block at once, which escapes optima single-unit moves cannot). With several
+    # slower tiers (host and NVMe) all of stage 1 uses the nearest alone, and its per-unit model
+    # is solved and improved before the full one: adding a farther tier starts from the answer
+    # without it (copies to NVMe that look cheap to the model cannot lure the search away).
+    slower = {option_tier(o) for _, o in linear.pairs} - {None}
+    nearest = min(slower, key=lambda t: _copy_seconds_per_byte(problem, t)) if len(slower) > 1 else None
+    first_tiers = (nearest,) if nearest else None
+    restricted = linearize(problem, shared=shared, restrict=True, tiers=first_tiers)
+    if len(restricted.pairs) < len(coarse.pairs):
+        stage(restricted, 0.3, "own-point options" + (f", {nearest} only" if nearest else ""))
+    if slower:
+        remat = linearize(problem, shared=shared, tiers=())
         if remat.pairs:
             stage(remat, 0.2, "recompute only")
-    solved = stage(linear, 1.0 - _LOCAL_SEARCH_SHARE, "keep/recompute/swap/stream")
-
-    # Stage 3: local moves on the best measured plan, measured exactly (see ``local_search``).
-    usable = sorted((b for b in tried if b.fits and id(b) in choices), key=lambda b: b.plan.predicted_time_s)
-    if usable:
-        def measure(choice: dict[Key, str]) -> tuple[bool, float]:
-            fates = linear.fates(choice)
-            try:
-                figures = simulate(graph, build_schedule(problem, fates), capacities=problem.capacities,
-                                   channels=problem.channels, op_time_s=problem.op_time_s,
-                                   initial_tiers=initial_tiers(problem, fates))
-            except PlanError:
-                return False, math.inf
-            return all(figures.peak_bytes.get(t, 0) <= c for t, c in problem.capacities.items()), figures.time_s
-
-        # From the best few measured plans (distinct local optima), while time is left.
-        deadline = started + limit
-        seen: list[dict] = []
-        for start in usable[:_LOCAL_SEARCH_STARTS]:
-            if time.perf_counter() >= deadline or choices[id(start)] in seen:
-                continue
-            seen.append(choices[id(start)])
-            better, better_s, evals = improve(linear, choices[id(start)], budget, measure, deadline=deadline)
-            if better_s < start.plan.predicted_time_s * (1 - 1e-9):
-                built = build(linear.fates(better), f"local search ({evals} measured moves) from {start.plan.method}",
-                              solver=dict(start.plan.solver))
-                if built.fits:
-                    tried.append(built)
-                    choices[id(built)] = better
-        # Where repeated blocks share one decision in the model, go on per block from the best
-        # plan (e.g. swap some blocks' activations behind the forward, recompute the others').
-        if any(key[0] == "block" for key in linear.keys) and time.perf_counter() < deadline - 1.0:
-            _per_block_search(problem, linear, tried, choices, budget, deadline, common, analyze_again=lambda: analyze(
-                graph, op_time_s=op_time_s, capacities=capacities, channels=channels,
-                offer_streams=_offer_streams, share_blocks=False))
+    if shared:
+        coarse_first = linearize(problem, shared=True, tiers=first_tiers) if nearest else coarse
+        label = ", per block position" + (f", {nearest} only" if nearest else "")
+        stage(coarse_first, 0.2, "every option" + label)
+        local_search(coarse_first, label, share=0.3)
+    if nearest:
+        near = linearize(problem, tiers=first_tiers)
+        stage(near, 0.3, f"recompute and {nearest} only")
+        local_search(near, f", {nearest} only", share=0.6)
+    # Stage 2: every option, one decision per unit, hinted with the best measured plan so far.
+    # With copies in play the model's queue timing is a loose bound and the measured local search
+    # does most of the work: it gets more of the time.
+    copies = bool(slower)
+    solved = stage(linear, 1.0 - (_LOCAL_SEARCH_SHARE_WITH_COPIES if copies else _LOCAL_SEARCH_SHARE),
+                   "keep/recompute/swap/stream")
+    # Stage 3: local moves with one decision per unit (see ``local_search``), e.g. swap some
+    # blocks' activations behind the forward, recompute the others'.
+    local_search(linear, "")
 
     fitting = [b for b in tried if b.fits]
     if not fitting and getattr(problem, "streams_withheld", False):
@@ -250,63 +287,24 @@ def solve(
     return plan
 
 
-def _per_block_search(problem: Problem, linear: Linear, tried: list[Built], choices: dict, budget: int,
-                      deadline: float, common: dict, analyze_again) -> None:
-    """Local search with one decision per unit (not per block template), from the best plan."""
-    usable = [b for b in tried if b.fits and id(b) in choices]
-    if not usable:
-        return
-    start = min(usable, key=lambda b: b.plan.predicted_time_s)
-    unshared = analyze_again()
-    if len(unshared.units) != len(problem.units):
-        return
-    search = linearize(unshared)
-    keys = {u: k for k, members in search.units_of.items() for u in members}
-    first = {keys[u]: o for u, o in linear.fates(choices[id(start)]).items() if o != KEEP and u in keys}
-    if any(o not in search.options[k] for k, o in first.items()):
-        return
-
-    def measure(choice: dict[Key, str]) -> tuple[bool, float]:
-        fates = search.fates(choice)
-        try:
-            figures = simulate(unshared.graph, build_schedule(unshared, fates), capacities=unshared.capacities,
-                               channels=unshared.channels, op_time_s=unshared.op_time_s,
-                               initial_tiers=initial_tiers(unshared, fates))
-        except PlanError:
-            return False, math.inf
-        return all(figures.peak_bytes.get(t, 0) <= c for t, c in unshared.capacities.items()), figures.time_s
-
-    # Leave time to build the plan (a schedule and its replay) within the limit.
-    better, better_s, evals = improve(search, first, budget, measure, deadline=deadline - 0.5)
-    if better_s < start.plan.predicted_time_s * (1 - 1e-9):
-        built = build_plan(unshared, search.fates(better), solver=dict(start.plan.solver), **common,
-                           method=f"local search ({evals} measured moves, per block) from {start.plan.method}")
-        if built.fits:
-            tried.append(built)
+def _copy_seconds_per_byte(problem: Problem, tier: str) -> float:
+    """Seconds per byte of a round trip device -> tier -> device (inf when a way is missing)."""
+    ways = [c for c in problem.channels if (c.src, c.dst) in ((DEVICE, tier), (tier, DEVICE))]
+    return sum(1.0 / c.bandwidth for c in ways) if len(ways) == 2 else math.inf
 
 
-def _choice_of(linear: Linear, fates: dict, segments: dict) -> dict[Key, str] | None:
-    """The model's choice for baseline fates with their own segments, when the options have them."""
-    problem = linear.problem
-    choice: dict[Key, str] = {}
-    for key, members in linear.units_of.items():
-        picked = set()
-        for m in members:
-            fate = fates.get(m, KEEP)
-            if isinstance(m, int) and fate != KEEP and m in segments:
-                unit = problem.units[m]
-                fate = next((o for o, seg in unit.recomputes.items() if seg == segments[m]), None)
-                if fate is None:
-                    return None
-            picked.add(fate)
-        if len(picked) != 1:
+def _as_options(problem: Problem, fates: dict, segments: dict) -> dict | None:
+    """Baseline fates with their own recompute segments as the units' options (the model's
+    language), or None when a segment is not one of the unit's options."""
+    out = dict(fates)
+    for member, segment in segments.items():
+        if out.get(member, KEEP) == KEEP:
+            continue
+        option = next((o for o, seg in problem.units[member].recomputes.items() if seg == segment), None)
+        if option is None:
             return None
-        fate = picked.pop()
-        if fate != KEEP:
-            if fate not in linear.options[key]:
-                return None
-            choice[key] = fate
-    return choice
+        out[member] = option
+    return out
 
 
 def _solver_info(status: str, objective_s: float, bound_s: float, solve_s: float) -> dict[str, Any]:

@@ -43,7 +43,7 @@ def build_schedule(
     pre_wait: list[list[Step]] = [[] for _ in range(n)]
     post_start: list[list[Step]] = [[] for _ in range(n)]
     post_wait: list[list[Step]] = [[] for _ in range(n)]
-    groups: list[list[tuple[int, Segment]]] = [[] for _ in range(n)]
+    groups: list[list[tuple[int, Segment]]] = [[] for _ in range(n)]  # (unit index, segment)
     for index, fate in fates.items():
         if fate == KEEP:
             continue
@@ -73,7 +73,7 @@ def build_schedule(
         segment = segments.get(index) or unit.segment_for(fate)
         if segment is None:
             raise PlanError(f"unit {unit.op} cannot be recomputed (no valid recompute segment)")
-        groups[segment.at].append((unit.position, segment))
+        groups[segment.at].append((index, segment))
 
     graph = problem.graph
     steps: list[Step] = []
@@ -81,19 +81,38 @@ def build_schedule(
         steps.extend(pre_start[i])
         steps.extend(pre_wait[i])
         present: set[str] = set()
+        needed = _needed_by_group(problem, groups[i])
         # Producers first, so that a unit another recomputed unit reads is back before it.
-        for _, segment in sorted(groups[i], key=lambda item: item[0]):
+        for _, segment in sorted(groups[i], key=lambda item: problem.units[item[0]].position):
             for op in segment.ops:
                 outs = [o for o in graph.op(op).outputs if not graph.tensors[o].is_view]
-                if outs and all(o in present for o in outs):
-                    continue  # an earlier segment of this group re-created it already
-                steps.append(recompute(op))
-                present.update(outs)
+                if outs and all(o in present or o not in needed for o in outs):
+                    continue  # an earlier segment of this group re-created what it needs already
+                steps.append(recompute(op, tuple(o for o in outs if o not in needed)))
+                present.update(o for o in outs if o in needed)
         steps.append(compute(name))
         steps.extend(post_start[i])
         steps.extend(post_wait[i])
     keep, keep_on = placement(problem, fates)
     return insert_frees(graph, steps, keep, keep_on)
+
+
+def _needed_by_group(problem: Problem, group: Sequence[tuple[int, Segment]]) -> set[str]:
+    """Storages a group of segments re-run at one step must re-create: the recomputed units' own
+    storages and what the group's ops read that is not an anchor (a storage the plan holds there).
+    Every other output of the re-run ops is discarded: nothing reads it before it would be freed,
+    or the plan holds its own copy of it."""
+    graph = problem.graph
+    needed: set[str] = set()
+    anchors: set[str] = set()
+    for _, segment in group:
+        anchors.update(segment.anchors)
+        for op in segment.ops:
+            needed.update(graph.tensors[name].storage for name in graph.op(op).inputs)
+    needed -= anchors
+    for index, _ in group:
+        needed.update(problem.units[index].storages)
+    return needed
 
 
 def _item(problem: Problem, index: tuple):
@@ -160,7 +179,7 @@ def insert_frees(graph: Graph, steps: Sequence[Step], keep: frozenset[str],
                 t = graph.tensors[name]
                 if t.is_view:
                     last_use[t.storage, DEVICE] = index
-                else:
+                elif name not in step.discard:
                     allocate(name, DEVICE, index)
         elif step.kind == StepKind.START_TRANSFER:
             storage = graph.tensors[step.tensor].storage
@@ -231,8 +250,13 @@ def simulate(
                 if storage not in held[DEVICE] or (storage, DEVICE) in pending:
                     raise PlanError(f"step {index} ({step.describe()}): input {name} is not ready")
             for name in op.outputs:
-                if not graph.tensors[name].is_view:
+                if not graph.tensors[name].is_view and name not in step.discard:
                     allocate(name, DEVICE, index)
+            # Discarded outputs occupy scratch memory while the op runs.
+            scratch = sum(graph.tensors[name].nbytes for name in step.discard)
+            if scratch and used[DEVICE] + scratch > peak[DEVICE]:
+                peak[DEVICE] = used[DEVICE] + scratch
+                peak_step, at_peak = index, tuple(sorted(held[DEVICE]))
             seconds = op_time_s[op.name]
             clock += seconds
             if kind == StepKind.RECOMPUTE:

@@ -4,7 +4,8 @@ This module shares no code with the planners that make plans: it reads only the 
 graph, the schedule, the tiers' capacities, the channels and the op times) and steps through the
 schedule with its own bookkeeping. It checks that
 
-- every op reads inputs that are resident on the device and not still in flight;
+- every op reads inputs that are resident on the device and not still in flight (the outputs a
+  recompute discards take scratch bytes during the op only);
 - every transfer reads a resident source, lands before anything uses it, and is waited for;
 - no tier ever holds more bytes than its capacity;
 - nothing is used after it was freed; every op runs; outputs and caller-owned state survive;
@@ -126,15 +127,32 @@ class _State:
             raise self.fail(index, step, "recompute of an op that was never computed")
         if not again and op.name in self.computed:
             raise self.fail(index, step, "op computed twice: the second run must be a recompute")
+        if step.discard and not again:
+            raise self.fail(index, step, "only a recompute may discard outputs (a first run makes them all)")
+        for tensor in step.discard:
+            if tensor not in op.outputs or self.graph.tensors[tensor].is_view:
+                raise self.fail(index, step, f"discards {tensor!r}, which is not a storage the op writes")
         for tensor in op.inputs:
             self.require_ready(index, step, tensor, DEVICE, "input")
         for tensor in op.outputs:
             info = self.graph.tensors[tensor]
             if info.is_view:
                 self.require_ready(index, step, info.storage, DEVICE, "the base of output")
-            else:
+            elif tensor not in step.discard:
                 self.freed_at.pop((tensor, DEVICE), None)
                 self.allocate(index, step, tensor, DEVICE, _READY)
+        # A discarded output is written to scratch memory for the duration of the op: it counts
+        # against the budget at this step and leaves any copy the plan holds untouched.
+        scratch = sum(self.nbytes(tensor) for tensor in step.discard)
+        if scratch:
+            if self.used[DEVICE] + scratch > self.plan.capacities[DEVICE]:
+                raise self.fail(
+                    index, step,
+                    f"{DEVICE} holds {self.used[DEVICE]} bytes, over its capacity of "
+                    f"{self.plan.capacities[DEVICE]} bytes with the {scratch} scratch bytes of the "
+                    f"discarded outputs",
+                )
+            self.peak[DEVICE] = max(self.peak[DEVICE], self.used[DEVICE] + scratch)
         seconds = self.plan.op_time_s[op.name]
         self.clock_s += seconds
         if again:

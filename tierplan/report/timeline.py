@@ -125,7 +125,7 @@ def timeline(plan: Plan) -> Timeline:
             op = graph.op(step.op)
             for name in op.outputs:
                 info = graph.tensors[name]
-                if not info.is_view:
+                if not info.is_view and name not in step.discard:  # discarded: scratch for one op
                     add(name, "device")
             seconds = plan.op_time_s.get(op.name, 0.0)
             out.compute.append(ComputeEvent(index, op.name, step.kind == StepKind.RECOMPUTE, clock, clock + seconds))
