@@ -1,7 +1,7 @@
 """A lower bound on the overhead of every plan in tierplan's plan space, from one step at a time.
 
-CP-SAT's bound covers its own model (fixed windows, options shared across repeated blocks); the
-plans the local search returns are outside it. This bound covers all of them, and torch's
+CP-SAT's bound covers its own model (fixed recompute points and copy windows, conservative
+transient bytes); the plans the local search returns can be outside it. This bound covers all of them, and torch's
 ``activation_memory_budget`` plans too: every plan that runs the graph's ops in capture order,
 frees copies after their last use, and may re-run forward ops (recompute), copy storages through
 the channels' queues (swap activations, stream caller-owned state, offload gradients).

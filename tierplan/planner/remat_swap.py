@@ -114,8 +114,8 @@ def solve(
         reference.solver = _solver_info("KEEP_ALL_FITS", ka_time, ka_time, time.perf_counter() - started)
         return reference
 
-    # The proven bound covers every plan of the space, per-block plans and torch's included;
-    # CP-SAT's bound covers its own (block-shared) model only and is reported beside it.
+    # The proven bound covers every plan of the space, torch's included; CP-SAT's bound covers
+    # its own model only (fixed recompute points and windows) and is reported beside it.
     proven = overhead_lower_bound(graph, budget=budget, channels=channels, op_time_s=op_time_s,
                                   steps=_BOUND_STEPS, time_limit_s=min(_BOUND_STEP_S, max(0.2, 0.05 * limit)))
     problem = analyze(graph, op_time_s=op_time_s, capacities=capacities, channels=channels,
@@ -242,8 +242,7 @@ def solve(
     # Stage 2: every option, one decision per unit, hinted with the best measured plan so far.
     # With copies in play the model's queue timing is a loose bound and the measured local search
     # does most of the work: it gets more of the time.
-    copies = bool(slower)
-    solved = stage(linear, 1.0 - (_LOCAL_SEARCH_SHARE_WITH_COPIES if copies else _LOCAL_SEARCH_SHARE),
+    solved = stage(linear, 1.0 - (_LOCAL_SEARCH_SHARE_WITH_COPIES if slower else _LOCAL_SEARCH_SHARE),
                    "keep/recompute/swap/stream")
     # Stage 3: local moves with one decision per unit (see ``local_search``), e.g. swap some
     # blocks' activations behind the forward, recompute the others'.
@@ -261,7 +260,7 @@ def solve(
         retried.solver["solve_s"] = retried.solver.get("solve_s", 0.0) + elapsed
         return retried
     if not fitting:
-        found = _infeasible(problem, linear, budget, tried, limit, build)
+        found = _infeasible(problem, coarse, budget, tried, limit, build)  # the smaller model
         if isinstance(found, InfeasibleBudget):
             raise found
         fitting = [found]  # the min-peak probe found a plan within the budget
@@ -280,8 +279,8 @@ def solve(
         "bound_s: no plan that runs the ops in capture order, re-runs forward ops and copies through "
         "the channels' queues is faster (a relaxation at the step named by bound_step: the bytes the "
         "device must hold there, what dropping the rest costs; planner/bound.py); model_bound_s: "
-        "CP-SAT's bound on its own model (options at fixed points and windows, shared across repeated "
-        "blocks), not over every plan")
+        "CP-SAT's bound on its own model (options at fixed points and windows, one decision per unit), "
+        "not over every plan")
     if not plan.method.startswith("cp-sat"):
         plan.method = f"{plan.method} (best measured plan; the cp-sat answer was not faster)"
     return plan
@@ -349,7 +348,7 @@ def _lower_bound_peak(linear: Linear) -> int:
 
 
 def _solve_model(
-    linear: Linear, cap: int | None, *, hint: dict[Key, str] | None, time_limit_s: float,
+    linear: Linear, cap: int | None, *, hint: dict[Key, str] | None, time_limit_s: float, workers: int = 2,
 ) -> Solved:
     """Minimize overhead with the device at most ``cap``; with ``cap=None`` minimize the peak."""
     problem = linear.problem
@@ -421,7 +420,7 @@ def _solve_model(
 
     solver = cp_model.CpSolver()
     solver.parameters.max_time_in_seconds = time_limit_s
-    solver.parameters.num_workers = 2
+    solver.parameters.num_workers = workers
     solver.parameters.random_seed = 0
     started = time.perf_counter()
     status = solver.Solve(model)
@@ -495,11 +494,16 @@ def _infeasible(problem: Problem, linear: Linear, budget: int, tried: list[Built
                 build) -> InfeasibleBudget | Built:
     """The smallest budget a plan of this planner meets (measured), and what dominates it; or the
     smallest-peak plan itself when it fits after all (the stages' budget-constrained models can
-    miss a plan that the min-peak model finds)."""
-    candidates = list(tried)
-    min_solved = _solve_model(linear, None, hint=None, time_limit_s=min(10.0, max(limit, 1.0)))
+    miss a plan that the min-peak model finds).
+
+    The budget reported is one that planning again at it meets: the smallest peak of the plans
+    found the same way whatever the budget and the clock (the min-peak model on one worker,
+    which is deterministic when it finishes, and freeing everything). The stages' plans are
+    budget- and time-dependent; they count only when those two find nothing."""
+    reproducible: list[Built] = []
+    min_solved = _solve_model(linear, None, hint=None, time_limit_s=min(10.0, max(limit, 1.0)), workers=1)
     if min_solved.choice is not None:
-        candidates.append(build(linear.fates(min_solved.choice), "min-peak"))
+        reproducible.append(build(linear.fates(min_solved.choice), "min-peak"))
     everything: dict = {}
     for index, unit in enumerate(problem.units):
         opts = unit.options()
@@ -515,15 +519,20 @@ def _infeasible(problem: Problem, linear: Linear, budget: int, tried: list[Built
             everything[("offload", i)] = off.option
             moved.add(off.storage)
     try:
-        candidates.append(build(everything, "free-everything"))
+        reproducible.append(build(everything, "free-everything"))
     except PlanError:  # a probe only; the other candidates stand
         pass
-    usable = [b for b in candidates if all(
-        b.figures.peak_bytes.get(t, 0) <= cap for t, cap in problem.capacities.items() if t != DEVICE)]
-    best = min(usable or candidates, key=lambda b: b.figures.peak_bytes[DEVICE])
+
+    def lowest(candidates: list[Built]) -> Built | None:
+        usable = [b for b in candidates if all(
+            b.figures.peak_bytes.get(t, 0) <= cap for t, cap in problem.capacities.items() if t != DEVICE)]
+        return min(usable, key=lambda b: b.figures.peak_bytes[DEVICE], default=None)
+
+    fitting = [b for b in [*tried, *reproducible] if b.fits]
+    if fitting:
+        return min(fitting, key=lambda b: b.plan.predicted_time_s)
+    best = lowest(reproducible) or lowest(tried) or min([*tried, *reproducible], key=lambda b: b.figures.peak_bytes[DEVICE])
     smallest = best.figures.peak_bytes[DEVICE]
-    if best.fits:
-        return best
     graph = problem.graph
     at_peak = best.figures.device_at_peak
     owned = sum(graph.tensors[s].nbytes for s in at_peak
