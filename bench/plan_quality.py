@@ -23,11 +23,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from tierplan.cost_models.compute import graph_op_times
 from tierplan.cost_models.hardware import load_hardware
 from tierplan.ir import PERSISTENT_KINDS
-from tierplan.passes.blocks import detect_blocks
-from tierplan.passes.capture import capture
 from tierplan.planner.baselines import baseline_plans
 from tierplan.planner.bound import overhead_lower_bound
 from tierplan.planner.keep_all import keep_all_plan
@@ -37,7 +34,7 @@ from tierplan.planner.remat_swap import solve
 from tierplan.planner.torch_baseline import TorchBudgetBaseline
 from tierplan.planner.validate import validate
 from tierplan.units import format_bytes
-from tierplan.zoo import load_model
+from zoo_graph import training_graph
 
 DEFAULT_MODELS = "gpt2:8:1024,llama-7b:1:2048,bert-base:32:512,cnn:256:32"
 TIERED = (("tierplan remat-only", ()), ("tierplan +host", ("host",)), ("tierplan +host+nvme", ("host", "nvme")))
@@ -70,10 +67,7 @@ def bench_model(name: str, batch: int, seq: int, hardware: str, shares: list[flo
                 probes: int) -> None:
     hw = load_hardware(hardware)
     started = time.perf_counter()
-    model, args, kwargs = load_model(name, batch_size=batch, seq_len=seq, training=True, fake=True)
-    captured = capture(model, args, example_kwargs=kwargs, training=True)
-    graph = detect_blocks(captured.graph)
-    times = graph_op_times(graph, hw)
+    captured, graph, times = training_graph(name, batch, seq, hw)
     host = tier_capacities(hw, ("host",))
     chans = transfer_channels(hw, ("host",))
     ka = keep_all_plan(graph, capacities=dict(host, device=10**15), channels=chans, op_time_s=times,

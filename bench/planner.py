@@ -28,6 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from planner_graphs import channels, random_layered, transformer  # noqa: E402
+from zoo_graph import training_graph  # noqa: E402
 from tierplan.planner.baselines import baseline_plans  # noqa: E402
 from tierplan.planner.keep_all import keep_all_plan  # noqa: E402
 from tierplan.planner.plan import InfeasibleBudget  # noqa: E402
@@ -48,22 +49,14 @@ def synthetic_cases():
         yield name, graph, times, {"host": 10**12}, chans, None
 
 
-def _zoo_imports():
-    from tierplan.cost_models.compute import graph_op_times
-    from tierplan.cost_models.hardware import load_hardware
-    from tierplan.passes.blocks import detect_blocks
-    from tierplan.passes.capture import capture
-    from tierplan.planner.problem import tier_capacities, transfer_channels
-    from tierplan.zoo import load_model
-    return graph_op_times, load_hardware, detect_blocks, capture, tier_capacities, transfer_channels, load_model
-
 
 def torch_compare(models, fractions, hardware: str, time_limit: float) -> None:
     """tierplan (remat-only, and with the host tier) vs torch's activation_memory_budget at the
     device bytes torch's own plan reaches (see the module docstring)."""
     from tierplan.planner.torch_baseline import TorchBudgetBaseline
 
-    graph_op_times, load_hardware, detect_blocks, capture, tier_capacities, transfer_channels, load_model = _zoo_imports()
+    from tierplan.cost_models.hardware import load_hardware
+    from tierplan.planner.problem import tier_capacities, transfer_channels
     hw = load_hardware(hardware)
     print(f"\ntierplan vs torch activation_memory_budget at equal device bytes ({hw.name}; overhead = "
           f"predicted step time - keep-all's, same cost model and simulator; budget = the device peak "
@@ -76,10 +69,7 @@ def torch_compare(models, fractions, hardware: str, time_limit: float) -> None:
     print("-" * len(header))
     rows = []
     for model_name, batch, seq in models:
-        model, args, kwargs = load_model(model_name, batch_size=batch, seq_len=seq, training=True, fake=True)
-        captured = capture(model, args, example_kwargs=kwargs, training=True)
-        graph = detect_blocks(captured.graph)
-        times = graph_op_times(graph, hw)
+        captured, graph, times = training_graph(model_name, batch, seq, hw)
         caps = tier_capacities(hw, ("host",))
         chans = transfer_channels(hw, ("host",))
         probe = dict(caps, device=10**15)
@@ -129,26 +119,20 @@ def torch_compare(models, fractions, hardware: str, time_limit: float) -> None:
 
 def zoo_cases(models):
     try:
-        from tierplan.cost_models.compute import graph_op_times
         from tierplan.cost_models.hardware import load_hardware
-        from tierplan.passes.blocks import detect_blocks
-        from tierplan.passes.capture import capture
         from tierplan.planner.problem import tier_capacities, transfer_channels
-        from tierplan.zoo import load_model
     except Exception as exc:  # noqa: BLE001
         print(f"(zoo models skipped: {type(exc).__name__}: {exc})")
         return
     hw = load_hardware("h100-sxm")
     for model_name, batch, seq in models:
         try:
-            model, args, kwargs = load_model(model_name, batch_size=batch, seq_len=seq, training=True, fake=True)
-            captured = capture(model, args, example_kwargs=kwargs, training=True)
-            graph = detect_blocks(captured.graph)  # as tierplan.plan_graph does
+            captured, graph, times = training_graph(model_name, batch, seq, hw)
         except Exception as exc:  # noqa: BLE001
             print(f"({model_name} skipped: {type(exc).__name__}: {exc})")
             continue
         caps = tier_capacities(hw, ("host",))
-        yield f"{model_name} b{batch}s{seq}", graph, graph_op_times(graph, hw), {k: v for k, v in caps.items() if k != "device"}, \
+        yield f"{model_name} b{batch}s{seq}", graph, times, {k: v for k, v in caps.items() if k != "device"}, \
             transfer_channels(hw, ("host",)), captured.joint
 
 
