@@ -44,7 +44,7 @@ from __future__ import annotations
 import functools
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -125,91 +125,21 @@ def solve(
     linear = linearize(problem)
     shared = len(problem.units) > _SHARE_ABOVE_UNITS and any(u.share_key for u in problem.units)
     coarse = linearize(problem, shared=True) if shared else linear
-    common = dict(hardware=hardware, training=training, keep_all_time_s=ka_time, keep_all_peak_bytes=ka_peak)
-
-    # Every plan tried, and the member fates of those a model can start from (as a hint or for the
-    # local search): fates, not one model's choice, so any model reads them back (Linear.choice).
-    tried: list[Built] = []
-    fates_of: dict[int, dict] = {}
-
-    def build(fates: dict, method: str, **extra: Any) -> Built:
-        built = build_plan(problem, fates, method=method, **common, **extra)
-        tried.append(built)
-        return built
+    search = _Search(problem, budget, started, limit, dict(
+        hardware=hardware, training=training, keep_all_time_s=ka_time, keep_all_peak_bytes=ka_peak))
 
     # Portfolio: the heuristic and the baselines are both hints and fallbacks.
     from tierplan.planner.baselines import checkpoint_blocks_fates, swap_all_fates
 
-    fates = coarse.fates(greedy(coarse, budget))
-    fates_of[id(build(fates, "greedy (seconds per byte freed at the peak step)"))] = fates
+    search.build(coarse.fates(greedy(coarse, budget)), "greedy (seconds per byte freed at the peak step)",
+                 start=True)
     ckpt = checkpoint_blocks_fates(problem)
     if ckpt is not None:
-        built = build(ckpt[0], "checkpoint-blocks", segments=ckpt[1])
+        built = search.build(ckpt[0], "checkpoint-blocks", segments=ckpt[1])
         as_options = _as_options(problem, ckpt[0], ckpt[1])
         if as_options is not None:
-            fates_of[id(built)] = as_options
-    build(swap_all_fates(problem), "swap-all")
-
-    def starts(model: Linear) -> list[tuple[Built, dict[Key, str]]]:
-        """Plans the model can express, fitting ones first, fastest first, with their choices."""
-        ranked = sorted((b for b in tried if id(b) in fates_of),
-                        key=lambda b: (not b.fits, b.plan.predicted_time_s))
-        return [(b, c) for b in ranked if (c := model.choice(fates_of[id(b)])) is not None]
-
-    def stage(model: Linear, share: float, label: str) -> Solved | None:
-        """Solve, measure, tighten the cap by any overshoot; at most ``share`` of the time left."""
-        stage_end = time.perf_counter() + share * (limit - (time.perf_counter() - started))
-        hints = starts(model)
-        cap, result, start_hint = budget, None, hints[0][1] if hints else None
-        for _ in range(4):
-            remaining = stage_end - time.perf_counter()
-            if remaining <= 0.05:
-                break
-            result = _solve_model(model, cap, hint=start_hint, time_limit_s=remaining)
-            if result.choice is None:
-                break
-            info = _solver_info(result.status, ka_time + (result.objective_s or 0.0),
-                                ka_time + (result.bound_s or 0.0), result.solve_s)
-            fates = model.fates(result.choice)
-            built = build(fates, f"cp-sat ({label})", solver=info)
-            fates_of[id(built)] = fates
-            if built.fits:
-                break
-            over = built.figures.peak_bytes[DEVICE] - budget
-            if over <= 0:
-                break  # another tier overflowed: the per-tier bound is already conservative
-            cap -= over  # the model under-counted somewhere (transients); ask for that much less
-            start_hint = result.choice
-        return result
-
-    def measure(model: Linear, choice: dict[Key, str]) -> tuple[bool, float]:
-        fates = model.fates(choice)
-        try:
-            figures = simulate(graph, build_schedule(problem, fates), capacities=problem.capacities,
-                               channels=problem.channels, op_time_s=problem.op_time_s,
-                               initial_tiers=initial_tiers(problem, fates))
-        except PlanError:
-            return False, math.inf
-        return all(figures.peak_bytes.get(t, 0) <= c for t, c in problem.capacities.items()), figures.time_s
-
-    end = started + limit - 0.5  # time to build the plan (a schedule and its replay)
-
-    def local_search(model: Linear, label: str, share: float = 1.0) -> None:
-        """Local moves from the best measured plans the model can express, measured exactly, for
-        at most ``share`` of the time left."""
-        deadline = time.perf_counter() + share * (end - time.perf_counter())
-        seen: list[dict] = []
-        for start, choice in [(b, c) for b, c in starts(model) if b.fits][:_LOCAL_SEARCH_STARTS]:
-            if time.perf_counter() >= deadline or choice in seen:
-                continue
-            seen.append(choice)
-            better, better_s, evals = improve(model, choice, budget, functools.partial(measure, model),
-                                              deadline=deadline)
-            if better_s < start.plan.predicted_time_s * (1 - 1e-9):
-                fates = model.fates(better)
-                built = build(fates, f"local search ({evals} measured moves{label}) from {start.plan.method}",
-                              solver=dict(start.plan.solver))
-                fates_of[id(built)] = fates
+            search.fates_of[id(built)] = as_options
+    search.build(swap_all_fates(problem), "swap-all")
 
     # Stage 1 (small models that solve fast; their answers are choices of the full model): each
     # unit recomputed only at its own first backward use with one swap window; with a slower tier,
@@ -225,30 +155,30 @@ def solve(
     first_tiers = (nearest,) if nearest else None
     restricted = linearize(problem, shared=shared, restrict=True, tiers=first_tiers)
     if len(restricted.pairs) < len(coarse.pairs):
-        stage(restricted, 0.3, "own-point options" + (f", {nearest} only" if nearest else ""))
+        search.stage(restricted, 0.3, "own-point options" + (f", {nearest} only" if nearest else ""))
     if slower:
         remat = linearize(problem, shared=shared, tiers=())
         if remat.pairs:
-            stage(remat, 0.2, "recompute only")
+            search.stage(remat, 0.2, "recompute only")
     if shared:
         coarse_first = linearize(problem, shared=True, tiers=first_tiers) if nearest else coarse
         label = ", per block position" + (f", {nearest} only" if nearest else "")
-        stage(coarse_first, 0.2, "every option" + label)
-        local_search(coarse_first, label, share=0.3)
+        search.stage(coarse_first, 0.2, "every option" + label)
+        search.local_search(coarse_first, label, share=0.3)
     if nearest:
         near = linearize(problem, tiers=first_tiers)
-        stage(near, 0.3, f"recompute and {nearest} only")
-        local_search(near, f", {nearest} only", share=0.6)
+        search.stage(near, 0.3, f"recompute and {nearest} only")
+        search.local_search(near, f", {nearest} only", share=0.6)
     # Stage 2: every option, one decision per unit, hinted with the best measured plan so far.
     # With copies in play the model's queue timing is a loose bound and the measured local search
     # does most of the work: it gets more of the time.
-    solved = stage(linear, 1.0 - (_LOCAL_SEARCH_SHARE_WITH_COPIES if slower else _LOCAL_SEARCH_SHARE),
-                   "keep/recompute/swap/stream")
+    solved = search.stage(linear, 1.0 - (_LOCAL_SEARCH_SHARE_WITH_COPIES if slower else _LOCAL_SEARCH_SHARE),
+                          "keep/recompute/swap/stream")
     # Stage 3: local moves with one decision per unit (see ``local_search``), e.g. swap some
     # blocks' activations behind the forward, recompute the others'.
-    local_search(linear, "")
+    search.local_search(linear, "")
 
-    fitting = [b for b in tried if b.fits]
+    fitting = [b for b in search.tried if b.fits]
     if not fitting and getattr(problem, "streams_withheld", False):
         # Parameter streaming / gradient offload were left out to keep the model small: retry with
         # them in the time left (at least 1 s: a plan late beats a false "infeasible"), and
@@ -260,7 +190,7 @@ def solve(
         retried.solver["solve_s"] = retried.solver.get("solve_s", 0.0) + elapsed
         return retried
     if not fitting:
-        found = _infeasible(problem, coarse, budget, tried, limit, build)  # the smaller model
+        found = _infeasible(problem, coarse, budget, search)  # the smaller model
         if isinstance(found, InfeasibleBudget):
             raise found
         fitting = [found]  # the min-peak probe found a plan within the budget
@@ -284,6 +214,94 @@ def solve(
     if not plan.method.startswith("cp-sat"):
         plan.method = f"{plan.method} (best measured plan; the cp-sat answer was not faster)"
     return plan
+
+
+@dataclass
+class _Search:
+    """What one ``solve`` has built and the time it has, shared by its stages.
+
+    Plans are kept with their member fates (not one model's choice), so that any model reads
+    them back (``Linear.choice``) as a hint or a local-search start.
+    """
+
+    problem: Problem
+    budget: int
+    started: float
+    limit: float
+    common: dict[str, Any]  # build_plan's keywords: hardware, training, the keep-all figures
+    tried: list[Built] = field(default_factory=list)
+    fates_of: dict[int, dict] = field(default_factory=dict)  # id(built) -> its member fates
+
+    @property
+    def end(self) -> float:
+        return self.started + self.limit - 0.5  # time to build the plan (a schedule and its replay)
+
+    def build(self, fates: dict, method: str, *, start: bool = False, **extra: Any) -> Built:
+        """Build and measure the plan of ``fates``; ``start``: a model may start from it."""
+        built = build_plan(self.problem, fates, method=method, **self.common, **extra)
+        self.tried.append(built)
+        if start:
+            self.fates_of[id(built)] = fates
+        return built
+
+    def starts(self, model: Linear) -> list[tuple[Built, dict[Key, str]]]:
+        """Plans the model can express, fitting ones first, fastest first, with their choices."""
+        ranked = sorted((b for b in self.tried if id(b) in self.fates_of),
+                        key=lambda b: (not b.fits, b.plan.predicted_time_s))
+        return [(b, c) for b in ranked if (c := model.choice(self.fates_of[id(b)])) is not None]
+
+    def stage(self, model: Linear, share: float, label: str) -> Solved | None:
+        """Solve, measure, tighten the cap by any overshoot; at most ``share`` of the time left."""
+        now = time.perf_counter()
+        stage_end = now + share * (self.limit - (now - self.started))
+        ka_time = self.common["keep_all_time_s"]
+        hints = self.starts(model)
+        cap, result, start_hint = self.budget, None, hints[0][1] if hints else None
+        for _ in range(4):
+            remaining = stage_end - time.perf_counter()
+            if remaining <= 0.05:
+                break
+            result = _solve_model(model, cap, hint=start_hint, time_limit_s=remaining)
+            if result.choice is None:
+                break
+            info = _solver_info(result.status, ka_time + (result.objective_s or 0.0),
+                                ka_time + (result.bound_s or 0.0), result.solve_s)
+            built = self.build(model.fates(result.choice), f"cp-sat ({label})", start=True, solver=info)
+            if built.fits:
+                break
+            over = built.figures.peak_bytes[DEVICE] - self.budget
+            if over <= 0:
+                break  # another tier overflowed: the per-tier bound is already conservative
+            cap -= over  # the model under-counted somewhere (transients); ask for that much less
+            start_hint = result.choice
+        return result
+
+    def measure(self, model: Linear, choice: dict[Key, str]) -> tuple[bool, float]:
+        """(fits every tier, step time) of the choice's plan, from the simulator."""
+        problem = self.problem
+        fates = model.fates(choice)
+        try:
+            figures = simulate(problem.graph, build_schedule(problem, fates), capacities=problem.capacities,
+                               channels=problem.channels, op_time_s=problem.op_time_s,
+                               initial_tiers=initial_tiers(problem, fates))
+        except PlanError:
+            return False, math.inf
+        return all(figures.peak_bytes.get(t, 0) <= c for t, c in problem.capacities.items()), figures.time_s
+
+    def local_search(self, model: Linear, label: str, share: float = 1.0) -> None:
+        """Local moves from the best measured plans the model can express, measured exactly, for
+        at most ``share`` of the time left."""
+        deadline = time.perf_counter() + share * (self.end - time.perf_counter())
+        seen: list[dict] = []
+        for start, choice in [(b, c) for b, c in self.starts(model) if b.fits][:_LOCAL_SEARCH_STARTS]:
+            if time.perf_counter() >= deadline or choice in seen:
+                continue
+            seen.append(choice)
+            better, better_s, evals = improve(model, choice, self.budget, functools.partial(self.measure, model),
+                                              deadline=deadline)
+            if better_s < start.plan.predicted_time_s * (1 - 1e-9):
+                self.build(model.fates(better), f"local search ({evals} measured moves{label}) from "
+                           f"{start.plan.method}", start=True, solver=dict(start.plan.solver))
 
 
 def _copy_seconds_per_byte(problem: Problem, tier: str) -> float:
@@ -490,8 +508,7 @@ def _read(solver: cp_model.CpSolver, status: int, linear: Linear, x: dict, unit_
 # -- no plan fits ------------------------------------------------------------------------------
 
 
-def _infeasible(problem: Problem, linear: Linear, budget: int, tried: list[Built], limit: float,
-                build) -> InfeasibleBudget | Built:
+def _infeasible(problem: Problem, linear: Linear, budget: int, search: _Search) -> InfeasibleBudget | Built:
     """The smallest budget a plan of this planner meets (measured), and what dominates it; or the
     smallest-peak plan itself when it fits after all (the stages' budget-constrained models can
     miss a plan that the min-peak model finds).
@@ -500,10 +517,11 @@ def _infeasible(problem: Problem, linear: Linear, budget: int, tried: list[Built
     found the same way whatever the budget and the clock (the min-peak model on one worker,
     which is deterministic when it finishes, and freeing everything). The stages' plans are
     budget- and time-dependent; they count only when those two find nothing."""
+    tried = list(search.tried)
     reproducible: list[Built] = []
-    min_solved = _solve_model(linear, None, hint=None, time_limit_s=min(10.0, max(limit, 1.0)), workers=1)
+    min_solved = _solve_model(linear, None, hint=None, time_limit_s=min(10.0, max(search.limit, 1.0)), workers=1)
     if min_solved.choice is not None:
-        reproducible.append(build(linear.fates(min_solved.choice), "min-peak"))
+        reproducible.append(search.build(linear.fates(min_solved.choice), "min-peak"))
     everything: dict = {}
     for index, unit in enumerate(problem.units):
         opts = unit.options()
@@ -519,7 +537,7 @@ def _infeasible(problem: Problem, linear: Linear, budget: int, tried: list[Built
             everything[("offload", i)] = off.option
             moved.add(off.storage)
     try:
-        reproducible.append(build(everything, "free-everything"))
+        reproducible.append(search.build(everything, "free-everything"))
     except PlanError:  # a probe only; the other candidates stand
         pass
 
