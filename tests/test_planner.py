@@ -360,3 +360,36 @@ def test_two_slower_tiers_never_stream_a_weight_a_recompute_reads() -> None:
             assert exc.min_feasible_bytes > budget
             continue
         assert validate(plan).peak_bytes["device"] <= budget
+
+
+def test_models_read_back_member_fates_they_can_express() -> None:
+    """``Linear.choice`` inverts ``Linear.fates``: per unit always, per block position only when
+    every block takes the same option; ``tiers`` keeps a slower tier's options out."""
+    from tierplan.planner.candidates import KEEP, RECOMPUTE, analyze
+    from tierplan.planner.linear import linearize
+
+    graph, times = transformer(4)
+    from tierplan.planner.plan import Channel
+
+    two_tiers = [*channels(), Channel("device", "nvme", 2.5e9, 1e-4, "d2nvme"),
+                 Channel("nvme", "device", 2.5e9, 1e-4, "nvme2d")]
+    problem = analyze(graph, op_time_s=times, capacities={"device": 10**15, "host": HOST, "nvme": HOST},
+                      channels=two_tiers)
+    per_unit, per_block = linearize(problem), linearize(problem, shared=True)
+    assert len(per_block.keys) < len(per_unit.keys)
+    recomputable = [i for i, u in enumerate(problem.units) if RECOMPUTE in u.options() and u.share_key]
+    same = {i: RECOMPUTE for i in recomputable}
+    members = [m for ms in per_unit.units_of.values() for m in ms]
+    assert per_unit.fates(per_unit.choice(same)) == {m: same.get(m, KEEP) for m in members}
+    assert per_block.fates(per_block.choice(same)) == {m: same.get(m, KEEP) for m in members}
+    # One block recomputes, the others keep: only the per-unit model can say so.
+    first_block = graph.op(problem.units[recomputable[0]].op).block
+    one = {i: RECOMPUTE for i in recomputable if graph.op(problem.units[i].op).block == first_block}
+    assert per_unit.choice(one) is not None and per_block.choice(one) is None
+    # An option a model does not offer: NVMe in the host-only model.
+    nvme = next(o for u in problem.units for o in u.options() if o.startswith("swap:nvme"))
+    index = next(i for i, u in enumerate(problem.units) if nvme in u.options())
+    host_only = linearize(problem, tiers=("host",))
+    assert all("nvme" not in o for _, o in host_only.pairs) and any("host" in o for _, o in host_only.pairs)
+    assert per_unit.choice({index: nvme}) is not None and host_only.choice({index: nvme}) is None
+    assert all(o.startswith("recompute") for _, o in linearize(problem, tiers=()).pairs)
