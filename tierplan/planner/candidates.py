@@ -76,6 +76,8 @@ class SwapWindow:
     The offload starts after step ``last_fwd`` and is waited for after step ``out_wait``, when the
     device copy is freed; the prefetch starts before step ``in_start`` and is waited for before
     step ``first_bwd``. The storage is off the device for the steps in (out_wait, in_start).
+    These are the model's windows; the built schedule may move the wait later and the prefetch
+    earlier where the copy queue and the budget call for it (``retime``).
     """
 
     storage: str

@@ -1,8 +1,8 @@
 """From decisions to a concrete schedule, and the exact figures of a schedule.
 
-``build_schedule`` turns one fate per unit into steps (computes, recomputes, transfers, waits) and
-lets ``insert_frees`` free every copy right after its last use, the Checkmate accounting the
-validator uses. ``simulate`` steps through a schedule with the validator's timing and memory rules
+``build_schedule`` turns one fate per unit into steps (computes, recomputes, transfers, waits),
+lets ``retime`` move the copies to where their queues land them, and ``insert_frees`` free every
+copy right after its last use, the Checkmate accounting the validator uses. ``simulate`` steps through a schedule with the validator's timing and memory rules
 and returns the peaks and times the plan must predict. It is the planner's own simulator: the
 validator stays an independent check of it.
 """
@@ -16,6 +16,7 @@ from tierplan.planner.candidates import KEEP, Problem, Segment, option_tier
 from tierplan.planner.plan import (
     DEVICE, Channel, PlanError, Step, StepKind, compute, free, recompute, start_transfer, wait_transfer,
 )
+from tierplan.planner.retime import Copy, device_profile, positions_clock, retime
 
 
 @dataclass
@@ -38,12 +39,21 @@ def build_schedule(
     ``problem.offloads[i]``. ``segments`` overrides where and what a recomputed unit re-runs.
     """
     segments = segments or {}
+    graph = problem.graph
     n = len(problem.order)
-    pre_start: list[list[Step]] = [[] for _ in range(n)]
-    pre_wait: list[list[Step]] = [[] for _ in range(n)]
-    post_start: list[list[Step]] = [[] for _ in range(n)]
-    post_wait: list[list[Step]] = [[] for _ in range(n)]
+    copies: list[Copy] = []
     groups: list[list[tuple[int, Segment]]] = [[] for _ in range(n)]  # (unit index, segment)
+    routes = {(c.src, c.dst): c for c in problem.channels}
+
+    def copy(storage: str, src: str, dst: str, start: int, wait: int, limit: int,
+             after: Copy | None = None) -> Copy:
+        channel = routes[src, dst]
+        nbytes = graph.tensors[storage].nbytes
+        made = Copy(storage, nbytes, src, dst, channel.queue, channel.latency_s + nbytes / channel.bandwidth,
+                    start, wait, limit, after)
+        copies.append(made)
+        return made
+
     for index, fate in fates.items():
         if fate == KEEP:
             continue
@@ -54,47 +64,88 @@ def build_schedule(
                 continue  # the option moves this storage to another tier (one member per tier)
             if kind == "stream":
                 st = problem.streams[i]
-                for (first, _), q in zip(st.clusters, st.fetch):
-                    pre_start[q].append(start_transfer(st.storage, st.tier, DEVICE))
-                    pre_wait[first].append(wait_transfer(st.storage, DEVICE))
+                previous_last = -1
+                for (first, last), q in zip(st.clusters, st.fetch):
+                    copy(st.storage, st.tier, DEVICE, q, first, previous_last + 1)
+                    previous_last = last
             else:
                 off = problem.offloads[i]
-                post_start[off.start].append(start_transfer(off.storage, DEVICE, off.tier))
-                post_wait[off.wait].append(wait_transfer(off.storage, off.tier))
+                copy(off.storage, DEVICE, off.tier, off.start, off.wait, n - 1)
             continue
         unit = problem.units[index]
         if tier is not None:
             for w in unit.windows(fate):
-                post_start[w.last_fwd].append(start_transfer(w.storage, DEVICE, tier))
-                post_wait[w.out_wait].append(wait_transfer(w.storage, tier))
-                pre_start[w.in_start].append(start_transfer(w.storage, tier, DEVICE))
-                pre_wait[w.first_bwd].append(wait_transfer(w.storage, DEVICE))
+                out = copy(w.storage, DEVICE, tier, w.last_fwd, w.out_wait, w.in_start - 1)
+                copy(w.storage, tier, DEVICE, w.in_start, w.first_bwd, w.out_wait + 1, after=out)
             continue
         segment = segments.get(index) or unit.segment_for(fate)
         if segment is None:
             raise PlanError(f"unit {unit.op} cannot be recomputed (no valid recompute segment)")
         groups[segment.at].append((index, segment))
 
-    graph = problem.graph
-    steps: list[Step] = []
+    ops: list[list[Step]] = []  # position -> its recomputes and its compute
     for i, name in enumerate(problem.order):
-        steps.extend(pre_start[i])
-        steps.extend(pre_wait[i])
         present: set[str] = set()
         needed = _needed_by_group(problem, groups[i])
+        here: list[Step] = []
         # Producers first, so that a unit another recomputed unit reads is back before it.
         for _, segment in sorted(groups[i], key=lambda item: problem.units[item[0]].position):
             for op in segment.ops:
                 outs = [o for o in graph.op(op).outputs if not graph.tensors[o].is_view]
                 if outs and all(o in present or o not in needed for o in outs):
                     continue  # an earlier segment of this group re-created what it needs already
-                steps.append(recompute(op, tuple(o for o in outs if o not in needed)))
+                here.append(recompute(op, tuple(o for o in outs if o not in needed)))
                 present.update(o for o in outs if o in needed)
-        steps.append(compute(name))
-        steps.extend(post_start[i])
-        steps.extend(post_wait[i])
+        here.append(compute(name))
+        ops.append(here)
     keep, keep_on = placement(problem, fates)
+    if copies:
+        steps, positions = _interleave(ops, copies)
+        freed, freed_positions = _with_positions(insert_frees(graph, steps, keep, keep_on), steps, positions)
+        on_device = {s for s, tier in initial_tiers(problem, fates).items() if tier == DEVICE}
+        retime(copies, positions_clock(steps, positions, problem.op_time_s, n),
+               device_profile(graph, freed, freed_positions, on_device, n), problem.capacities[DEVICE])
+    steps, _ = _interleave(ops, copies)
     return insert_frees(graph, steps, keep, keep_on)
+
+
+def _interleave(ops: Sequence[Sequence[Step]], copies: Sequence[Copy]) -> tuple[list[Step], list[int]]:
+    """The steps in order, with the op position each belongs to: at each position, the fetches
+    that start there (in the order of their readers), the waits for fetches, the recomputes, the
+    compute, the offloads that start after it and the waits for offloads."""
+    n = len(ops)
+    pre_start: list[list[Copy]] = [[] for _ in range(n)]
+    pre_wait: list[list[Step]] = [[] for _ in range(n)]
+    post_start: list[list[Step]] = [[] for _ in range(n)]
+    post_wait: list[list[Step]] = [[] for _ in range(n)]
+    for c in copies:
+        if c.outward:
+            post_start[c.start].append(start_transfer(c.storage, c.src, c.dst))
+            post_wait[c.wait].append(wait_transfer(c.storage, c.dst))
+        else:
+            pre_start[c.start].append(c)
+            pre_wait[c.wait].append(wait_transfer(c.storage, c.dst))
+    steps: list[Step] = []
+    positions: list[int] = []
+    for i in range(n):
+        here = [start_transfer(c.storage, c.src, c.dst) for c in sorted(pre_start[i], key=lambda c: c.wait)]
+        here += pre_wait[i] + list(ops[i]) + post_start[i] + post_wait[i]
+        steps.extend(here)
+        positions.extend([i] * len(here))
+    return steps, positions
+
+
+def _with_positions(freed: list[Step], steps: list[Step], positions: list[int]) -> tuple[list[Step], list[int]]:
+    """Positions for ``insert_frees``' output: a free belongs to the step it follows."""
+    out: list[int] = []
+    j = 0
+    for step in freed:
+        if j < len(steps) and step is steps[j]:
+            out.append(positions[j])
+            j += 1
+        else:
+            out.append(out[-1])
+    return freed, out
 
 
 def _needed_by_group(problem: Problem, group: Sequence[tuple[int, Segment]]) -> set[str]:
