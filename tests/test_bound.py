@@ -8,7 +8,8 @@ import math
 
 import pytest
 
-from planner_graphs import MB, channels, random_layered, transformer
+from planner_graphs import MB, _Builder, channels, random_layered, transformer
+from tierplan.ir import Phase, TensorKind
 from tierplan.planner.baselines import baseline_plans
 from tierplan.planner.bound import overhead_lower_bound
 from tierplan.planner.candidates import analyze
@@ -98,3 +99,36 @@ def test_bound_is_zero_when_keep_all_fits() -> None:
     ka = _keep_all(graph, times)
     bound = overhead_lower_bound(graph, budget=ka.keep_all_peak_bytes, channels=[], op_time_s=times)
     assert bound.overhead_s == 0.0
+
+
+def test_copies_out_get_no_slack_from_recompute_that_runs_after_the_step() -> None:
+    # f1 -> A -> f2 -> B -> f3 -> C -> loss; the backward reads C, then B, then A. At g1 (C, its
+    # gradient and x0 on the device) a budget of 21 MB, what f2 needs, leaves no room for A or B.
+    # The cheapest way out: re-run f1 (1 ms) after g1 and copy B (1.5 ms each way). B's copy out
+    # has only f3 and f4 (1.001 ms) to hide behind: 0.499 ms exposed. Its copy back has no compute
+    # before g2 but the re-run (1 ms): 0.5 ms. 1.999 ms in all; 1.5 ms if the re-run of f1, which
+    # runs after g1, were also counted as time the copy out can hide behind.
+    b = _Builder()
+    b.tensor("x0", MB, TensorKind.INPUT)
+    b.tensor("dloss", 4, TensorKind.INPUT)
+    for name in ("A", "B", "C"):
+        b.tensor(name, 10 * MB, TensorKind.ACTIVATION)
+    for name in ("dC", "dB", "dA"):
+        b.tensor(name, MB, TensorKind.TEMPORARY)
+    b.tensor("loss", 4, TensorKind.OUTPUT)
+    b.op("f1", ["x0"], ["A"], 1e-3)
+    b.op("f2", ["A"], ["B"], 3e-3)
+    b.op("f3", ["B"], ["C"], 1e-3)
+    b.op("f4", ["C"], ["loss"], 1e-6)
+    b.op("g1", ["C", "dloss"], ["dC"], 1e-3, Phase.BACKWARD)
+    b.op("g2", ["B", "dC"], ["dB"], 1e-3, Phase.BACKWARD)
+    b.op("g3", ["A", "dB"], ["dA"], 1e-3, Phase.BACKWARD)
+    graph = b.graph("copy-slack", ["x0", "dloss"], ["loss"])
+    chans = channels(bandwidth=10 * MB / 1.5e-3, latency_s=0.0)
+    budget = 21 * MB + 8
+    bound = overhead_lower_bound(graph, budget=budget, channels=chans, op_time_s=b.times)
+    # The alternatives cost more: re-run both 4 ms, copy both 2.499 ms, copy A and re-run B 3 ms.
+    assert bound.overhead_s == pytest.approx(1e-3 + 0.499e-3 + 0.5e-3, rel=1e-3)
+    ka = _keep_all(graph, b.times)
+    best = _exhaustive_best(graph, b.times, budget, chans)
+    assert best < math.inf and ka.predicted_time_s + bound.overhead_s <= best * (1 + 1e-9)

@@ -13,13 +13,14 @@ is off the device at t, so after t it is either re-created (its producer runs ag
 time is overhead, and the re-run needs its own inputs then: kept at t, re-created or copied back
 in turn) or copied back (its copy out finished before t and its copy in runs after t, on the
 channels' queues). A queue runs one copy at a time, a copy out starts after its storage is made,
-a copy in lands before its reader, and the clock in any window is its compute plus at most the
-plan's whole overhead. That is a small MIP:
+a copy in lands before its reader, and the clock in any window is its compute plus what the plan
+adds there: before t at most S (stalls, other re-runs; the re-runs counted in R run after t),
+after t at most R + E. That is a small MIP:
 
-    minimize   R + E
+    minimize   R + S + E
     subject to kept bytes <= budget - forced bytes at t
                R = sum of the re-run producers' times
-               copies out of storages made after step k  <= compute in (k, t) + R + E   (per queue, k)
+               copies out of storages made after step k  <= compute in (k, t) + S       (per queue, k)
                copies in of storages read by step k      <= compute in (t, k) + R + E   (per queue, k)
 
 Each step's optimum (or SCIP's bound on it, when it stops at its time limit) is a valid lower
@@ -211,22 +212,26 @@ def _solve(items: list[_Item], reads: dict[str, list[str]], room: int, t: int,
                 solver.Add(available[storage] >= rerun_op[producer])
     # Bytes in MiB keep the coefficients well scaled for the LP.
     solver.Add(solver.Sum([v * (b / 2**20) for v, b in keep_terms]) <= room / 2**20)
+    # The re-runs above happen after t. Time the plan adds before t (stalls, or other re-runs) is
+    # the only slack the copies out have; after t the re-runs and the stalls there lengthen the
+    # windows of the copies in. Each second of either is overhead.
     rerun_total = solver.Sum([v * op_time_s[p] for p, v in rerun_op.items()])
-    exposed = solver.NumVar(0.0, solver.infinity(), "exposed")
-    slack = rerun_total + exposed
+    before = solver.NumVar(0.0, solver.infinity(), "before")
+    after = solver.NumVar(0.0, solver.infinity(), "after")
     end = len(cumulative) - 1
     for load in outs.values():
         # Copies of storages made after step k run inside (k, t): one queue, one copy at a time.
         for k in _cuts(sorted({made for _, _, made in load})):
             window = float(cumulative[t] - cumulative[k + 1]) if k >= 0 else float(cumulative[t])
-            solver.Add(solver.Sum([v * c for v, c, made in load if made >= k]) <= window + slack)
+            solver.Add(solver.Sum([v * c for v, c, made in load if made >= k]) <= window + before)
     for load in ins.values():
         # Copies that must land before step k (k > t) run inside (t, k); the rest within the step.
         for k in _cuts(sorted({due for _, _, due in load if due is not None})):
             window = float(cumulative[k] - cumulative[t + 1])
-            solver.Add(solver.Sum([v * c for v, c, due in load if due is not None and due <= k]) <= window + slack)
-        solver.Add(solver.Sum([v * c for v, c, _ in load]) <= float(cumulative[end]) + slack)
-    solver.Minimize(rerun_total + exposed)
+            solver.Add(solver.Sum([v * c for v, c, due in load if due is not None and due <= k])
+                       <= window + rerun_total + after)
+        solver.Add(solver.Sum([v * c for v, c, _ in load]) <= float(cumulative[end]) + rerun_total + before + after)
+    solver.Minimize(rerun_total + before + after)
     status = solver.Solve()
     if status == pywraplp.Solver.INFEASIBLE:
         return LowerBound(math.inf, t, forced, True)
