@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from planner_graphs import MB, channels, random_layered, transformer
+from planner_graphs import MB, channels, param_heavy, random_layered, transformer
 from tierplan.ir import TensorKind
 from tierplan.planner.baselines import baseline_plans
 from tierplan.planner.keep_all import keep_all_plan
@@ -393,3 +393,31 @@ def test_models_read_back_member_fates_they_can_express() -> None:
     assert all("nvme" not in o for _, o in host_only.pairs) and any("host" in o for _, o in host_only.pairs)
     assert per_unit.choice({index: nvme}) is not None and host_only.choice({index: nvme}) is None
     assert all(o.startswith("recompute") for _, o in linearize(problem, tiers=()).pairs)
+
+
+def test_chained_memory_constraints_solve_the_same_model(monkeypatch) -> None:
+    """With many long memory sums the model carries the profile's change from one constrained step
+    to the next instead; it is the same model (same optimum), and one whose deadline has passed
+    is not built at all."""
+    import time
+
+    import tierplan.planner.remat_swap as remat_swap
+    from tierplan.planner.candidates import analyze
+    from tierplan.planner.linear import linearize
+
+    graph, times = param_heavy(4)
+    keep_all = keep_all_plan(graph, capacities={"device": 10**15}, channels=[], op_time_s=times,
+                             hardware="test", training=True)
+    budget = int(keep_all.keep_all_peak_bytes * 0.5)
+    problem = analyze(graph, op_time_s=times, capacities={"device": budget, "host": HOST}, channels=channels(),
+                      offer_streams=True)
+    linear = linearize(problem)
+    assert problem.streams and problem.offloads
+    plain = remat_swap._solve_model(linear, budget, hint=None, deadline=time.perf_counter() + 20)
+    monkeypatch.setattr(remat_swap, "_CHAIN_ABOVE_TERMS", 0)
+    chained = remat_swap._solve_model(linear, budget, hint=None, deadline=time.perf_counter() + 20)
+    assert plain.status == chained.status == "OPTIMAL"
+    assert chained.objective_s == pytest.approx(plain.objective_s, rel=1e-9)
+    assert chained.objective_s > 0  # the budget forces streaming or recompute here
+    late = remat_swap._solve_model(linear, budget, hint=None, deadline=time.perf_counter())
+    assert late.choice is None and late.status == "NOT_BUILT"

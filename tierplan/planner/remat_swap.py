@@ -74,6 +74,8 @@ _LOCAL_SEARCH_SHARE = 0.25  # of the time left after stage 1, kept for the measu
 _LOCAL_SEARCH_SHARE_WITH_COPIES = 0.6
 _BOUND_STEPS = 2  # high-pressure steps the proven bound tries (the keep-all peak is the first)
 _BOUND_STEP_S = 2.0  # SCIP time per step; its LP-based bound is used when it stops early
+_MIN_SOLVE_S = 0.05  # a CP-SAT model with less time than this left is not solved
+_CHAIN_ABOVE_TERMS = 2_000_000  # memory constraints with more terms than this are chained
 
 
 @dataclass
@@ -258,10 +260,9 @@ class _Search:
         hints = self.starts(model)
         cap, result, start_hint = self.budget, None, hints[0][1] if hints else None
         for _ in range(4):
-            remaining = stage_end - time.perf_counter()
-            if remaining <= 0.05:
+            if stage_end - time.perf_counter() <= _MIN_SOLVE_S:
                 break
-            result = _solve_model(model, cap, hint=start_hint, time_limit_s=remaining)
+            result = _solve_model(model, cap, hint=start_hint, deadline=stage_end)
             if result.choice is None:
                 break
             info = _solver_info(result.status, ka_time + (result.objective_s or 0.0),
@@ -366,9 +367,15 @@ def _lower_bound_peak(linear: Linear) -> int:
 
 
 def _solve_model(
-    linear: Linear, cap: int | None, *, hint: dict[Key, str] | None, time_limit_s: float, workers: int = 2,
+    linear: Linear, cap: int | None, *, hint: dict[Key, str] | None, deadline: float, workers: int = 2,
 ) -> Solved:
-    """Minimize overhead with the device at most ``cap``; with ``cap=None`` minimize the peak."""
+    """Minimize overhead with the device at most ``cap``; with ``cap=None`` minimize the peak.
+
+    Building the model counts against ``deadline`` (``time.perf_counter()`` time) as solving
+    does: on a large graph with streams it takes seconds, and a model with no time left to solve
+    is not built to the end (no choice, status ``NOT_BUILT``).
+    """
+    started = time.perf_counter()
     problem = linear.problem
     total_s = max(sum(problem.op_time_s.values()), 1e-12)
     unit_s = total_s / _TIME_UNITS
@@ -389,27 +396,42 @@ def _solve_model(
         threshold = floor
     else:
         threshold = cap
-    for step in _constrained_steps(linear, threshold):
+    limit = peak_var if peak_var is not None else cap
+    by_index = np.array(pair_vars + [None], dtype=object)[:-1]  # fancy-indexable variables
+
+    def weighted(coefficients: np.ndarray) -> cp_model.LinearExpr:
+        nz = np.nonzero(coefficients)[0]
+        return cp_model.LinearExpr.WeightedSum(by_index[nz].tolist(), coefficients[nz].tolist())
+
+    steps = _constrained_steps(linear, threshold)
+    # A choice changes the profile at a few steps, but streams and offloads hold their bytes off
+    # the device over most of them: with many of those, each step's sum is long. Then the model
+    # carries the profile's change from one constrained step to the next (the same constraints,
+    # with far fewer terms to build).
+    chained = int(np.count_nonzero(linear.delta[:, steps])) > _CHAIN_ABOVE_TERMS if steps else False
+    previous, carried = np.zeros(len(linear.pairs), dtype=np.int64), None
+    for count, step in enumerate(steps):
+        if count % 64 == 0 and time.perf_counter() >= deadline - _MIN_SOLVE_S:
+            return Solved(None, "NOT_BUILT", None, None, time.perf_counter() - started)
         column = linear.delta[:, step]
-        nz = np.nonzero(column)[0]
-        expr = cp_model.LinearExpr.WeightedSum([pair_vars[p] for p in nz], [int(column[p]) for p in nz])
-        limit = peak_var if peak_var is not None else cap
-        model.Add(int(linear.base[step]) + expr <= limit)
+        if not chained:
+            model.Add(int(linear.base[step]) + weighted(column) <= limit)
+            continue
+        here = model.NewIntVar(int(np.clip(column, None, 0).sum()), int(np.clip(column, 0, None).sum()), "")
+        model.Add(here == (carried if carried is not None else 0) + weighted(column - previous))
+        model.Add(int(linear.base[step]) + here <= limit)
+        previous, carried = column, here
     # Right before steps with recompute groups: without the step's outputs, with the transients.
     for step in linear.transient_steps():
         column = linear.delta[:, step] + linear.transient[:, step]
         if linear.pre_base[step] + np.clip(column, 0, None).sum() <= threshold:
             continue
-        nz = np.nonzero(column)[0]
-        expr = cp_model.LinearExpr.WeightedSum([pair_vars[p] for p in nz], [int(column[p]) for p in nz])
-        model.Add(int(linear.pre_base[step]) + expr <= (peak_var if peak_var is not None else cap))
+        model.Add(int(linear.pre_base[step]) + weighted(column) <= limit)
 
     # Other tiers: everything swapped there at once (an upper bound on their peak).
     for tier, amounts in linear.swap_bytes.items():
-        nz = np.nonzero(amounts)[0]
-        if len(nz):
-            model.Add(cp_model.LinearExpr.WeightedSum([pair_vars[p] for p in nz], [int(amounts[p]) for p in nz])
-                      <= problem.capacities[tier])
+        if np.any(amounts):
+            model.Add(weighted(amounts) <= problem.capacities[tier])
 
     # A recompute reads its anchors at its recompute step.
     for a in linear.anchors:
@@ -436,6 +458,9 @@ def _solve_model(
             for option in [KEEP] + linear.options[key]:
                 model.AddHint(x[key, option], option == chosen)
 
+    time_limit_s = deadline - time.perf_counter()
+    if time_limit_s < _MIN_SOLVE_S:
+        return Solved(None, "NOT_BUILT", None, None, time.perf_counter() - started)
     solver = cp_model.CpSolver()
     solver.parameters.max_time_in_seconds = time_limit_s
     solver.parameters.num_workers = workers
@@ -519,7 +544,8 @@ def _infeasible(problem: Problem, linear: Linear, budget: int, search: _Search) 
     budget- and time-dependent; they count only when those two find nothing."""
     tried = list(search.tried)
     reproducible: list[Built] = []
-    min_solved = _solve_model(linear, None, hint=None, time_limit_s=min(10.0, max(search.limit, 1.0)), workers=1)
+    min_solved = _solve_model(linear, None, hint=None, workers=1,
+                              deadline=time.perf_counter() + min(10.0, max(search.limit, 1.0)))
     if min_solved.choice is not None:
         reproducible.append(search.build(linear.fates(min_solved.choice), "min-peak"))
     everything: dict = {}

@@ -2,8 +2,9 @@
 
 ``build_schedule`` turns one fate per unit into steps (computes, recomputes, transfers, waits),
 lets ``retime`` move the copies to where their queues land them, and ``insert_frees`` free every
-copy right after its last use, the Checkmate accounting the validator uses. ``simulate`` steps through a schedule with the validator's timing and memory rules
-and returns the peaks and times the plan must predict. It is the planner's own simulator: the
+copy right after its last use, the Checkmate accounting the validator uses. ``simulate`` steps
+through a schedule with the validator's timing and memory rules and returns the peaks and times
+the plan must predict. It is the planner's own simulator: the
 validator stays an independent check of it.
 """
 from __future__ import annotations
@@ -101,10 +102,11 @@ def build_schedule(
     keep, keep_on = placement(problem, fates)
     if copies:
         steps, positions = _interleave(ops, copies)
-        freed, freed_positions = _with_positions(insert_frees(graph, steps, keep, keep_on), steps, positions)
+        freed = insert_frees(graph, steps, keep, keep_on)
         on_device = {s for s, tier in initial_tiers(problem, fates).items() if tier == DEVICE}
-        retime(copies, positions_clock(steps, positions, problem.op_time_s, n),
-               device_profile(graph, freed, freed_positions, on_device, n), problem.capacities[DEVICE])
+        profile = device_profile(graph, freed, _positions_with_frees(freed, steps, positions), on_device, n)
+        retime(copies, positions_clock(steps, positions, problem.op_time_s, n), profile,
+               problem.capacities[DEVICE])
     steps, _ = _interleave(ops, copies)
     return insert_frees(graph, steps, keep, keep_on)
 
@@ -135,8 +137,9 @@ def _interleave(ops: Sequence[Sequence[Step]], copies: Sequence[Copy]) -> tuple[
     return steps, positions
 
 
-def _with_positions(freed: list[Step], steps: list[Step], positions: list[int]) -> tuple[list[Step], list[int]]:
-    """Positions for ``insert_frees``' output: a free belongs to the step it follows."""
+def _positions_with_frees(freed: list[Step], steps: list[Step], positions: list[int]) -> list[int]:
+    """The op position of each step of ``insert_frees``' output: a free belongs to the step it
+    follows."""
     out: list[int] = []
     j = 0
     for step in freed:
@@ -145,7 +148,7 @@ def _with_positions(freed: list[Step], steps: list[Step], positions: list[int]) 
             j += 1
         else:
             out.append(out[-1])
-    return freed, out
+    return out
 
 
 def _needed_by_group(problem: Problem, group: Sequence[tuple[int, Segment]]) -> set[str]:
