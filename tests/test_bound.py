@@ -6,9 +6,11 @@ from __future__ import annotations
 import itertools
 import math
 
+import numpy as np
+
 import pytest
 
-from planner_graphs import MB, _Builder, channels, random_layered, transformer
+from planner_graphs import MB, _Builder, channels, param_heavy, random_layered, transformer
 from tierplan.ir import Phase, TensorKind
 from tierplan.planner.baselines import baseline_plans
 from tierplan.planner.bound import overhead_lower_bound
@@ -132,3 +134,28 @@ def test_copies_out_get_no_slack_from_recompute_that_runs_after_the_step() -> No
     ka = _keep_all(graph, b.times)
     best = _exhaustive_best(graph, b.times, budget, chans)
     assert best < math.inf and ka.predicted_time_s + bound.overhead_s <= best * (1 + 1e-9)
+
+
+@pytest.mark.parametrize("budget_mb", [100, 110])
+def test_weight_heavy_bound_looks_at_the_activation_peak_and_stays_below_the_plan(budget_mb) -> None:
+    # Weights dwarf activations: the fullest keep-all steps are at the end of the backward, where
+    # weights and gradients pile up; the activations peak at the loss. Both kinds of step are tried.
+    from tierplan.passes.liveness import lifetimes, live_bytes
+    from tierplan.planner.bound import _peaks
+    from tierplan.planner.plan import Channel
+
+    graph, times = param_heavy(4, weight=16 * MB, act=8 * MB)
+    order = [op.name for op in graph.ops]
+    base = np.asarray(live_bytes(graph, order))
+    picked = _peaks(graph, base, lifetimes(graph, order), 2)
+    fullest = sorted(range(len(order)), key=lambda i: -base[i])[:2]
+    assert order[picked[0]] == order[fullest[0]] == "mm_bwd_w_0"
+    assert order[picked[1]] == "loss" and picked[1] not in fullest
+    # Sound with weights streamed over a slow link and gradients offloaded over a fast one.
+    chans = [Channel("device", "host", 100e9, 0.0, "d2h"), Channel("host", "device", 1e9, 0.0, "h2d")]
+    budget = budget_mb * MB
+    bound = overhead_lower_bound(graph, budget=budget, channels=chans, op_time_s=times)
+    plan = solve(graph, capacities={"device": budget, "host": HOST}, channels=chans, op_time_s=times,
+                 hardware="test", training=True, time_limit_s=3)
+    assert _keep_all(graph, times).predicted_time_s + bound.overhead_s <= plan.predicted_time_s * (1 + 1e-9)
+    assert bound.overhead_s > 0

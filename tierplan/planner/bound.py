@@ -86,7 +86,7 @@ def overhead_lower_bound(
     steps: int = _STEPS,
     time_limit_s: float = _TIME_LIMIT_S,
 ) -> LowerBound:
-    """The largest per-step bound over the ``steps`` steps with the most live bytes in keep-all."""
+    """The largest per-step bound over ``steps`` high-pressure steps of keep-all (``_peaks``)."""
     order = [op.name for op in graph.ops]
     base = np.asarray(live_bytes(graph, order), dtype=np.int64)
     readers: dict[str, list[int]] = {}
@@ -96,12 +96,31 @@ def overhead_lower_bound(
     cumulative = np.concatenate([[0.0], np.cumsum([op_time_s[n] for n in order])])
     lives = lifetimes(graph, order)
     best = LowerBound(0.0, -1, 0, True)
-    for step in np.argsort(-base, kind="stable")[:steps].tolist():
+    for step in _peaks(graph, base, lives, steps):
         found = _step_bound(graph, order, lives, int(step), budget, channels, op_time_s, readers, cumulative,
                             time_limit_s)
         if found.overhead_s > best.overhead_s:
             best = found
     return best
+
+
+def _peaks(graph: Graph, base: np.ndarray, lives: list, count: int) -> list[int]:
+    """Up to ``count`` steps: the one with the most live bytes, the one with the most bytes of
+    forward-made storages live (where activations, not gradients, pile up), then the next fullest.
+    On a graph whose weights dwarf its activations the fullest steps all sit at the end of the
+    backward, where only weights and gradients bind."""
+    made_forward = np.zeros(len(base) + 1, dtype=np.int64)
+    for life in lives:
+        info = graph.tensors[life.storage]
+        if info.producer is not None and graph.op(info.producer).phase == Phase.FORWARD:
+            made_forward[life.start] += info.nbytes
+            made_forward[life.end] -= info.nbytes
+    picked: list[int] = []
+    ranked = np.argsort(-base, kind="stable")[:count + 2].tolist()
+    for step in [int(np.argmax(base)), int(np.argmax(np.cumsum(made_forward)[:len(base)]))] + ranked:
+        if len(picked) < count and step not in picked:
+            picked.append(step)
+    return picked
 
 
 def _copies(nbytes: int, channels: Sequence[Channel], *, out: bool, back: bool) -> tuple[_Copy, ...]:
@@ -155,8 +174,10 @@ def _step_bound(graph: Graph, order: list[str], lives: list, t: int, budget: int
             continue
         copies: tuple[_Copy, ...] = ()
         if info.kind in (TensorKind.PARAMETER, TensorKind.BUFFER, TensorKind.OPTIMIZER_STATE) and s in inputs:
-            copies = _copies(info.nbytes, channels, out=False, back=True)  # streamed: starts away
-            due = None  # fetched for some use, before or after the step
+            # Streamed (it starts away). Read after t: fetched after t, landing before that
+            # reader (a fetch in flight at t holds its bytes there: that is keeping it). Else
+            # fetched for a use before t, at some time.
+            copies = _copies(info.nbytes, channels, out=False, back=True)
         elif info.kind == TensorKind.GRADIENT and s in outputs:
             copies = _copies(info.nbytes, channels, out=True, back=False)  # offloaded
         if copies:
