@@ -72,6 +72,8 @@ _LOCAL_SEARCH_STARTS = 3  # measured plans the local search starts from (best fi
 _SHARE_ABOVE_UNITS = 150
 _LOCAL_SEARCH_SHARE = 0.25  # of the time left after stage 1, kept for the measured local search
 _LOCAL_SEARCH_SHARE_WITH_COPIES = 0.6
+_OWN_POINT_SHARE = 0.3  # of the time left, for the own-point model (stage 1)
+_OWN_POINT_SHARE_WITH_STREAMS = 0.5
 _BOUND_STEPS = 2  # high-pressure steps the proven bound tries (the keep-all peak is the first)
 _BOUND_STEP_S = 2.0  # SCIP time per step; its LP-based bound is used when it stops early
 _MIN_SOLVE_S = 0.05  # a CP-SAT model with less time than this left is not solved
@@ -157,7 +159,10 @@ def solve(
     first_tiers = (nearest,) if nearest else None
     restricted = linearize(problem, shared=shared, restrict=True, tiers=first_tiers)
     if len(restricted.pairs) < len(coarse.pairs):
-        search.stage(restricted, 0.3, "own-point options" + (f", {nearest} only" if nearest else ""))
+        # With streams the per-unit models take seconds to build and rarely solve in the time
+        # left; this one does, given the time: it gets more of it.
+        search.stage(restricted, _OWN_POINT_SHARE_WITH_STREAMS if problem.streams else _OWN_POINT_SHARE,
+                     "own-point options" + (f", {nearest} only" if nearest else ""))
     if slower:
         remat = linearize(problem, shared=shared, tiers=())
         if remat.pairs:
