@@ -272,6 +272,9 @@ def test_solver_reports_a_proven_bound_below_its_plan_and_the_baselines() -> Non
     assert plan.solver["gap"] == pytest.approx(1 - bound / plan.predicted_time_s)
     assert plan.solver["bound_step"] in {op.name for op in graph.ops}
     assert "model_bound_s" in plan.solver and "capture order" in plan.solver["bound_kind"]
+    # OPTIMAL claims the proven bound is met; the per-unit model's own status is reported apart.
+    assert plan.solver["status"] == ("OPTIMAL" if plan.solver["gap"] <= 1e-6 else "FEASIBLE")
+    assert plan.solver["model_status"] in {"OPTIMAL", "FEASIBLE", "UNKNOWN", "NOT_BUILT", "NOT_RUN"}
     for base in baseline_plans(graph, capacities={"device": budget}, channels=[],
                                op_time_s=times, hardware="test", training=True).values():
         if base.peak_bytes["device"] <= budget:
