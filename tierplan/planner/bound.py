@@ -134,8 +134,8 @@ def _copies(nbytes: int, channels: Sequence[Channel], *, out: bool, back: bool) 
             continue
         found.append(_Copy(
             out_queue=down.queue if out else None, in_queue=up.queue if back else None,
-            out_s=down.latency_s + nbytes / down.bandwidth if out else 0.0,
-            in_s=up.latency_s + nbytes / up.bandwidth if back else 0.0,
+            out_s=down.seconds(nbytes) if out else 0.0,
+            in_s=up.seconds(nbytes) if back else 0.0,
         ))
     return tuple(found)
 

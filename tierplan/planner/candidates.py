@@ -466,7 +466,7 @@ def _streams_and_offloads(problem: Problem, readers: dict[str, list[int]]) -> No
                         clusters[-1][1] = pos
                     else:
                         clusters.append([pos, pos])
-                in_s = up.latency_s + t.nbytes / up.bandwidth
+                in_s = up.seconds(t.nbytes)
                 fetch, hidden, merged = [], [], []
                 for first, last in clusters:
                     prev_last = merged[-1][1] if merged else -1
@@ -489,7 +489,7 @@ def _streams_and_offloads(problem: Problem, readers: dict[str, list[int]]) -> No
                 if t.kind != TensorKind.GRADIENT or storage not in outputs or t.producer is None or t.nbytes == 0:
                     continue
                 last = max(readers.get(storage, []) + [problem.position[t.producer]])
-                out_s = down.latency_s + t.nbytes / down.bandwidth
+                out_s = down.seconds(t.nbytes)
                 w = bisect.bisect_left(cum, cum[last + 1] + out_s) - 1
                 w = max(last, min(w, n - 1))
                 if w >= n - 1:
@@ -521,8 +521,8 @@ def _window(problem: Problem, unit: Unit, storage: str, tier: str, down: Channel
     f, b = unit.last_fwd[storage], unit.first_bwd[storage]
     if lands is not None:
         b = min(b, lands)
-    out_s = down.latency_s + nbytes / down.bandwidth
-    in_s = up.latency_s + nbytes / up.bandwidth
+    out_s = down.seconds(nbytes)
+    in_s = up.seconds(nbytes)
     cum = problem.cumulative_s
     # Wait for the offload after the first step w at which the compute since f covers the copy.
     w = bisect.bisect_left(cum, cum[f + 1] + out_s) - 1

@@ -134,6 +134,10 @@ class Channel:
     latency_s: float
     queue: str
 
+    def seconds(self, nbytes: int) -> float:
+        """The time of one transfer of ``nbytes`` on this channel."""
+        return self.latency_s + nbytes / self.bandwidth
+
 
 @dataclass
 class Decision:

@@ -4,8 +4,8 @@
 lets ``retime`` move the copies to where their queues land them, and ``insert_frees`` free every
 copy right after its last use, the Checkmate accounting the validator uses. ``simulate`` steps
 through a schedule with the validator's timing and memory rules and returns the peaks and times
-the plan must predict. It is the planner's own simulator: the
-validator stays an independent check of it.
+the plan must predict. It is the planner's own simulator: the validator stays an independent
+check of it.
 """
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def build_schedule(
              after: Copy | None = None) -> Copy:
         channel = routes[src, dst]
         nbytes = graph.tensors[storage].nbytes
-        made = Copy(storage, nbytes, src, dst, channel.queue, channel.latency_s + nbytes / channel.bandwidth,
+        made = Copy(storage, nbytes, src, dst, channel.queue, channel.seconds(nbytes),
                     start, wait, limit, after)
         copies.append(made)
         return made
@@ -324,7 +324,7 @@ def simulate(
             allocate(storage, step.dst, index)
             channel = by_route[step.src, step.dst]
             begin = max(clock, queue_free.get(channel.queue, 0.0))
-            end = begin + channel.latency_s + graph.tensors[storage].nbytes / channel.bandwidth
+            end = begin + channel.seconds(graph.tensors[storage].nbytes)
             queue_free[channel.queue] = end
             pending[storage, step.dst] = end
         elif kind == StepKind.WAIT_TRANSFER:

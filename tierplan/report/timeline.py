@@ -139,7 +139,7 @@ def timeline(plan: Plan) -> Timeline:
             else:
                 queue = channel.queue
                 begin = max(clock, queue_free.get(queue, 0.0))
-                end = begin + channel.latency_s + nbytes / channel.bandwidth
+                end = begin + channel.seconds(nbytes)
                 queue_free[queue] = end
             add(storage, step.dst)
             pending[storage, step.dst] = len(out.transfers)
