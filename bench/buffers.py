@@ -19,7 +19,7 @@ from typing import Iterator
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tierplan.planner.buffers import (  # noqa: E402
+from tierplan.packing.pack import (  # noqa: E402
     Buffer,
     Packing,
     as_buffers,
@@ -85,7 +85,7 @@ def packing_rows(instances, time_limit_s: float) -> list[list[str]]:
 
 def ordering_rows(graphs) -> tuple[list[list[str]], dict[str, list[str]]]:
     from tierplan.passes.liveness import peak_bytes
-    from tierplan.passes.ordering import best_order, orders
+    from tierplan.packing.ordering import best_order, orders
 
     rows, best = [], {}
     for name, graph in graphs:

@@ -36,7 +36,7 @@ from tierplan.api import plan_graph
 from tierplan.codegen.measure import StorageTracker
 from tierplan.compile import compile_plan
 from tierplan.passes.capture import capture
-from tierplan.planner.plan import DEVICE, InfeasibleBudget
+from tierplan.plans.plan import DEVICE, InfeasibleBudget
 from tierplan.units import format_bytes
 from tierplan.zoo import load_model
 

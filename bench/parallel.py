@@ -16,11 +16,11 @@ import argparse
 import time
 
 from tierplan.cost_models.hardware import load_hardware
-from tierplan.planner.parallel import format_plan, format_result, plan_parallel
-from tierplan.planner.parallel_profile import profile_model
-from tierplan.planner.parallel_train import TrainSearch
-from tierplan.planner.parallel_types import cluster_for
-from tierplan.whatif import format_whatif, whatif
+from tierplan.parallel.search import format_plan, format_result, plan_parallel
+from tierplan.parallel.profile import profile_model
+from tierplan.parallel.training import TrainSearch
+from tierplan.parallel.types import cluster_for
+from tierplan.parallel.whatif import format_whatif, whatif
 
 PRESETS = ["h100-sxm", "h200", "a100-80gb-sxm", "a100-40gb-pcie", "rtx4090", "mi300x"]
 

@@ -25,14 +25,14 @@ import time
 
 from tierplan.cost_models.hardware import load_hardware
 from tierplan.ir import PERSISTENT_KINDS
-from tierplan.planner.baselines import baseline_plans
-from tierplan.planner.bound import overhead_lower_bound
-from tierplan.planner.keep_all import keep_all_plan
-from tierplan.planner.plan import InfeasibleBudget
-from tierplan.planner.problem import tier_capacities, transfer_channels
-from tierplan.planner.remat_swap import solve
-from tierplan.planner.torch_baseline import TorchBudgetBaseline
-from tierplan.planner.validate import validate
+from tierplan.placement.baselines import baseline_plans
+from tierplan.placement.bound import overhead_lower_bound
+from tierplan.placement.keep_all import keep_all_plan
+from tierplan.plans.plan import InfeasibleBudget
+from tierplan.placement.pricing import tier_capacities, transfer_channels
+from tierplan.placement.solve import solve
+from tierplan.placement.torch_baseline import TorchBudgetBaseline
+from tierplan.plans.validate import validate
 from tierplan.units import format_bytes
 from zoo_graph import training_graph
 

@@ -29,11 +29,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from planner_graphs import channels, random_layered, transformer  # noqa: E402
 from zoo_graph import training_graph  # noqa: E402
-from tierplan.planner.baselines import baseline_plans  # noqa: E402
-from tierplan.planner.keep_all import keep_all_plan  # noqa: E402
-from tierplan.planner.plan import InfeasibleBudget  # noqa: E402
-from tierplan.planner.remat_swap import solve  # noqa: E402
-from tierplan.planner.validate import validate  # noqa: E402
+from tierplan.placement.baselines import baseline_plans  # noqa: E402
+from tierplan.placement.keep_all import keep_all_plan  # noqa: E402
+from tierplan.plans.plan import InfeasibleBudget  # noqa: E402
+from tierplan.placement.solve import solve  # noqa: E402
+from tierplan.plans.validate import validate  # noqa: E402
 
 MIB = 2**20
 
@@ -53,10 +53,10 @@ def synthetic_cases():
 def torch_compare(models, fractions, hardware: str, time_limit: float) -> None:
     """tierplan (remat-only, and with the host tier) vs torch's activation_memory_budget at the
     device bytes torch's own plan reaches (see the module docstring)."""
-    from tierplan.planner.torch_baseline import TorchBudgetBaseline
+    from tierplan.placement.torch_baseline import TorchBudgetBaseline
 
     from tierplan.cost_models.hardware import load_hardware
-    from tierplan.planner.problem import tier_capacities, transfer_channels
+    from tierplan.placement.pricing import tier_capacities, transfer_channels
     hw = load_hardware(hardware)
     print(f"\ntierplan vs torch activation_memory_budget at equal device bytes ({hw.name}; overhead = "
           f"predicted step time - keep-all's, same cost model and simulator; budget = the device peak "
@@ -120,7 +120,7 @@ def torch_compare(models, fractions, hardware: str, time_limit: float) -> None:
 def zoo_cases(models):
     try:
         from tierplan.cost_models.hardware import load_hardware
-        from tierplan.planner.problem import tier_capacities, transfer_channels
+        from tierplan.placement.pricing import tier_capacities, transfer_channels
     except Exception as exc:  # noqa: BLE001
         print(f"(zoo models skipped: {type(exc).__name__}: {exc})")
         return
@@ -177,7 +177,7 @@ def main() -> None:
         probe = dict(other_tiers, device=10**15)
         torch_base = None
         if joint is not None:
-            from tierplan.planner.torch_baseline import TorchBudgetBaseline
+            from tierplan.placement.torch_baseline import TorchBudgetBaseline
 
             torch_base = TorchBudgetBaseline(graph, joint, capacities=probe, channels=chans, op_time_s=times,
                                              hardware="bench", keep_all_time_s=None, keep_all_peak_bytes=None)

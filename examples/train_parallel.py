@@ -9,7 +9,7 @@
 
 On a machine without GPUs it runs on CPU with gloo. Every rank plans the same way (the search is
 deterministic), so no plan has to be broadcast. With ``--pp`` (or a plan with pp > 1) the
-transformers model is cut into pipeline stages by ``tierplan.distributed.pipeline_stage``: the
+transformers model is cut into pipeline stages by ``tierplan.parallel.executor.pipeline_stage``: the
 embedding on the first stage, the decoder layers split evenly (each wrapped to compute its own
 rotary embedding; causal attention without a mask), the final norm and head on the last stage,
 and ``Schedule1F1B`` drives ``num_micro`` micro-batches. GPT-2 (``gpt2*``) is cut the same way
@@ -25,7 +25,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from tierplan.distributed import Layout, apply_plan, init_mesh
+from tierplan.parallel.executor import Layout, apply_plan, init_mesh
 from tierplan.zoo import load_model
 
 
@@ -56,7 +56,7 @@ def main() -> None:
     if args.dp or args.tp:
         layout = Layout(dp=args.dp or world // (args.tp or 1), tp=args.tp or 1, zero=args.zero)
     else:
-        from tierplan.planner.parallel import plan_parallel
+        from tierplan.parallel.search import plan_parallel
 
         result = plan_parallel(args.model, args.hardware, world, seq_len=args.seq,
                                global_batch=args.batch * world, top=50)  # fmt: skip
@@ -152,7 +152,7 @@ def _lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 
 def _train_pipeline(args: argparse.Namespace, layout: Layout, rank: int) -> None:
-    from tierplan.distributed import pipeline_stage
+    from tierplan.parallel.executor import pipeline_stage
 
     mesh = init_mesh(layout, "cpu")
     torch.manual_seed(0)  # every rank builds the same model and keeps its stage

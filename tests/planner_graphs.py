@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 
 from tierplan.ir import BlockInfo, Graph, OpInfo, Phase, TensorInfo, TensorKind, link_users
-from tierplan.planner.plan import Channel
+from tierplan.plans.plan import Channel
 
 MB = 1_000_000
 

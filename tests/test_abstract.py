@@ -7,8 +7,9 @@ import random
 
 import pytest
 
-from tierplan.planner.abstract import graph_from_node_link, remat_command
-from tierplan.planner.plan import InfeasibleBudget, PlanError
+from tierplan.cli.remat import remat_command
+from tierplan.formats.node_link import graph_from_node_link
+from tierplan.plans.plan import InfeasibleBudget, PlanError
 
 
 def chain_with_backward(n: int, seed: int) -> dict:
@@ -68,7 +69,7 @@ def checkmate_replay(data: dict, schedule: list) -> tuple[int, float]:
 def _keep_all_peak(data: dict) -> int:
     out = json.loads(json.dumps(data))
     graph, times, _ = graph_from_node_link(out)
-    from tierplan.planner.keep_all import keep_all_plan
+    from tierplan.placement.keep_all import keep_all_plan
 
     return keep_all_plan(graph, capacities={"device": 10**15}, channels=[], op_time_s=times,
                          hardware="t", training=True).keep_all_peak_bytes

@@ -195,7 +195,7 @@ def test_cli_debug_shows_the_traceback() -> None:
 
 
 def test_cli_internal_errors_are_one_line_too(monkeypatch, capsys) -> None:
-    import tierplan.cli as cli
+    import tierplan.cli.commands as cli
 
     def broken(args):
         raise KeyError("boom")
@@ -221,7 +221,7 @@ def test_cli_emit_writes_the_generated_module(tmp_path, capsys) -> None:
 def test_cli_whatif_bad_gpu_counts(capsys) -> None:
     import importlib.util
 
-    if importlib.util.find_spec("tierplan.whatif") is None:
+    if importlib.util.find_spec("tierplan.parallel.whatif") is None:
         pytest.skip("what-if is not in this checkout")
     assert main(["whatif", "gpt2", "--hardware", "h100-sxm", "--gpus", "eight"]) == 2
     assert "--gpus" in capsys.readouterr().err

@@ -15,7 +15,7 @@ from tierplan.codegen.arena import ALIGNMENT, out_variant
 from tierplan.codegen.measure import StorageTracker
 from tierplan.compile import compile_plan
 from tierplan.passes.capture import capture
-from tierplan.planner.plan import DEVICE, InfeasibleBudget, StepKind
+from tierplan.plans.plan import DEVICE, InfeasibleBudget, StepKind
 from tierplan.zoo import load_model
 
 SIZES = {"mlp": (8, 1), "gpt2-tiny": (2, 32)}

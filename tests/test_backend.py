@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import tierplan
-from tierplan.planner.plan import InfeasibleBudget, StepKind
+from tierplan.plans.plan import InfeasibleBudget, StepKind
 from tierplan.zoo import load_model
 
 SIZES = {"mlp": (8, 1), "gpt2-tiny": (2, 32)}

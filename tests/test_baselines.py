@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from planner_graphs import channels, random_layered, transformer
-from tierplan.planner.baselines import baseline_plans
-from tierplan.planner.validate import replay, validate
+from tierplan.placement.baselines import baseline_plans
+from tierplan.plans.validate import replay, validate
 
 CAPS = {"device": 10**15, "host": 10**15}
 
@@ -68,7 +68,7 @@ def _captured_tiny():
     from tierplan.cost_models.compute import graph_op_times
     from tierplan.cost_models.hardware import load_hardware
     from tierplan.passes.capture import capture
-    from tierplan.planner.problem import tier_capacities, transfer_channels
+    from tierplan.placement.pricing import tier_capacities, transfer_channels
 
     model, args, kwargs = zoo.load_model("gpt2-tiny", batch_size=2, seq_len=32, training=True, fake=True)
     captured = capture(model, args, example_kwargs=kwargs, training=True)
@@ -78,10 +78,10 @@ def _captured_tiny():
 
 
 def test_torch_activation_memory_budget_baseline_on_a_captured_model() -> None:
-    from tierplan.planner.keep_all import keep_all_plan
-    from tierplan.planner.plan import InfeasibleBudget
-    from tierplan.planner.remat_swap import solve
-    from tierplan.planner.torch_baseline import TorchBudgetBaseline, num_fwd_outputs
+    from tierplan.placement.keep_all import keep_all_plan
+    from tierplan.plans.plan import InfeasibleBudget
+    from tierplan.placement.solve import solve
+    from tierplan.placement.torch_baseline import TorchBudgetBaseline, num_fwd_outputs
 
     captured, times, caps, chans = _captured_tiny()
     graph = captured.graph

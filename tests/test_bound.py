@@ -12,13 +12,14 @@ import pytest
 
 from planner_graphs import MB, _Builder, channels, param_heavy, random_layered, transformer
 from tierplan.ir import Phase, TensorKind
-from tierplan.planner.baselines import baseline_plans
-from tierplan.planner.bound import overhead_lower_bound
-from tierplan.planner.candidates import analyze
-from tierplan.planner.keep_all import keep_all_plan
-from tierplan.planner.plan import InfeasibleBudget, PlanError
-from tierplan.planner.remat_swap import solve
-from tierplan.planner.timeline import build_schedule, initial_tiers, simulate
+from tierplan.placement.baselines import baseline_plans
+from tierplan.placement.bound import overhead_lower_bound
+from tierplan.placement.candidates import analyze
+from tierplan.placement.keep_all import keep_all_plan
+from tierplan.plans.plan import InfeasibleBudget, PlanError
+from tierplan.placement.solve import solve
+from tierplan.placement.schedule import build_schedule, initial_tiers
+from tierplan.placement.simulate import simulate
 
 HOST = 10**12
 
@@ -141,8 +142,8 @@ def test_weight_heavy_bound_looks_at_the_activation_peak_and_stays_below_the_pla
     # Weights dwarf activations: the fullest keep-all steps are at the end of the backward, where
     # weights and gradients pile up; the activations peak at the loss. Both kinds of step are tried.
     from tierplan.passes.liveness import lifetimes, live_bytes
-    from tierplan.planner.bound import _peaks
-    from tierplan.planner.plan import Channel
+    from tierplan.placement.bound import _peaks
+    from tierplan.plans.plan import Channel
 
     graph, times = param_heavy(4, weight=16 * MB, act=8 * MB)
     order = [op.name for op in graph.ops]

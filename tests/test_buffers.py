@@ -1,5 +1,5 @@
 """Static buffer packing: every packing is checked by ``check_packing`` below, which shares no
-code with tierplan.planner.buffers."""
+code with tierplan.packing.pack."""
 from __future__ import annotations
 
 import itertools
@@ -11,19 +11,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tierplan.passes.liveness import Lifetime
-from tierplan.planner.buffers import (
+from tierplan.packing.pack import (
     Buffer,
     Packing,
     PackingError,
     lower_bound,
     pack,
-    pack_command,
     pack_exact,
     pack_greedy,
-    read_buffers_csv,
     verify,
-    write_packing_csv,
 )
+from tierplan.cli.pack import pack_command
+from tierplan.formats.buffers_csv import read_buffers_csv, write_packing_csv
 
 MINIMALLOC = Path(__file__).resolve().parents[2] / "shared" / "benchmarks" / "minimalloc"
 

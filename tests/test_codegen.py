@@ -11,7 +11,7 @@ from tierplan.api import plan_graph
 from tierplan.codegen.emit import emit
 from tierplan.compile import compile_plan
 from tierplan.passes.capture import capture
-from tierplan.planner.plan import HOST, StepKind
+from tierplan.plans.plan import HOST, StepKind
 from tierplan.zoo import load_model
 
 

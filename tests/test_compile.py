@@ -12,7 +12,7 @@ from tierplan.api import plan_graph
 from tierplan.codegen.measure import StorageTracker
 from tierplan.compile import compile, compile_plan
 from tierplan.passes.capture import capture
-from tierplan.planner.plan import DEVICE, InfeasibleBudget, StepKind
+from tierplan.plans.plan import DEVICE, InfeasibleBudget, StepKind
 from tierplan.units import format_bytes
 from tierplan.zoo import load_model
 
@@ -109,9 +109,9 @@ def test_recompute_that_discards_a_kept_output_matches_eager():
     the re-run discards its mask (Step.discard) and the program still trains like eager."""
     from tierplan.cost_models.compute import graph_op_times
     from tierplan.cost_models.hardware import load_hardware
-    from tierplan.planner.assemble import build_plan
-    from tierplan.planner.candidates import RECOMPUTE, analyze
-    from tierplan.planner.validate import validate
+    from tierplan.placement.assemble import build_plan
+    from tierplan.placement.candidates import RECOMPUTE, analyze
+    from tierplan.plans.validate import validate
 
     model, args, kwargs = load_model("gpt2-tiny", batch_size=2, seq_len=32)
     model.train(True)

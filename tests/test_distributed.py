@@ -25,7 +25,7 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-from tierplan.distributed import Layout, auto_tp_plan, find_blocks
+from tierplan.parallel.executor import Layout, auto_tp_plan, find_blocks
 
 RTOL, ATOL = 1e-5, 1e-6  # relative agreement; ATOL only for parameters that are ~0
 
@@ -109,7 +109,7 @@ def _check(name: str, losses: list[float], ref_losses: list[float],
 def _net_fsdp_tp(rank: int) -> None:
     import torch.distributed as dist
 
-    from tierplan.distributed import apply_plan, init_mesh
+    from tierplan.parallel.executor import apply_plan, init_mesh
 
     ref_losses, ref_state = _reference()
     x, y = _data()
@@ -147,7 +147,7 @@ def _net_pp(rank: int) -> None:
     """pp = 2, 1F1B over 2 micro-batches: a block per rank, the head on the last stage."""
     import torch.distributed as dist
 
-    from tierplan.distributed import init_mesh, pipeline_stage
+    from tierplan.parallel.executor import init_mesh, pipeline_stage
 
     ref_losses, ref_state = _reference()
     x, y = _data()
@@ -217,7 +217,7 @@ def _gpt2_spmd(layout: Layout, mesh: Any) -> tuple[list[float], dict[str, torch.
     """TP and/or FSDP2 by ``apply_plan``; each DP replica trains on its slice of the batch."""
     import torch.distributed as dist
 
-    from tierplan.distributed import apply_plan
+    from tierplan.parallel.executor import apply_plan
 
     model = apply_plan(_gpt2(), layout, mesh)
     dp_rank, per = mesh["dp"].get_local_rank(), BATCH // layout.dp
@@ -302,7 +302,7 @@ def _gpt2_pp(layout: Layout, mesh: Any) -> tuple[list[float], dict[str, torch.Te
     (Megatron's embedding all-reduce), so both copies take the same step."""
     import torch.distributed as dist
 
-    from tierplan.distributed import pipeline_stage
+    from tierplan.parallel.executor import pipeline_stage
 
     if layout.dp != 1 or layout.tp != 1 or layout.pp != 2:
         raise ValueError(f"this test runs 2 pipeline stages alone, not {layout}")
@@ -336,7 +336,7 @@ def _worker(rank: int, world: int, port: int, out: str, cases: list[tuple[str, d
             net: bool) -> None:  # fmt: skip
     import torch.distributed as dist
 
-    from tierplan.distributed import init_mesh
+    from tierplan.parallel.executor import init_mesh
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -373,14 +373,14 @@ def _free_port() -> int:
 
 @functools.lru_cache(maxsize=None)
 def _profile() -> Any:
-    from tierplan.planner.parallel_profile import profile_model
+    from tierplan.parallel.profile import profile_model
 
     return profile_model("gpt2-tiny", seq_len=SEQ)
 
 
 @functools.lru_cache(maxsize=None)
 def _ranked(world: int) -> list[dict[str, Any]]:
-    from tierplan.planner.parallel import plan_parallel
+    from tierplan.parallel.search import plan_parallel
 
     result = plan_parallel(_profile(), "cpu", world, global_batch=BATCH, top=200)
     return [dict(p.config) for p in result.plans]
@@ -420,7 +420,7 @@ def test_layout_and_helpers() -> None:
 
 def test_auto_tp_plan_gpt2() -> None:
     """GPT-2's Conv1D layers: c_attn (fused q|k|v) and c_fc column-wise, both c_proj row-wise."""
-    from tierplan.distributed import Conv1DColwise, Conv1DRowwise
+    from tierplan.parallel.executor import Conv1DColwise, Conv1DRowwise
 
     gpt = _gpt2()
     assert [type(b).__name__ for b in find_blocks(gpt)] == ["GPT2Block", "GPT2Block"]

@@ -7,11 +7,11 @@ import time
 import pytest
 
 from tierplan.cost_models.hardware import load_hardware
-from tierplan.planner.parallel import format_result, plan_parallel
-from tierplan.planner.parallel_profile import profile_model
-from tierplan.planner.parallel_train import RecomputeOption, TrainSearch, solve_recompute_mix
-from tierplan.planner.parallel_types import cluster_for
-from tierplan.whatif import format_whatif, whatif, whatif_command
+from tierplan.parallel.search import format_result, plan_parallel
+from tierplan.parallel.profile import profile_model
+from tierplan.parallel.training import RecomputeOption, TrainSearch, solve_recompute_mix
+from tierplan.parallel.types import cluster_for
+from tierplan.parallel.whatif import format_whatif, whatif, whatif_command
 
 pytest.importorskip("transformers")
 

@@ -7,9 +7,9 @@ import pytest
 
 from tierplan.ir import Graph, OpInfo, Phase, TensorInfo, TensorKind, link_users
 from tierplan.passes.liveness import lifetimes, peak_bytes
-from tierplan.planner import plan as P
-from tierplan.planner.keep_all import keep_all_plan
-from tierplan.planner.validate import replay, validate
+from tierplan.plans import plan as P
+from tierplan.placement.keep_all import keep_all_plan
+from tierplan.plans.validate import replay, validate
 
 MB = 1_000_000
 
@@ -217,8 +217,8 @@ def dropout_graph() -> Graph:
 
 
 def _recompute_the_mul() -> P.Plan:
-    from tierplan.planner.assemble import build_plan
-    from tierplan.planner.candidates import analyze
+    from tierplan.placement.assemble import build_plan
+    from tierplan.placement.candidates import analyze
 
     graph = dropout_graph()
     times = {op.name: 1.0 for op in graph.ops}

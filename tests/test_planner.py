@@ -7,11 +7,11 @@ import pytest
 
 from planner_graphs import MB, channels, param_heavy, random_layered, transformer
 from tierplan.ir import TensorKind
-from tierplan.planner.baselines import baseline_plans
-from tierplan.planner.keep_all import keep_all_plan
-from tierplan.planner.plan import InfeasibleBudget, Plan
-from tierplan.planner.remat_swap import solve
-from tierplan.planner.validate import validate
+from tierplan.placement.baselines import baseline_plans
+from tierplan.placement.keep_all import keep_all_plan
+from tierplan.plans.plan import InfeasibleBudget, Plan
+from tierplan.placement.solve import solve
+from tierplan.plans.validate import validate
 
 HOST = 10**12
 
@@ -165,7 +165,7 @@ def _captured_gpt2_tiny():
     capture_mod = pytest.importorskip("tierplan.passes.capture")
     hardware = pytest.importorskip("tierplan.cost_models.hardware")
     compute = pytest.importorskip("tierplan.cost_models.compute")
-    problem = pytest.importorskip("tierplan.planner.problem")
+    problem = pytest.importorskip("tierplan.placement.pricing")
     try:
         model, args, kwargs = zoo.load_model("gpt2-tiny", batch_size=2, seq_len=32, training=True, fake=True)
         graph = capture_mod.capture(model, args, example_kwargs=kwargs, training=True).graph
@@ -196,10 +196,10 @@ def test_captured_gpt2_tiny(fraction) -> None:
 def test_block_recompute_groups_are_in_the_option_space() -> None:
     """Checkpoint-blocks (each block re-run at its first backward use) is a choice of the model,
     and between its peak and keep-all's the solver finds strictly faster mixes."""
-    from tierplan.planner.candidates import analyze
-    from tierplan.planner.linear import linearize
-    from tierplan.planner.remat_swap import _as_options
-    from tierplan.planner.baselines import checkpoint_blocks_fates
+    from tierplan.placement.candidates import analyze
+    from tierplan.placement.linear_model import linearize
+    from tierplan.placement.solve import _as_options
+    from tierplan.placement.baselines import checkpoint_blocks_fates
 
     graph, times = transformer(6)
     problem = analyze(graph, op_time_s=times, capacities={"device": 10**15}, channels=[])
@@ -287,12 +287,13 @@ def test_solver_reports_a_proven_bound_below_its_plan_and_the_baselines() -> Non
 def test_local_search_improves_checkpoint_blocks_and_stays_within_the_budget() -> None:
     import time
 
-    from tierplan.planner.baselines import checkpoint_blocks_fates
-    from tierplan.planner.candidates import analyze
-    from tierplan.planner.linear import linearize
-    from tierplan.planner.local_search import improve
-    from tierplan.planner.remat_swap import _as_options
-    from tierplan.planner.timeline import build_schedule, initial_tiers, simulate
+    from tierplan.placement.baselines import checkpoint_blocks_fates
+    from tierplan.placement.candidates import analyze
+    from tierplan.placement.linear_model import linearize
+    from tierplan.placement.local_search import improve
+    from tierplan.placement.solve import _as_options
+    from tierplan.placement.schedule import build_schedule, initial_tiers
+    from tierplan.placement.simulate import simulate
 
     graph, times = transformer(8, hidden=8 * MB, mm_s=2e-4)
     chans = channels(bandwidth=25e9, latency_s=10e-6)
@@ -344,7 +345,7 @@ def test_two_slower_tiers_never_stream_a_weight_a_recompute_reads() -> None:
     from tierplan.cost_models.compute import graph_op_times
     from tierplan.cost_models.hardware import load_hardware
     from tierplan.passes.capture import capture
-    from tierplan.planner.problem import tier_capacities, transfer_channels
+    from tierplan.placement.pricing import tier_capacities, transfer_channels
     from tierplan.zoo import load_model
 
     hw = load_hardware("h100-sxm")
@@ -368,11 +369,11 @@ def test_two_slower_tiers_never_stream_a_weight_a_recompute_reads() -> None:
 def test_models_read_back_member_fates_they_can_express() -> None:
     """``Linear.choice`` inverts ``Linear.fates``: per unit always, per block position only when
     every block takes the same option; ``tiers`` keeps a slower tier's options out."""
-    from tierplan.planner.candidates import KEEP, RECOMPUTE, analyze
-    from tierplan.planner.linear import linearize
+    from tierplan.placement.candidates import KEEP, RECOMPUTE, analyze
+    from tierplan.placement.linear_model import linearize
 
     graph, times = transformer(4)
-    from tierplan.planner.plan import Channel
+    from tierplan.plans.plan import Channel
 
     two_tiers = [*channels(), Channel("device", "nvme", 2.5e9, 1e-4, "d2nvme"),
                  Channel("nvme", "device", 2.5e9, 1e-4, "nvme2d")]
@@ -404,9 +405,9 @@ def test_chained_memory_constraints_solve_the_same_model(monkeypatch) -> None:
     is not built at all."""
     import time
 
-    import tierplan.planner.remat_swap as remat_swap
-    from tierplan.planner.candidates import analyze
-    from tierplan.planner.linear import linearize
+    import tierplan.placement.cpsat as cpsat
+    from tierplan.placement.candidates import analyze
+    from tierplan.placement.linear_model import linearize
 
     graph, times = param_heavy(4)
     keep_all = keep_all_plan(graph, capacities={"device": 10**15}, channels=[], op_time_s=times,
@@ -416,11 +417,11 @@ def test_chained_memory_constraints_solve_the_same_model(monkeypatch) -> None:
                       offer_streams=True)
     linear = linearize(problem)
     assert problem.streams and problem.offloads
-    plain = remat_swap._solve_model(linear, budget, hint=None, deadline=time.perf_counter() + 20)
-    monkeypatch.setattr(remat_swap, "_CHAIN_ABOVE_TERMS", 0)
-    chained = remat_swap._solve_model(linear, budget, hint=None, deadline=time.perf_counter() + 20)
+    plain = cpsat.solve_model(linear, budget, hint=None, deadline=time.perf_counter() + 20)
+    monkeypatch.setattr(cpsat, "_CHAIN_ABOVE_TERMS", 0)
+    chained = cpsat.solve_model(linear, budget, hint=None, deadline=time.perf_counter() + 20)
     assert plain.status == chained.status == "OPTIMAL"
     assert chained.objective_s == pytest.approx(plain.objective_s, rel=1e-9)
     assert chained.objective_s > 0  # the budget forces streaming or recompute here
-    late = remat_swap._solve_model(linear, budget, hint=None, deadline=time.perf_counter())
+    late = cpsat.solve_model(linear, budget, hint=None, deadline=time.perf_counter())
     assert late.choice is None and late.status == "NOT_BUILT"

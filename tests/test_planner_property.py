@@ -11,10 +11,10 @@ from hypothesis import strategies as st
 
 from planner_graphs import channels, random_training
 from tierplan.ir import PERSISTENT_KINDS
-from tierplan.planner.keep_all import keep_all_plan
-from tierplan.planner.plan import InfeasibleBudget
-from tierplan.planner.remat_swap import solve
-from tierplan.planner.validate import validate
+from tierplan.placement.keep_all import keep_all_plan
+from tierplan.plans.plan import InfeasibleBudget
+from tierplan.placement.solve import solve
+from tierplan.plans.validate import validate
 
 EXAMPLES = 200
 TIME_LIMIT_S = 0.1

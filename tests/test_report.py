@@ -7,8 +7,8 @@ import json
 import pytest
 
 import tierplan
-from tierplan.planner.baselines import baseline_plans
-from tierplan.planner.plan import DEVICE, StepKind
+from tierplan.placement.baselines import baseline_plans
+from tierplan.plans.plan import DEVICE, StepKind
 from tierplan.report.plot import plot_memory
 from tierplan.report.text import compare_report, plan_report
 from tierplan.report.timeline import timeline
@@ -37,7 +37,7 @@ def test_timeline_agrees_with_the_validator(plans) -> None:
     for plan in all_plans(plans):
         # Baselines may not fit the budget: replay them with room to spare.
         roomy = dataclasses.replace(plan, capacities={t: 2**62 for t in plan.capacities})
-        replay = tierplan.planner.validate.replay(roomy)
+        replay = tierplan.plans.validate.replay(roomy)
         tl = timeline(plan)
         assert tl.compute[-1].end_s == pytest.approx(replay.time_s, rel=1e-9)
         for tier, peak in replay.peak_bytes.items():

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 
 from planner_graphs import channels, transformer
-from tierplan.planner import timeline
-from tierplan.planner.assemble import build_plan
-from tierplan.planner.baselines import swap_all_fates
-from tierplan.planner.candidates import analyze
-from tierplan.planner.keep_all import keep_all_plan
-from tierplan.planner.retime import Copy, retime
-from tierplan.planner.validate import validate
+from tierplan.placement import schedule
+from tierplan.placement.assemble import build_plan
+from tierplan.placement.baselines import swap_all_fates
+from tierplan.placement.candidates import analyze
+from tierplan.placement.keep_all import keep_all_plan
+from tierplan.placement.retime import Copy, retime
+from tierplan.plans.validate import validate
 
 CLOCK = np.arange(11, dtype=float)  # ten ops of one second each
 
@@ -93,7 +93,7 @@ def test_swap_all_on_a_busy_link_stalls_less_and_stays_in_budget(at_tight_peak, 
                           keep_all_peak_bytes=keep_all.peak_bytes["device"]).plan
 
     with monkeypatch.context() as patched:
-        patched.setattr(timeline, "retime", lambda *args: None)
+        patched.setattr(schedule, "retime", lambda *args: None)
         tight = built(10**15)
     # With the tight plan's own peak as the budget the waits can move only where bytes leave room.
     budget = tight.peak_bytes["device"] if at_tight_peak else 10**15

@@ -58,7 +58,7 @@ def test_captured_gpt2_layer_matches_korthikanti() -> None:
     transformers = pytest.importorskip("transformers")
     from tierplan.passes.blocks import detect_blocks
     from tierplan.passes.capture import capture
-    from tierplan.planner.parallel_profile import profile_graph
+    from tierplan.parallel.profile import profile_graph
 
     # The paper's standard layer: GELU MLP of 4h, dropout, attention scores materialized, bf16.
     s, h, a = 96, 256, 4

@@ -9,8 +9,8 @@ from tierplan.compile import backend, compile
 from tierplan.cost_models.hardware import Hardware, HardwareError, load_hardware
 from tierplan.ir import Graph
 from tierplan.passes.capture import CaptureError, capture
-from tierplan.planner.plan import InfeasibleBudget, Plan, PlanError
-from tierplan.planner.validate import validate
+from tierplan.plans.plan import InfeasibleBudget, Plan, PlanError
+from tierplan.plans.validate import validate
 
 __all__ = [
     "CaptureError",

@@ -12,9 +12,9 @@ from tierplan.ir import Graph
 from tierplan.passes.blocks import detect_blocks
 from tierplan.passes.capture import capture
 from tierplan.passes.liveness import peak_bytes
-from tierplan.planner.plan import DEVICE, Plan, PlanError
-from tierplan.planner.problem import tier_capacities, transfer_channels
-from tierplan.planner.remat_swap import solve
+from tierplan.plans.plan import DEVICE, Plan, PlanError
+from tierplan.placement.pricing import tier_capacities, transfer_channels
+from tierplan.placement.solve import solve
 from tierplan.units import format_bytes, parse_bytes
 
 Budget = int | float | str | None

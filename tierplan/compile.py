@@ -45,8 +45,8 @@ from tierplan.codegen.runtime import (
 from tierplan.cost_models.hardware import Hardware
 from tierplan.ir import TensorKind
 from tierplan.passes.capture import Captured, CaptureError, annotate_aot_joint, capture
-from tierplan.planner.plan import InfeasibleBudget, Plan
-from tierplan.planner.validate import validate
+from tierplan.plans.plan import InfeasibleBudget, Plan
+from tierplan.plans.validate import validate
 from tierplan.units import format_bytes
 
 

@@ -3,7 +3,7 @@
 With ``emit(..., arena=True)`` the program does not ask the allocator for device memory as it
 runs: every storage the plan allocates on the device (an op's output at its compute or recompute
 step, the destination of a transfer to the device at the transfer's start) lives in ONE byte
-buffer, the arena, at a static offset. The offsets come from ``tierplan.planner.buffers.pack``
+buffer, the arena, at a static offset. The offsets come from ``tierplan.packing.pack.pack``
 over the storages' lifetimes in schedule steps, so storages live at the same time never overlap
 and storages that are not reuse the same bytes; the arena is then at most the plan's device peak
 plus the packing's fragmentation (the packing's lower bound is the most bytes live at once).
@@ -34,8 +34,8 @@ from typing import Callable
 
 import torch
 
-from tierplan.planner.buffers import Buffer, pack
-from tierplan.planner.plan import DEVICE, Plan, StepKind
+from tierplan.packing.pack import Buffer, pack
+from tierplan.plans.plan import DEVICE, Plan, StepKind
 from tierplan.units import format_bytes
 
 ALIGNMENT = 64  # bytes: a multiple of every dtype's size, and a cache line

@@ -48,8 +48,8 @@ from tierplan.codegen.arena import ArenaLayout, out_variant, plan_arena
 from tierplan.codegen.runtime import Layout
 from tierplan.ir import PERSISTENT_KINDS, TensorKind
 from tierplan.passes.annotate import getitem_users
-from tierplan.planner.buffers import Buffer, pack_greedy
-from tierplan.planner.plan import DEVICE, HOST, NVME, Plan, Step, StepKind
+from tierplan.packing.pack import Buffer, pack_greedy
+from tierplan.plans.plan import DEVICE, HOST, NVME, Plan, Step, StepKind
 from tierplan.units import format_bytes
 
 _TEMPLATES = Path(__file__).parent / "templates"

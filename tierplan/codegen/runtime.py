@@ -35,7 +35,7 @@ from typing import Any, Callable
 
 import torch
 
-from tierplan.planner.plan import DEVICE, HOST
+from tierplan.plans.plan import DEVICE, HOST
 
 
 class TierplanRuntimeError(RuntimeError):

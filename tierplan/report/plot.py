@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tierplan.planner.plan import DEVICE, Plan
+from tierplan.plans.plan import DEVICE, Plan
 from tierplan.report.timeline import GROUPS, Timeline, timeline
 from tierplan.units import format_bytes
 

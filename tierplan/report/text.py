@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tierplan.ir import TensorKind
-from tierplan.planner.plan import DEVICE, Plan
+from tierplan.plans.plan import DEVICE, Plan
 from tierplan.units import format_bytes
 
 # The order fates are listed in.

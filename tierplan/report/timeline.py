@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from tierplan.ir import TensorKind
-from tierplan.planner.plan import Plan, StepKind
+from tierplan.plans.plan import Plan, StepKind
 
 # Tensor kinds grouped the way the pictures show them.
 GROUPS = ("parameters", "optimizer state", "gradients", "activations", "temporaries")

@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tierplan.planner.plan import DEVICE, Plan
+from tierplan.plans.plan import DEVICE, Plan
 from tierplan.report.timeline import GROUPS, timeline
 
 PID = 1

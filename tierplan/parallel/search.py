@@ -1,0 +1,164 @@
+"""Parallelism plans for training and serving: the public entry point.
+
+    result = plan_parallel("llama-70b", "h100-sxm", gpus=64)
+    print(format_result(result))
+
+``plan_parallel`` profiles the model once (``parallel_profile``: a few captured layers, scaled),
+sizes the cluster (``parallel_types.cluster_for``), and runs the training search
+(``parallel_train``) or the serving search (``parallel_serve``). The answer is a ranked list of
+``ParallelPlan``s, each with per-device memory (parameters, gradients, optimizer state,
+activations, KV cache, buffers) and step time (compute, recompute, each collective, pipeline
+bubble, exposed transfers, optimizer), or an empty list and a one-line reason.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from tierplan.cost_models.hardware import Hardware, format_seconds, load_hardware
+from tierplan.parallel.profile import ModelProfile, profile_model
+from tierplan.parallel.serving import search_serving
+from tierplan.parallel.training import search_training
+from tierplan.parallel.types import MemoryBreakdown, ParallelPlan, TimeBreakdown, cluster_for
+
+__all__ = [
+    "MemoryBreakdown",
+    "ParallelPlan",
+    "ParallelResult",
+    "TimeBreakdown",
+    "default_global_batch",
+    "format_result",
+    "plan_parallel",
+]
+
+# Llama 2 trained with 4M-token batches (Touvron et al. 2023); the default global batch is that
+# many sequences, rounded down to a power of two.
+DEFAULT_BATCH_TOKENS = 4 * 1024 * 1024
+
+
+def default_global_batch(seq_len: int) -> int:
+    n = max(1, DEFAULT_BATCH_TOKENS // seq_len)
+    return 1 << (n.bit_length() - 1)
+
+
+@dataclass
+class ParallelResult:
+    mode: str
+    model: str
+    hardware: str
+    gpus: int
+    plans: list[ParallelPlan]
+    evaluated: int
+    rejected: dict[str, int]
+    search_seconds: float
+    profile_seconds: float
+    reason: str = ""  # why no plan fits, when none does
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def best(self) -> ParallelPlan | None:
+        return self.plans[0] if self.plans else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "mode": self.mode, "model": self.model, "hardware": self.hardware, "gpus": self.gpus,
+            "plans": [p.to_dict() for p in self.plans], "evaluated": self.evaluated,
+            "rejected": self.rejected, "search_seconds": self.search_seconds,
+            "profile_seconds": self.profile_seconds, "reason": self.reason, "notes": self.notes,
+        }  # fmt: skip
+
+
+def plan_parallel(
+    model: str | ModelProfile,
+    hardware: str | Hardware,
+    gpus: int,
+    *,
+    serve: bool = False,
+    global_batch: int | None = None,
+    seq_len: int | None = None,
+    prompt: int | None = None,
+    generate: int = 256,
+    top: int = 5,
+) -> ParallelResult:
+    """Ranked parallel plans for ``model`` (a zoo name or a profile) on ``gpus`` devices of
+    ``hardware`` (a preset name, a file, or a Hardware)."""
+    hw = hardware if isinstance(hardware, Hardware) else load_hardware(hardware)
+    start = time.perf_counter()
+    profile = model if isinstance(model, ModelProfile) else profile_model(model, seq_len=seq_len)
+    profiled = time.perf_counter() - start
+    notes = list(profile.notes)
+    try:
+        cluster, assumed = cluster_for(hw, gpus)
+    except ValueError as exc:
+        return ParallelResult("serve" if serve else "train", profile.name, hw.name, gpus, [], 0,
+                              {}, 0.0, profiled, reason=str(exc), notes=notes)  # fmt: skip
+    notes += assumed
+    start = time.perf_counter()
+    if serve:
+        plans, search = search_serving(profile, hw, cluster, gpus, prompt=prompt,
+                                       generate=generate, top=top)  # fmt: skip
+    else:
+        gb = global_batch or default_global_batch(profile.seq_len)
+        notes.append(f"global batch {gb} sequences of {profile.seq_len} tokens")
+        plans, search = search_training(profile, hw, cluster, gpus, gb, top=top)
+    seconds = time.perf_counter() - start
+    reason = "" if plans else _reason(search, hw)
+    return ParallelResult(
+        mode="serve" if serve else "train", model=profile.name, hardware=hw.name, gpus=gpus,
+        plans=plans, evaluated=search.evaluated, rejected=dict(search.rejected),
+        search_seconds=seconds, profile_seconds=profiled, reason=reason, notes=notes,
+    )  # fmt: skip
+
+
+def _reason(search: Any, hw: Hardware) -> str:
+    cap = search.capacity
+    if search.closest is not None:
+        need, desc = search.closest
+        host = search.rejected.get("offloaded state exceeds host memory")
+        return (f"does not fit: the leanest plan ({desc}) needs {need / 1e9:.1f} GB per device, "
+                f"{hw.name} has {cap / 1e9:.1f} GB"
+                + (f"; offloading would exceed the host's {hw.host.dram_bytes / 1e9:.0f} GB"
+                   if host else ""))  # fmt: skip
+    if search.rejected:
+        top = max(search.rejected.items(), key=lambda kv: kv[1])[0]
+        return f"no valid configuration: {top}"
+    return "no configuration to try"
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.1f}"
+
+
+def format_plan(plan: ParallelPlan) -> str:
+    m, t = plan.memory, plan.time
+    mem = (f"mem/device {_gb(m.total)} GB of {_gb(plan.capacity)}: params {_gb(m.parameters)}, "
+           f"grads {_gb(m.gradients)}, optimizer {_gb(m.optimizer)}, activations "
+           f"{_gb(m.activations)}, kv {_gb(m.kv_cache)}, buffers {_gb(m.buffers)}")  # fmt: skip
+    colls = ", ".join(f"{k} {format_seconds(v)}" for k, v in t.collectives.items()) or "none"
+    tim = (f"time: compute {format_seconds(t.compute)}, recompute {format_seconds(t.recompute)}, "
+           f"bubble {format_seconds(t.bubble)}, exposed transfers "
+           f"{format_seconds(t.exposed_transfers)}, optimizer {format_seconds(t.optimizer)}; "
+           f"collectives: {colls}")  # fmt: skip
+    if plan.mode == "serve":
+        x = plan.metrics
+        head = (f"{plan.describe()}: {x['tokens_per_s']:.0f} tokens/s, TTFT "
+                f"{format_seconds(x['ttft_s'])}, TPOT {format_seconds(x['tpot_s'])}")  # fmt: skip
+    else:
+        head = (f"{plan.describe()}: step {format_seconds(plan.step_time)}, "
+                f"{plan.metrics['tokens_per_s']:.0f} tokens/s, MFU {plan.metrics['mfu']:.0%}")  # fmt: skip
+    return f"{head}\n    {mem}\n    {tim}"
+
+
+def format_result(result: ParallelResult) -> str:
+    lines = [
+        f"{result.mode} {result.model} on {result.gpus} x {result.hardware}: "
+        f"{result.evaluated} configurations priced in {result.search_seconds:.2f} s "
+        f"(profile {result.profile_seconds:.1f} s)"
+    ]
+    lines += [f"  note: {n}" for n in result.notes]
+    if not result.plans:
+        lines.append(f"  no plan: {result.reason}")
+    for i, p in enumerate(result.plans, 1):
+        lines.append(f"  {i}. {format_plan(p)}")
+    return "\n".join(lines)
