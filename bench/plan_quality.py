@@ -28,7 +28,7 @@ from tierplan.ir import PERSISTENT_KINDS
 from tierplan.placement.baselines import baseline_plans
 from tierplan.placement.bound import overhead_lower_bound
 from tierplan.placement.keep_all import keep_all_plan
-from tierplan.plans.plan import InfeasibleBudget
+from tierplan.plans.plan import InfeasibleBudget, Pricing
 from tierplan.placement.pricing import tier_capacities, transfer_channels
 from tierplan.placement.solve import solve
 from tierplan.placement.torch_baseline import TorchBudgetBaseline
@@ -70,13 +70,13 @@ def bench_model(name: str, batch: int, seq: int, hardware: str, shares: list[flo
     captured, graph, times = training_graph(name, batch, seq, hw)
     host = tier_capacities(hw, ("host",))
     chans = transfer_channels(hw, ("host",))
-    ka = keep_all_plan(graph, capacities=dict(host, device=10**15), channels=chans, op_time_s=times,
-                       hardware=hw.name, training=True)
+    ka = keep_all_plan(graph, Pricing(capacities=dict(host, device=10**15), channels=chans,
+                                      op_time_s=times, hardware=hw.name, training=True))
     ka_time, peak = ka.predicted_time_s, ka.keep_all_peak_bytes
     owned = caller_owned_bytes(graph)
     label = f"{name} b{batch}s{seq}"
-    torch_base = TorchBudgetBaseline(graph, captured.joint, capacities=dict(host, device=10**15), channels=chans,
-                                     op_time_s=times, hardware=hw.name)
+    torch_base = TorchBudgetBaseline(graph, captured.joint, Pricing(capacities=dict(host, device=10**15), channels=chans,
+                                                                    op_time_s=times, hardware=hw.name, training=True))
     print(f"# {label}: {len(graph.ops)} ops, keep-all {ka_time * 1e3:.1f} ms, peak {format_bytes(peak)} "
           f"(caller-owned {format_bytes(owned)}), captured in {time.perf_counter() - started:.1f} s", flush=True)
     for share in shares:
@@ -93,21 +93,22 @@ def bench_model(name: str, batch: int, seq: int, hardware: str, shares: list[flo
             ch = transfer_channels(hw, tiers)
             t0 = time.perf_counter()
             try:
-                plan = solve(graph, capacities=caps, channels=ch, op_time_s=times, hardware=hw.name,
-                             training=True, time_limit_s=time_limit)
+                plan = solve(graph, Pricing(capacities=caps, channels=ch,
+                                            op_time_s=times, hardware=hw.name, training=True), time_limit_s=time_limit)
             except InfeasibleBudget as exc:
-                bound = overhead_lower_bound(graph, budget=budget, channels=ch, op_time_s=times)
+                bound = overhead_lower_bound(graph, Pricing(capacities={"device": budget}, channels=ch,
+                                                            op_time_s=times, hardware="test", training=True))
                 why = "no plan of the space fits" if bound.overhead_s == float("inf") else "none found"
                 rows.append(_row(label, tag, planner, None, budget, ka_time, solve_s=time.perf_counter() - t0,
                                  gap=None, torch_ovh=None, note=why, infeasible=exc.min_feasible_bytes))
                 continue
             validate(plan)
             rows.append(_row(label, tag, planner, plan, budget, ka_time, solve_s=time.perf_counter() - t0,
-                             gap=plan.solver.get("gap"), torch_ovh=torch_ovh,
-                             note=f"bound +{(plan.solver['bound_s'] - ka_time) * 1e3:.1f} ms"))
+                             gap=plan.solver.gap, torch_ovh=torch_ovh,
+                             note=f"bound +{(plan.solver.bound_s - ka_time) * 1e3:.1f} ms"))
         base_caps = dict(host, device=budget)
-        for base_name, base in baseline_plans(graph, capacities=base_caps, channels=chans, op_time_s=times,
-                                              hardware=hw.name, training=True).items():
+        for base_name, base in baseline_plans(graph, Pricing(capacities=base_caps, channels=chans,
+                                                             op_time_s=times, hardware=hw.name, training=True)).items():
             if base.peak_bytes["device"] <= budget:
                 validate(base)  # (the validator enforces the capacity: one that is over shows "over")
             rows.append(_row(label, tag, base_name, base, budget, ka_time, solve_s=None, gap=None, torch_ovh=None))

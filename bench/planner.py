@@ -31,7 +31,7 @@ from planner_graphs import channels, random_layered, transformer  # noqa: E402
 from zoo_graph import training_graph  # noqa: E402
 from tierplan.placement.baselines import baseline_plans  # noqa: E402
 from tierplan.placement.keep_all import keep_all_plan  # noqa: E402
-from tierplan.plans.plan import InfeasibleBudget  # noqa: E402
+from tierplan.plans.plan import InfeasibleBudget, Pricing  # noqa: E402
 from tierplan.placement.solve import solve  # noqa: E402
 from tierplan.plans.validate import validate  # noqa: E402
 
@@ -73,9 +73,9 @@ def torch_compare(models, fractions, hardware: str, time_limit: float) -> None:
         caps = tier_capacities(hw, ("host",))
         chans = transfer_channels(hw, ("host",))
         probe = dict(caps, device=10**15)
-        base = TorchBudgetBaseline(graph, captured.joint, capacities=probe, channels=chans, op_time_s=times,
-                                   hardware=hw.name)
-        ka_time = base.keep_all_time_s
+        base = TorchBudgetBaseline(graph, captured.joint, Pricing(capacities=probe, channels=chans,
+                                                                  op_time_s=times, hardware=hw.name, training=True))
+        ka_time = base.keep_all.predicted_time_s
         p0 = base.plan(0.0, 10**15).peak_bytes["device"]
         p1 = base.plan(1.0, 10**15).peak_bytes["device"]
         for f in fractions:
@@ -87,14 +87,14 @@ def torch_compare(models, fractions, hardware: str, time_limit: float) -> None:
                                  ("host", dict(caps, device=budget), chans)):
                 started = time.perf_counter()
                 try:
-                    plan = solve(graph, capacities=c, channels=ch, op_time_s=times, hardware=hw.name,
-                                 training=True, time_limit_s=time_limit)
+                    plan = solve(graph, Pricing(capacities=c, channels=ch,
+                                                op_time_s=times, hardware=hw.name, training=True), time_limit_s=time_limit)
                     validate(plan)
                     figures.append((plan.predicted_time_s - ka_time, time.perf_counter() - started,
-                                    plan.solver["bound_s"] - ka_time))
+                                    plan.solver.bound_s - ka_time))
                 except InfeasibleBudget:
                     figures.append((None, time.perf_counter() - started, None))
-            at = budget / base.keep_all_peak_bytes * 100
+            at = budget / base.keep_all.keep_all_peak_bytes * 100
 
             def ms(v):
                 return "infeasible" if v is None else f"{v * 1e3:.2f} ({v / ka_time * 100:.1f}%)"
@@ -179,21 +179,23 @@ def main() -> None:
         if joint is not None:
             from tierplan.placement.torch_baseline import TorchBudgetBaseline
 
-            torch_base = TorchBudgetBaseline(graph, joint, capacities=probe, channels=chans, op_time_s=times,
-                                             hardware="bench", keep_all_time_s=None, keep_all_peak_bytes=None)
-        ka = keep_all_plan(graph, capacities=probe, channels=chans, op_time_s=times, hardware="bench", training=True)
+            torch_base = TorchBudgetBaseline(graph, joint, Pricing(capacities=probe, channels=chans,
+                                                                   op_time_s=times, hardware="bench", training=True))
+        ka = keep_all_plan(graph, Pricing(capacities=probe, channels=chans,
+                                          op_time_s=times, hardware="bench", training=True))
         peak, keep_time = ka.keep_all_peak_bytes, ka.predicted_time_s
         for fraction in fractions:
             budget = int(peak * fraction)
             caps = dict(other_tiers, device=budget)
-            bases = baseline_plans(graph, capacities=caps, channels=chans, op_time_s=times, hardware="bench", training=True)
+            bases = baseline_plans(graph, Pricing(capacities=caps, channels=chans,
+                                                  op_time_s=times, hardware="bench", training=True))
             started = time.perf_counter()
             try:
-                plan = solve(graph, capacities=caps, channels=chans, op_time_s=times, hardware="bench",
-                             training=True, time_limit_s=args.time_limit)
+                plan = solve(graph, Pricing(capacities=caps, channels=chans,
+                                            op_time_s=times, hardware="bench", training=True), time_limit_s=args.time_limit)
                 validate(plan)
                 ours = (f"{cell(plan, budget, keep_time):>19s} {plan.peak_bytes['device'] / MIB:8.1f} "
-                        f"{plan.solver['solve_s']:7.2f} {plan.solver['gap']:6.3f} {plan.method.split(' ')[0]:10s}")
+                        f"{plan.solver.solve_s:7.2f} {plan.solver.gap:6.3f} {plan.method.split(' ')[0]:10s}")
             except InfeasibleBudget as exc:
                 ours = (f"{'infeasible':>19s} {'min ' + str(round(exc.min_feasible_bytes / MIB)):>8s} "
                         f"{time.perf_counter() - started:7.2f} {'':6s} {'':10s}")

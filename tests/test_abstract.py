@@ -9,7 +9,7 @@ import pytest
 
 from tierplan.cli.remat import remat_command
 from tierplan.formats.node_link import graph_from_node_link
-from tierplan.plans.plan import InfeasibleBudget, PlanError
+from tierplan.plans.plan import InfeasibleBudget, PlanError, Pricing
 
 
 def chain_with_backward(n: int, seed: int) -> dict:
@@ -71,8 +71,8 @@ def _keep_all_peak(data: dict) -> int:
     graph, times, _ = graph_from_node_link(out)
     from tierplan.placement.keep_all import keep_all_plan
 
-    return keep_all_plan(graph, capacities={"device": 10**15}, channels=[], op_time_s=times,
-                         hardware="t", training=True).keep_all_peak_bytes
+    return keep_all_plan(graph, Pricing(capacities={"device": 10**15}, channels=[],
+                                        op_time_s=times, hardware="t", training=True)).keep_all_peak_bytes
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

@@ -7,13 +7,14 @@ import pytest
 from planner_graphs import channels, random_layered, transformer
 from tierplan.placement.baselines import baseline_plans
 from tierplan.plans.validate import replay, validate
+from tierplan.plans.plan import Pricing
 
 CAPS = {"device": 10**15, "host": 10**15}
 
 
 def _baselines(graph, times, chans=None):
-    return baseline_plans(graph, capacities=CAPS, channels=channels() if chans is None else chans,
-                          op_time_s=times, hardware="test", training=True)
+    return baseline_plans(graph, Pricing(capacities=CAPS, channels=channels() if chans is None else chans,
+                                         op_time_s=times, hardware="test", training=True))
 
 
 @pytest.mark.parametrize("layers", [2, 5])
@@ -86,16 +87,17 @@ def test_torch_activation_memory_budget_baseline_on_a_captured_model() -> None:
     captured, times, caps, chans = _captured_tiny()
     graph = captured.graph
     assert num_fwd_outputs(captured.joint) == 1  # the loss
-    baseline = TorchBudgetBaseline(graph, captured.joint, capacities=caps, channels=chans, op_time_s=times,
-                                   hardware="h100-sxm")
+    baseline = TorchBudgetBaseline(graph, captured.joint, Pricing(capacities=caps, channels=chans,
+                                                                  op_time_s=times, hardware="h100-sxm", training=True))
     # torch's default partition (1.0) and its save-little end (0.0) are both valid tierplan plans.
     default, low = baseline.plan(1.0, caps["device"]), baseline.plan(0.0, caps["device"])
     for plan in (default, low):
         validate(plan)
-        assert plan.predicted_time_s >= baseline.keep_all_time_s * (1 - 1e-9)
+        assert plan.predicted_time_s >= baseline.keep_all.predicted_time_s * (1 - 1e-9)
     assert low.recompute_time_s > default.recompute_time_s
     assert any(d.fate == "recompute" and "torch's partitioner" in d.reason for d in low.decisions.values())
-    ka = keep_all_plan(graph, capacities=caps, channels=chans, op_time_s=times, hardware="x", training=True)
+    ka = keep_all_plan(graph, Pricing(capacities=caps, channels=chans,
+                                      op_time_s=times, hardware="x", training=True))
     budget = int(ka.keep_all_peak_bytes * 0.75)
     result = baseline.fit(budget, probes=5)
     assert result.probes and result.naive_fraction is not None and result.naive_peak_bytes is not None
@@ -103,8 +105,8 @@ def test_torch_activation_memory_budget_baseline_on_a_captured_model() -> None:
         return
     assert validate(result.plan).peak_bytes["device"] <= budget
     try:
-        ours = solve(graph, capacities=dict(caps, device=budget), channels=chans, op_time_s=times,
-                     hardware="h100-sxm", training=True, time_limit_s=5)
+        ours = solve(graph, Pricing(capacities=dict(caps, device=budget), channels=chans,
+                                    op_time_s=times, hardware="h100-sxm", training=True), time_limit_s=5)
     except InfeasibleBudget:  # pragma: no cover - torch fits, so tierplan must
         raise AssertionError("torch's plan fits the budget but tierplan's planner says infeasible")
     assert ours.predicted_time_s <= result.plan.predicted_time_s * (1 + 1e-9)

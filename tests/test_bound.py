@@ -16,7 +16,7 @@ from tierplan.placement.baselines import baseline_plans
 from tierplan.placement.bound import overhead_lower_bound
 from tierplan.placement.candidates import analyze
 from tierplan.placement.keep_all import keep_all_plan
-from tierplan.plans.plan import InfeasibleBudget, PlanError
+from tierplan.plans.plan import InfeasibleBudget, PlanError, Pricing
 from tierplan.placement.solve import solve
 from tierplan.placement.schedule import build_schedule, initial_tiers
 from tierplan.placement.simulate import simulate
@@ -25,14 +25,15 @@ HOST = 10**12
 
 
 def _keep_all(graph, times):
-    return keep_all_plan(graph, capacities={"device": 10**15}, channels=[], op_time_s=times,
-                         hardware="test", training=True)
+    return keep_all_plan(graph, Pricing(capacities={"device": 10**15}, channels=[],
+                                        op_time_s=times, hardware="test", training=True))
 
 
 def _exhaustive_best(graph, times, budget, chans) -> float:
     """The fastest fitting plan over every combination of every unit's options (inf if none)."""
     caps = {"device": budget, "host": HOST} if chans else {"device": budget}
-    problem = analyze(graph, op_time_s=times, capacities=caps, channels=chans,
+    problem = analyze(graph, Pricing(capacities=caps, channels=chans,
+                                     op_time_s=times, hardware="test", training=True),
                       offer_streams=False)
     menus = [u.options() for u in problem.units]
     assert math.prod(len(m) for m in menus) <= 20_000, "graph too large to enumerate"
@@ -57,7 +58,8 @@ def test_bound_is_below_the_exhaustive_optimum(seed, with_host, fraction) -> Non
     ka = _keep_all(graph, times)
     budget = int(ka.keep_all_peak_bytes * fraction)
     chans = channels(bandwidth=2e9) if with_host else []
-    bound = overhead_lower_bound(graph, budget=budget, channels=chans, op_time_s=times)
+    bound = overhead_lower_bound(graph, Pricing(capacities={"device": budget}, channels=chans,
+                                                op_time_s=times, hardware="test", training=True))
     best = _exhaustive_best(graph, times, budget, chans)
     assert ka.predicted_time_s + bound.overhead_s <= best * (1 + 1e-9)
     if not with_host:
@@ -72,13 +74,14 @@ def test_bound_with_teeth_on_a_stack_and_below_the_planner_and_baselines() -> No
         budget = int(ka.keep_all_peak_bytes * fraction)
         for chans in ([], channels(bandwidth=5e9)):
             caps = {"device": budget, "host": HOST} if chans else {"device": budget}
-            bound = overhead_lower_bound(graph, budget=budget, channels=chans, op_time_s=times)
+            bound = overhead_lower_bound(graph, Pricing(capacities={"device": budget}, channels=chans,
+                                                        op_time_s=times, hardware="test", training=True))
             floor = ka.predicted_time_s + bound.overhead_s
-            plan = solve(graph, capacities=caps, channels=chans, op_time_s=times, hardware="test",
-                         training=True, time_limit_s=3)
+            plan = solve(graph, Pricing(capacities=caps, channels=chans,
+                                        op_time_s=times, hardware="test", training=True), time_limit_s=3)
             assert floor <= plan.predicted_time_s * (1 + 1e-9)
-            for base in baseline_plans(graph, capacities=caps, channels=chans, op_time_s=times,
-                                       hardware="test", training=True).values():
+            for base in baseline_plans(graph, Pricing(capacities=caps, channels=chans,
+                                                      op_time_s=times, hardware="test", training=True)).values():
                 if base.peak_bytes["device"] <= budget:
                     assert floor <= base.predicted_time_s * (1 + 1e-9)
             if not chans:
@@ -90,17 +93,19 @@ def test_bound_is_infinite_below_what_the_device_must_hold() -> None:
     graph, times = transformer(2, hidden=4 * MB)
     # mm1's input, weight and 4x output are on the device while it runs: 5.5 hidden + params.
     budget = 4 * MB
-    bound = overhead_lower_bound(graph, budget=budget, channels=[], op_time_s=times)
+    bound = overhead_lower_bound(graph, Pricing(capacities={"device": budget}, channels=[],
+                                                op_time_s=times, hardware="test", training=True))
     assert bound.overhead_s == math.inf and bound.forced_bytes > budget
     with pytest.raises(InfeasibleBudget):
-        solve(graph, capacities={"device": budget}, channels=[], op_time_s=times, hardware="test",
-              training=True, time_limit_s=1)
+        solve(graph, Pricing(capacities={"device": budget}, channels=[],
+                             op_time_s=times, hardware="test", training=True), time_limit_s=1)
 
 
 def test_bound_is_zero_when_keep_all_fits() -> None:
     graph, times = transformer(3)
     ka = _keep_all(graph, times)
-    bound = overhead_lower_bound(graph, budget=ka.keep_all_peak_bytes, channels=[], op_time_s=times)
+    bound = overhead_lower_bound(graph, Pricing(capacities={"device": ka.keep_all_peak_bytes}, channels=[],
+                                                op_time_s=times, hardware="test", training=True))
     assert bound.overhead_s == 0.0
 
 
@@ -129,7 +134,8 @@ def test_copies_out_get_no_slack_from_recompute_that_runs_after_the_step() -> No
     graph = b.graph("copy-slack", ["x0", "dloss"], ["loss"])
     chans = channels(bandwidth=10 * MB / 1.5e-3, latency_s=0.0)
     budget = 21 * MB + 8
-    bound = overhead_lower_bound(graph, budget=budget, channels=chans, op_time_s=b.times)
+    bound = overhead_lower_bound(graph, Pricing(capacities={"device": budget}, channels=chans,
+                                                op_time_s=b.times, hardware="test", training=True))
     # The alternatives cost more: re-run both 4 ms, copy both 2.499 ms, copy A and re-run B 3 ms.
     assert bound.overhead_s == pytest.approx(1e-3 + 0.499e-3 + 0.5e-3, rel=1e-3)
     ka = _keep_all(graph, b.times)
@@ -155,8 +161,9 @@ def test_weight_heavy_bound_looks_at_the_activation_peak_and_stays_below_the_pla
     # Sound with weights streamed over a slow link and gradients offloaded over a fast one.
     chans = [Channel("device", "host", 100e9, 0.0, "d2h"), Channel("host", "device", 1e9, 0.0, "h2d")]
     budget = budget_mb * MB
-    bound = overhead_lower_bound(graph, budget=budget, channels=chans, op_time_s=times)
-    plan = solve(graph, capacities={"device": budget, "host": HOST}, channels=chans, op_time_s=times,
-                 hardware="test", training=True, time_limit_s=3)
+    bound = overhead_lower_bound(graph, Pricing(capacities={"device": budget}, channels=chans,
+                                                op_time_s=times, hardware="test", training=True))
+    plan = solve(graph, Pricing(capacities={"device": budget, "host": HOST}, channels=chans,
+                                op_time_s=times, hardware="test", training=True), time_limit_s=3)
     assert _keep_all(graph, times).predicted_time_s + bound.overhead_s <= plan.predicted_time_s * (1 + 1e-9)
     assert bound.overhead_s > 0

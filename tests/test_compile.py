@@ -12,7 +12,7 @@ from tierplan.api import plan_graph
 from tierplan.codegen.measure import StorageTracker
 from tierplan.compile import compile, compile_plan
 from tierplan.passes.capture import capture
-from tierplan.plans.plan import DEVICE, InfeasibleBudget, StepKind
+from tierplan.plans.plan import DEVICE, InfeasibleBudget, Pricing, StepKind
 from tierplan.units import format_bytes
 from tierplan.zoo import load_model
 
@@ -117,14 +117,13 @@ def test_recompute_that_discards_a_kept_output_matches_eager():
     model.train(True)
     captured = capture(model, args, example_kwargs=kwargs)
     graph = captured.graph
-    problem = analyze(graph, op_time_s=graph_op_times(graph, load_hardware("cpu")),
-                      capacities={"device": 10**15}, channels=[])
+    problem = analyze(graph, Pricing(capacities={"device": 10**15}, channels=[],
+                                     op_time_s=graph_op_times(graph, load_hardware("cpu")), hardware="test", training=True))
     adds = {i: RECOMPUTE for i, u in enumerate(problem.units)
             if graph.op(u.op).target == "aten.add.Tensor" and RECOMPUTE in u.options()
             and any(graph.op(op).target == "aten.native_dropout.default" for op in u.segment.ops)}
     assert adds, "gpt2-tiny in train mode has residual adds behind dropouts"
-    plan = build_plan(problem, adds, method="test", hardware="cpu", training=True,
-                      keep_all_time_s=0.0, keep_all_peak_bytes=0).plan
+    plan = build_plan(problem, adds, method="test").plan
     discarding = [s for s in plan.schedule if s.discard]
     assert discarding and all(graph.op(s.op).target == "aten.native_dropout.default" for s in discarding)
     validate(plan)

@@ -10,6 +10,7 @@ from tierplan.passes.liveness import lifetimes, peak_bytes
 from tierplan.plans import plan as P
 from tierplan.placement.keep_all import keep_all_plan
 from tierplan.plans.validate import replay, validate
+from tierplan.plans.plan import Pricing
 
 MB = 1_000_000
 
@@ -49,11 +50,8 @@ CHANNELS = [
 def make_keep_all(device_capacity: int = 100 * MB) -> P.Plan:
     return keep_all_plan(
         tiny_graph(),
-        capacities={"device": device_capacity, "host": 100 * MB},
-        channels=CHANNELS,
-        op_time_s=OP_TIME,
-        hardware="test",
-        training=True,
+        Pricing(capacities={"device": device_capacity, "host": 100 * MB}, channels=CHANNELS,
+                op_time_s=OP_TIME, hardware="test", training=True),
     )
 
 
@@ -222,10 +220,10 @@ def _recompute_the_mul() -> P.Plan:
 
     graph = dropout_graph()
     times = {op.name: 1.0 for op in graph.ops}
-    problem = analyze(graph, op_time_s=times, capacities={"device": 100 * MB}, channels=[])
+    problem = analyze(graph, Pricing(capacities={"device": 100 * MB}, channels=[],
+                                     op_time_s=times, hardware="test", training=True))
     (unit,) = [i for i, u in enumerate(problem.units) if u.op == "mul"]
-    return build_plan(problem, {unit: "recompute"}, method="test", hardware="test", training=True,
-                      keep_all_time_s=0.0, keep_all_peak_bytes=0).plan
+    return build_plan(problem, {unit: "recompute"}, method="test").plan
 
 
 def test_a_recompute_discards_an_output_the_plan_holds(tmp_path) -> None:

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from planner_graphs import channels, random_training
 from tierplan.ir import PERSISTENT_KINDS
 from tierplan.placement.keep_all import keep_all_plan
-from tierplan.plans.plan import InfeasibleBudget
+from tierplan.plans.plan import InfeasibleBudget, Pricing
 from tierplan.placement.solve import solve
 from tierplan.plans.validate import validate
 
@@ -32,8 +32,8 @@ def _floor(graph) -> int:
 
 def _solve(graph, times, budget, host):
     caps = {"device": budget, "host": host} if host else {"device": budget}
-    return solve(graph, capacities=caps, channels=channels(bandwidth=bw) if host else [],
-                 op_time_s=times, hardware="test", training=True, time_limit_s=TIME_LIMIT_S)
+    return solve(graph, Pricing(capacities=caps, channels=channels(bandwidth=bw) if host else [],
+                                op_time_s=times, hardware="test", training=True), time_limit_s=TIME_LIMIT_S)
 
 
 bw = 10e9
@@ -55,8 +55,8 @@ def test_random_graphs_plan_within_budget_and_validate(seed, layers, ops_per_lay
                                                        blocks, host, where) -> None:
     graph, times = random_training(seed, layers=layers, ops_per_layer=ops_per_layer,
                                    with_params=params, views=views, blocks=blocks)
-    keep_all = keep_all_plan(graph, capacities={"device": 10**15}, channels=[], op_time_s=times,
-                             hardware="test", training=True)
+    keep_all = keep_all_plan(graph, Pricing(capacities={"device": 10**15}, channels=[],
+                                            op_time_s=times, hardware="test", training=True))
     top = keep_all.keep_all_peak_bytes
     low = min(_floor(graph), top)
     # The smallest budget the planner reaches: probe at a floor no plan can beat.
@@ -79,7 +79,7 @@ def test_random_graphs_plan_within_budget_and_validate(seed, layers, ops_per_lay
         assert replay.peak_bytes[tier] <= cap
     assert plan.predicted_time_s >= plan.keep_all_time_s * (1 - 1e-9)
     # The proven bound holds for this plan (and is reported unclipped, so a wrong one shows).
-    assert plan.solver["bound_s"] <= plan.predicted_time_s * (1 + 1e-9) + 1e-12
+    assert plan.solver.bound_s <= plan.predicted_time_s * (1 + 1e-9) + 1e-12
     if not host:
         assert all(d.fate not in ("swap", "stream", "offload") for d in plan.decisions.values())
     _stats["planned"] += 1

@@ -8,7 +8,7 @@ import pytest
 
 import tierplan
 from tierplan.placement.baselines import baseline_plans
-from tierplan.plans.plan import DEVICE, StepKind
+from tierplan.plans.plan import DEVICE, Pricing, StepKind
 from tierplan.report.plot import plot_memory
 from tierplan.report.text import compare_report, plan_report
 from tierplan.report.timeline import timeline
@@ -22,8 +22,8 @@ def plans():
     model, args, kwargs = load_model("gpt2-tiny", training=True)
     plan = tierplan.plan(model, args, example_kwargs=kwargs, hardware="rtx4090", memory_budget=0.6,
                          time_limit=5)
-    baselines = baseline_plans(plan.graph, capacities=plan.capacities, channels=plan.channels,
-                               op_time_s=plan.op_time_s, hardware=plan.hardware, training=plan.training)
+    baselines = baseline_plans(plan.graph, Pricing(capacities=plan.capacities, channels=plan.channels,
+                                                   op_time_s=plan.op_time_s, hardware=plan.hardware, training=plan.training))
     return plan, baselines
 
 

@@ -10,9 +10,9 @@ from tierplan.placement import schedule
 from tierplan.placement.assemble import build_plan
 from tierplan.placement.baselines import swap_all_fates
 from tierplan.placement.candidates import analyze
-from tierplan.placement.keep_all import keep_all_plan
 from tierplan.placement.retime import Copy, retime
 from tierplan.plans.validate import validate
+from tierplan.plans.plan import Pricing
 
 CLOCK = np.arange(11, dtype=float)  # ten ops of one second each
 
@@ -82,15 +82,11 @@ def test_swap_all_on_a_busy_link_stalls_less_and_stays_in_budget(at_tight_peak, 
     # Every activation of a 4-layer stack swapped over a link that keeps pace with the compute on
     # average, but copies issued close together overlap and tight waits stall on each other.
     graph, times = transformer(4)
-    keep_all = keep_all_plan(graph, capacities={"device": 10**15}, channels=[], op_time_s=times,
-                             hardware="test", training=True)
 
     def built(budget: int):
-        problem = analyze(graph, op_time_s=times, capacities={"device": budget, "host": 10**12},
-                          channels=channels(bandwidth=30e9))
-        return build_plan(problem, swap_all_fates(problem), method="swap-all", hardware="test", training=True,
-                          keep_all_time_s=keep_all.predicted_time_s,
-                          keep_all_peak_bytes=keep_all.peak_bytes["device"]).plan
+        problem = analyze(graph, Pricing(capacities={"device": budget, "host": 10**12}, channels=channels(bandwidth=30e9),
+                                         op_time_s=times, hardware="test", training=True))
+        return build_plan(problem, swap_all_fates(problem), method="swap-all").plan
 
     with monkeypatch.context() as patched:
         patched.setattr(schedule, "retime", lambda *args: None)

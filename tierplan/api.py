@@ -6,14 +6,13 @@ from typing import Any, Sequence
 
 import torch
 
-from tierplan.cost_models.compute import graph_op_times
 from tierplan.cost_models.hardware import Hardware, load_hardware
 from tierplan.ir import Graph
 from tierplan.passes.blocks import detect_blocks
 from tierplan.passes.capture import capture
 from tierplan.passes.liveness import peak_bytes
-from tierplan.plans.plan import DEVICE, Plan, PlanError
-from tierplan.placement.pricing import tier_capacities, transfer_channels
+from tierplan.placement.pricing import machine_pricing
+from tierplan.plans.plan import Plan, PlanError
 from tierplan.placement.solve import solve
 from tierplan.units import format_bytes, parse_bytes
 
@@ -57,18 +56,10 @@ def plan_graph(
     hw = hardware if isinstance(hardware, Hardware) else load_hardware(hardware)
     if not graph.blocks:
         graph = detect_blocks(graph)
-    capacities = tier_capacities(hw, tiers)
+    pricing = machine_pricing(graph, hw, tiers=tiers, training=training)
     budget = resolve_budget(memory_budget, keep_all_peak=peak_bytes(graph),
-                            device_bytes=capacities[DEVICE], hardware=hw.name)
-    return solve(
-        graph,
-        capacities={**capacities, DEVICE: budget},
-        channels=transfer_channels(hw, tiers),
-        op_time_s=graph_op_times(graph, hw),
-        hardware=hw.name,
-        training=training,
-        time_limit_s=time_limit,
-    )
+                            device_bytes=pricing.budget, hardware=hw.name)
+    return solve(graph, pricing.with_budget(budget), time_limit_s=time_limit)
 
 def resolve_budget(budget: Budget, *, keep_all_peak: int, device_bytes: int, hardware: str) -> int:
     """The device budget in bytes; see ``plan`` for the forms it accepts."""

@@ -240,15 +240,13 @@ def _report(plan: Plan, args: argparse.Namespace, progress: Progress, *, hardwar
 def _keep_all(plan: Plan) -> Plan:
     from tierplan.placement.keep_all import keep_all_plan
 
-    return keep_all_plan(plan.graph, capacities=plan.capacities, channels=plan.channels,
-                         op_time_s=plan.op_time_s, hardware=plan.hardware, training=plan.training)
+    return keep_all_plan(plan.graph, plan.pricing)
 
 
 def _baselines(plan: Plan) -> dict[str, Plan]:
     from tierplan.placement.baselines import baseline_plans
 
-    return baseline_plans(plan.graph, capacities=plan.capacities, channels=plan.channels,
-                          op_time_s=plan.op_time_s, hardware=plan.hardware, training=plan.training)
+    return baseline_plans(plan.graph, plan.pricing)
 
 
 def _identifier(name: str) -> str:

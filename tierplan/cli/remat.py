@@ -11,12 +11,16 @@ from tierplan.formats.node_link import load_abstract
 from tierplan.ir import Graph
 from tierplan.placement.keep_all import keep_all_plan
 from tierplan.placement.solve import solve
-from tierplan.plans.plan import DEVICE, Plan, PlanError, StepKind
+from tierplan.plans.plan import DEVICE, Plan, PlanError, Pricing, StepKind
+
+
+def abstract_pricing(times: dict[str, float], budget: int) -> Pricing:
+    """An abstract graph has one tier (the device) and the benchmark's own op costs."""
+    return Pricing(capacities={DEVICE: budget}, channels=(), op_time_s=times, hardware="abstract", training=True)
 
 
 def plan_abstract(graph: Graph, times: dict[str, float], budget: int, time_limit_s: float | None) -> Plan:
-    return solve(graph, capacities={DEVICE: budget}, channels=[], op_time_s=times,
-                 hardware="abstract", training=True, time_limit_s=time_limit_s)
+    return solve(graph, abstract_pricing(times, budget), time_limit_s=time_limit_s)
 
 
 def schedule_of(plan: Plan, ids: dict[str, Any]) -> list[list[Any]]:
@@ -37,8 +41,7 @@ def remat_command(path: str | Path, budget: int, time_limit: float | None = None
     """Plan ``path`` within ``budget`` bytes; return the text to print (and write ``json_out``)."""
     started = time.perf_counter()
     graph, times, ids = load_abstract(path)
-    reference = keep_all_plan(graph, capacities={DEVICE: budget}, channels=[], op_time_s=times,
-                              hardware="abstract", training=True)
+    reference = keep_all_plan(graph, abstract_pricing(times, budget))
     plan = plan_abstract(graph, times, budget, time_limit)
     solve_s = time.perf_counter() - started
     recomputed = sum(1 for s in plan.schedule if s.kind == StepKind.RECOMPUTE)
@@ -48,7 +51,7 @@ def remat_command(path: str | Path, budget: int, time_limit: float | None = None
         "cost": plan.predicted_time_s,
         "keep_all_cost": reference.predicted_time_s,
         "solve_s": solve_s,
-        "gap": float(plan.solver.get("gap", 0.0)),
+        "gap": float(plan.solver.gap or 0.0) if plan.solver else 0.0,
     }
     if json_out is not None:
         Path(json_out).write_text(json.dumps(result))
@@ -58,7 +61,7 @@ def remat_command(path: str | Path, budget: int, time_limit: float | None = None
         f"{reference.peak_bytes[DEVICE]} bytes",
         f"  plan: peak {result['peak_bytes']} bytes, cost {result['cost']:.6g} "
         f"(keep-all {result['keep_all_cost']:.6g}, +{overhead * 100:.2f}%), {recomputed} recomputes",
-        f"  method {plan.method}; solver {plan.solver.get('status')}, gap {result['gap']:.4f}, "
+        f"  method {plan.method}; solver {plan.solver.status if plan.solver else None}, gap {result['gap']:.4f}, "
         f"solved in {solve_s:.2f} s",
     ]
     if json_out is not None:

@@ -72,18 +72,41 @@ def lifetimes(graph: Graph, schedule: Sequence[str] | None = None) -> list[Lifet
 
 def live_bytes(graph: Graph, schedule: Sequence[str] | None = None) -> list[int]:
     """Bytes live at each step of the schedule."""
-    n = len(graph.ops) if schedule is None else len(schedule)
-    delta = [0] * (n + 1)
-    for life in lifetimes(graph, schedule):
-        delta[life.start] += life.nbytes
-        delta[life.end] -= life.nbytes
-    out, running = [], 0
-    for step in range(n):
-        running += delta[step]
-        out.append(running)
-    return out
+    return list(liveness(graph, schedule).live_bytes)
 
 
 def peak_bytes(graph: Graph, schedule: Sequence[str] | None = None) -> int:
     """The peak of live bytes over the schedule (0 for a graph without ops)."""
-    return max(live_bytes(graph, schedule), default=0)
+    return liveness(graph, schedule).peak
+
+
+@dataclass(frozen=True)
+class Liveness:
+    """The lifetimes of every storage over one op order and the bytes live at each step.
+
+    Planning one graph reads both many times (the budget, the keep-all plan, the candidates, the
+    bound): a plan computes this once and hands it on.
+    """
+
+    order: tuple[str, ...]
+    lifetimes: tuple[Lifetime, ...]
+    live_bytes: tuple[int, ...]
+
+    @property
+    def peak(self) -> int:
+        return max(self.live_bytes, default=0)
+
+
+def liveness(graph: Graph, schedule: Sequence[str] | None = None) -> Liveness:
+    """Lifetimes and live bytes of ``graph`` when its ops run in ``schedule`` order."""
+    order = tuple(op.name for op in graph.ops) if schedule is None else tuple(schedule)
+    lives = tuple(lifetimes(graph, order))
+    delta = [0] * (len(order) + 1)
+    for life in lives:
+        delta[life.start] += life.nbytes
+        delta[life.end] -= life.nbytes
+    out, running = [], 0
+    for step in range(len(order)):
+        running += delta[step]
+        out.append(running)
+    return Liveness(order, lives, tuple(out))

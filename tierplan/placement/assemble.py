@@ -6,11 +6,11 @@ same cost model.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Mapping
 
 from tierplan.ir import PERSISTENT_KINDS, TensorKind
 from tierplan.placement.candidates import KEEP, Problem, Segment, Unit, is_recompute, option_tier
-from tierplan.plans.plan import DEVICE, Decision, Plan
+from tierplan.plans.plan import DEVICE, Decision, Plan, SolverReport
 from tierplan.placement.schedule import build_schedule, initial_tiers
 from tierplan.placement.simulate import Figures, simulate
 from tierplan.units import format_bytes
@@ -31,12 +31,8 @@ def build_plan(
     fates: Mapping,
     *,
     method: str,
-    hardware: str,
-    training: bool,
-    keep_all_time_s: float,
-    keep_all_peak_bytes: int,
     segments: Mapping[int, Segment] | None = None,
-    solver: dict[str, Any] | None = None,
+    solver: SolverReport | None = None,
 ) -> Built:
     """The plan for ``fates`` with predictions from ``simulate`` (it may exceed the
     capacities; ``Built.fits`` says whether it does)."""
@@ -47,14 +43,15 @@ def build_plan(
         graph, schedule, capacities=problem.capacities, channels=problem.channels,
         op_time_s=problem.op_time_s, initial_tiers=initial,
     )
+    pricing, reference = problem.pricing, problem.keep_all
     plan = Plan(
-        graph=graph, schedule=schedule, capacities=dict(problem.capacities),
-        channels=list(problem.channels), op_time_s=dict(problem.op_time_s), initial_tiers=initial,
-        hardware=hardware, training=training, peak_bytes=dict(figures.peak_bytes),
+        graph=graph, schedule=schedule, capacities=dict(pricing.capacities),
+        channels=list(pricing.channels), op_time_s=dict(pricing.op_time_s), initial_tiers=initial,
+        hardware=pricing.hardware, training=pricing.training, peak_bytes=dict(figures.peak_bytes),
         predicted_time_s=figures.time_s, compute_time_s=figures.compute_time_s,
         recompute_time_s=figures.recompute_time_s, exposed_transfer_s=figures.exposed_transfer_s,
-        keep_all_time_s=keep_all_time_s, keep_all_peak_bytes=keep_all_peak_bytes, method=method,
-        solver=dict(solver or {}),
+        keep_all_time_s=reference.predicted_time_s, keep_all_peak_bytes=reference.keep_all_peak_bytes,
+        method=method, solver=solver,
         decisions=decisions(problem, fates, segments or {}),
     )
     return Built(plan, figures)

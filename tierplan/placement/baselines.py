@@ -15,8 +15,7 @@ from __future__ import annotations
 from tierplan.ir import Graph, Phase
 from tierplan.placement.assemble import build_plan
 from tierplan.placement.candidates import KEEP, RECOMPUTE, Problem, Segment, analyze, option_tier, recompute_segment
-from tierplan.placement.keep_all import keep_all_plan
-from tierplan.plans.plan import Channel, Plan
+from tierplan.plans.plan import Plan, Pricing
 
 
 def checkpoint_blocks_fates(problem: Problem) -> tuple[dict[int, str], dict[int, Segment]] | None:
@@ -79,30 +78,12 @@ def swap_all_fates(problem: Problem) -> dict[int, str]:
     return fates
 
 
-def baseline_plans(
-    graph: Graph,
-    *,
-    capacities: dict[str, int],
-    channels: list[Channel],
-    op_time_s: dict[str, float],
-    hardware: str,
-    training: bool,
-) -> dict[str, Plan]:
+def baseline_plans(graph: Graph, pricing: Pricing) -> dict[str, Plan]:
     """{"keep-all", "checkpoint-blocks" (when the graph has blocks), "swap-all"} -> plan."""
-    reference = keep_all_plan(
-        graph, capacities=capacities, channels=channels, op_time_s=op_time_s, hardware=hardware,
-        training=training,
-    )
-    out = {"keep-all": reference}
-    problem = analyze(graph, op_time_s=op_time_s, capacities=capacities, channels=channels)
-    common = dict(
-        hardware=hardware, training=training, keep_all_time_s=reference.predicted_time_s,
-        keep_all_peak_bytes=reference.keep_all_peak_bytes,
-    )
+    problem = analyze(graph, pricing)
+    out = {"keep-all": problem.keep_all}
     ckpt = checkpoint_blocks_fates(problem)
     if ckpt is not None:
-        out["checkpoint-blocks"] = build_plan(
-            problem, ckpt[0], segments=ckpt[1], method="checkpoint-blocks", **common
-        ).plan
-    out["swap-all"] = build_plan(problem, swap_all_fates(problem), method="swap-all", **common).plan
+        out["checkpoint-blocks"] = build_plan(problem, ckpt[0], segments=ckpt[1], method="checkpoint-blocks").plan
+    out["swap-all"] = build_plan(problem, swap_all_fates(problem), method="swap-all").plan
     return out

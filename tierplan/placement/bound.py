@@ -38,8 +38,8 @@ import numpy as np
 from ortools.linear_solver import pywraplp
 
 from tierplan.ir import PERSISTENT_KINDS, Graph, Phase, TensorKind
-from tierplan.passes.liveness import lifetimes, live_bytes
-from tierplan.plans.plan import DEVICE, Channel
+from tierplan.passes.liveness import Liveness, liveness
+from tierplan.plans.plan import DEVICE, Channel, Pricing
 
 _STEPS = 6  # high-pressure steps tried
 _TIME_LIMIT_S = 2.0  # per step; SCIP's bound is used when it stops early
@@ -79,22 +79,24 @@ class _Item:
 
 def overhead_lower_bound(
     graph: Graph,
+    pricing: Pricing,
     *,
-    budget: int,
-    channels: Sequence[Channel],
-    op_time_s: Mapping[str, float],
+    live: Liveness | None = None,
     steps: int = _STEPS,
     time_limit_s: float = _TIME_LIMIT_S,
 ) -> LowerBound:
-    """The largest per-step bound over ``steps`` high-pressure steps of keep-all (``_peaks``)."""
-    order = [op.name for op in graph.ops]
-    base = np.asarray(live_bytes(graph, order), dtype=np.int64)
+    """The largest per-step bound over ``steps`` high-pressure steps of keep-all (``_peaks``),
+    at ``pricing``'s budget. ``live``: the liveness in capture order, when the caller has it."""
+    live = live if live is not None else liveness(graph)
+    budget, channels, op_time_s = pricing.budget, pricing.channels, pricing.op_time_s
+    order = list(live.order)
+    base = np.asarray(live.live_bytes, dtype=np.int64)
     readers: dict[str, list[int]] = {}
     for i, op in enumerate(graph.ops):
         for name in op.inputs:
             readers.setdefault(graph.tensors[name].storage, []).append(i)
     cumulative = np.concatenate([[0.0], np.cumsum([op_time_s[n] for n in order])])
-    lives = lifetimes(graph, order)
+    lives = list(live.lifetimes)
     best = LowerBound(0.0, -1, 0, True)
     for step in _peaks(graph, base, lives, steps):
         found = _step_bound(graph, order, lives, int(step), budget, channels, op_time_s, readers, cumulative,

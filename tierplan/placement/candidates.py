@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from tierplan.ir import PERSISTENT_KINDS, Graph, Phase, TensorKind
-from tierplan.passes.liveness import lifetimes, live_bytes
-from tierplan.plans.plan import DEVICE, Channel
+from tierplan.passes.liveness import Liveness, liveness
+from tierplan.placement.keep_all import keep_all_plan
+from tierplan.plans.plan import DEVICE, Channel, Plan, Pricing
 
 KEEP = "keep"
 RECOMPUTE = "recompute"
@@ -214,11 +215,10 @@ class Problem:
     """Everything the solver and the plan builder read, derived once from the graph."""
 
     graph: Graph
+    pricing: Pricing
+    keep_all: Plan  # the reference: every plan's overhead is measured against it
     order: list[str]
     position: dict[str, int]
-    op_time_s: dict[str, float]
-    capacities: dict[str, int]
-    channels: list[Channel]
     units: list[Unit]
     unit_of_storage: dict[str, int]  # storage -> index in units
     base_bytes: list[int]  # keep-all live bytes at each step
@@ -228,6 +228,20 @@ class Problem:
     cumulative_s: list[float]  # cumulative_s[i] = compute time of steps [0, i)
     streams: list[Stream] = field(default_factory=list)
     offloads: list[Offload] = field(default_factory=list)
+    # Streams and offloads that were found but not offered (they enlarge the model; see analyze).
+    streams_withheld: bool = False
+
+    @property
+    def op_time_s(self) -> Mapping[str, float]:
+        return self.pricing.op_time_s
+
+    @property
+    def capacities(self) -> Mapping[str, int]:
+        return self.pricing.capacities
+
+    @property
+    def channels(self) -> Sequence[Channel]:
+        return self.pricing.channels
 
     def compute_between(self, first: int, last: int) -> float:
         """Compute time of steps first..last inclusive (0 when empty)."""
@@ -244,26 +258,33 @@ class Problem:
 
 def analyze(
     graph: Graph,
+    pricing: Pricing,
     *,
-    op_time_s: dict[str, float],
-    capacities: dict[str, int],
-    channels: Sequence[Channel],
+    live: Liveness | None = None,
+    keep_all: Plan | None = None,
     offer_streams: bool | None = None,
 ) -> Problem:
-    order = [op.name for op in graph.ops]
+    """The options of every unit, stream and offload of ``graph``.
+
+    ``live`` (the liveness in capture order) and ``keep_all`` (its keep-all plan) are computed
+    when the caller does not hand them on. ``offer_streams``: True offers parameter streams and
+    gradient offloads always, False never, None where they are a large share of the budget.
+    """
+    live = live if live is not None else liveness(graph)
+    keep_all = keep_all if keep_all is not None else keep_all_plan(graph, pricing, live=live)
+    order = list(live.order)
     position = {name: i for i, name in enumerate(order)}
-    lives = {life.storage: life for life in lifetimes(graph, order)}
+    lives = {life.storage: life for life in live.lifetimes}
     cumulative = [0.0]
     for name in order:
-        cumulative.append(cumulative[-1] + op_time_s[name])
+        cumulative.append(cumulative[-1] + pricing.op_time_s[name])
     never_free = frozenset(
         [s for s in graph.storages() if graph.tensors[s].kind in PERSISTENT_KINDS or s in graph.inputs]
         + [graph.tensors[name].storage for name in graph.outputs]
     )
     problem = Problem(
-        graph=graph, order=order, position=position, op_time_s=dict(op_time_s), capacities=dict(capacities),
-        channels=list(channels), units=[], unit_of_storage={},
-        base_bytes=live_bytes(graph, order),
+        graph=graph, pricing=pricing, keep_all=keep_all, order=order, position=position,
+        units=[], unit_of_storage={}, base_bytes=list(live.live_bytes),
         start={s: life.start for s, life in lives.items()},
         end={s: life.end for s, life in lives.items()},
         never_free=never_free, cumulative_s=cumulative,
@@ -285,7 +306,6 @@ def analyze(
     # gradients are a large share of the budget (otherwise activations decide the plan).
     # (Each storage once, however many tiers could take it: the decision must not depend on them.)
     movable = sum({item.storage: item.nbytes for item in [*problem.streams, *problem.offloads]}.values())
-    problem.streams_withheld = False
     if offer_streams is False or (offer_streams is None and movable < 0.75 * problem.capacities.get(DEVICE, 0)):
         problem.streams_withheld = bool(problem.streams or problem.offloads)
         problem.streams, problem.offloads = [], []

@@ -4,28 +4,22 @@ tierplan falls back to when it fits the budget."""
 from __future__ import annotations
 
 from tierplan.ir import PERSISTENT_KINDS, Graph, TensorKind
-from tierplan.passes.liveness import lifetimes, live_bytes
-from tierplan.plans.plan import DEVICE, Channel, Decision, Plan, Step, compute, free
+from tierplan.passes.liveness import Liveness, liveness
+from tierplan.plans.plan import DEVICE, Decision, Plan, Pricing, Step, compute, free
 
 
-def keep_all_plan(
-    graph: Graph,
-    *,
-    capacities: dict[str, int],
-    channels: list[Channel],
-    op_time_s: dict[str, float],
-    hardware: str,
-    training: bool,
-) -> Plan:
+def keep_all_plan(graph: Graph, pricing: Pricing, *, live: Liveness | None = None) -> Plan:
     """Run ``graph.ops`` in order on the device and free each storage after its last reader.
 
-    The plan is returned whether or not it fits ``capacities[DEVICE]``: callers compare
-    ``plan.peak_bytes[DEVICE]`` with the budget and decide.
+    The plan is returned whether or not it fits the budget: callers compare
+    ``plan.peak_bytes[DEVICE]`` with it and decide. ``live``: the graph's liveness in capture
+    order, when the caller has it.
     """
-    order = [op.name for op in graph.ops]
+    live = live if live is not None else liveness(graph)
+    order = list(live.order)
     frees_after: dict[int, list[str]] = {}
     keep = set(graph.tensors[name].storage for name in graph.outputs)
-    for life in lifetimes(graph, order):
+    for life in live.lifetimes:
         owner = graph.tensors[life.storage]
         if owner.kind in PERSISTENT_KINDS or life.storage in graph.inputs or life.storage in keep:
             continue
@@ -36,21 +30,21 @@ def keep_all_plan(
         schedule.append(compute(name))
         schedule.extend(free(storage, DEVICE) for storage in frees_after.get(index, ()))
 
-    peak_device = max(live_bytes(graph, order), default=0)
+    peak_device = live.peak
     inputs_bytes = sum(graph.storage_bytes(name) for name in graph.inputs)
     peak_device = max(peak_device, inputs_bytes)
-    total_time = sum(op_time_s[name] for name in order)
-    peaks = {tier: 0 for tier in capacities}
+    total_time = sum(pricing.op_time_s[name] for name in order)
+    peaks = {tier: 0 for tier in pricing.capacities}
     peaks[DEVICE] = peak_device
     return Plan(
         graph=graph,
         schedule=schedule,
-        capacities=dict(capacities),
-        channels=list(channels),
-        op_time_s=dict(op_time_s),
+        capacities=dict(pricing.capacities),
+        channels=list(pricing.channels),
+        op_time_s=dict(pricing.op_time_s),
         initial_tiers={graph.tensors[name].storage: DEVICE for name in graph.inputs},
-        hardware=hardware,
-        training=training,
+        hardware=pricing.hardware,
+        training=pricing.training,
         peak_bytes=peaks,
         predicted_time_s=total_time,
         compute_time_s=total_time,

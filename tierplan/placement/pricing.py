@@ -1,12 +1,14 @@
-"""From a Hardware description to the two things a plan needs of it: how many bytes each tier may
-hold, and the transfer channels between the device and the slower tiers."""
+"""From a Hardware description to the Pricing a plan is made in: how many bytes each tier may hold,
+the transfer channels between the device and the slower tiers, and each op's time."""
 from __future__ import annotations
 
 from typing import Sequence
 
+from tierplan.cost_models.compute import graph_op_times
 from tierplan.cost_models.hardware import Hardware
 from tierplan.cost_models.transfer import tier_route
-from tierplan.plans.plan import DEVICE, Channel, PlanError
+from tierplan.ir import Graph
+from tierplan.plans.plan import DEVICE, Channel, PlanError, Pricing
 
 
 def tier_capacities(hardware: Hardware, tiers: Sequence[str]) -> dict[str, int]:
@@ -40,3 +42,14 @@ def transfer_channels(hardware: Hardware, tiers: Sequence[str]) -> list[Channel]
                 Channel(src, dst, bandwidth=route.bandwidth, latency_s=route.latency_s, queue=queue)
             )
     return channels
+
+
+def machine_pricing(graph: Graph, hardware: Hardware, *, tiers: Sequence[str], training: bool,
+                    budget: int | None = None) -> Pricing:
+    """``graph`` priced on ``hardware`` with the slower ``tiers``: each op's roofline time, the
+    tiers' capacities and the copy channels. ``budget`` (bytes) defaults to the device memory."""
+    capacities = tier_capacities(hardware, tiers)
+    if budget is not None:
+        capacities[DEVICE] = int(budget)
+    return Pricing(capacities=capacities, channels=tuple(transfer_channels(hardware, tiers)),
+                   op_time_s=graph_op_times(graph, hardware), hardware=hardware.name, training=training)

@@ -1,38 +1,33 @@
-"""The joint keep / recompute / swap planner (issue #3), solved with OR-tools CP-SAT.
+"""The joint keep / recompute / swap / stream planner: a search in stages over CP-SAT models.
 
-Design (see ``candidates`` and ``linear`` for the pieces):
+Design (the pieces: ``candidates``, ``linear_model``, ``cpsat``, ``local_search``):
 
 - Capture order is kept. Candidates are forward ops whose outputs are read again in the backward
   (units); each takes keep, recompute (re-run it and its dead producer chain right before the first
   backward reader) or swap to a tier reachable by a channel pair (offload after the last forward
-  reader, prefetch early enough to hide behind the backward's compute).
-- The device's live bytes at every step are a linear function of the choices; only steps that can
-  exceed the budget are constrained, one per stretch of steps with the same set of choices in
-  play (the others are dominated).
-- Objective: recompute seconds + exposed copy time, a lower bound per queue from the load of
-  every window of steps (bytes / bandwidth of the copies that must run inside it beyond its
-  compute time). A recompute needs its inputs: precedence constraints tie it to its anchors.
-- The heuristic plan (``linear.greedy``) is the hint. The schedule built from the answer is
-  measured exactly by ``simulate``; if the approximations let it exceed the budget, the
-  model is re-solved with a budget tightened by the overshoot. The best measured plan among the
-  solver's, the heuristic's and the baselines' is returned, so it is never worse than them.
-- Stages: (1) small models whose answers are choices of the full one: each unit recomputed only
-  at its own first backward use with one swap window; with a slower tier, the recompute-only
-  sub-model (so a host tier never makes the plan worse than remat alone); on a large graph
-  (more than ``_SHARE_ABOVE_UNITS`` units), every option with one decision per block position
-  (the size of one block: solved in a fraction of a second), then measured local moves in it;
-  (2) every option with one decision per unit, hinted with the best measured plan so far (GPT-2
-  small b8 s1024 on the RTX 4090 model at 12 GiB: 38.6 ms of recompute with one decision per
-  block position and its local search, 34.0 ms with one per unit); (3) measured local moves with one decision per unit. The recompute
-  points include each block's first backward use, so checkpoint-blocks is a choice of the model.
-- Local search (``local_search.improve``): drop / switch / trade moves screened by the linear
-  profile and measured by the simulator, from the best three measured plans. It finds plans the
-  model's conservative transient bytes exclude and, with copies in play, corrects the model's
-  queue timing (it gets more of the time then). CP-SAT runs with a fixed seed and two workers
-  (results still depend on how far it gets within the limit).
+  reader, prefetch early enough to hide behind the backward's compute). Caller-owned storages may
+  stream from a slower tier, gradients may be offloaded to one.
+- The device's live bytes at every step are a linear function of the choices (``linear_model``);
+  the CP-SAT model (``cpsat``) minimizes recompute seconds plus a lower bound of each copy
+  queue's stall under the budget.
+- Every answer is turned into a schedule and measured exactly by ``simulate``; if the model's
+  approximations let it exceed the budget, it is re-solved with the cap tightened by the
+  overshoot. The best measured plan among the solver's, the greedy heuristic's and the
+  baselines' is returned, so it is never worse than them.
+- The stages are the table ``STAGES``: small models whose answers are choices of the full one
+  first (each unit at its own recompute point; recompute alone, so a slower tier never makes the
+  plan worse than recompute alone; one decision per block position on a large graph; the nearest
+  slower tier alone when there are several), then every option with one decision per unit, then
+  measured local moves in it. Each stage starts from the best measured plan so far that its model
+  can express. Local moves (``local_search.improve``) find plans the model's conservative
+  transient bytes exclude and correct its queue timing, so they get more of the time when copies
+  are in play.
+- Parameter streams and gradient offloads enlarge the model; they are offered when caller-owned
+  state is a large share of the budget, and in a second pass when the first finds no plan.
 - The gap reported is against ``bound.overhead_lower_bound``: a relaxation that no plan of the
-  space beats (torch's included). CP-SAT's bound on its own model is ``solver["model_bound_s"]``;
-  it does not cover plans outside that model.
+  space beats (torch's included). CP-SAT's bound on its own model is ``model_bound_s``; it does not
+  cover plans outside that model. CP-SAT runs with a fixed seed and two workers (results still
+  depend on how far it gets within the limit).
 
 Checkmate (Jain et al., MLSys 2020) decides a full T x T recompute grid; Moccasin (Bartan et al.,
 ICML 2023) uses retention intervals in CP-SAT. Both stall at a few hundred nodes. Fixing the order
@@ -41,25 +36,27 @@ take thousands of ops, and adds the swap tiers neither has.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-
 from tierplan.ir import Graph
+from tierplan.passes.liveness import liveness
 from tierplan.placement.assemble import Built, build_plan
-from tierplan.placement.bound import overhead_lower_bound
-from tierplan.placement.cpsat import MIN_SOLVE_S, Solved, solve_model
+from tierplan.placement.baselines import checkpoint_blocks_fates, swap_all_fates
+from tierplan.placement.bound import LowerBound, overhead_lower_bound
 from tierplan.placement.candidates import KEEP, Problem, analyze, option_tier
+from tierplan.placement.cpsat import MIN_SOLVE_S, Solved, solve_model
+from tierplan.placement.infeasible import infeasible
 from tierplan.placement.keep_all import keep_all_plan
 from tierplan.placement.linear_model import Key, Linear, greedy, linearize
-from tierplan.placement.infeasible import infeasible
 from tierplan.placement.local_search import improve
-from tierplan.plans.plan import DEVICE, Channel, InfeasibleBudget, Plan, PlanError
 from tierplan.placement.schedule import build_schedule, initial_tiers
 from tierplan.placement.simulate import simulate
+from tierplan.plans.plan import DEVICE, InfeasibleBudget, Plan, PlanError, Pricing, SolverReport
 
 # Measured on 2 shared CPU cores: GPT-2 small plans in ~20 s; Llama-2-70B training (18k ops) in
 # ~40 s with this limit (CP-SAT stops at it; building and measuring candidate plans takes the rest).
@@ -68,62 +65,146 @@ _LOCAL_SEARCH_STARTS = 3  # measured plans the local search starts from (best fi
 # Above this many units a block-shared model (one decision per block position) solves first and
 # hints the per-unit model; below it the per-unit model alone is small enough.
 _SHARE_ABOVE_UNITS = 150
-_LOCAL_SEARCH_SHARE = 0.25  # of the time left after stage 1, kept for the measured local search
-_LOCAL_SEARCH_SHARE_WITH_COPIES = 0.6
-_OWN_POINT_SHARE = 0.3  # of the time left, for the own-point model (stage 1)
-_OWN_POINT_SHARE_WITH_STREAMS = 0.5
 _BOUND_STEPS = 2  # high-pressure steps the proven bound tries (the keep-all peak is the first)
 _BOUND_STEP_S = 2.0  # SCIP time per step; its LP-based bound is used when it stops early
 _OPTIMAL_GAP = 1e-6  # a plan this close to the proven bound is reported OPTIMAL
+_MIN_RETRY_S = 1.0  # the second pass gets at least this long: a plan late beats a false "infeasible"
+
+# -- the stages --------------------------------------------------------------------------------
+
+SOLVE = "solve"  # CP-SAT on the model, then measure its plan and tighten the cap by any overshoot
+IMPROVE = "improve"  # measured local moves in the model
+
+OWN_POINT = "own-point"  # each unit recomputed only at its own first backward use, one swap window
+RECOMPUTE_ONLY = "recompute-only"  # no copies (only when a slower tier is offered)
+PER_BLOCK = "per-block"  # every option, one decision per block position (large graphs)
+NEAREST_TIER = "nearest-tier"  # every option, one decision per unit, the nearest slower tier alone
+EVERY_OPTION = "every-option"  # every option, one decision per unit: the model that matters
 
 
-def solve(
-    graph: Graph,
-    *,
-    capacities: dict[str, int],
-    channels: list[Channel],
-    op_time_s: dict[str, float],
-    hardware: str,
-    training: bool,
-    time_limit_s: float | None = None,
-    _offer_streams: bool | None = None,
-) -> Plan:
-    """The fastest plan found whose device peak is at most ``capacities["device"]``.
+@dataclass(frozen=True)
+class Stage:
+    """One row of the search. A stage whose model does not apply to the graph is skipped; each
+    stage starts from (is hinted with) the best measured plan so far that its model expresses."""
+
+    action: str  # SOLVE or IMPROVE
+    model: str
+    share: float  # of the time left when the stage starts
+    share_with_streams: float | None = None  # instead, when streams or offloads are offered
+    share_with_copies: float | None = None  # instead, when the model can copy to a slower tier
+
+
+STAGES: tuple[Stage, ...] = (
+    # With streams the per-unit models take seconds to build and rarely solve in the time left;
+    # the own-point model does, given the time.
+    Stage(SOLVE, OWN_POINT, 0.3, share_with_streams=0.5),
+    Stage(SOLVE, RECOMPUTE_ONLY, 0.2),
+    # A move in the block-shared model changes every block at once, which escapes optima that
+    # single-unit moves cannot.
+    Stage(SOLVE, PER_BLOCK, 0.2),
+    Stage(IMPROVE, PER_BLOCK, 0.3),
+    # With host and NVMe the full model starts from the answer without the farther tier, so that
+    # copies to NVMe that look cheap to the model cannot lure the search away from it.
+    Stage(SOLVE, NEAREST_TIER, 0.3),
+    Stage(IMPROVE, NEAREST_TIER, 0.6),
+    # With copies in play the model's queue timing is a loose bound and the measured local moves
+    # do most of the work: they get more of the time.
+    Stage(SOLVE, EVERY_OPTION, 0.75, share_with_copies=0.4),
+    Stage(IMPROVE, EVERY_OPTION, 1.0),
+)
+
+
+@dataclass(frozen=True)
+class _Model:
+    linear: Linear
+    solve_label: str  # in the plan's method: "cp-sat (<solve_label>)"
+    improve_label: str  # "local search (N measured moves<improve_label>) from ..."
+
+
+class _Models:
+    """The models of one problem, built when a stage first asks for them (building one takes
+    seconds on a large graph, and counts against the stage that needs it)."""
+
+    def __init__(self, problem: Problem) -> None:
+        self.problem = problem
+        self.every = linearize(problem)
+        self.shared = len(problem.units) > _SHARE_ABOVE_UNITS and any(u.share_key for u in problem.units)
+        # The model the greedy start and the infeasibility report use: the smaller one.
+        self.coarse = linearize(problem, shared=True) if self.shared else self.every
+        tiers = {option_tier(o) for _, o in self.every.pairs} - {None}
+        self.copies = bool(tiers)
+        self.nearest = min(tiers, key=lambda t: _copy_seconds_per_byte(problem, t)) if len(tiers) > 1 else None
+        self._built: dict[str, _Model | None] = {EVERY_OPTION: _Model(self.every, "keep/recompute/swap/stream", "")}
+
+    def get(self, name: str) -> _Model | None:
+        if name not in self._built:
+            self._built[name] = self._build(name)
+        return self._built[name]
+
+    def _build(self, name: str) -> _Model | None:
+        problem, shared, nearest = self.problem, self.shared, self.nearest
+        first_tiers = (nearest,) if nearest else None
+        only = f", {nearest} only" if nearest else ""
+        if name == OWN_POINT:
+            linear = linearize(problem, shared=shared, restrict=True, tiers=first_tiers)
+            return _Model(linear, "own-point options" + only, "") if len(linear.pairs) < len(self.coarse.pairs) else None
+        if name == RECOMPUTE_ONLY:
+            linear = linearize(problem, shared=shared, tiers=()) if self.copies else None
+            return _Model(linear, "recompute only", "") if linear is not None and linear.pairs else None
+        if name == PER_BLOCK:
+            if not shared:
+                return None
+            linear = linearize(problem, shared=True, tiers=first_tiers) if nearest else self.coarse
+            return _Model(linear, "every option, per block position" + only, ", per block position" + only)
+        if name == NEAREST_TIER:
+            if not nearest:
+                return None
+            return _Model(linearize(problem, tiers=first_tiers), f"recompute and {nearest} only", only)
+        raise ValueError(f"no model named {name!r}")
+
+
+def solve(graph: Graph, pricing: Pricing, *, time_limit_s: float | None = None) -> Plan:
+    """The fastest plan found whose device peak is at most ``pricing.budget``.
 
     Raises InfeasibleBudget (with the smallest budget this planner can meet) when none fits.
     """
     started = time.perf_counter()
     limit = DEFAULT_TIME_LIMIT_S if time_limit_s is None else max(float(time_limit_s), 0.1)
-    budget = capacities[DEVICE]
-    reference = keep_all_plan(
-        graph, capacities=capacities, channels=channels, op_time_s=op_time_s, hardware=hardware,
-        training=training,
-    )
+    live = liveness(graph)
+    reference = keep_all_plan(graph, pricing, live=live)
     ka_time, ka_peak = reference.predicted_time_s, reference.keep_all_peak_bytes
-    if ka_peak <= budget:
+    if ka_peak <= pricing.budget:
         reference.method = "keep-all (it fits the budget: nothing to recompute or swap)"
-        reference.solver = _solver_info("KEEP_ALL_FITS", ka_time, ka_time, time.perf_counter() - started)
+        reference.solver = SolverReport.of("KEEP_ALL_FITS", ka_time, ka_time, time.perf_counter() - started)
         return reference
 
     # The proven bound covers every plan of the space, torch's included; CP-SAT's bound covers
     # its own model only (fixed recompute points and windows) and is reported beside it.
-    proven = overhead_lower_bound(graph, budget=budget, channels=channels, op_time_s=op_time_s,
-                                  steps=_BOUND_STEPS, time_limit_s=min(_BOUND_STEP_S, max(0.2, 0.05 * limit)))
-    problem = analyze(graph, op_time_s=op_time_s, capacities=capacities, channels=channels,
-                      offer_streams=_offer_streams)
-    # One decision per unit is the model that matters; on a large graph a block-shared model (the
-    # size of one block) solves first, in a fraction of a second, and hints it.
-    linear = linearize(problem)
-    shared = len(problem.units) > _SHARE_ABOVE_UNITS and any(u.share_key for u in problem.units)
-    coarse = linearize(problem, shared=True) if shared else linear
-    search = _Search(problem, budget, started, limit, dict(
-        hardware=hardware, training=training, keep_all_time_s=ka_time, keep_all_peak_bytes=ka_peak))
+    proven = overhead_lower_bound(graph, pricing, live=live, steps=_BOUND_STEPS,
+                                  time_limit_s=min(_BOUND_STEP_S, max(0.2, 0.05 * limit)))
+    problem = analyze(graph, pricing, live=live, keep_all=reference)
+    best, solved = _search(problem, started, limit)
+    if best is None and problem.streams_withheld:
+        # Streams and offloads were left out to keep the model small: search again with them in
+        # the time left.
+        problem = analyze(graph, pricing, live=live, keep_all=reference, offer_streams=True)
+        best, solved = _search(problem, time.perf_counter(),
+                               max(limit - (time.perf_counter() - started), _MIN_RETRY_S))
+    if isinstance(best, InfeasibleBudget):
+        raise best
+    assert best is not None  # a search with streams offered never returns None
+    return _finish(best.plan, solved, proven, graph, ka_time, time.perf_counter() - started)
 
+
+def _search(problem: Problem, started: float, limit: float) -> tuple[Built | InfeasibleBudget | None, Solved | None]:
+    """The fastest measured plan that fits; when none does, None if streams were withheld (the
+    caller searches again with them), else the smallest budget the planner meets. Beside it, the
+    every-option model's own answer."""
+    models = _Models(problem)
+    search = _Search(problem, started, limit)
     # Portfolio: the heuristic and the baselines are both hints and fallbacks.
-    from tierplan.placement.baselines import checkpoint_blocks_fates, swap_all_fates
-
-    search.build(coarse.fates(greedy(coarse, budget)), "greedy (seconds per byte freed at the peak step)",
-                 start=True)
+    search.build(models.coarse.fates(greedy(models.coarse, problem.pricing.budget)),
+                 "greedy (seconds per byte freed at the peak step)", start=True)
     ckpt = checkpoint_blocks_fates(problem)
     if ckpt is not None:
         built = search.build(ckpt[0], "checkpoint-blocks", segments=ckpt[1])
@@ -132,83 +213,54 @@ def solve(
             search.fates_of[id(built)] = as_options
     search.build(swap_all_fates(problem), "swap-all")
 
-    # Stage 1 (small models that solve fast; their answers are choices of the full model): each
-    # unit recomputed only at its own first backward use with one swap window; with a slower tier,
-    # the remat-only sub-model (so a slower tier never makes the plan worse than recompute alone:
-    # copy costs the model under-prices cannot lure the search away from it); on a large graph,
-    # every option with one decision per block position, then local moves in that model (a move
-    # changes every block at once, which escapes optima single-unit moves cannot). With several
-    # slower tiers (host and NVMe) all of stage 1 uses the nearest alone, and its per-unit model
-    # is solved and improved before the full one: adding a farther tier starts from the answer
-    # without it (copies to NVMe that look cheap to the model cannot lure the search away).
-    slower = {option_tier(o) for _, o in linear.pairs} - {None}
-    nearest = min(slower, key=lambda t: _copy_seconds_per_byte(problem, t)) if len(slower) > 1 else None
-    first_tiers = (nearest,) if nearest else None
-    restricted = linearize(problem, shared=shared, restrict=True, tiers=first_tiers)
-    if len(restricted.pairs) < len(coarse.pairs):
-        # With streams the per-unit models take seconds to build and rarely solve in the time
-        # left; this one does, given the time: it gets more of it.
-        search.stage(restricted, _OWN_POINT_SHARE_WITH_STREAMS if problem.streams else _OWN_POINT_SHARE,
-                     "own-point options" + (f", {nearest} only" if nearest else ""))
-    if slower:
-        remat = linearize(problem, shared=shared, tiers=())
-        if remat.pairs:
-            search.stage(remat, 0.2, "recompute only")
-    if shared:
-        coarse_first = linearize(problem, shared=True, tiers=first_tiers) if nearest else coarse
-        label = ", per block position" + (f", {nearest} only" if nearest else "")
-        search.stage(coarse_first, 0.2, "every option" + label)
-        search.local_search(coarse_first, label, share=0.3)
-    if nearest:
-        near = linearize(problem, tiers=first_tiers)
-        search.stage(near, 0.3, f"recompute and {nearest} only")
-        search.local_search(near, f", {nearest} only", share=0.6)
-    # Stage 2: every option, one decision per unit, hinted with the best measured plan so far.
-    # With copies in play the model's queue timing is a loose bound and the measured local search
-    # does most of the work: it gets more of the time.
-    solved = search.stage(linear, 1.0 - (_LOCAL_SEARCH_SHARE_WITH_COPIES if slower else _LOCAL_SEARCH_SHARE),
-                          "keep/recompute/swap/stream")
-    # Stage 3: local moves with one decision per unit (see ``local_search``), e.g. swap some
-    # blocks' activations behind the forward, recompute the others'.
-    search.local_search(linear, "")
+    solved: Solved | None = None
+    for stage in STAGES:
+        model = models.get(stage.model)
+        if model is None:
+            continue
+        share = stage.share
+        if stage.share_with_streams is not None and problem.streams:
+            share = stage.share_with_streams
+        if stage.share_with_copies is not None and models.copies:
+            share = stage.share_with_copies
+        if stage.action == SOLVE:
+            result = search.stage(model.linear, share, model.solve_label)
+            if stage.model == EVERY_OPTION:
+                solved = result
+        else:
+            search.local_search(model.linear, model.improve_label, share=share)
 
     fitting = [b for b in search.tried if b.fits]
-    if not fitting and getattr(problem, "streams_withheld", False):
-        # Parameter streaming / gradient offload were left out to keep the model small: retry with
-        # them in the time left (at least 1 s: a plan late beats a false "infeasible"), and
-        # report the solve time of both passes.
-        elapsed = time.perf_counter() - started
-        retried = solve(graph, capacities=capacities, channels=channels, op_time_s=op_time_s,
-                        hardware=hardware, training=training,
-                        time_limit_s=max(limit - elapsed, 1.0), _offer_streams=True)
-        retried.solver["solve_s"] = retried.solver.get("solve_s", 0.0) + elapsed
-        return retried
+    if not fitting and problem.streams_withheld:
+        return None, solved
     if not fitting:
-        found = infeasible(problem, coarse, budget, search)  # the smaller model
+        found = infeasible(problem, models.coarse, problem.pricing.budget, search)
         if isinstance(found, InfeasibleBudget):
-            raise found
+            return found, solved
         fitting = [found]  # the min-peak probe found a plan within the budget
     # Ties go to the solver's plan (its decisions come with a bound).
     best = min(fitting, key=lambda b: (b.plan.predicted_time_s * (1 - 1e-12 * b.plan.method.startswith("cp-sat")),
                                        b.plan.recompute_time_s))
-    plan = best.plan
-    bound = ka_time + proven.overhead_s  # not clipped: above the plan would be a bug to see
-    solve_s = time.perf_counter() - started
-    # OPTIMAL only when the plan meets the proven bound; the per-unit model's own status beside it.
-    plan.solver = _solver_info("FEASIBLE", plan.predicted_time_s, bound, solve_s)
-    if plan.solver["gap"] <= _OPTIMAL_GAP:
-        plan.solver["status"] = "OPTIMAL"
-    plan.solver["model_status"] = solved.status if solved else "NOT_RUN"
-    plan.solver["bound_step"] = graph.ops[proven.step].name if proven.step >= 0 else None
+    return best, solved
+
+
+def _finish(plan: Plan, solved: Solved | None, proven: LowerBound, graph: Graph, ka_time: float,
+            solve_s: float) -> Plan:
+    """The plan with its solver report: the gap to the proven bound (OPTIMAL only when it meets
+    the bound; the bound is not clipped: above the plan would be a bug to see) and the per-unit
+    model's own status beside it."""
+    model: dict[str, Any] = {}
     if solved is not None and solved.objective_s is not None:
-        plan.solver["model_objective_s"] = ka_time + solved.objective_s
-        plan.solver["model_bound_s"] = ka_time + (solved.bound_s or 0.0)
-    plan.solver["bound_kind"] = (
-        "bound_s: no plan that runs the ops in capture order, re-runs forward ops and copies through "
-        "the channels' queues is faster (a relaxation at the step named by bound_step: the bytes the "
-        "device must hold there, what dropping the rest costs; planner/bound.py); model_bound_s: "
-        "CP-SAT's bound on its own model (options at fixed points and windows, one decision per unit), "
-        "not over every plan")
+        model = dict(model_objective_s=ka_time + solved.objective_s,
+                     model_bound_s=ka_time + (solved.bound_s or 0.0))
+    report = SolverReport.of(
+        "FEASIBLE", plan.predicted_time_s, ka_time + proven.overhead_s, solve_s,
+        model_status=solved.status if solved else "NOT_RUN",
+        bound_step=graph.ops[proven.step].name if proven.step >= 0 else None, **model,
+    )
+    if report.gap <= _OPTIMAL_GAP:
+        report = dataclasses.replace(report, status="OPTIMAL")
+    plan.solver = report
     if not plan.method.startswith("cp-sat"):
         plan.method = f"{plan.method} (best measured plan; the cp-sat answer was not faster)"
     return plan
@@ -216,19 +268,21 @@ def solve(
 
 @dataclass
 class _Search:
-    """What one ``solve`` has built and the time it has, shared by its stages.
+    """What one search has built and the time it has, shared by its stages.
 
     Plans are kept with their member fates (not one model's choice), so that any model reads
     them back (``Linear.choice``) as a hint or a local-search start.
     """
 
     problem: Problem
-    budget: int
     started: float
     limit: float
-    common: dict[str, Any]  # build_plan's keywords: hardware, training, the keep-all figures
     tried: list[Built] = field(default_factory=list)
     fates_of: dict[int, dict] = field(default_factory=dict)  # id(built) -> its member fates
+
+    @property
+    def budget(self) -> int:
+        return self.problem.pricing.budget
 
     @property
     def end(self) -> float:
@@ -236,7 +290,7 @@ class _Search:
 
     def build(self, fates: dict, method: str, *, start: bool = False, **extra: Any) -> Built:
         """Build and measure the plan of ``fates``; ``start``: a model may start from it."""
-        built = build_plan(self.problem, fates, method=method, **self.common, **extra)
+        built = build_plan(self.problem, fates, method=method, **extra)
         self.tried.append(built)
         if start:
             self.fates_of[id(built)] = fates
@@ -252,7 +306,7 @@ class _Search:
         """Solve, measure, tighten the cap by any overshoot; at most ``share`` of the time left."""
         now = time.perf_counter()
         stage_end = now + share * (self.limit - (now - self.started))
-        ka_time = self.common["keep_all_time_s"]
+        ka_time = self.problem.keep_all.predicted_time_s
         hints = self.starts(model)
         cap, result, start_hint = self.budget, None, hints[0][1] if hints else None
         for _ in range(4):
@@ -261,8 +315,8 @@ class _Search:
             result = solve_model(model, cap, hint=start_hint, deadline=stage_end)
             if result.choice is None:
                 break
-            info = _solver_info(result.status, ka_time + (result.objective_s or 0.0),
-                                ka_time + (result.bound_s or 0.0), result.solve_s)
+            info = SolverReport.of(result.status, ka_time + (result.objective_s or 0.0),
+                                   ka_time + (result.bound_s or 0.0), result.solve_s)
             built = self.build(model.fates(result.choice), f"cp-sat ({label})", start=True, solver=info)
             if built.fits:
                 break
@@ -298,7 +352,7 @@ class _Search:
                                               deadline=deadline)
             if better_s < start.plan.predicted_time_s * (1 - 1e-9):
                 self.build(model.fates(better), f"local search ({evals} measured moves{label}) from "
-                           f"{start.plan.method}", start=True, solver=dict(start.plan.solver))
+                           f"{start.plan.method}", start=True, solver=start.plan.solver)
 
 
 def _copy_seconds_per_byte(problem: Problem, tier: str) -> float:
@@ -319,8 +373,3 @@ def _as_options(problem: Problem, fates: dict, segments: dict) -> dict | None:
             return None
         out[member] = option
     return out
-
-
-def _solver_info(status: str, objective_s: float, bound_s: float, solve_s: float) -> dict[str, Any]:
-    gap = 0.0 if objective_s <= 0 else max(0.0, (objective_s - bound_s) / objective_s)
-    return {"status": status, "objective_s": objective_s, "bound_s": bound_s, "gap": gap, "solve_s": solve_s}

@@ -29,10 +29,11 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 from tierplan.ir import PERSISTENT_KINDS, Graph, Phase, TensorKind
-from tierplan.plans.plan import DEVICE, Channel, Decision, Plan, PlanError, Step, compute, recompute
+from tierplan.placement.keep_all import keep_all_plan
+from tierplan.plans.plan import DEVICE, Decision, Plan, PlanError, Pricing, Step, compute, recompute
 from tierplan.placement.schedule import insert_frees
 from tierplan.placement.simulate import simulate
 from tierplan.units import format_bytes
@@ -92,19 +93,15 @@ def torch_partition(joint: Any, fraction: float, *, n_fwd_outputs: int | None = 
 def plan_from_saved(
     graph: Graph,
     saved: Sequence[str] | frozenset[str],
+    pricing: Pricing,
     *,
-    capacities: dict[str, int],
-    channels: list[Channel],
-    op_time_s: Mapping[str, float],
-    hardware: str,
-    training: bool,
-    keep_all_time_s: float,
-    keep_all_peak_bytes: int,
+    keep_all: Plan,
     method: str = "torch-budget",
 ) -> Plan:
     """The plan that keeps the storages of ``saved`` (tensor names; views save their base) and
     recomputes every other forward-made storage the backward reads, right before its first
-    backward reader (see the module docstring)."""
+    backward reader (see the module docstring). ``keep_all``: the graph's keep-all plan, the
+    reference of its overhead."""
     tensors = graph.tensors
     never_free = frozenset(
         [s for s in graph.storages() if tensors[s].kind in PERSISTENT_KINDS or s in graph.inputs]
@@ -156,16 +153,16 @@ def plan_from_saved(
         steps.append(compute(op.name))
     schedule = insert_frees(graph, steps, never_free)
     initial = {tensors[name].storage: DEVICE for name in graph.inputs}
-    figures = simulate(graph, schedule, capacities=capacities, channels=channels, op_time_s=op_time_s,
-                       initial_tiers=initial)
+    figures = simulate(graph, schedule, capacities=pricing.capacities, channels=pricing.channels,
+                       op_time_s=pricing.op_time_s, initial_tiers=initial)
     decisions = _decisions(graph, kept, set(rerun), never_free, method)
     return Plan(
-        graph=graph, schedule=schedule, capacities=dict(capacities), channels=list(channels),
-        op_time_s=dict(op_time_s), initial_tiers=initial, hardware=hardware, training=training,
-        peak_bytes=dict(figures.peak_bytes), predicted_time_s=figures.time_s,
+        graph=graph, schedule=schedule, capacities=dict(pricing.capacities), channels=list(pricing.channels),
+        op_time_s=dict(pricing.op_time_s), initial_tiers=initial, hardware=pricing.hardware,
+        training=pricing.training, peak_bytes=dict(figures.peak_bytes), predicted_time_s=figures.time_s,
         compute_time_s=figures.compute_time_s, recompute_time_s=figures.recompute_time_s,
-        exposed_transfer_s=figures.exposed_transfer_s, keep_all_time_s=keep_all_time_s,
-        keep_all_peak_bytes=keep_all_peak_bytes, method=method, decisions=decisions,
+        exposed_transfer_s=figures.exposed_transfer_s, keep_all_time_s=keep_all.predicted_time_s,
+        keep_all_peak_bytes=keep_all.keep_all_peak_bytes, method=method, decisions=decisions,
     )
 
 
@@ -217,19 +214,10 @@ class TorchBudgetBaseline:
     Partitions are cached by fraction, so several byte budgets of one model share the probes.
     """
 
-    def __init__(self, graph: Graph, joint: Any, *, capacities: dict[str, int], channels: list[Channel],
-                 op_time_s: Mapping[str, float], hardware: str, training: bool = True,
-                 keep_all_time_s: float | None = None, keep_all_peak_bytes: int | None = None) -> None:
-        self.graph, self.joint = graph, joint
-        self.capacities, self.channels = dict(capacities), list(channels)
-        self.op_time_s, self.hardware, self.training = dict(op_time_s), hardware, training
-        if keep_all_time_s is None or keep_all_peak_bytes is None:
-            from tierplan.placement.keep_all import keep_all_plan
-
-            ref = keep_all_plan(graph, capacities=self.capacities, channels=self.channels,
-                                op_time_s=self.op_time_s, hardware=hardware, training=training)
-            keep_all_time_s, keep_all_peak_bytes = ref.predicted_time_s, ref.keep_all_peak_bytes
-        self.keep_all_time_s, self.keep_all_peak_bytes = keep_all_time_s, keep_all_peak_bytes
+    def __init__(self, graph: Graph, joint: Any, pricing: Pricing, *, keep_all: Plan | None = None) -> None:
+        """``pricing``'s budget is not used: ``plan`` and ``fit`` take the budget of each call."""
+        self.graph, self.joint, self.pricing = graph, joint, pricing
+        self.keep_all = keep_all if keep_all is not None else keep_all_plan(graph, pricing)
         self.n_fwd = num_fwd_outputs(joint)
         self._saved: dict[float, TorchPartition] = {}
         self._plans: dict[tuple[float, int], Plan] = {}
@@ -245,10 +233,7 @@ class TorchBudgetBaseline:
         if (f, budget) not in self._plans:
             part = self.partition(f)
             self._plans[f, budget] = plan_from_saved(
-                self.graph, part.saved, capacities=dict(self.capacities, **{DEVICE: budget}),
-                channels=self.channels, op_time_s=self.op_time_s, hardware=self.hardware,
-                training=self.training, keep_all_time_s=self.keep_all_time_s,
-                keep_all_peak_bytes=self.keep_all_peak_bytes,
+                self.graph, part.saved, self.pricing.with_budget(budget), keep_all=self.keep_all,
                 method=f"torch activation_memory_budget={f:g} (min-cut + knapsack), priced by tierplan",
             )
         return self._plans[f, budget]
@@ -301,10 +286,6 @@ class TorchBudgetBaseline:
         return result
 
 
-def torch_budget_plan(graph: Graph, joint: Any, *, capacities: dict[str, int], channels: list[Channel],
-                      op_time_s: Mapping[str, float], hardware: str, training: bool = True,
-                      probes: int = 6) -> TorchBudgetResult:
-    """torch's activation_memory_budget at the fraction that fits ``capacities["device"]``."""
-    baseline = TorchBudgetBaseline(graph, joint, capacities=capacities, channels=channels,
-                                   op_time_s=op_time_s, hardware=hardware, training=training)
-    return baseline.fit(capacities[DEVICE], probes=probes)
+def torch_budget_plan(graph: Graph, joint: Any, pricing: Pricing, *, probes: int = 6) -> TorchBudgetResult:
+    """torch's activation_memory_budget at the fraction that fits ``pricing.budget``."""
+    return TorchBudgetBaseline(graph, joint, pricing).fit(pricing.budget, probes=probes)

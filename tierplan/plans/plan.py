@@ -9,11 +9,12 @@ independently and a saved plan can be reopened and explained.
 """
 from __future__ import annotations
 
+import dataclasses
 import enum
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from tierplan.ir import Graph, TensorKind
 from tierplan.units import format_bytes
@@ -139,6 +140,80 @@ class Channel:
         return self.latency_s + nbytes / self.bandwidth
 
 
+@dataclass(frozen=True)
+class Pricing:
+    """The setting a plan is priced in: what each tier may hold, the copy channels, each op's
+    time, the machine's name and the mode. Every plan of one setting (the solver's, keep-all,
+    the baselines, torch's) is priced with the same value, so their figures compare.
+
+    ``capacities[DEVICE]`` is the device budget; the other entries are the slower tiers the
+    plan may use.
+    """
+
+    capacities: Mapping[str, int]
+    channels: tuple[Channel, ...]
+    op_time_s: Mapping[str, float]
+    hardware: str
+    training: bool
+
+    def __post_init__(self) -> None:
+        # Owned copies: a Pricing is a value that no caller's later edits change.
+        object.__setattr__(self, "capacities", {k: int(v) for k, v in self.capacities.items()})
+        object.__setattr__(self, "channels", tuple(self.channels))
+        object.__setattr__(self, "op_time_s", dict(self.op_time_s))
+
+    @property
+    def budget(self) -> int:
+        return self.capacities[DEVICE]
+
+    def with_budget(self, budget: int) -> Pricing:
+        """The same setting with another device budget."""
+        return dataclasses.replace(self, capacities={**self.capacities, DEVICE: int(budget)})
+
+
+@dataclass(frozen=True)
+class SolverReport:
+    """How a solver's plan was found and how far from the best it can be.
+
+    ``bound_s`` is a proven lower bound on the step time of every plan of the planner's space
+    (docs/architecture.md, "Bounds and gaps"); ``gap`` is the plan's distance to it, as a share
+    of the plan's step time. ``status`` is OPTIMAL only when the plan meets that bound. The
+    ``model_*`` fields are CP-SAT's own on its per-unit model (which covers fewer plans).
+    """
+
+    status: str
+    objective_s: float | None = None  # the plan's (or the model's) step time
+    bound_s: float | None = None
+    gap: float | None = None
+    solve_s: float | None = None
+    model_status: str | None = None
+    bound_step: str | None = None  # the op where the proven bound was found
+    model_objective_s: float | None = None
+    model_bound_s: float | None = None
+
+    @classmethod
+    def of(cls, status: str, objective_s: float, bound_s: float, solve_s: float, **more: Any) -> SolverReport:
+        """A report with the gap between ``objective_s`` and ``bound_s`` computed."""
+        gap = 0.0 if objective_s <= 0 else max(0.0, (objective_s - bound_s) / objective_s)
+        return cls(status, objective_s, bound_s, gap, solve_s, **more)
+
+    def items(self) -> list[tuple[str, Any]]:
+        """(field, value) for every field set, in declaration order (reports print these)."""
+        return [(f.name, getattr(self, f.name)) for f in dataclasses.fields(self)
+                if getattr(self, f.name) is not None]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.items())
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SolverReport | None:
+        """None for an empty dict; fields this version does not know are dropped."""
+        if not data:
+            return None
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
 @dataclass
 class Decision:
     """What the planner decided for one tensor, and why (read by ``Plan.explain``)."""
@@ -167,12 +242,18 @@ class Plan:
     keep_all_time_s: float = 0.0
     keep_all_peak_bytes: int = 0
     method: str = ""
-    solver: dict[str, Any] = field(default_factory=dict)  # status, bound, gap, solve_s
+    solver: SolverReport | None = None  # None for plans no solver made (keep-all, baselines)
     decisions: dict[str, Decision] = field(default_factory=dict)
 
     @property
     def budget_bytes(self) -> int:
         return self.capacities[DEVICE]
+
+    @property
+    def pricing(self) -> Pricing:
+        """The setting this plan was priced in (to price other plans the same way)."""
+        return Pricing(capacities=dict(self.capacities), channels=tuple(self.channels),
+                       op_time_s=dict(self.op_time_s), hardware=self.hardware, training=self.training)
 
     @property
     def overhead_s(self) -> float:
@@ -217,10 +298,8 @@ class Plan:
             f"exposed transfers {self.exposed_transfer_s * 1e3:.3f}); "
             f"overhead over keep-all {self.overhead_s * 1e3:.3f} ms"
         )
-        if self.solver:
-            short = {k: v for k, v in self.solver.items() if not (isinstance(v, str) and len(v) > 40)}
-            lines.append("  solver " + ", ".join(f"{k} {_fmt_value(v)}" for k, v in short.items()))
-            lines.extend(f"    {k}: {v}" for k, v in self.solver.items() if k not in short)
+        if self.solver is not None:
+            lines.append("  solver " + ", ".join(f"{k} {_fmt_value(v)}" for k, v in self.solver.items()))
         params = self.graph.total_bytes(TensorKind.PARAMETER)
         lines.append(f"  parameters {format_bytes(params)}, keep-all peak {format_bytes(self.keep_all_peak_bytes)}")
         return "\n".join(lines)
@@ -247,7 +326,7 @@ class Plan:
             "keep_all_time_s": self.keep_all_time_s,
             "keep_all_peak_bytes": self.keep_all_peak_bytes,
             "method": self.method,
-            "solver": self.solver,
+            "solver": self.solver.to_dict() if self.solver is not None else {},
             "decisions": {k: asdict(d) for k, d in self.decisions.items()},
         }
 
@@ -278,7 +357,7 @@ class Plan:
                 keep_all_time_s=data["keep_all_time_s"],
                 keep_all_peak_bytes=data["keep_all_peak_bytes"],
                 method=data["method"],
-                solver=dict(data["solver"]),
+                solver=SolverReport.from_dict(data["solver"]),
                 decisions={k: Decision(**d) for k, d in data["decisions"].items()},
             )
         except (KeyError, IndexError, AttributeError, TypeError, ValueError) as exc:
