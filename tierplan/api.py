@@ -10,7 +10,7 @@ from tierplan.cost_models.hardware import Hardware, load_hardware
 from tierplan.ir import Graph
 from tierplan.passes.blocks import detect_blocks
 from tierplan.passes.capture import capture
-from tierplan.passes.liveness import peak_bytes
+from tierplan.passes.liveness import liveness
 from tierplan.placement.pricing import machine_pricing
 from tierplan.plans.plan import Plan, PlanError
 from tierplan.placement.solve import solve
@@ -57,9 +57,9 @@ def plan_graph(
     if not graph.blocks:
         graph = detect_blocks(graph)
     pricing = machine_pricing(graph, hw, tiers=tiers, training=training)
-    budget = resolve_budget(memory_budget, keep_all_peak=peak_bytes(graph),
-                            device_bytes=pricing.budget, hardware=hw.name)
-    return solve(graph, pricing.with_budget(budget), time_limit_s=time_limit)
+    live = liveness(graph)
+    budget = resolve_budget(memory_budget, keep_all_peak=live.peak, device_bytes=pricing.budget, hardware=hw.name)
+    return solve(graph, pricing.with_budget(budget), time_limit_s=time_limit, live=live)
 
 def resolve_budget(budget: Budget, *, keep_all_peak: int, device_bytes: int, hardware: str) -> int:
     """The device budget in bytes; see ``plan`` for the forms it accepts."""

@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tierplan.ir import Graph
-from tierplan.passes.liveness import liveness
+from tierplan.passes.liveness import Liveness, liveness
 from tierplan.placement.assemble import Built, build_plan
 from tierplan.placement.baselines import checkpoint_blocks_fates, swap_all_fates
 from tierplan.placement.bound import LowerBound, overhead_lower_bound
@@ -163,14 +163,16 @@ class _Models:
         raise ValueError(f"no model named {name!r}")
 
 
-def solve(graph: Graph, pricing: Pricing, *, time_limit_s: float | None = None) -> Plan:
+def solve(graph: Graph, pricing: Pricing, *, time_limit_s: float | None = None,
+          live: Liveness | None = None) -> Plan:
     """The fastest plan found whose device peak is at most ``pricing.budget``.
 
     Raises InfeasibleBudget (with the smallest budget this planner can meet) when none fits.
+    ``live``: the graph's liveness in capture order, when the caller has it.
     """
     started = time.perf_counter()
     limit = DEFAULT_TIME_LIMIT_S if time_limit_s is None else max(float(time_limit_s), 0.1)
-    live = liveness(graph)
+    live = live if live is not None else liveness(graph)
     reference = keep_all_plan(graph, pricing, live=live)
     ka_time, ka_peak = reference.predicted_time_s, reference.keep_all_peak_bytes
     if ka_peak <= pricing.budget:
