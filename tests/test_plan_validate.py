@@ -216,14 +216,14 @@ def dropout_graph() -> Graph:
 
 def _recompute_the_mul() -> P.Plan:
     from tierplan.placement.assemble import build_plan
-    from tierplan.placement.candidates import analyze
+    from tierplan.placement.candidates import RECOMPUTE, analyze
 
     graph = dropout_graph()
     times = {op.name: 1.0 for op in graph.ops}
     problem = analyze(graph, Pricing(capacities={"device": 100 * MB}, channels=[],
                                      op_time_s=times, hardware="test", training=True))
     (unit,) = [i for i, u in enumerate(problem.units) if u.op == "mul"]
-    return build_plan(problem, {unit: "recompute"}, method="test").plan
+    return build_plan(problem, {unit: RECOMPUTE}, method="test").plan
 
 
 def test_a_recompute_discards_an_output_the_plan_holds(tmp_path) -> None:

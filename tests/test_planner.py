@@ -397,12 +397,12 @@ def test_models_read_back_member_fates_they_can_express() -> None:
     one = {i: RECOMPUTE for i in recomputable if graph.op(problem.units[i].op).block == first_block}
     assert per_unit.choice(one) is not None and per_block.choice(one) is None
     # An option a model does not offer: NVMe in the host-only model.
-    nvme = next(o for u in problem.units for o in u.options() if o.startswith("swap:nvme"))
+    nvme = next(o for u in problem.units for o in u.options() if o.is_swap and o.tier == "nvme")
     index = next(i for i, u in enumerate(problem.units) if nvme in u.options())
     host_only = linearize(problem, tiers=("host",))
-    assert all("nvme" not in o for _, o in host_only.pairs) and any("host" in o for _, o in host_only.pairs)
+    assert all(o.tier != "nvme" for _, o in host_only.pairs) and any(o.tier == "host" for _, o in host_only.pairs)
     assert per_unit.choice({index: nvme}) is not None and host_only.choice({index: nvme}) is None
-    assert all(o.startswith("recompute") for _, o in linearize(problem, tiers=()).pairs)
+    assert all(o.is_recompute for _, o in linearize(problem, tiers=()).pairs)
 
 
 def test_chained_memory_constraints_solve_the_same_model(monkeypatch) -> None:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Mapping
 
 from tierplan.ir import PERSISTENT_KINDS, TensorKind
-from tierplan.placement.candidates import KEEP, Problem, Segment, Unit, is_recompute, option_tier
+from tierplan.placement.candidates import KEEP, Option, Problem, Segment, Unit
 from tierplan.plans.plan import DEVICE, Decision, Plan, SolverReport
 from tierplan.placement.schedule import build_schedule, initial_tiers
 from tierplan.placement.simulate import Figures, simulate
@@ -61,17 +61,17 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1e3:.3g} ms"
 
 
-def _alternatives(problem: Problem, unit: Unit, chosen: str) -> str:
+def _alternatives(problem: Problem, unit: Unit, chosen: Option) -> str:
     """What the options not taken would have cost, in the cost model's terms."""
     parts = []
-    if not is_recompute(chosen):
+    if not chosen.is_recompute:
         if unit.segment is None:
             parts.append("recompute is not possible here (its producer chain is not re-creatable)")
         else:
             parts.append(f"recompute would cost {_ms(unit.segment.time_s)} "
                          f"({len(unit.segment.ops)} op{'s' if len(unit.segment.ops) > 1 else ''})")
     for tier, windows in unit.swaps.items():
-        if option_tier(chosen) == tier and not is_recompute(chosen):
+        if chosen.tier == tier and not chosen.is_recompute:
             continue
         out_s = sum(w.out_s for w in windows)
         in_s = sum(w.in_s for w in windows)
@@ -99,7 +99,7 @@ def decisions(problem: Problem, fates: Mapping, segments: Mapping[int, Segment])
     for index, unit in enumerate(problem.units):
         fate = fates.get(index, KEEP)
         alternatives = _alternatives(problem, unit, fate)
-        tier = option_tier(fate)
+        tier = fate.tier
         for w_index, storage in enumerate(unit.storages):
             size = format_bytes(graph.tensors[storage].nbytes)
             f, b = unit.last_fwd[storage], unit.first_bwd[storage]
@@ -128,7 +128,7 @@ def decisions(problem: Problem, fates: Mapping, segments: Mapping[int, Segment])
     for i, st in enumerate(problem.streams):
         size = format_bytes(st.nbytes)
         uses = ", ".join(f"{order[a]}..{order[b]}" for a, b in st.clusters)
-        if option_tier(fates.get(("stream", i), KEEP)) == st.tier:
+        if fates.get(("stream", i), KEEP).tier == st.tier:
             exposed = sum(max(0.0, st.in_s - h) for h in st.hidden_s)
             out[st.storage] = Decision("stream", st.tier, (
                 f"streamed from {st.tier}: {size} starts there and is fetched to the device "
@@ -141,7 +141,7 @@ def decisions(problem: Problem, fates: Mapping, segments: Mapping[int, Segment])
                 f"the device for the whole step; streaming it from {st.tier} would fetch {size} "
                 f"{len(st.clusters)} time(s) at {_ms(st.in_s)} each"))
     for i, off in enumerate(problem.offloads):
-        if option_tier(fates.get(("offload", i), KEEP)) == off.tier:
+        if fates.get(("offload", i), KEEP).tier == off.tier:
             out[off.storage] = Decision("offload", off.tier, (
                 f"offloaded to {off.tier}: {format_bytes(off.nbytes)} copied out after "
                 f"{order[off.start]} ({_ms(off.out_s)}, behind {_ms(off.hidden_s)} of compute), its "

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 from tierplan.ir import Graph, Phase
 from tierplan.placement.assemble import build_plan
-from tierplan.placement.candidates import KEEP, RECOMPUTE, Problem, Segment, analyze, option_tier, recompute_segment
+from tierplan.placement.candidates import KEEP, RECOMPUTE, Option, Problem, Segment, analyze, recompute_segment
 from tierplan.plans.plan import Plan, Pricing
 
 
-def checkpoint_blocks_fates(problem: Problem) -> tuple[dict[int, str], dict[int, Segment]] | None:
+def checkpoint_blocks_fates(problem: Problem) -> tuple[dict[int, Option], dict[int, Segment]] | None:
     """Fates and block-wide recompute segments, or None when the graph has no blocks."""
     graph = problem.graph
     by_block: dict[int, list[int]] = {}
@@ -28,7 +28,7 @@ def checkpoint_blocks_fates(problem: Problem) -> tuple[dict[int, str], dict[int,
             by_block.setdefault(block, []).append(index)
     if not by_block:
         return None
-    fates: dict[int, str] = {}
+    fates: dict[int, Option] = {}
     segments: dict[int, Segment] = {}
     readers: dict[str, list[str]] = {}
     for t in graph.tensors.values():
@@ -69,10 +69,10 @@ def _hands_on(problem: Problem, readers: dict[str, list[str]], op_name: str, blo
     return False
 
 
-def swap_all_fates(problem: Problem) -> dict[int, str]:
+def swap_all_fates(problem: Problem) -> dict[int, Option]:
     fates = {}
     for index, unit in enumerate(problem.units):
-        swaps = [o for o in unit.options() if option_tier(o) is not None]
+        swaps = [o for o in unit.options() if o.tier is not None]
         if swaps:
             fates[index] = swaps[0]
     return fates

@@ -19,55 +19,64 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Mapping, NamedTuple, Sequence
 
 from tierplan.ir import PERSISTENT_KINDS, Graph, Phase, TensorKind
 from tierplan.passes.liveness import Liveness, liveness
 from tierplan.placement.keep_all import keep_all_plan
 from tierplan.plans.plan import DEVICE, Channel, Plan, Pricing
 
-KEEP = "keep"
-RECOMPUTE = "recompute"
-SWAP = "swap"  # option names are "swap:<tier>"
+# Option kinds.
+KEEP_KIND = "keep"
+RECOMPUTE_KIND = "recompute"
+SWAP = "swap"  # a unit's outputs copied out after their last forward reader and back before use
+STREAM = "stream"  # a caller-owned storage starts on a slower tier, fetched for each use cluster
+OFFLOAD = "offload"  # a gradient copied out once produced, its device copy freed
+
+
+class Option(NamedTuple):
+    """One choice for a unit, a stream or an offload: what happens to its bytes.
+
+    ``tier``: where SWAP, STREAM and OFFLOAD move them (None for keep and recompute).
+    ``earlier`` > 0: a recompute re-runs, or a swap's prefetch lands, that many steps before the
+    unit's own first backward use (where a unit that reads it is recomputed, e.g. at the block's
+    first backward use). A tuple, so that it hashes and compares at C speed in the search.
+    """
+
+    kind: str
+    tier: str | None = None
+    earlier: int = 0
+
+    @property
+    def is_recompute(self) -> bool:
+        return self.kind == RECOMPUTE_KIND
+
+    @property
+    def is_swap(self) -> bool:
+        return self.kind == SWAP
+
+    def __str__(self) -> str:
+        """``swap:host@3``: the form reports and messages print."""
+        return self.kind + (f":{self.tier}" if self.tier else "") + (f"@{self.earlier}" if self.earlier else "")
+
+
+KEEP = Option(KEEP_KIND)
+RECOMPUTE = Option(RECOMPUTE_KIND)  # at the unit's own first backward use
 
 # A recompute chain longer than this is not offered: it would rarely beat a swap, and long chains
 # make the transient bytes of the recompute group (counted conservatively) meaningless.
 MAX_CHAIN_OPS = 32
 
-
-STREAM = "stream"  # caller-owned storages: "stream:<tier>" (start there, fetched for each use)
-OFFLOAD = "offload"  # gradients: "offload:<tier>" (copied out once produced, device copy freed)
-
 # At most this many recompute points (and as many early-prefetch swap variants) per unit.
 MAX_POINTS = 4
 
 
-def swap_option(tier: str, earlier: int = 0) -> str:
-    """``earlier`` > 0: the prefetch lands that many steps before the unit's own recompute point
-    (so that a unit recomputed there can read it)."""
-    return f"{SWAP}:{tier}" + (f"@{earlier}" if earlier else "")
+def swap_option(tier: str, earlier: int = 0) -> Option:
+    return Option(SWAP, tier, earlier)
 
 
-def recompute_option(earlier: int = 0) -> str:
-    """``earlier`` > 0: re-run that many steps before the unit's own first backward use (where
-    a unit that reads it is recomputed, e.g. at the block's first backward use)."""
-    return RECOMPUTE + (f"@{earlier}" if earlier else "")
-
-
-def option_tier(option: str) -> str | None:
-    """The tier a swap/stream/offload option moves bytes to; None for keep and recompute."""
-    head, _, rest = option.partition(":")
-    if head in (SWAP, STREAM, OFFLOAD) and rest:
-        return rest.split("@", 1)[0]
-    return None
-
-
-def is_recompute(option: str) -> bool:
-    return option == RECOMPUTE or option.startswith(RECOMPUTE + "@")
-
-
-def is_swap(option: str) -> bool:
-    return option.startswith(SWAP + ":")
+def recompute_option(earlier: int = 0) -> Option:
+    return Option(RECOMPUTE_KIND, None, earlier)
 
 
 @dataclass(frozen=True)
@@ -121,14 +130,14 @@ class Unit:
     # (block template, index in block) when repeated: where a shared model gives one decision.
     share_key: tuple[int, int] | None = None
     # Every recompute option (recompute_option(d)) -> its segment; every swap option -> windows.
-    recomputes: dict[str, Segment] = field(default_factory=dict)
-    swap_variants: dict[str, list[SwapWindow]] = field(default_factory=dict)
+    recomputes: dict[Option, Segment] = field(default_factory=dict)
+    swap_variants: dict[Option, list[SwapWindow]] = field(default_factory=dict)
 
     @property
     def recompute_at(self) -> int:
         return min(self.first_bwd.values())
 
-    def options(self) -> list[str]:
+    def options(self) -> list[Option]:
         opts = [KEEP]
         if self.recomputes:
             opts.extend(self.recomputes)
@@ -140,23 +149,23 @@ class Unit:
             opts.extend(swap_option(tier) for tier in self.swaps)
         return opts
 
-    def segment_for(self, option: str) -> Segment | None:
+    def segment_for(self, option: Option) -> Segment | None:
         if option == RECOMPUTE and option not in self.recomputes:
             return self.segment
         return self.recomputes.get(option)
 
-    def windows(self, option: str) -> list[SwapWindow]:
+    def windows(self, option: Option) -> list[SwapWindow]:
         if option in self.swap_variants:
             return self.swap_variants[option]
-        return self.swaps[option_tier(option)]  # type: ignore[index]
+        return self.swaps[option.tier]  # type: ignore[index]
 
-    def lands(self, option: str, storage: str) -> int:
+    def lands(self, option: Option, storage: str) -> int:
         """The step before which ``storage`` is back on the device under ``option`` (a swap or
         a recompute); the keep-all first backward use for keep."""
-        if is_recompute(option):
+        if option.is_recompute:
             seg = self.segment_for(option)
             return seg.at if seg is not None else self.first_bwd[storage]
-        if is_swap(option):
+        if option.is_swap:
             for w in self.windows(option):
                 if w.storage == storage:
                     return w.first_bwd
@@ -183,8 +192,8 @@ class Stream:
     hidden_s: tuple[float, ...]  # compute between each fetch's start and its wait
 
     @property
-    def option(self) -> str:
-        return f"{STREAM}:{self.tier}"
+    def option(self) -> Option:
+        return Option(STREAM, self.tier)
 
     def present_at(self, step: int) -> bool:
         """Whether it is on the device and landed (waited for) before ``step``'s recomputes."""
@@ -206,8 +215,8 @@ class Offload:
     hidden_s: float
 
     @property
-    def option(self) -> str:
-        return f"{OFFLOAD}:{self.tier}"
+    def option(self) -> Option:
+        return Option(OFFLOAD, self.tier)
 
 
 @dataclass

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from ortools.sat.python import cp_model
 
-from tierplan.placement.candidates import KEEP
+from tierplan.placement.candidates import KEEP, Option
 from tierplan.placement.linear_model import Key, Linear
 
 _TIME_UNITS = 1_000_000  # the keep-all step time in the model's integer time units
@@ -28,7 +28,7 @@ _CHAIN_ABOVE_TERMS = 2_000_000  # memory constraints with more terms than this a
 
 @dataclass
 class Solved:
-    choice: dict[Key, str] | None
+    choice: dict[Key, Option] | None
     status: str
     objective_s: float | None  # the model's overhead (recompute + exposed-copy lower bound)
     bound_s: float | None
@@ -71,7 +71,7 @@ def _lower_bound_peak(linear: Linear) -> int:
 
 
 def solve_model(
-    linear: Linear, cap: int | None, *, hint: dict[Key, str] | None, deadline: float, workers: int = 2,
+    linear: Linear, cap: int | None, *, hint: dict[Key, Option] | None, deadline: float, workers: int = 2,
 ) -> Solved:
     """Minimize overhead with the device at most ``cap``; with ``cap=None`` minimize the peak.
 
@@ -84,7 +84,7 @@ def solve_model(
     total_s = max(sum(problem.op_time_s.values()), 1e-12)
     unit_s = total_s / _TIME_UNITS
     model = cp_model.CpModel()
-    x: dict[tuple[Key, str], cp_model.IntVar] = {}
+    x: dict[tuple[Key, Option], cp_model.IntVar] = {}
     for key in linear.keys:
         x[key, KEEP] = model.NewBoolVar(f"keep{key}")
         for option in linear.options[key]:

@@ -15,7 +15,7 @@ from typing import Collection
 
 import numpy as np
 
-from tierplan.placement.candidates import KEEP, RECOMPUTE, Problem, is_recompute, option_tier
+from tierplan.placement.candidates import KEEP, RECOMPUTE, Option, Problem
 
 Key = tuple
 
@@ -35,7 +35,7 @@ class Anchor:
     user: Key
     owner: Key
     allowed: frozenset[str]
-    option: str = RECOMPUTE  # the user's recompute option this precedence belongs to
+    option: Option = RECOMPUTE  # the user's recompute option this precedence belongs to
 
 
 @dataclass
@@ -43,8 +43,8 @@ class Linear:
     problem: Problem
     keys: list[Key]
     units_of: dict[Key, list[int]]
-    options: dict[Key, list[str]]  # non-keep options available to every unit of the key
-    pairs: list[tuple[Key, str]]
+    options: dict[Key, list[Option]]  # non-keep options available to every unit of the key
+    pairs: list[tuple[Key, Option]]
     delta: np.ndarray  # (pairs, steps) int64
     cost_s: np.ndarray  # (pairs,) recompute seconds, or the swap's unhidden copy time (estimate)
     swap_bytes: dict[str, np.ndarray]  # tier -> (pairs,) bytes held on that tier (upper bound)
@@ -53,22 +53,22 @@ class Linear:
     base: np.ndarray  # (steps,) keep-all live bytes
     transient: np.ndarray  # (pairs, steps) int64, bytes a recompute group adds before the step
     pre_base: np.ndarray  # (steps,) keep-all live bytes right before the step's op runs
-    pair_index: dict[tuple[Key, str], int] = field(default_factory=dict)
+    pair_index: dict[tuple[Key, Option], int] = field(default_factory=dict)
     # Choices that exclude each other: a recompute reading a streamed storage where the stream
     # does not hold it on the device.
-    conflicts: list[tuple[tuple[Key, str], tuple[Key, str]]] = field(default_factory=list)
+    conflicts: list[tuple[tuple[Key, Option], tuple[Key, Option]]] = field(default_factory=list)
 
     def transient_steps(self) -> np.ndarray:
         return np.nonzero(self.transient.any(axis=0))[0] if self.transient.size else np.zeros(0, dtype=int)
 
-    def fates(self, choice: dict[Key, str]) -> dict:
+    def fates(self, choice: dict[Key, Option]) -> dict:
         """member (a unit index, or ("stream"|"offload", index)) -> option."""
         return {u: choice.get(key, KEEP) for key, units in self.units_of.items() for u in units}
 
-    def choice(self, fates: dict) -> dict[Key, str] | None:
+    def choice(self, fates: dict) -> dict[Key, Option] | None:
         """The inverse of ``fates``: this model's choice for member fates, or None when the model
         cannot express them (members of one shared key differ, or an option is not offered)."""
-        out: dict[Key, str] = {}
+        out: dict[Key, Option] = {}
         for key, members in self.units_of.items():
             picked = {fates.get(m, KEEP) for m in members}
             if len(picked) != 1:
@@ -96,15 +96,15 @@ def linearize(problem: Problem, *, shared: bool = False, restrict: bool = False,
     units_of: dict[Key, list] = {}
     for index in range(len(problem.units)):
         units_of.setdefault(unit_key(problem, index, shared), []).append(index)
-    options: dict[Key, list[str]] = {}
+    options: dict[Key, list[Option]] = {}
     for key, members in units_of.items():
         common = set(problem.units[members[0]].options())
         for m in members[1:]:
             common &= set(problem.units[m].options())
         if restrict:
-            common = {o for o in common if "@" not in o}
+            common = {o for o in common if o.earlier == 0}
         if tiers is not None:
-            common = {o for o in common if is_recompute(o) or option_tier(o) in tiers}
+            common = {o for o in common if o.is_recompute or o.tier in tiers}
         options[key] = [o for o in problem.units[members[0]].options() if o in common and o != KEEP]
     for i, stream in enumerate(problem.streams):
         if tiers is not None and stream.tier not in tiers:
@@ -129,7 +129,7 @@ def linearize(problem: Problem, *, shared: bool = False, restrict: bool = False,
     transfers: dict[int, list[Transfer]] = {}
     for p, (key, option) in enumerate(pairs):
         row = diff[p]
-        tier = option_tier(option)
+        tier = option.tier
         for u in units_of[key]:
             if isinstance(u, tuple):
                 kind, i = u
@@ -177,7 +177,7 @@ def linearize(problem: Problem, *, shared: bool = False, restrict: bool = False,
         streams_of.setdefault(st.storage, []).append(st)
     for key, members in units_of.items():
         for option in options[key]:
-            if not is_recompute(option):
+            if not option.is_recompute:
                 continue
             for u in members:
                 seg = problem.units[u].segment_for(option)
@@ -205,10 +205,10 @@ def _add(row: np.ndarray, first: int, last: int, value: int) -> None:
         row[last + 1] -= value
 
 
-def _anchors(problem: Problem, units_of: dict[Key, list], options: dict[Key, list[str]]) -> list[Anchor]:
+def _anchors(problem: Problem, units_of: dict[Key, list], options: dict[Key, list[Option]]) -> list[Anchor]:
     """A recomputed unit reads its anchors at its recompute step: each must be there then."""
     key_of = {u: key for key, members in units_of.items() for u in members if not isinstance(u, tuple)}
-    found: dict[tuple[Key, str, Key], set[str]] = {}
+    found: dict[tuple[Key, Option, Key], set[Option]] = {}
     for index, unit in enumerate(problem.units):
         user = key_of[index]
         for option, seg in unit.recomputes.items():
@@ -226,9 +226,9 @@ def _anchors(problem: Problem, units_of: dict[Key, list], options: dict[Key, lis
     return [Anchor(u, o, frozenset(a), option=opt) for (u, opt, o), a in found.items()]
 
 
-def anchors_ok(linear: Linear, choice: dict[Key, str], key: Key, option: str) -> bool:
+def anchors_ok(linear: Linear, choice: dict[Key, Option], key: Key, option: Option) -> bool:
     """Whether setting ``key`` to ``option`` keeps every anchor precedence satisfied."""
-    def fate(k: Key) -> str:
+    def fate(k: Key) -> Option:
         return option if k == key else choice.get(k, KEEP)
 
     for a in linear.anchors:
@@ -240,12 +240,12 @@ def anchors_ok(linear: Linear, choice: dict[Key, str], key: Key, option: str) ->
     return True
 
 
-def greedy(linear: Linear, budget: int) -> dict[Key, str]:
+def greedy(linear: Linear, budget: int) -> dict[Key, Option]:
     """Free bytes at the worst step, cheapest seconds per byte first, until the profile fits.
 
     A fast heuristic (the solver's hint and its fallback); it ignores channel contention.
     """
-    choice: dict[Key, str] = {}
+    choice: dict[Key, Option] = {}
     profile = linear.base.copy()
     pre_steps = linear.transient_steps()
     pre = linear.pre_base[pre_steps].copy()
@@ -269,7 +269,7 @@ def greedy(linear: Linear, budget: int) -> dict[Key, str]:
             key, option = linear.pairs[p]
             if key in choice or p in blocked:
                 continue
-            tier = option_tier(option)
+            tier = option.tier
             if tier is not None and linear.swap_bytes[tier][p] > host_left[tier]:
                 continue
             # Seconds per byte freed at the worst step; a transient that would itself overflow
@@ -284,7 +284,7 @@ def greedy(linear: Linear, budget: int) -> dict[Key, str]:
             blocked.add(best)
             continue
         choice[key] = option
-        tier = option_tier(option)
+        tier = option.tier
         if tier is not None:
             host_left[tier] -= int(linear.swap_bytes[tier][best])
         profile += linear.delta[best]

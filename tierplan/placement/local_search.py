@@ -23,14 +23,14 @@ from typing import Callable
 
 import numpy as np
 
-from tierplan.placement.candidates import KEEP
+from tierplan.placement.candidates import KEEP, Option
 from tierplan.placement.linear_model import Key, Linear, anchors_ok
 
 Measure = Callable[[dict], tuple[bool, float]]  # choice -> (fits every tier, measured time s)
 
 
 class _Profile:
-    def __init__(self, linear: Linear, choice: dict[Key, str]) -> None:
+    def __init__(self, linear: Linear, choice: dict[Key, Option]) -> None:
         self.linear = linear
         self.steps = linear.transient_steps()
         self.profile = linear.base.astype(np.int64).copy()
@@ -70,8 +70,8 @@ class _Profile:
         return all(tiers[t] <= lin.problem.capacities[t] for t in tiers)
 
 
-def improve(linear: Linear, choice: dict[Key, str], budget: int, measure: Measure, *,
-            deadline: float, max_evals: int = 400) -> tuple[dict[Key, str], float, int]:
+def improve(linear: Linear, choice: dict[Key, Option], budget: int, measure: Measure, *,
+            deadline: float, max_evals: int = 400) -> tuple[dict[Key, Option], float, int]:
     """(improved choice, its measured time, measurements made); ``choice`` must fit."""
     fits, best_t = measure(choice)
     evals = 1
@@ -82,7 +82,7 @@ def improve(linear: Linear, choice: dict[Key, str], budget: int, measure: Measur
     tiny = 1e-12
     while evals < max_evals and time.perf_counter() < deadline:
         prof = _Profile(linear, current)
-        moves: list[tuple[float, tuple, dict[Key, str]]] = []
+        moves: list[tuple[float, tuple, dict[Key, Option]]] = []
         chosen = [(linear.pair_index[k, o], k, o) for k, o in current.items()]
         for p, key, option in chosen:
             # drop

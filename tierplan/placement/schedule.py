@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Mapping, Sequence
 
 from tierplan.ir import Graph
-from tierplan.placement.candidates import KEEP, Problem, Segment, option_tier
+from tierplan.placement.candidates import KEEP, Problem, Segment
 from tierplan.plans.plan import (
     DEVICE, PlanError, Step, StepKind, compute, free, recompute, start_transfer, wait_transfer,
 )
@@ -44,7 +44,7 @@ def build_schedule(
     for index, fate in fates.items():
         if fate == KEEP:
             continue
-        tier = option_tier(fate)
+        tier = fate.tier
         if isinstance(index, tuple):
             kind, i = index
             if _item(problem, index).tier != tier:
@@ -169,7 +169,7 @@ def placement(problem: Problem, fates: Mapping) -> tuple[frozenset[str], frozens
         if fate == KEEP or not isinstance(index, tuple):
             continue
         item = _item(problem, index)
-        if item.tier != option_tier(fate):
+        if item.tier != fate.tier:
             continue
         keep.discard(item.storage)
         keep_on.add((item.storage, item.tier))
@@ -182,7 +182,7 @@ def initial_tiers(problem: Problem, fates: Mapping) -> dict[str, str]:
     for index, fate in fates.items():
         if fate != KEEP and isinstance(index, tuple) and index[0] == "stream":
             st = problem.streams[index[1]]
-            if st.tier == option_tier(fate):
+            if st.tier == fate.tier:
                 initial[st.storage] = st.tier
     return initial
 

@@ -48,7 +48,7 @@ from tierplan.passes.liveness import Liveness, liveness
 from tierplan.placement.assemble import Built, build_plan
 from tierplan.placement.baselines import checkpoint_blocks_fates, swap_all_fates
 from tierplan.placement.bound import LowerBound, overhead_lower_bound
-from tierplan.placement.candidates import KEEP, Problem, analyze, option_tier
+from tierplan.placement.candidates import KEEP, Option, Problem, analyze
 from tierplan.placement.cpsat import MIN_SOLVE_S, Solved, solve_model
 from tierplan.placement.infeasible import infeasible
 from tierplan.placement.keep_all import keep_all_plan
@@ -131,7 +131,7 @@ class _Models:
         self.shared = len(problem.units) > _SHARE_ABOVE_UNITS and any(u.share_key for u in problem.units)
         # The model the greedy start and the infeasibility report use: the smaller one.
         self.coarse = linearize(problem, shared=True) if self.shared else self.every
-        tiers = {option_tier(o) for _, o in self.every.pairs} - {None}
+        tiers = {o.tier for _, o in self.every.pairs} - {None}
         self.copies = bool(tiers)
         self.nearest = min(tiers, key=lambda t: _copy_seconds_per_byte(problem, t)) if len(tiers) > 1 else None
         self._built: dict[str, _Model | None] = {EVERY_OPTION: _Model(self.every, "keep/recompute/swap/stream", "")}
@@ -298,7 +298,7 @@ class _Search:
             self.fates_of[id(built)] = fates
         return built
 
-    def starts(self, model: Linear) -> list[tuple[Built, dict[Key, str]]]:
+    def starts(self, model: Linear) -> list[tuple[Built, dict[Key, Option]]]:
         """Plans the model can express, fitting ones first, fastest first, with their choices."""
         ranked = sorted((b for b in self.tried if id(b) in self.fates_of),
                         key=lambda b: (not b.fits, b.plan.predicted_time_s))
@@ -329,7 +329,7 @@ class _Search:
             start_hint = result.choice
         return result
 
-    def measure(self, model: Linear, choice: dict[Key, str]) -> tuple[bool, float]:
+    def measure(self, model: Linear, choice: dict[Key, Option]) -> tuple[bool, float]:
         """(fits every tier, step time) of the choice's plan, from the simulator."""
         problem = self.problem
         fates = model.fates(choice)
