@@ -15,12 +15,13 @@ from __future__ import annotations
 import argparse
 import time
 
+from tierplan.cli.whatif import format_whatif
 from tierplan.cost_models.hardware import load_hardware
 from tierplan.parallel.search import format_plan, format_result, plan_parallel
-from tierplan.parallel.profile import profile_model
 from tierplan.parallel.training import TrainSearch
 from tierplan.parallel.types import cluster_for
-from tierplan.parallel.whatif import format_whatif, whatif
+from tierplan.parallel.whatif import whatif
+from tierplan.profiling import profile_zoo_model
 
 PRESETS = ["h100-sxm", "h200", "a100-80gb-sxm", "a100-40gb-pcie", "rtx4090", "mi300x"]
 
@@ -30,7 +31,7 @@ def main() -> None:
     ap.add_argument("--serve", action="store_true")
     args = ap.parse_args()
     start = time.perf_counter()
-    prof = profile_model("llama-70b")
+    prof = profile_zoo_model("llama-70b")
     profiled = time.perf_counter() - start
     start = time.perf_counter()
     result = plan_parallel(prof, "h100-sxm", 64, serve=args.serve, top=5)

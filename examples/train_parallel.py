@@ -57,9 +57,10 @@ def main() -> None:
         layout = Layout(dp=args.dp or world // (args.tp or 1), tp=args.tp or 1, zero=args.zero)
     else:
         from tierplan.parallel.search import plan_parallel
+        from tierplan.profiling import profile_zoo_model
 
-        result = plan_parallel(args.model, args.hardware, world, seq_len=args.seq,
-                               global_batch=args.batch * world, top=50)  # fmt: skip
+        profile = profile_zoo_model(args.model, seq_len=args.seq)
+        result = plan_parallel(profile, args.hardware, world, global_batch=args.batch * world, top=50)
         # This example applies DP x TP, or pipeline stages alone: take the best such plan.
         best = next(p for p in result.plans
                     if p.config["pp"] == 1 or p.config["pp"] == world)  # fmt: skip

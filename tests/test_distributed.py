@@ -373,9 +373,9 @@ def _free_port() -> int:
 
 @functools.lru_cache(maxsize=None)
 def _profile() -> Any:
-    from tierplan.parallel.profile import profile_model
+    from tierplan.profiling import profile_zoo_model
 
-    return profile_model("gpt2-tiny", seq_len=SEQ)
+    return profile_zoo_model("gpt2-tiny", seq_len=SEQ)
 
 
 @functools.lru_cache(maxsize=None)

@@ -35,6 +35,7 @@ LAYERS: dict[str, int] = {
     "tierplan.compile": 5,
     "tierplan.cli": 5,
     "tierplan.zoo": 5,
+    "tierplan.profiling": 5,
     "tierplan": 5,
 }
 SOLVERS = ("tierplan.placement", "tierplan.packing", "tierplan.parallel")

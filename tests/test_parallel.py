@@ -1,24 +1,115 @@
-"""The parallel planner: the 70B search (time, coverage, sanity), serving, what-if."""
+"""The parallel planner: profiles from configs, the 70B search (time, coverage, sanity),
+serving, what-if."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 
 import pytest
+import torch
 
+from tierplan.cli.whatif import format_whatif, whatif_command
 from tierplan.cost_models.hardware import load_hardware
+from tierplan.parallel.profile import Architecture, ModelProfile, OpTable, PartProfile
 from tierplan.parallel.search import format_result, plan_parallel
-from tierplan.parallel.profile import profile_model
 from tierplan.parallel.training import RecomputeOption, TrainSearch, solve_recompute_mix
 from tierplan.parallel.types import cluster_for
-from tierplan.parallel.whatif import format_whatif, whatif, whatif_command
+from tierplan.parallel.whatif import whatif
+from tierplan.profiling import profile_transformers, profile_zoo_model
+from tierplan.zoo import ZooError
 
-pytest.importorskip("transformers")
+transformers = pytest.importorskip("transformers")
 
 
 @pytest.fixture(scope="module")
 def llama70b():
-    return profile_model("llama-70b")  # 2 captured layers, scaled to 80
+    return profile_zoo_model("llama-70b")  # 2 captured layers, scaled to 80
+
+
+def _table(t: OpTable) -> tuple[float, int]:
+    return t.total_flops, len(t.keys)
+
+
+def _part(p: PartProfile) -> tuple:
+    return p.params, _table(p.forward), _table(p.backward), dataclasses.astuple(p.activations)
+
+
+def _figures(p: ModelProfile) -> dict[str, tuple]:
+    """What the search reads of a profile: dimensions, and per part parameters, forward and
+    backward FLOPs and op counts, and saved activations."""
+    dims = (p.num_layers, p.profiled_layers, p.seq_len, p.hidden, p.heads, p.kv_heads,
+            p.intermediate, p.vocab, p.param_bytes, p.experts)  # fmt: skip
+    parts = {"pre": p.pre, "post": p.post, **p.cells}
+    return {"dims": dims, "core": _table(p.core), **{k: _part(v) for k, v in parts.items()}}
+
+
+# The figures profiling gave when it still read the zoo factories' closures (transformers 5.25).
+# A profile built from an explicit config must keep giving them.
+ZOO_PATH_FIGURES = {
+    "gpt2": {
+        "dims": (12, 2, 1024, 768, 12, 12, 3072, 50257, 4, 0),
+        "core": (1610612736.0, 4),
+        "pre": (39383808, (0.0, 25), (0.0, 2), (0.0, 3932160.0, 8192.0, 0.0)),
+        "post": (1536, (79047426048.0, 5), (158094852096.0, 7), (205852672.0, 3153920.0, 8204.0, 0.0)),
+        "attention": (2362368, (8053063680.0, 14), (16106127360.0, 18),
+                      (132120576.0, 786432.0, 0.0, 113246208.0)),
+        "mlp": (4722432, (9663676416.0, 11), (19327352832.0, 16), (62914560.0, 786432.0, 0.0, 0.0)),
+        "other": (3072, (0.0, 4), (0.0, 6), (0.0, 12599296.0, 0.0, 0.0)),
+    },
+    "llama-7b": {
+        "dims": (32, 2, 4096, 4096, 32, 32, 11008, 32000, 2, 0),
+        "core": (0.0, 0),  # SDPA: no s x s tensor in the forward
+        "pre": (131072000, (0.0, 32), (0.0, 1), (0.0, 0.0, 2097152.0, 0.0)),
+        "post": (131076096, (1073741824000.0, 13), (2147483648000.0, 21),
+                 (524288000.0, 134234112.0, 32780.0, 0.0)),
+        "attention": (67112960, (824633720832.0, 26), (1786706395136.0, 36),
+                      (101187584.0, 201342976.0, 0.0, 0.0)),
+        "mlp": (135266304, (1108101562368.0, 5), (2216203124736.0, 9), (360710144.0, 0.0, 0.0, 0.0)),
+        "other": (4096, (0.0, 10), (0.0, 26), (0.0, 134234112.0, 0.0, 0.0)),
+    },
+}
+
+
+def test_a_profile_from_an_explicit_config_matches_the_zoo_path() -> None:
+    configs = {
+        "gpt2": (transformers.GPT2Config(), "GPT2LMHeadModel", torch.float32, 1024),
+        "llama-7b": (transformers.LlamaConfig(
+            hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+            intermediate_size=11008, vocab_size=32000, max_position_embeddings=4096,
+            rms_norm_eps=1e-5), "LlamaForCausalLM", torch.bfloat16, 4096),
+    }  # fmt: skip
+    for name, (cfg, model_cls, dtype, seq) in configs.items():
+        explicit = profile_transformers(cfg, seq_len=seq, model_cls=model_cls, dtype=dtype, name=name)
+        assert _figures(explicit) == ZOO_PATH_FIGURES[name], name
+        assert _figures(profile_zoo_model(name)) == ZOO_PATH_FIGURES[name], name
+        assert explicit.name == name and explicit.capture_seconds > 0
+
+
+def test_a_model_outside_the_zoo_is_profiled_and_planned() -> None:
+    cfg = transformers.GPT2Config(n_layer=6, n_embd=384, n_head=6, vocab_size=8000, n_positions=512,
+                                  bos_token_id=0, eos_token_id=0)  # fmt: skip
+    prof = profile_transformers(cfg, seq_len=256)  # AutoModelForCausalLM: GPT2LMHeadModel
+    assert cfg.n_layer == 6 and cfg.use_cache  # the caller's config is left as it was
+    assert (prof.num_layers, prof.profiled_layers, prof.seq_len) == (6, 2, 256)
+    assert Architecture.from_config(cfg) == Architecture(num_layers=6, hidden=384, heads=6,
+                                                         kv_heads=6, intermediate=1536, vocab=8000)
+    with torch.device("meta"):
+        real = transformers.GPT2LMHeadModel(cfg)
+    assert prof.total_params == sum(p.numel() for p in real.parameters())
+    assert prof.cells["mlp"].params == 2 * 384 * 1536 + 1536 + 384
+    for serve in (False, True):
+        r = plan_parallel(prof, "h100-sxm", 8, serve=serve, top=3)
+        assert r.best is not None and r.best.fits and r.model == "gpt2"
+    rows = whatif(prof, ["h100-sxm", "rtx4090"], [1, 8])
+    assert len(rows) == 4 and all(r.plan for r in rows)
+
+
+def test_only_transformers_are_profiled() -> None:
+    with pytest.raises(ZooError, match="profiles transformers"):
+        profile_zoo_model("mlp")
+    with pytest.raises(ZooError, match="unknown model"):
+        profile_zoo_model("gpt5")
 
 
 def test_profile_scales_to_the_real_model(llama70b) -> None:

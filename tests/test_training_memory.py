@@ -58,7 +58,7 @@ def test_captured_gpt2_layer_matches_korthikanti() -> None:
     transformers = pytest.importorskip("transformers")
     from tierplan.passes.blocks import detect_blocks
     from tierplan.passes.capture import capture
-    from tierplan.parallel.profile import profile_graph
+    from tierplan.parallel.profile import Architecture, profile_graph
 
     # The paper's standard layer: GELU MLP of 4h, dropout, attention scores materialized, bf16.
     s, h, a = 96, 256, 4
@@ -71,8 +71,8 @@ def test_captured_gpt2_layer_matches_korthikanti() -> None:
     model.train()
     ids = torch.randint(0, 1000, (1, s), device="meta")
     graph = detect_blocks(capture(model, (), example_kwargs={"input_ids": ids, "labels": ids}).graph)
-    prof = profile_graph(graph, seq_len=s, hidden=h, heads=a, kv_heads=a, intermediate=4 * h,
-                         vocab=1000, num_layers=2)
+    arch = Architecture(num_layers=2, hidden=h, heads=a, kv_heads=a, intermediate=4 * h, vocab=1000)
+    prof = profile_graph(graph, arch, seq_len=s)
     act = prof.layer_activations
     # Measured is ~10% above the formula: HF GPT-2 also keeps the fused QKV output and the
     # split K and V. The attention core (scores, softmax, dropout mask) is exactly 5as/h.

@@ -1,12 +1,16 @@
 """The model zoo: every entry builds (fake without storage, small ones for real) and load_model."""
 from __future__ import annotations
 
+import dataclasses
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 
-from tierplan.zoo import ZOO, ZooError, list_models, load_model
+import tierplan
+from tierplan.models.tiny_transformer import TinyTransformerConfig
+from tierplan.zoo import ZOO, TransformersConfig, ZooError, list_models, load_model, with_layers
 
 EXPECTED = [
     "mlp", "cnn", "tiny-transformer", "gpt2", "gpt2-medium", "gpt2-large", "llama-7b",
@@ -52,6 +56,41 @@ def test_small_models_run_for_real(name):
     with torch.no_grad():
         out = model(*args, **kwargs)
     assert out is not None
+
+
+def test_entries_hold_their_config_as_data():
+    """The config is a field of the entry, not a factory's closure: readable without building."""
+    llama = ZOO["llama-70b"].config
+    assert isinstance(llama, TransformersConfig) and llama.dtype == torch.bfloat16
+    assert (llama.fields["num_hidden_layers"], llama.fields["num_key_value_heads"]) == (80, 8)
+    assert ZOO["tiny-transformer"].config == TinyTransformerConfig()
+    assert dataclasses.asdict(ZOO["mlp"].config)["hidden"] == 1024
+    # No module reads a function's closure to find a config.
+    package = Path(tierplan.__file__).parent
+    assert not [p for p in package.rglob("*.py") if "getclosurevars" in p.read_text()]
+
+
+def test_build_with_fewer_layers():
+    model, _, _ = ZOO["tiny-transformer"].build(1, 16, fake=True, layers=1)
+    assert len(model.blocks) == 1
+    with pytest.raises(ZooError, match="no repeated layers"):
+        ZOO["mlp"].build(fake=True, layers=2)
+
+
+@pytest.mark.parametrize("name", ["gpt2-tiny", "llama-tiny", "bert-tiny", "llama-70b"])
+def test_build_transformers_with_fewer_layers(name):
+    pytest.importorskip("transformers")
+    entry = ZOO[name]
+    model, _, kwargs = entry.build(1, 16, fake=True, layers=1)
+    assert model.config.num_hidden_layers == 1 and "labels" in kwargs
+    assert entry.model_config().num_hidden_layers > 1  # the entry is unchanged
+
+
+def test_with_layers_copies_the_config():
+    cfg = TinyTransformerConfig(n_layer=6)
+    assert with_layers(cfg, 2).n_layer == 2 and cfg.n_layer == 6
+    with pytest.raises(ZooError, match="no layer count"):
+        with_layers(ZOO["cnn"].config, 2)
 
 
 def test_batch_and_sequence_sizes_are_honoured():

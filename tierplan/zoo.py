@@ -6,6 +6,11 @@ even a Llama-2-70B shape costs no memory; ``tierplan.passes.capture`` traces met
 tensors. Training examples pass labels, so the model returns a loss (transformers models return
 ``.loss``, the in-repo ones a scalar).
 
+Every entry holds its model's config as data (``ZooEntry.config``): an ``MLPConfig``, a
+``CNNConfig``, a ``TinyTransformerConfig`` or a ``TransformersConfig`` (a transformers config
+class and the fields that differ from its defaults). ``ZooEntry.build(layers=n)`` builds a copy of
+a transformer with ``n`` of its identical layers, which is what ``tierplan.profiling`` captures.
+
 ``load_model`` also accepts ``path/to/file.py:factory``: a function returning
 ``(model, example_inputs)`` or ``(model, example_inputs, example_kwargs)``; it is called with
 whichever of ``batch_size``, ``seq_len``, ``training``, ``fake`` it declares.
@@ -13,12 +18,14 @@ whichever of ``batch_size``, ``seq_len``, ``training``, ``fake`` it declares.
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import importlib.util
 import inspect
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping, Union
 
 import torch
 import torch.nn.functional as F
@@ -27,8 +34,6 @@ from torch import nn
 from tierplan.models.tiny_transformer import TinyTransformer, TinyTransformerConfig
 
 Example = tuple[nn.Module, tuple[Any, ...], dict[str, Any]]
-# (batch_size, seq_len, fake, training) -> (model, example_args, example_kwargs)
-Factory = Callable[[int, int, bool, bool], Example]
 
 
 class ZooError(ValueError):
@@ -36,12 +41,55 @@ class ZooError(ValueError):
 
 
 @dataclass(frozen=True)
+class MLPConfig:
+    d_in: int = 784
+    hidden: int = 1024
+    depth: int = 3
+    classes: int = 10
+
+
+@dataclass(frozen=True)
+class CNNConfig:
+    classes: int = 10
+    width: int = 32
+
+
+@dataclass(frozen=True)
+class TransformersConfig:
+    """A transformers model as data: its config class and the fields that differ from that class's
+    defaults, its model class, the loss ``labels=`` computes and the weights' dtype. Classes are
+    held by name so that importing the zoo does not import transformers (an optional dependency)."""
+
+    config_cls: str
+    model_cls: str
+    loss_type: str
+    dtype: torch.dtype
+    fields: Mapping[str, Any] = field(default_factory=dict, hash=False)
+
+    def make_config(self) -> Any:
+        """The transformers config object the model is built from."""
+        cfg = getattr(_transformers(), self.config_cls)(**self.fields)
+        cfg.loss_type = self.loss_type  # what labels= computes (silences transformers' guess)
+        return cfg
+
+
+ModelConfig = Union[MLPConfig, CNNConfig, TinyTransformerConfig, TransformersConfig]
+
+
+@dataclass(frozen=True)
 class ZooEntry:
     name: str
     description: str
-    factory: Factory
+    config: ModelConfig
     batch_size: int  # defaults used when the caller gives none
     seq_len: int  # tokens for language models; image side for the CNN; unused by the MLP
+
+    def model_config(self) -> Any:
+        """What the model class is built from: a transformers entry's config object (this imports
+        transformers), else ``config`` itself."""
+        if isinstance(self.config, TransformersConfig):
+            return self.config.make_config()
+        return self.config
 
     def build(
         self,
@@ -50,13 +98,16 @@ class ZooEntry:
         *,
         fake: bool = False,
         training: bool = True,
+        layers: int | None = None,
     ) -> Example:
+        """The model and a batch for it; with ``layers``, a copy of a transformer with that many
+        layers (the rest of its config unchanged)."""
         b = self.batch_size if batch_size is None else int(batch_size)
         s = self.seq_len if seq_len is None else int(seq_len)
         if b < 1 or s < 1:
             raise ZooError(f"{self.name}: batch_size and seq_len must be positive, got {b}, {s}")
         with _building(fake):
-            model, args, kwargs = self.factory(b, s, fake, training)
+            model, args, kwargs = _build(self.config, b, s, training, layers)
         model.train(training)
         return model, args, kwargs
 
@@ -121,28 +172,11 @@ class CNN(nn.Module):
         return logits if labels is None else F.cross_entropy(logits, labels)
 
 
-def _mlp(batch: int, seq: int, fake: bool, training: bool) -> Example:
-    model = MLP()
-    x = torch.randn(batch, 784)
-    kwargs = {"labels": torch.randint(0, 10, (batch,))} if training else {}
-    return model, (x,), kwargs
-
-
-def _cnn(batch: int, side: int, fake: bool, training: bool) -> Example:
-    model = CNN()
-    x = torch.randn(batch, 3, side, side)
-    kwargs = {"labels": torch.randint(0, 10, (batch,))} if training else {}
-    return model, (x,), kwargs
-
-
-def _tiny_transformer(**overrides: Any) -> Factory:
-    def factory(batch: int, seq: int, fake: bool, training: bool) -> Example:
-        cfg = TinyTransformerConfig(**{"max_seq_len": max(seq, 128), **overrides})
-        model = TinyTransformer(cfg)
-        ids = torch.randint(0, cfg.vocab_size, (batch, seq))
-        return model, (ids,), ({"labels": ids.clone()} if training else {})
-
-    return factory
+def _tiny_transformer(config: TinyTransformerConfig, batch: int, seq: int, training: bool) -> Example:
+    cfg = dataclasses.replace(config, max_seq_len=max(seq, config.max_seq_len))
+    model = TinyTransformer(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq))
+    return model, (ids,), ({"labels": ids.clone()} if training else {})
 
 
 # -- transformers models -------------------------------------------------------------------------
@@ -158,51 +192,88 @@ def _transformers() -> Any:
     return transformers
 
 
-def _hf(
-    config_cls: str, model_cls: str, loss_type: str, dtype: torch.dtype, **config: Any
-) -> Factory:
-    def factory(batch: int, seq: int, fake: bool, training: bool) -> Example:
-        tf = _transformers()
-        cfg = getattr(tf, config_cls)(**config)
-        cfg.use_cache = False  # no KV cache in training or single-pass inference
-        cfg.loss_type = loss_type  # what labels= computes (silences transformers' guess)
-        limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
-        if limit is not None and seq > limit:
-            raise ZooError(f"seq_len={seq} exceeds the model's {limit} positions")
-        model = getattr(tf, model_cls)(cfg).to(dtype)
-        ids = torch.randint(0, cfg.vocab_size, (batch, seq))
-        kwargs: dict[str, Any] = {"input_ids": ids}
-        if training:
-            # Causal LMs shift labels internally; the MLM predicts every token. A separate
-            # tensor, as data collators hand it over.
-            kwargs["labels"] = ids.clone()
-        return model, (), kwargs
-
-    return factory
-
-
-def _gpt2(**config: Any) -> Factory:
-    return _hf("GPT2Config", "GPT2LMHeadModel", "ForCausalLM", torch.float32, **config)
+def build_transformers(
+    config: Any, model_cls: str, dtype: torch.dtype, batch: int, seq: int, training: bool
+) -> Example:
+    """A transformers model of ``config`` (a config object) with random weights, and a batch of
+    token ids (labels too when training). ``model_cls`` names the class: ``GPT2LMHeadModel``, or an
+    auto class such as ``AutoModelForCausalLM``. Build under ``torch.device("meta")`` for a fake
+    model. No KV cache: training or a single forward pass."""
+    tf = _transformers()
+    config = copy.deepcopy(config)  # the caller's config stays as it was
+    config.use_cache = False
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if limit is not None and seq > limit:
+        raise ZooError(f"seq_len={seq} exceeds the model's {limit} positions")
+    cls = getattr(tf, model_cls)
+    model = (cls.from_config(config) if model_cls.startswith("Auto") else cls(config)).to(dtype)
+    ids = torch.randint(0, config.vocab_size, (batch, seq))
+    kwargs: dict[str, Any] = {"input_ids": ids}
+    if training:
+        # Causal LMs shift labels internally; the MLM predicts every token. A separate tensor,
+        # as data collators hand it over.
+        kwargs["labels"] = ids.clone()
+    return model, (), kwargs
 
 
-def _llama(dtype: torch.dtype = torch.bfloat16, **config: Any) -> Factory:
+def _gpt2(**fields: Any) -> TransformersConfig:
+    return TransformersConfig("GPT2Config", "GPT2LMHeadModel", "ForCausalLM", torch.float32, fields)
+
+
+def _llama(dtype: torch.dtype = torch.bfloat16, **fields: Any) -> TransformersConfig:
     base = dict(vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5)
-    return _hf("LlamaConfig", "LlamaForCausalLM", "ForCausalLM", dtype, **{**base, **config})
+    return TransformersConfig("LlamaConfig", "LlamaForCausalLM", "ForCausalLM", dtype, {**base, **fields})
 
 
-def _bert(**config: Any) -> Factory:
-    return _hf("BertConfig", "BertForMaskedLM", "ForMaskedLM", torch.float32, **config)
+def _bert(**fields: Any) -> TransformersConfig:
+    return TransformersConfig("BertConfig", "BertForMaskedLM", "ForMaskedLM", torch.float32, fields)
+
+
+# -- building from a config -----------------------------------------------------------------------
+
+
+def _build(config: ModelConfig, batch: int, seq: int, training: bool, layers: int | None) -> Example:
+    if isinstance(config, TransformersConfig):
+        cfg = config.make_config()
+        cfg = cfg if layers is None else with_layers(cfg, layers)
+        return build_transformers(cfg, config.model_cls, config.dtype, batch, seq, training)
+    if isinstance(config, TinyTransformerConfig):
+        cfg = config if layers is None else with_layers(config, layers)
+        return _tiny_transformer(cfg, batch, seq, training)
+    if layers is not None:
+        raise ZooError(f"a {type(config).__name__} model has no repeated layers to count")
+    if isinstance(config, MLPConfig):
+        model: nn.Module = MLP(**dataclasses.asdict(config))
+        x = torch.randn(batch, config.d_in)
+    else:
+        model, x = CNN(**dataclasses.asdict(config)), torch.randn(batch, 3, seq, seq)
+    kwargs = {"labels": torch.randint(0, config.classes, (batch,))} if training else {}
+    return model, (x,), kwargs
+
+
+def with_layers(config: Any, n: int) -> Any:
+    """A copy of a transformer's config (a transformers config object or a config dataclass) with
+    ``n`` layers; the original is left as it was."""
+    names = [a for a in ("num_hidden_layers", "n_layer", "num_layers") if hasattr(config, a)]
+    if not names:
+        raise ZooError(f"{type(config).__name__} has no layer count to change")
+    if dataclasses.is_dataclass(config):
+        return dataclasses.replace(config, **{a: n for a in names})
+    config = copy.deepcopy(config)
+    for a in names:
+        setattr(config, a, n)
+    return config
 
 
 ZOO: dict[str, ZooEntry] = {
     e.name: e
     for e in [
-        ZooEntry("mlp", "4-layer MLP classifier, 784 -> 3 x 1024 -> 10 (2.9M params)", _mlp, 64, 1),
-        ZooEntry("cnn", "4-stage conv-BN-ReLU net on 3x32x32 images (65k params)", _cnn, 32, 32),
+        ZooEntry("mlp", "4-layer MLP classifier, 784 -> 3 x 1024 -> 10 (2.9M params)", MLPConfig(), 64, 1),
+        ZooEntry("cnn", "4-stage conv-BN-ReLU net on 3x32x32 images (65k params)", CNNConfig(), 32, 32),
         ZooEntry(
             "tiny-transformer",
             "in-repo decoder-only transformer, 4 layers, d_model 128 (0.9M params)",
-            _tiny_transformer(),
+            TinyTransformerConfig(),
             8,
             128,
         ),
@@ -361,4 +432,7 @@ def _normalize(result: Any, spec: str) -> Example:
     return model, args, kwargs
 
 
-__all__ = ["CNN", "MLP", "ZOO", "ZooEntry", "ZooError", "list_models", "load_model"]
+__all__ = [
+    "CNN", "CNNConfig", "MLP", "MLPConfig", "ModelConfig", "TransformersConfig", "ZOO", "ZooEntry",
+    "ZooError", "build_transformers", "list_models", "load_model", "with_layers",
+]

@@ -144,7 +144,7 @@ def cmd_explain(args: argparse.Namespace) -> None:
 
 
 def cmd_whatif(args: argparse.Namespace) -> None:
-    from tierplan.parallel.whatif import whatif_command
+    from tierplan.cli.whatif import whatif_command
 
     machines = [h.strip() for h in args.hardware.split(",") if h.strip()]
     try:

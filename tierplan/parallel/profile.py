@@ -6,16 +6,17 @@ norms and residuals, as APEX splits a layer), the parameter count, the forward a
 activations the forward saves for the backward; the same for what precedes the layers
 (embeddings) and what follows them (final norm, head, loss).
 
-Capturing a Llama-2-70B-shaped model with all 80 layers takes ~30 s; the layers are identical, so
-``profile_model`` captures a copy of the same config with ``layers`` (default 2) layers, measures
-layer 0 and scales by the real layer count. Everything is measured at micro-batch 1; FLOPs, bytes
-and activations are scaled linearly with the micro-batch size (this over-counts the weight reads
-of memory-bound ops at larger batches, a small error for training shapes).
+``profile_graph`` takes a captured training graph (batch 1) of a few layers and the
+``Architecture`` (real layer count and the sizes tensor parallelism splits), passed in by whoever
+captured the model: the layers are identical, so a copy of the model with 2 layers is captured in
+seconds where all 80 of a Llama-2-70B shape take ~30 s; layer 0 is measured and scaled by the real
+layer count. Everything is measured at micro-batch 1; FLOPs, bytes and activations are scaled
+linearly with the micro-batch size (this over-counts the weight reads of memory-bound ops at
+larger batches, a small error for training shapes). Capturing is the front end's job
+(``tierplan.profiling``); this module only reads graphs.
 """
 from __future__ import annotations
 
-import copy
-import inspect
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,7 +29,7 @@ from tierplan.cost_models.hardware import Device
 from tierplan.cost_models.training_memory import ActivationSplit, activation_split
 from tierplan.ir import Graph, OpInfo, Phase, TensorKind
 
-__all__ = ["CELLS", "ModelProfile", "OpTable", "PartProfile", "profile_graph", "profile_model"]
+__all__ = ["CELLS", "Architecture", "ModelProfile", "OpTable", "PartProfile", "profile_graph"]
 
 CELLS = ("attention", "mlp", "other")
 
@@ -160,93 +161,66 @@ class ModelProfile:
         return 2 * self.kv_heads * self.head_dim * self.param_bytes
 
 
-def _config_dims(cfg: Any) -> dict[str, int]:
-    def first(*names: str, default: Any = None) -> Any:
-        for n in names:
-            v = getattr(cfg, n, None)
-            if v is not None:
-                return v
-        return default
-
-    hidden = int(first("hidden_size", "n_embd", "d_model"))
-    heads = int(first("num_attention_heads", "n_head"))
-    return dict(
-        hidden=hidden,
-        heads=heads,
-        kv_heads=int(first("num_key_value_heads", default=heads)),
-        intermediate=int(first("intermediate_size", "n_inner", "ffn_dim", default=4 * hidden)),
-        vocab=int(first("vocab_size")),
-        num_layers=int(first("num_hidden_layers", "n_layer", "num_layers")),
-        experts=int(first("num_local_experts", "num_experts", default=0) or 0),
-    )
+# Attribute names per architecture fact, as transformers configs (and TinyTransformerConfig)
+# spell them.
+_CONFIG_NAMES: dict[str, tuple[str, ...]] = {
+    "hidden": ("hidden_size", "n_embd", "d_model"),
+    "heads": ("num_attention_heads", "n_head"),
+    "kv_heads": ("num_key_value_heads",),
+    "intermediate": ("intermediate_size", "n_inner", "ffn_dim", "d_ff"),
+    "vocab": ("vocab_size",),
+    "num_layers": ("num_hidden_layers", "n_layer", "num_layers"),
+    "experts": ("num_local_experts", "num_experts"),
+}
 
 
-def _set_layers(cfg: Any, n: int) -> Any:
-    cfg = copy.deepcopy(cfg)
-    for name in ("num_hidden_layers", "n_layer", "num_layers"):
-        if hasattr(cfg, name):
-            setattr(cfg, name, n)
-    return cfg
+@dataclass(frozen=True)
+class Architecture:
+    """The facts about a transformer that a few captured layers do not show: the real layer count
+    and the sizes tensor parallelism splits (heads, KV heads, the MLP width, the vocabulary)."""
 
+    num_layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    vocab: int
+    experts: int = 0
 
-def profile_model(spec: str, *, seq_len: int | None = None, layers: int = 2) -> ModelProfile:
-    """Capture a ``layers``-layer copy of zoo model ``spec`` (fake tensors, batch 1) and
-    profile it, scaled to the real layer count."""
-    import torch
+    @classmethod
+    def from_config(cls, cfg: Any) -> Architecture:
+        """Read from a model config object by attribute name (no import of its library): a
+        transformers ``PretrainedConfig``, ``TinyTransformerConfig`` or anything naming the same
+        fields. Missing KV heads mean plain multi-head attention; a missing MLP width, 4 x hidden."""
 
-    from tierplan.passes.capture import capture
-    from tierplan.passes.blocks import detect_blocks
-    from tierplan.zoo import ZOO, ZooError, load_model
+        def first(fact: str) -> Any:
+            return next((v for n in _CONFIG_NAMES[fact] if (v := getattr(cfg, n, None)) is not None), None)
 
-    entry = ZOO.get(spec)
-    if entry is None:
-        raise ZooError(f"unknown model {spec!r}; known: {', '.join(ZOO)}")
-    s = entry.seq_len if seq_len is None else int(seq_len)
-    closure = inspect.getclosurevars(entry.factory).nonlocals
-    if "config_cls" in closure:  # a transformers model: rebuild its config with fewer layers
-        import transformers
-
-        full = getattr(transformers, closure["config_cls"])(**closure["config"])
-        dims = _config_dims(full)
-        small = _set_layers(full, min(layers, dims["num_layers"]))
-        small.use_cache = False
-        small.loss_type = closure["loss_type"]
-        with torch.device("meta"):
-            model = getattr(transformers, closure["model_cls"])(small).to(closure["dtype"])
-        model.train(True)
-        ids = torch.randint(0, dims["vocab"], (1, s), device="meta")
-        args, kwargs = (), {"input_ids": ids, "labels": ids.clone()}
-    else:  # an in-repo model: small anyway, capture it whole
-        model, args, kwargs = load_model(spec, batch_size=1, seq_len=s, fake=True)
-        dims = None
-    captured = capture(model, args, example_kwargs=kwargs, training=True, name=spec)
-    graph = detect_blocks(captured.graph)
-    if dims is None:
-        cfg = getattr(model, "cfg", None) or getattr(model, "config", None)
-        dims = _config_dims(cfg) if cfg is not None else _guess_dims(graph, s)
-    prof = profile_graph(graph, seq_len=s, **dims)
-    return ModelProfile(**{**prof.__dict__, "capture_seconds": captured.seconds})
-
-
-def _guess_dims(graph: Graph, s: int) -> dict[str, int]:  # pragma: no cover - last resort
-    raise ValueError(f"{graph.name}: no model config found to read hidden size and heads from")
+        missing = [f for f in ("hidden", "heads", "vocab", "num_layers") if first(f) is None]
+        if missing:
+            raise ValueError(f"{type(cfg).__name__} names no {', '.join(missing)}: not a transformer "
+                             f"config the parallel planner can profile")  # fmt: skip
+        hidden, heads = int(first("hidden")), int(first("heads"))
+        return cls(
+            num_layers=int(first("num_layers")),
+            hidden=hidden,
+            heads=heads,
+            kv_heads=int(first("kv_heads") or heads),
+            intermediate=int(first("intermediate") or 4 * hidden),
+            vocab=int(first("vocab")),
+            experts=int(first("experts") or 0),
+        )
 
 
 def profile_graph(
-    graph: Graph,
-    *,
-    seq_len: int,
-    hidden: int,
-    heads: int,
-    kv_heads: int,
-    intermediate: int,
-    vocab: int,
-    num_layers: int,
-    experts: int = 0,
+    graph: Graph, arch: Architecture, *, seq_len: int, capture_seconds: float = 0.0
 ) -> ModelProfile:
-    """Profile a captured training graph (batch 1) whose ``blocks`` are its layers."""
+    """Profile a captured training graph (batch 1, sequence ``seq_len``) whose ``blocks`` are its
+    layers, as the model ``arch`` describes (its layer count, not the graph's, is the real one)."""
     if not graph.blocks:
         raise ValueError(f"{graph.name}: no repeated blocks found; run passes.blocks.detect_blocks")
+    hidden, heads, kv_heads = arch.hidden, arch.heads, arch.kv_heads
+    intermediate, vocab, experts = arch.intermediate, arch.vocab, arch.experts
     block0 = graph.blocks[0].index
     first_pos = min(graph.op_position(n) for n in graph.blocks[0].ops)
     head_dim = hidden // heads
@@ -313,7 +287,7 @@ def profile_graph(
     )
     return ModelProfile(
         name=graph.name,
-        num_layers=num_layers,
+        num_layers=arch.num_layers,
         profiled_layers=len(graph.blocks),
         seq_len=seq_len,
         hidden=hidden,
@@ -327,8 +301,9 @@ def profile_graph(
         post=part("post"),
         core=OpTable.of(graph, core_ops),
         experts=experts,
+        capture_seconds=capture_seconds,
         notes=[
             f"profiled {len(graph.blocks)} captured layer(s) at batch 1, seq {seq_len}; "
-            f"scaled to {num_layers} layers"
+            f"scaled to {arch.num_layers} layers"
         ],
     )

@@ -1,11 +1,12 @@
 """Parallelism plans for training and serving: the public entry point.
 
-    result = plan_parallel("llama-70b", "h100-sxm", gpus=64)
+    profile = profile_zoo_model("llama-70b")  # tierplan.profiling: a few captured layers, scaled
+    result = plan_parallel(profile, "h100-sxm", gpus=64)
     print(format_result(result))
 
-``plan_parallel`` profiles the model once (``parallel_profile``: a few captured layers, scaled),
-sizes the cluster (``parallel_types.cluster_for``), and runs the training search
-(``parallel_train``) or the serving search (``parallel_serve``). The answer is a ranked list of
+``plan_parallel`` takes a ``ModelProfile`` (``parallel.profile``), sizes the cluster
+(``parallel.types.cluster_for``), and runs the training search (``parallel.training``) or the
+serving search (``parallel.serving``). The answer is a ranked list of
 ``ParallelPlan``s, each with per-device memory (parameters, gradients, optimizer state,
 activations, KV cache, buffers) and step time (compute, recompute, each collective, pipeline
 bubble, exposed transfers, optimizer), or an empty list and a one-line reason.
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tierplan.cost_models.hardware import Hardware, format_seconds, load_hardware
-from tierplan.parallel.profile import ModelProfile, profile_model
+from tierplan.parallel.profile import ModelProfile
 from tierplan.parallel.serving import search_serving
 from tierplan.parallel.training import search_training
 from tierplan.parallel.types import MemoryBreakdown, ParallelPlan, TimeBreakdown, cluster_for
@@ -52,7 +53,7 @@ class ParallelResult:
     evaluated: int
     rejected: dict[str, int]
     search_seconds: float
-    profile_seconds: float
+    profile_seconds: float  # what capturing the profile took (ModelProfile.capture_seconds)
     reason: str = ""  # why no plan fits, when none does
     notes: list[str] = field(default_factory=list)
 
@@ -70,23 +71,20 @@ class ParallelResult:
 
 
 def plan_parallel(
-    model: str | ModelProfile,
+    profile: ModelProfile,
     hardware: str | Hardware,
     gpus: int,
     *,
     serve: bool = False,
     global_batch: int | None = None,
-    seq_len: int | None = None,
     prompt: int | None = None,
     generate: int = 256,
     top: int = 5,
 ) -> ParallelResult:
-    """Ranked parallel plans for ``model`` (a zoo name or a profile) on ``gpus`` devices of
-    ``hardware`` (a preset name, a file, or a Hardware)."""
+    """Ranked parallel plans for the profiled model on ``gpus`` devices of ``hardware`` (a preset
+    name, a file, or a Hardware). The sequence length is the profile's."""
     hw = hardware if isinstance(hardware, Hardware) else load_hardware(hardware)
-    start = time.perf_counter()
-    profile = model if isinstance(model, ModelProfile) else profile_model(model, seq_len=seq_len)
-    profiled = time.perf_counter() - start
+    profiled = profile.capture_seconds
     notes = list(profile.notes)
     try:
         cluster, assumed = cluster_for(hw, gpus)

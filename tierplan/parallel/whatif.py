@@ -1,24 +1,23 @@
 """What-if: the best parallel plan of one model on several machines and GPU counts.
 
-    rows = whatif("llama-70b", ["h100-sxm", "a100-40gb-pcie", "rtx4090"], [8, 64])
-    print(whatif_command("llama-70b", ["h100-sxm", "rtx4090"], [8, 64], serve=False, json_out=None))
+    profile = profile_zoo_model("llama-70b")  # tierplan.profiling
+    rows = whatif(profile, ["h100-sxm", "a100-40gb-pcie", "rtx4090"], [8, 64])
 
-The model is profiled once (a few captured layers, scaled); every hardware x GPU count runs the
-parallel search on that profile. A row says the best plan and its step time (training) or
-tokens/s, TTFT and TPOT (serving) and memory per device, or why that setup cannot run the model.
+The model is profiled once, by the caller; every hardware x GPU count runs the parallel search
+on that profile. A row says the best plan and its step time (training) or tokens/s, TTFT and
+TPOT (serving) and memory per device, or why that setup cannot run the model. The table
+``tierplan whatif`` prints is ``tierplan.cli.whatif``'s.
 """
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Sequence
 
-from tierplan.cost_models.hardware import format_seconds, load_hardware
+from tierplan.cost_models.hardware import load_hardware
+from tierplan.parallel.profile import ModelProfile
 from tierplan.parallel.search import plan_parallel
-from tierplan.parallel.profile import ModelProfile, profile_model
 
-__all__ = ["WhatIfRow", "whatif", "whatif_command", "format_whatif"]
+__all__ = ["WhatIfRow", "whatif"]
 
 
 @dataclass
@@ -39,17 +38,15 @@ class WhatIfRow:
 
 
 def whatif(
-    model: str | ModelProfile,
+    profile: ModelProfile,
     hardware_list: Sequence[str],
     gpus_list: Sequence[int],
     *,
     serve: bool = False,
-    seq_len: int | None = None,
     global_batch: int | None = None,
     generate: int = 256,
 ) -> list[WhatIfRow]:
     """One row per (hardware, GPU count), in the order given."""
-    profile = model if isinstance(model, ModelProfile) else profile_model(model, seq_len=seq_len)
     rows = []
     for name in hardware_list:
         hw = load_hardware(name)
@@ -70,49 +67,3 @@ def whatif(
                     row.step_s, row.mfu = b.step_time, b.metrics["mfu"]
             rows.append(row)
     return rows
-
-
-def format_whatif(rows: Sequence[WhatIfRow], *, serve: bool, title: str = "") -> str:
-    if serve:
-        head = ["hardware", "GPUs", "best plan", "tokens/s", "TTFT", "TPOT", "mem/device", "why not"]
-    else:
-        head = ["hardware", "GPUs", "best plan", "step", "tokens/s", "MFU", "mem/device", "why not"]
-    table = [head]
-    for r in rows:
-        mem = f"{r.memory_gb:.1f}/{r.capacity_gb:.0f} GB" if r.memory_gb is not None else "-"
-        if not r.plan:
-            table.append([r.hardware, str(r.gpus), "-", "-", "-", "-", "-", r.reason])
-        elif serve:
-            table.append([r.hardware, str(r.gpus), r.plan, f"{r.tokens_per_s:,.0f}",
-                          format_seconds(r.ttft_s), format_seconds(r.tpot_s), mem, ""])  # fmt: skip
-        else:
-            table.append([r.hardware, str(r.gpus), r.plan, format_seconds(r.step_s),
-                          f"{r.tokens_per_s:,.0f}", f"{r.mfu:.0%}", mem, ""])  # fmt: skip
-    widths = [max(len(row[i]) for row in table) for i in range(len(head) - 1)]
-    lines = [title] if title else []
-    for i, row in enumerate(table):
-        lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1])
-        if i == 0:
-            lines.append("-" * (sum(widths) + 2 * len(widths) + 8))
-    notes = sorted({n for r in rows for n in r.notes})
-    lines += [f"note: {n}" for n in notes]
-    return "\n".join(line.rstrip() for line in lines)
-
-
-def whatif_command(
-    model: str,
-    hardware_list: Sequence[str],
-    gpus_list: Sequence[int],
-    serve: bool,
-    json_out: str | Path | None,
-) -> str:
-    """The text of ``tierplan whatif``; also writes the rows as JSON to ``json_out`` if given."""
-    profile = profile_model(model)
-    rows = whatif(profile, hardware_list, gpus_list, serve=serve)
-    mode = "serving" if serve else "training"
-    title = (f"what-if: {mode} {model} ({profile.total_params / 1e9:.1f}B parameters, seq "
-             f"{profile.seq_len}); {profile.notes[0]}")  # fmt: skip
-    if json_out is not None:
-        Path(json_out).write_text(json.dumps(
-            {"model": model, "mode": mode, "rows": [asdict(r) for r in rows]}, indent=2) + "\n")
-    return format_whatif(rows, serve=serve, title=title)
