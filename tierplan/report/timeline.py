@@ -4,15 +4,19 @@ This reads only the Plan's data and follows the timing semantics of docs/archite
 ones the validator checks: one compute stream runs the compute and recompute steps in order;
 each channel's queue runs its transfers one after another, a transfer starting no earlier than
 the compute clock at the step that issues it and taking ``latency + bytes / bandwidth``; a wait
-advances the compute clock to the transfer's end. It does not check the plan (``tierplan.validate``
-does); it only records when things happen and how many bytes each tier holds, by tensor kind.
+advances the compute clock to the transfer's end. That replay is ``tierplan.plans.walk``'s, run
+tolerantly: it does not check the plan (``tierplan.validate`` does), and a broken plan is still
+drawn (a copy with no channel is instantaneous, an unknown tier is left out). It only records
+when things happen and how many bytes each tier holds, by tensor kind.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import cast
 
-from tierplan.ir import TensorKind
-from tierplan.plans.plan import Plan, StepKind
+from tierplan.ir import OpInfo, TensorKind
+from tierplan.plans.plan import Plan, Step, StepKind
+from tierplan.plans.walk import ScheduleWalker
 
 # Tensor kinds grouped the way the pictures show them.
 GROUPS = ("parameters", "optimizer state", "gradients", "activations", "temporaries")
@@ -81,80 +85,81 @@ class Timeline:
 
 def timeline(plan: Plan) -> Timeline:
     """Lay ``plan.schedule`` out in time (see the module docstring for the semantics)."""
-    graph = plan.graph
-    tiers = list(plan.capacities)
-    usage = {tier: {group: 0 for group in GROUPS} for tier in tiers}
-    held: dict[str, set[str]] = {tier: set() for tier in tiers}
-    out = Timeline(usage={tier: {group: [] for group in GROUPS} for tier in tiers})
+    return _Layout(plan).run_layout()
 
-    def group_of(storage: str) -> str:
-        return _GROUP_OF[graph.tensors[storage].kind]
 
-    def add(storage: str, tier: str) -> None:
-        if tier not in usage or storage in held[tier]:
-            return
-        held[tier].add(storage)
-        usage[tier][group_of(storage)] += graph.tensors[storage].nbytes
+class _Layout(ScheduleWalker):
+    """The tolerant replay of ``tierplan.plans.walk`` (a broken plan is drawn, not refused),
+    recording an event per step and a sample of the bytes per tier and group after each."""
 
-    def remove(storage: str, tier: str) -> None:
-        if tier not in usage or storage not in held[tier]:
-            return
-        held[tier].discard(storage)
-        usage[tier][group_of(storage)] -= graph.tensors[storage].nbytes
+    def __init__(self, plan: Plan) -> None:
+        super().__init__(plan.graph, plan.schedule, capacities=plan.capacities, channels=plan.channels,
+                         op_time_s=plan.op_time_s, initial_tiers=plan.initial_tiers, strict=False)
+        self.usage = {tier: {group: 0 for group in GROUPS} for tier in self.tiers}
+        self.out = Timeline(usage={tier: {group: [] for group in GROUPS} for tier in self.tiers})
+        self.event_of: dict[tuple[str, str], int] = {}  # (storage, dst) -> index into out.transfers
 
-    def sample(clock: float) -> None:
-        out.times_s.append(clock)
-        for tier in tiers:
+    def run_layout(self) -> Timeline:
+        state = self.run()
+        self.out.end_s = max([state.clock] + [t.end_s for t in self.out.transfers])
+        return self.out
+
+    def sample(self, clock: float) -> None:
+        self.out.times_s.append(clock)
+        for tier in self.tiers:
             for group in GROUPS:
-                out.usage[tier][group].append(usage[tier][group])
+                self.out.usage[tier][group].append(self.usage[tier][group])
 
-    for name in graph.inputs:
-        storage = graph.tensors[name].storage
-        tier = plan.initial_tiers.get(storage)
-        if tier is not None:
-            add(storage, tier)
-    sample(0.0)
+    # The walker adds and removes every storage through these two; the groups follow them.
+    def hold(self, storage: str, tier: str) -> bool:
+        if not super().hold(storage, tier):
+            return False
+        info = self.graph.tensors[storage]
+        self.usage[tier][_GROUP_OF[info.kind]] += info.nbytes
+        return True
 
-    channels = {(c.src, c.dst): c for c in plan.channels}
-    queue_free: dict[str, float] = {}
-    pending: dict[tuple[str, str], int] = {}  # (storage, dst) -> index into out.transfers
-    clock = 0.0
-    for index, step in enumerate(plan.schedule):
-        at = clock
-        if step.kind in (StepKind.COMPUTE, StepKind.RECOMPUTE):
-            op = graph.op(step.op)
-            for name in op.outputs:
-                info = graph.tensors[name]
-                if not info.is_view and name not in step.discard:  # discarded: scratch for one op
-                    add(name, "device")
-            seconds = plan.op_time_s.get(op.name, 0.0)
-            out.compute.append(ComputeEvent(index, op.name, step.kind == StepKind.RECOMPUTE, clock, clock + seconds))
-            clock += seconds
-        elif step.kind == StepKind.START_TRANSFER:
-            storage = graph.tensors[step.tensor].storage
-            channel = channels.get((step.src, step.dst))
-            nbytes = graph.tensors[storage].nbytes
-            if channel is None:  # a broken plan: show the copy as instantaneous
-                queue, begin, end = f"{step.src}->{step.dst}", clock, clock
-            else:
-                queue = channel.queue
-                begin = max(clock, queue_free.get(queue, 0.0))
-                end = begin + channel.seconds(nbytes)
-                queue_free[queue] = end
-            add(storage, step.dst)
-            pending[storage, step.dst] = len(out.transfers)
-            out.transfers.append(TransferEvent(index, storage, step.src, step.dst, queue, nbytes, clock, begin, end))
-        elif step.kind == StepKind.WAIT_TRANSFER:
-            storage = graph.tensors[step.tensor].storage
-            which = pending.pop((storage, step.dst), None)
-            begin = clock
-            if which is not None:
-                transfer = out.transfers[which]
-                out.transfers[which] = TransferEvent(**{**transfer.__dict__, "waited_step": index})
-                clock = max(clock, transfer.end_s)
-            out.waits.append(WaitEvent(index, storage, step.dst, begin, clock))
-        else:  # free
-            remove(graph.tensors[step.tensor].storage, step.tier)
-        sample(at)
-    out.end_s = max([clock] + [t.end_s for t in out.transfers])
-    return out
+    def release(self, storage: str, tier: str) -> bool:
+        if not super().release(storage, tier):
+            return False
+        info = self.graph.tensors[storage]
+        self.usage[tier][_GROUP_OF[info.kind]] -= info.nbytes
+        return True
+
+    def place_inputs(self) -> None:
+        super().place_inputs()
+        self.sample(0.0)
+
+    # Each step records its event, then a sample at the clock it started from.
+    def on_compute(self, index: int, step: Step, op: OpInfo) -> float:
+        at = self.state.clock
+        seconds = super().on_compute(index, step, op)
+        self.out.compute.append(ComputeEvent(index, op.name, step.kind == StepKind.RECOMPUTE, at, at + seconds))
+        self.sample(at)
+        return seconds
+
+    def on_start_transfer(self, index: int, step: Step, storage: str) -> tuple[str, float, float]:
+        at = self.state.clock
+        queue, begin, end = super().on_start_transfer(index, step, storage)
+        nbytes = self.graph.tensors[storage].nbytes
+        self.event_of[storage, cast(str, step.dst)] = len(self.out.transfers)
+        self.out.transfers.append(
+            TransferEvent(index, storage, cast(str, step.src), cast(str, step.dst), queue, nbytes, at, begin, end)
+        )
+        self.sample(at)
+        return queue, begin, end
+
+    def on_wait(self, index: int, step: Step, storage: str) -> float | None:
+        at = self.state.clock
+        end = super().on_wait(index, step, storage)
+        which = self.event_of.pop((storage, cast(str, step.dst)), None)
+        if which is not None:
+            transfer = self.out.transfers[which]
+            self.out.transfers[which] = TransferEvent(**{**transfer.__dict__, "waited_step": index})
+        self.out.waits.append(WaitEvent(index, storage, cast(str, step.dst), at, self.state.clock))
+        self.sample(at)
+        return end
+
+    def on_free(self, index: int, step: Step, storage: str) -> None:
+        at = self.state.clock
+        super().on_free(index, step, storage)
+        self.sample(at)
