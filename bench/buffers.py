@@ -26,8 +26,8 @@ from tierplan.packing.pack import (  # noqa: E402
     lower_bound,
     pack_exact,
     pack_greedy,
-    read_buffers_csv,
 )
+from tierplan.formats.buffers_csv import read_buffers_csv  # noqa: E402
 
 MINIMALLOC_CAPACITY = 1_048_576
 ZOO_MODELS = ("mlp", "tiny-transformer", "gpt2-tiny")

@@ -11,7 +11,7 @@ priced by the same cost model and simulator, and checked by the independent vali
   own ``activation_memory_budget`` partition at the fraction that lands on the same bytes (searched
   in a few probes; its save set priced as a plan);
 - columns: predicted step time, overhead over keep-all, device peak, solve time, the gap to the
-  proven bound (``planner/bound.py``: no plan of the space is faster), and for tierplan rows the
+  proven bound (``placement/bound.py``: no plan of the space is faster), and for tierplan rows the
   ratio of its overhead to torch's at equal bytes (the issue's targets: remat-only <= 0.7x, with
   the host tier <= 0.5x at the 20% and 50% budgets).
 

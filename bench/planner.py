@@ -16,7 +16,7 @@ priced by the same simulator; the device peak it actually reaches is the equal-b
 to tierplan, remat-only (no slower tier, no channels) and with the host tier. Printed: torch's
 peaks at f=0 and f=1 (for scale), the budget, each overhead over keep-all, and the ratios
 tierplan / torch (issue target: remat-only <= 0.7x, with host <= 0.5x), and the floor: the proven
-bound's overhead / torch's, below which no plan of the space goes (``planner/bound.py``).
+bound's overhead / torch's, below which no plan of the space goes (``placement/bound.py``).
 """
 from __future__ import annotations
 

@@ -8,12 +8,11 @@ MiniMalloc solve for accelerators. The lifetimes of a captured model's storages
 
 - ``lower_bound``: the most bytes live at one time (tightened for alignment); no arena is smaller.
 - ``pack_greedy``: best fit by size, largest first into the smallest gap that holds it (TFLite's
-  and XLA's greedy). Fast; 31-41 % above the bound on the hard MiniMalloc instances, often at the
-  bound on simple inference traces.
-- ``pack_exact``: the greedy packing improved by the skyline search (``exact``): all six
-  shared MiniMalloc instances fit their capacity within seconds, five of them at the bound.
-  Exact means complete: with one alignment for all buffers, a search that runs out of options
-  proves the capacity infeasible; with mixed alignments it is a (strong) heuristic.
+  and XLA's greedy). Fast; well above the bound on hard instances, often at it on simple
+  inference traces (bench/buffers.py prints both).
+- ``pack_exact``: the greedy packing improved by the skyline search (``exact``). Exact means
+  complete: with one alignment for all buffers, a search that runs out of options proves the
+  capacity infeasible; with mixed alignments it is a (strong) heuristic.
 - ``pack``: greedy first, the exact search only when greedy is above the bound.
 
 The data types are in ``buffers`` (re-exported here); MiniMalloc's CSV format is read and
