@@ -1,4 +1,4 @@
-"""The proven lower bound (``planner/bound.py``): below every plan of the space, checked against
+"""The proven lower bound (``placement/bound.py``): below every plan of the space, checked against
 an exhaustive search of small graphs, the planner's plans, the baselines and torch's plan; and
 with teeth (positive whenever keep-all does not fit and nothing can hide the cost)."""
 from __future__ import annotations
@@ -41,8 +41,8 @@ def _exhaustive_best(graph, times, budget, chans) -> float:
     for combo in itertools.product(*menus):
         fates = dict(enumerate(combo))
         try:
-            figures = simulate(graph, build_schedule(problem, fates), capacities=caps, channels=chans,
-                               op_time_s=times, initial_tiers=initial_tiers(problem, fates))
+            figures = simulate(graph, build_schedule(problem, fates), problem.pricing,
+                               initial_tiers=initial_tiers(problem, fates))
         except PlanError:
             continue  # a recompute whose inputs are gone: not a plan
         if all(figures.peak_bytes.get(t, 0) <= c for t, c in caps.items()):

@@ -310,13 +310,14 @@ def test_local_search_improves_checkpoint_blocks_and_stays_within_the_budget() -
     fates, segments = checkpoint_blocks_fates(problem)
     start = linear.choice(_as_options(problem, fates, segments))
     f = linear.fates(start)
-    budget = simulate(graph, build_schedule(problem, f), capacities=caps, channels=chans, op_time_s=times,
+    budget = simulate(graph, build_schedule(problem, f), problem.pricing,
                       initial_tiers=initial_tiers(problem, f)).peak_bytes["device"]  # checkpoint-blocks' own
-    caps["device"] = problem.capacities["device"] = budget
+    caps["device"] = budget
+    problem.pricing = problem.pricing.with_budget(budget)
 
     def measure(choice):
         f = linear.fates(choice)
-        fig = simulate(graph, build_schedule(problem, f), capacities=caps, channels=chans, op_time_s=times,
+        fig = simulate(graph, build_schedule(problem, f), problem.pricing,
                        initial_tiers=initial_tiers(problem, f))
         return all(fig.peak_bytes[t] <= c for t, c in caps.items()), fig.time_s
 

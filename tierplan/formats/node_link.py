@@ -10,12 +10,11 @@ validator's.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from tierplan.ir import Graph, GraphError, OpInfo, Phase, TensorInfo, TensorKind, link_users
-from tierplan.plans.plan import PlanError
+from tierplan.plans.plan import PlanError, read_json
 
 
 def _op_name(node_id: Any) -> str:
@@ -24,13 +23,7 @@ def _op_name(node_id: Any) -> str:
 
 def load_abstract(path: str | Path) -> tuple[Graph, dict[str, float], dict[str, Any]]:
     """(graph, op time per op, op name -> original node id)."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except OSError as exc:
-        raise PlanError(f"cannot read graph file {path}: {exc.strerror}") from None
-    except json.JSONDecodeError as exc:
-        raise PlanError(f"graph file {path} is not JSON: {exc}") from None
-    return graph_from_node_link(data, name=Path(path).stem)
+    return graph_from_node_link(read_json(path, "graph file"), name=Path(path).stem)
 
 
 def graph_from_node_link(data: dict[str, Any], *, name: str = "abstract") -> tuple[Graph, dict[str, float], dict[str, Any]]:

@@ -1,4 +1,4 @@
-"""Exact packing: the skyline search (buffers_search) run as a portfolio, per independent part,
+"""Exact packing: the skyline search (``skyline``) run as a portfolio, per independent part,
 under a bisection on the capacity.
 
 The steps, each for a reason:

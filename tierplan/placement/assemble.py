@@ -39,10 +39,7 @@ def build_plan(
     graph = problem.graph
     schedule = build_schedule(problem, fates, segments)
     initial = initial_tiers(problem, fates)
-    figures = simulate(
-        graph, schedule, capacities=problem.capacities, channels=problem.channels,
-        op_time_s=problem.op_time_s, initial_tiers=initial,
-    )
+    figures = simulate(graph, schedule, problem.pricing, initial_tiers=initial)
     pricing, reference = problem.pricing, problem.keep_all
     plan = Plan(
         graph=graph, schedule=schedule, capacities=dict(pricing.capacities),

@@ -8,7 +8,7 @@
   forward reader, prefetch before its first backward reader).
 
 These plans are returned whether or not they fit the budget (``plan.peak_bytes`` says), so a
-bench can show them side by side; ``remat_swap.solve`` also uses them as hints and fallbacks.
+bench can show them side by side; ``solve`` also uses them as hints and fallbacks.
 """
 from __future__ import annotations
 

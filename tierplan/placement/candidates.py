@@ -13,7 +13,7 @@ its outputs at once:
 
 Every option changes the device's live bytes by a fixed amount over fixed step ranges, so the
 memory at every step is a linear function of the choices (what the solver model needs). The
-exact schedule and its figures come from ``timeline``; this module only describes the options.
+exact schedule and its figures come from ``schedule`` and ``simulate``; this module only describes the options.
 """
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 from tierplan.ir import Graph
-from tierplan.plans.plan import DEVICE, Channel, Step
+from tierplan.plans.plan import DEVICE, Channel, Pricing, Step
 from tierplan.plans.walk import ScheduleWalker
 
 
@@ -25,22 +25,15 @@ class Figures:
     device_at_peak: tuple[str, ...]  # storages on the device at that moment
 
 
-def simulate(
-    graph: Graph,
-    schedule: Sequence[Step],
-    *,
-    capacities: Mapping[str, int],
-    channels: Sequence[Channel],
-    op_time_s: Mapping[str, float],
-    initial_tiers: Mapping[str, str],
-) -> Figures:
+def simulate(graph: Graph, schedule: Sequence[Step], pricing: Pricing, *,
+             initial_tiers: Mapping[str, str]) -> Figures:
     """Peaks per tier and the step time of ``schedule`` (the validator's rules).
 
     Raises PlanError when a step reads something absent; capacities are not enforced here (the
     caller compares the peaks with them), so that an over-budget plan can still be measured.
     """
-    walker = _Simulation(graph, schedule, capacities=capacities, channels=channels,
-                         op_time_s=op_time_s, initial_tiers=initial_tiers)
+    walker = _Simulation(graph, schedule, capacities=pricing.capacities, channels=pricing.channels,
+                         op_time_s=pricing.op_time_s, initial_tiers=initial_tiers)
     state = walker.run()
     return Figures(
         peak_bytes=state.peak, time_s=state.clock, compute_time_s=state.compute_s,

@@ -334,8 +334,7 @@ class _Search:
         problem = self.problem
         fates = model.fates(choice)
         try:
-            figures = simulate(problem.graph, build_schedule(problem, fates), capacities=problem.capacities,
-                               channels=problem.channels, op_time_s=problem.op_time_s,
+            figures = simulate(problem.graph, build_schedule(problem, fates), problem.pricing,
                                initial_tiers=initial_tiers(problem, fates))
         except PlanError:
             return False, math.inf

@@ -153,8 +153,7 @@ def plan_from_saved(
         steps.append(compute(op.name))
     schedule = insert_frees(graph, steps, never_free)
     initial = {tensors[name].storage: DEVICE for name in graph.inputs}
-    figures = simulate(graph, schedule, capacities=pricing.capacities, channels=pricing.channels,
-                       op_time_s=pricing.op_time_s, initial_tiers=initial)
+    figures = simulate(graph, schedule, pricing, initial_tiers=initial)
     decisions = _decisions(graph, kept, set(rerun), never_free, method)
     return Plan(
         graph=graph, schedule=schedule, capacities=dict(pricing.capacities), channels=list(pricing.channels),

@@ -368,16 +368,21 @@ class Plan:
 
     @classmethod
     def from_json(cls, path: str | Path) -> Plan:
-        try:
-            data = json.loads(Path(path).read_text())
-        except OSError as exc:
-            raise PlanError(f"cannot read plan file {path}: {exc.strerror}") from None
-        except json.JSONDecodeError as exc:
-            raise PlanError(f"plan file {path} is not JSON: {exc}") from None
+        data = read_json(path, "plan file")
         if not isinstance(data, dict):
             raise PlanError(f"plan file {path} holds a JSON {type(data).__name__}, not a plan object")
         return cls.from_dict(data)
 
+
+
+def read_json(path: str | Path, what: str) -> Any:
+    """The JSON in ``path``; PlanError names ``what`` and the path when it cannot be read."""
+    try:
+        return json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise PlanError(f"cannot read {what} {path}: {exc.strerror}") from None
+    except json.JSONDecodeError as exc:
+        raise PlanError(f"{what} {path} is not JSON: {exc}") from None
 
 
 def _fmt_value(value: Any) -> str:
