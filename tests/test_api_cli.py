@@ -225,3 +225,186 @@ def test_cli_whatif_bad_gpu_counts(capsys) -> None:
         pytest.skip("what-if is not in this checkout")
     assert main(["whatif", "gpt2", "--hardware", "h100-sxm", "--gpus", "eight"]) == 2
     assert "--gpus" in capsys.readouterr().err
+
+
+# -- errors in the user's own code, and arguments checked before the capture ----------------------
+
+
+def _user_file(tmp_path, name: str, body: str):
+    import textwrap
+
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(body).lstrip())
+    return path
+
+
+def _line_of(path, text: str) -> int:
+    return next(i for i, line in enumerate(path.read_text().splitlines(), 1) if text in line)
+
+
+def _one_error_line(capsys) -> str:
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("tierplan: error: ") and "Traceback" not in captured.err
+    assert "internal error" not in lines[0] and "bug in tierplan" not in lines[0]
+    return lines[0]
+
+
+def test_cli_factory_that_raises_is_a_user_error(tmp_path, capsys) -> None:
+    path = _user_file(tmp_path, "raising_factory.py", """
+        def load_weights():
+            raise ValueError("no checkpoint at weights.pt")
+
+        def make():
+            return load_weights()
+    """)
+    assert main(["plan", f"{path}:make", "--hardware", "cpu", "--quiet"]) == 2
+    line = _one_error_line(capsys)
+    assert f"{path}:make" in line
+    assert "ValueError: no checkpoint at weights.pt" in line
+    assert f"raising_factory.py:{_line_of(path, 'raise ValueError')}" in line
+
+
+def test_cli_model_file_that_fails_at_import_is_a_user_error(tmp_path, capsys) -> None:
+    path = _user_file(tmp_path, "broken_module.py", """
+        import os
+
+        SETTING = os.environ["TIERPLAN_TEST_NO_SUCH_VARIABLE"]
+
+        def make():
+            pass
+    """)
+    assert main(["plan", f"{path}:make", "--hardware", "cpu", "--quiet"]) == 2
+    line = _one_error_line(capsys)
+    assert f"{path}:make" in line and "KeyError" in line and "TIERPLAN_TEST_NO_SUCH_VARIABLE" in line
+    assert f"broken_module.py:{_line_of(path, 'SETTING =')}" in line
+
+
+def test_cli_syntax_error_in_model_file_names_the_line(tmp_path, capsys) -> None:
+    path = _user_file(tmp_path, "bad_syntax.py", """
+        import torch
+
+        def make(:
+            pass
+    """)
+    assert main(["plan", f"{path}:make", "--hardware", "cpu", "--quiet"]) == 2
+    line = _one_error_line(capsys)
+    assert "SyntaxError" in line and f"bad_syntax.py:{_line_of(path, 'def make(')}" in line
+
+
+def test_cli_forward_that_raises_names_the_model_code(tmp_path, capsys) -> None:
+    path = _user_file(tmp_path, "bad_forward.py", """
+        import torch
+        from torch import nn
+
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.lin = nn.Linear(4, 4)
+
+            def forward(self, x):
+                y = self.lin(x)
+                raise NotImplementedError("forward is not written yet")
+
+        def make():
+            return Net(), (torch.randn(2, 4),)
+    """)
+    assert main(["plan", f"{path}:make", "--hardware", "cpu", "--quiet"]) == 2
+    line = _one_error_line(capsys)
+    assert f"{path}:make" in line and "NotImplementedError: forward is not written yet" in line
+    assert f"bad_forward.py:{_line_of(path, 'raise NotImplementedError')}" in line
+
+
+def test_cli_tracer_failure_in_user_model_names_its_line(tmp_path, capsys) -> None:
+    path = _user_file(tmp_path, "bad_shapes.py", """
+        import torch
+        from torch import nn
+
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.lin = nn.Linear(4, 4)
+
+            def forward(self, x):
+                return (self.lin(x) @ torch.ones(3, 3)).sum()
+
+        def make():
+            return Net(), (torch.randn(2, 4),)
+    """)
+    assert main(["plan", f"{path}:make", "--hardware", "cpu", "--quiet"]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]  # torch logs the failed meta kernel
+    assert line.startswith("tierplan: error: cannot capture Net")
+    assert f"bad_shapes.py:{_line_of(path, 'return (self.lin(x)')}" in line
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--budget", "6GB/s"], "memory_budget '6GB/s' is not a byte quantity"),
+        (["--budget", "abc"], "memory_budget 'abc' is not a byte quantity"),
+        (["--budget", "-1"], "memory_budget=-1 resolves to -1 bytes; it must be positive"),
+        (["--budget", "0"], "it must be positive"),
+        (["--budget", "1.5"], r"memory_budget=1.5: a float is a fraction of the keep-all peak and must be in (0, 1]"),
+        (["--budget", "10TiB"], "memory_budget 10.00 TiB exceeds the"),
+        (["--tiers", "host,floppy"], "floppy"),
+        (["--tiers", "device"], "tiers lists 'device'"),
+        (["--time-limit", "0"], "--time-limit 0: give a positive number of seconds"),
+        (["--time-limit", "-5"], "--time-limit -5"),
+        (["--batch-size", "0"], "--batch-size 0"),
+        (["--plot", "memory.jpg"], "--plot"),
+    ],
+)
+def test_cli_bad_arguments_are_refused_before_capture(monkeypatch, capsys, extra, message) -> None:
+    import tierplan.passes.capture
+    import tierplan.zoo
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the model was loaded or captured before the arguments were checked")
+
+    monkeypatch.setattr(tierplan.zoo, "load_model", must_not_run)
+    monkeypatch.setattr(tierplan.passes.capture, "capture", must_not_run)
+    assert main(["plan", "llama-70b", "--hardware", "cpu", "--quiet", *extra]) == 2
+    line = _one_error_line(capsys)
+    assert message in line
+
+
+def test_cli_late_budget_messages_match_the_early_ones(mlp_example, capsys) -> None:
+    # The same settings, given to the API (which checks them after capture), read the same.
+    model, args, kwargs = mlp_example
+    for budget, cli in (("6GB/s", "6GB/s"), (-1, "-1"), (1.5, "1.5")):
+        with pytest.raises(ValueError) as late:
+            tierplan.plan(model, args, example_kwargs=kwargs, hardware="cpu", memory_budget=budget)
+        assert main(["plan", "mlp", "--hardware", "cpu", "--quiet", "--budget", cli]) == 2
+        assert _one_error_line(capsys) == f"tierplan: error: {late.value}"
+
+
+def test_cli_valid_fraction_passes_the_early_check(monkeypatch, capsys) -> None:
+    import tierplan.zoo
+
+    def stop(*args, **kwargs):
+        raise KeyError("reached the capture")
+
+    monkeypatch.setattr(tierplan.zoo, "load_model", stop)
+    # A fraction in (0, 1] cannot be resolved before the capture, but it is valid: we get there.
+    assert main(["plan", "llama-70b", "--hardware", "cpu", "--budget", "0.5", "--quiet"]) == 1
+    assert "internal error: KeyError" in capsys.readouterr().err
+
+
+def test_cli_tierplan_errors_under_a_user_factory_stay_internal(tmp_path, monkeypatch, capsys) -> None:
+    import tierplan.passes.capture
+
+    path = _user_file(tmp_path, "fine_model.py", """
+        import torch
+
+        def make():
+            return torch.nn.Linear(3, 2), (torch.randn(4, 3),)
+    """)
+
+    def broken_capture(*args, **kwargs):
+        raise KeyError("a bug in the capture")
+
+    monkeypatch.setattr(tierplan.passes.capture, "capture", broken_capture)
+    assert main(["plan", f"{path}:make", "--hardware", "cpu", "--inference", "--quiet"]) == 1
+    line = capsys.readouterr().err.strip()
+    assert "\n" not in line and line.startswith("tierplan: internal error: KeyError")

@@ -23,8 +23,8 @@ from tierplan.cost_models.hardware import (
 )
 
 MACHINES = [
-    "a100-40gb-pcie", "a100-80gb-sxm", "cpu", "h100-pcie", "h100-sxm", "h200", "l4", "mi300x",
-    "rtx4090",
+    "a100-40gb-pcie", "a100-80gb-sxm", "a10g", "b200", "cpu", "gb200", "gh200", "h100-pcie",
+    "h100-sxm", "h100-sxm-cxl", "h200", "l4", "l40s", "mi250x", "mi300x", "rtx4090", "t4", "v100",
 ]  # fmt: skip
 GiB = 2**30
 
@@ -85,13 +85,18 @@ def test_preset_is_consistent(name: str) -> None:
     assert hw.tiers["nvme"].read_bandwidth < down.bandwidth <= hw.device.memory_bandwidth
     assert hw.tiers["nvme"].capacity_bytes > hw.device.memory_bytes or hw.device.kind == "cpu"
     d = hw.device
-    assert {"float32", "bfloat16"} <= set(d.peak_flops) <= set(PEAK_FLOPS_KEYS)
+    # A 16-bit rate: bf16, or fp16 alone on GPUs without bf16 tensor cores (t4, v100).
+    half = "bfloat16" if "bfloat16" in d.peak_flops else "float16"
+    assert {"float32", half} <= set(d.peak_flops) <= set(PEAK_FLOPS_KEYS)
     assert 0 < d.compute_efficiency <= 1 and 0 < d.memory_efficiency <= 1
     assert 0 <= d.launch_overhead_s < 1e-3
-    assert d.peak_flops["bfloat16"] >= d.peak_flops["float32"]
+    assert d.peak_flops[half] >= d.peak_flops["float32"]
     if d.kind != "cpu":
-        assert d.peak_flops["bfloat16"] >= 8 * d.peak_flops["float32"] / 4  # tensor cores
-        assert d.peak_flops["tf32"] >= d.peak_flops["float32"]
+        assert d.peak_flops[half] >= 8 * d.peak_flops["float32"] / 4  # tensor cores
+        if "tf32" in d.peak_flops:  # no TF32 units on Volta, Turing, CDNA 2
+            assert d.peak_flops["tf32"] >= d.peak_flops["float32"]
+        else:
+            assert not d.allow_tf32
         assert hw.host.cpu_flops > 0 and hw.host.cores > 0
     assert hw.cluster.world_size >= 1
     describe_hardware(hw)
@@ -389,3 +394,142 @@ def test_any_figures_round_trip_exactly(
     hw = dataclasses.replace(hw, device=device, links={**hw.links, "device-host": link})
     path = tmp_path_factory.mktemp("rt") / "hw.toml"
     assert load_hardware(write_hardware_toml(hw, path)) == hw
+
+
+# -- the machines users have, and the CXL tier ---------------------------------------------------
+
+NEW_MACHINES = ["b200", "gb200", "gh200", "l40s", "a10g", "t4", "v100", "mi250x", "h100-sxm-cxl"]
+
+
+def test_at_least_sixteen_machines() -> None:
+    machines, parts = list_presets(), list_parts()
+    assert len(machines) >= 16 and set(NEW_MACHINES) <= set(machines)
+    assert not set(machines) & set(parts)  # parts (host-*, nvme-*, cxl-*) are not machines
+    assert "cxl-type3" in parts and "is a part" in error_of("cxl-type3")
+    assert machines == sorted(machines)  # by name: h100-sxm before h100-sxm-cxl
+
+
+@pytest.mark.parametrize("name", [*NEW_MACHINES, "cxl-type3"])
+def test_new_preset_numbers_have_sources(name: str) -> None:
+    """Every numeric assignment of the new files has a comment saying where it comes from."""
+    text = preset_texts()[f"{name}.toml"]
+    numeric = re.compile(r"""^\s*[\w-]+\s*=\s*(?:[-+]?\d|"[-+]?[\d.]+\s*[A-Za-zµ/]*")""")
+    numbers = 0
+    for number, line in enumerate(text.splitlines(), 1):
+        if numeric.match(line):
+            numbers += 1
+            comment = line.partition("#")[2].strip()
+            where = f"{name}.toml:{number}"
+            assert len(comment) >= 8, f"{where} has a number without a source: {line!r}"
+            if comment.startswith("assumed"):  # an assumption says why
+                assert comment.startswith("assumed: "), f"{where}: 'assumed: <why>': {line!r}"
+    assert numbers >= 5 or name == "h100-sxm-cxl"  # that one is h100-sxm plus the cxl part
+    if name != "cxl-type3":
+        hw = load_hardware(name)
+        assert hw.name == name and hw.sources and describe_hardware(hw)
+
+
+def test_new_preset_figures() -> None:
+    """Spot checks against the datasheets cited in the files."""
+    b200 = load_hardware("b200")
+    assert b200.device.peak_flops["bfloat16"] == pytest.approx(2.25e15)  # 36 PF sparse / 8 / 2
+    assert b200.device.memory_bytes == 180 * GiB and b200.device.memory_bandwidth == 8e12
+    assert b200.cluster.intra_node.bandwidth == pytest.approx(900e9)  # NVLink 5: 1.8 TB/s total
+    gb200 = load_hardware("gb200")
+    assert gb200.device.peak_flops["bfloat16"] == pytest.approx(2.5e15)
+    assert gb200.host.dram_bandwidth == pytest.approx(512e9) and gb200.cluster.gpus_per_node == 2
+    gh200 = load_hardware("gh200")
+    assert gh200.device.peak_flops == load_hardware("h100-sxm").device.peak_flops
+    assert gh200.device.memory_bytes == 96 * GiB
+    mi250x = load_hardware("mi250x")  # one GCD of two
+    assert mi250x.device.memory_bytes == 64 * GiB
+    assert mi250x.device.peak_flops["bfloat16"] == pytest.approx(383e12 / 2)
+    assert load_hardware("l40s").device.peak_flops["float8"] == pytest.approx(733e12)
+    assert load_hardware("a10g").cluster.gpus_per_node == 8
+    t4, v100 = load_hardware("t4"), load_hardware("v100")
+    assert t4.device.peak_flops["float16"] == pytest.approx(65e12)
+    assert v100.device.peak_flops["float16"] == pytest.approx(125e12)
+    assert t4.link("host", "device").bandwidth < load_hardware("l4").link("host", "device").bandwidth
+
+
+@pytest.mark.parametrize("name", ["t4", "v100", "mi250x"])
+def test_missing_dtypes_are_left_out(name: str) -> None:
+    """No bf16 (t4, v100), TF32 or FP8 units: no peak, so pricing one is a HardwareError that
+    names the dtype, as for fp8 on an A100."""
+    from tierplan.cost_models.compute import peak_key
+
+    d = load_hardware(name).device
+    assert "float8" not in d.peak_flops and "tf32" not in d.peak_flops and not d.allow_tf32
+    assert peak_key("float32", tensor_core=True, allow_tf32=d.allow_tf32) == "float32"
+    missing = "float8" if name == "mi250x" else "bfloat16"
+    assert missing not in d.peak_flops
+    with pytest.raises(HardwareError, match=f"no peak_flops entry for '{missing}'"):
+        d.peak(missing)
+
+
+def test_nvlink_c2c_host_link_is_much_faster_than_pcie() -> None:
+    from tierplan.cost_models.transfer import tier_bandwidth
+
+    h100 = load_hardware("h100-sxm")
+    for name in ("gb200", "gh200"):
+        hw = load_hardware(name)
+        link = hw.link("device", "host")
+        assert "NVLink-C2C" in link.description and link.bandwidth == pytest.approx(450e9)
+        assert link.bandwidth_both_ways() == link.bandwidth  # duplex, no PCIe-style drop
+        assert link.bandwidth >= 8 * h100.link("device", "host").bandwidth
+        assert tier_bandwidth(hw, "host", "device") >= 8 * tier_bandwidth(h100, "host", "device")
+
+
+def test_cxl_tier_sits_between_host_and_nvme() -> None:
+    from tierplan.placement.pricing import tier_capacities, transfer_channels
+
+    hw = load_hardware("h100-sxm-cxl")
+    assert set(hw.tiers) == {"device", "host", "cxl", "nvme"}
+    assert [l.name for l in hw.route("device", "cxl")] == ["device-host", "host-cxl"]
+    channels = {(c.src, c.dst): c for c in transfer_channels(hw, ("host", "cxl", "nvme"))}
+    for out, back in ((("device", t), (t, "device")) for t in ("host", "cxl", "nvme")):
+        # Every tier is reached over the device's PCIe link: one queue each way for all three.
+        assert channels[out].queue == "device-host:from-device"
+        assert channels[back].queue == "device-host:to-device"
+    for pair in ((("device", "host"), ("device", "cxl"), ("device", "nvme")),
+                 (("host", "device"), ("cxl", "device"), ("nvme", "device"))):  # fmt: skip
+        host, cxl, nvme = (channels[p] for p in pair)
+        assert host.bandwidth > cxl.bandwidth > nvme.bandwidth
+        assert host.latency_s < cxl.latency_s < nvme.latency_s
+    capacities = tier_capacities(hw, ("host", "cxl", "nvme"))
+    assert capacities["cxl"] == 512 * GiB
+    # The CXL tier is the only tier h100-sxm lacks: no other figure of it changes.
+    base = load_hardware("h100-sxm")
+    assert hw.device == base.device and hw.host == base.host and hw.cluster == base.cluster
+    with pytest.raises(HardwareError, match="no tier 'cxl'"):
+        tier_capacities(base, ("host", "cxl"))
+
+
+def test_user_file_adds_the_cxl_part(tmp_path: Path) -> None:
+    path = write(tmp_path, 'extends = "b200"\ninclude = ["cxl-type3"]\n', "b200-cxl.toml")
+    hw = load_hardware(path)
+    assert hw.name == "b200-cxl" and hw.tiers["cxl"].capacity_bytes == 512 * GiB
+    assert [l.name for l in hw.route("cxl", "device")] == ["host-cxl", "device-host"]
+    assert hw.device == load_hardware("b200").device
+    assert load_hardware(write_hardware_toml(hw, tmp_path / "rt.toml")) == hw
+
+
+def test_plan_with_a_cxl_tier_validates() -> None:
+    import tierplan
+    from tierplan.passes.capture import capture
+    from tierplan.zoo import load_model
+
+    model, args, kwargs = load_model("gpt2-tiny", training=True)
+    graph = capture(model, tuple(args), example_kwargs=kwargs, training=True).graph
+    hw = load_hardware("h100-sxm-cxl")
+    tiers = ("host", "cxl", "nvme")
+    plan = tierplan.plan_graph(graph, hardware=hw, memory_budget=0.5, tiers=tiers, time_limit=5)
+    assert set(plan.capacities) == {"device", *tiers}
+    tierplan.validate(plan)
+    # With host DRAM taken (a 4 KiB budget), what leaves the device goes to cxl, the next tier.
+    squeezed = hw.with_tier_capacity("host", 4096)
+    plan = tierplan.plan_graph(graph, hardware=squeezed, memory_budget=0.5, tiers=tiers,
+                               time_limit=5)  # fmt: skip
+    replay = tierplan.validate(plan)
+    assert replay.peak_bytes["device"] <= plan.budget_bytes
+    assert replay.peak_bytes["cxl"] > 0 and replay.peak_bytes.get("nvme", 0) == 0

@@ -154,3 +154,40 @@ def test_file_errors(tmp_path):
     broken.write_text("raise RuntimeError('boom')\n")
     with pytest.raises(ZooError, match="boom"):
         load_model(f"{broken}:make")
+
+
+def test_factory_errors_name_the_factory_and_line(tmp_path):
+    from tierplan.zoo import UserCodeError
+
+    path = _write(tmp_path, """
+        def make():
+            raise ValueError("bad size")
+    """)
+    with pytest.raises(UserCodeError) as err:
+        load_model(f"{path}:make")
+    assert err.value.location == f"{path}:3 (in make)"
+    assert f"{path}:make: the factory raised ValueError: bad size at {path}:3" in str(err.value)
+    assert isinstance(err.value.__cause__, ValueError)
+
+
+def test_import_errors_name_the_line(tmp_path):
+    from tierplan.zoo import UserCodeError
+
+    broken = tmp_path / "broken_at_import.py"
+    broken.write_text("import torch\n\nraise RuntimeError('boom')\n")
+    with pytest.raises(UserCodeError, match=r"importing .* raised RuntimeError: boom at .*broken_at_import.py:3"):
+        load_model(f"{broken}:make")
+
+
+def test_tierplan_errors_under_a_factory_are_not_blamed_on_it(tmp_path):
+    from tierplan.zoo import UserCodeError
+
+    path = _write(tmp_path, """
+        from tierplan.zoo import with_layers
+
+        def make():
+            return with_layers(object(), 2)
+    """)
+    with pytest.raises(ZooError, match="no layer count") as err:
+        load_model(f"{path}:make")
+    assert not isinstance(err.value, UserCodeError)

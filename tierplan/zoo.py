@@ -23,6 +23,7 @@ import dataclasses
 import importlib.util
 import inspect
 import sys
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Union
@@ -38,6 +39,60 @@ Example = tuple[nn.Module, tuple[Any, ...], dict[str, Any]]
 
 class ZooError(ValueError):
     """An unknown model name, a missing file or factory, or a factory returning the wrong thing."""
+
+
+class UserCodeError(ZooError):
+    """An exception raised by the user's own code: importing a model file, calling its factory, or
+    (raised by the command line) the model's forward during capture. ``location`` is
+    ``path:LINE (in function)`` of the innermost frame in the user's file, when there is one."""
+
+    def __init__(self, message: str, *, location: str | None = None) -> None:
+        super().__init__(message)
+        self.location = location
+
+    @staticmethod
+    def location_in(exc: BaseException, path: Path, *, innermost: bool = False) -> str | None:
+        """``path:LINE (in function)`` of the innermost frame of ``exc``'s traceback that runs
+        the file ``path`` (a syntax error: the line it points at), or None; with ``innermost``,
+        None unless that is the innermost frame of all."""
+        target = _resolved(path)
+        found = None
+        for frame, lineno in traceback.walk_tb(exc.__traceback__):
+            ours = _resolved(frame.f_code.co_filename) == target
+            if ours:
+                found = f"{path}:{lineno} (in {frame.f_code.co_name})"
+            elif innermost:
+                found = None
+        if (found is None and isinstance(exc, SyntaxError) and exc.filename and exc.lineno
+                and _resolved(exc.filename) == target):
+            found = f"{path}:{exc.lineno}"
+        return found
+
+    @staticmethod
+    def raised_in_tierplan(exc: BaseException) -> bool:
+        """Whether the innermost frame of ``exc``'s traceback is tierplan's own code."""
+        innermost = None
+        for frame, _ in traceback.walk_tb(exc.__traceback__):
+            innermost = frame.f_code.co_filename
+        return innermost is not None and _resolved(innermost).is_relative_to(_TIERPLAN_DIR)
+
+    @staticmethod
+    def describe(exc: BaseException) -> str:
+        """``Type: message`` on one line (``Type`` alone when the message is empty)."""
+        # A syntax error's str() repeats the file and line, which the caller says better.
+        message = exc.msg if isinstance(exc, SyntaxError) and exc.msg else str(exc)
+        text = " ".join(message.split())
+        return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _resolved(path: str | Path) -> Path:
+    try:
+        return Path(path).resolve()
+    except (OSError, RuntimeError):  # pragma: no cover - a path that cannot be resolved
+        return Path(path)
+
+
+_TIERPLAN_DIR = Path(__file__).resolve().parent
 
 
 @dataclass(frozen=True)
@@ -377,10 +432,26 @@ def load_model(
             f"path/to/file.py:factory"
         )
     factory = _load_factory(Path(path), func)
-    accepted = inspect.signature(factory).parameters
+    try:
+        accepted = inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # a callable without a signature (a C function): no options
+        accepted = {}  # type: ignore[assignment]
     offered = {"batch_size": batch_size, "seq_len": seq_len, "training": training, "fake": fake}
     kwargs = {k: v for k, v in offered.items() if k in accepted and v is not None}
-    result = factory(**kwargs)
+    try:
+        result = factory(**kwargs)
+    except Exception as exc:
+        # The user's code failed: say so, and where in their file. An exception whose innermost
+        # frame is tierplan's own code (the factory called into tierplan) is left as it is.
+        if UserCodeError.raised_in_tierplan(exc):
+            raise
+        location = UserCodeError.location_in(exc, Path(path))
+        at = f" at {location}" if location else ""
+        raise UserCodeError(
+            f"{spec}: the factory raised {UserCodeError.describe(exc)}{at}; fix the factory, or "
+            f"rerun with --debug for the traceback",
+            location=location,
+        ) from exc
     return _normalize(result, spec)
 
 
@@ -399,7 +470,13 @@ def _load_factory(path: Path, func: str) -> Callable[..., Any]:
         spec.loader.exec_module(module)
     except Exception as exc:
         sys.modules.pop(module_name, None)
-        raise ZooError(f"importing {str(path)!r} failed: {type(exc).__name__}: {exc}") from exc
+        location = UserCodeError.location_in(exc, path)
+        at = f" at {location}" if location else ""
+        raise UserCodeError(
+            f"{path}:{func}: importing {path} raised {UserCodeError.describe(exc)}{at}; fix the "
+            f"file, or rerun with --debug for the traceback",
+            location=location,
+        ) from exc
     factory = getattr(module, func, None)
     if not callable(factory):
         functions = [n for n, v in vars(module).items() if inspect.isfunction(v) and not n.startswith("_")]
@@ -433,6 +510,6 @@ def _normalize(result: Any, spec: str) -> Example:
 
 
 __all__ = [
-    "CNN", "CNNConfig", "MLP", "MLPConfig", "ModelConfig", "TransformersConfig", "ZOO", "ZooEntry",
-    "ZooError", "build_transformers", "list_models", "load_model", "with_layers",
+    "CNN", "CNNConfig", "MLP", "MLPConfig", "ModelConfig", "TransformersConfig", "UserCodeError", "ZOO",
+    "ZooEntry", "ZooError", "build_transformers", "list_models", "load_model", "with_layers",
 ]

@@ -1,9 +1,10 @@
 """The ``tierplan`` command line.
 
 Every error a user can cause (an unknown model or machine, a bad budget or option, an unreadable
-file) is printed as one line with what to do, and the exit code is 2; ``--debug`` shows the
-traceback. Progress goes to stderr: a spinner when stderr is a terminal, plain ``[tierplan]``
-lines when it is not (logs), nothing with ``--quiet``.
+file, an exception raised by the user's own model file, factory or forward) is printed as one
+line with what to do, and the exit code is 2; ``--debug`` shows the traceback. Progress goes to
+stderr: a spinner when stderr is a terminal, plain ``[tierplan]`` lines when it is not (logs),
+nothing with ``--quiet``.
 """
 from __future__ import annotations
 
@@ -100,13 +101,19 @@ def cmd_plan(args: argparse.Namespace) -> None:
     progress = Progress(quiet=args.quiet)
     tiers = tuple(t.strip() for t in args.tiers.split(",") if t.strip())
     budget = _budget_arg(args.budget)
-    hardware = load_hardware(args.hardware)  # fail on an unknown machine before the long capture
+    # Everything that can be checked without the model is checked before the long capture.
+    hardware = load_hardware(args.hardware)
+    _check_plan_settings(args, hardware, tiers, budget)
     mode = "training" if args.training else "inference"
     with progress.phase(f"capturing {args.model} ({mode}) on fake tensors") as done:
         model, example_args, example_kwargs = load_model(
             args.model, batch_size=args.batch_size, seq_len=args.seq_len, training=args.training, fake=True
         )
-        captured = capture(model, example_args, example_kwargs=example_kwargs, training=args.training)
+        try:
+            captured = capture(model, example_args, example_kwargs=example_kwargs, training=args.training)
+        except Exception as exc:
+            _blame_user_model(exc, args.model)
+            raise
         done.note = f"captured {args.model}: {len(captured.graph.ops):,} ops"
     limit = DEFAULT_TIME_LIMIT_S if args.time_limit is None else args.time_limit
     with progress.phase(f"planning on {hardware.name} (solver time limit {limit:g} s)") as done:
@@ -264,6 +271,66 @@ def _check_outputs(args: argparse.Namespace) -> None:
             raise UsageError(f"--plot {path}: give a file ending in {', '.join(_IMAGE_SUFFIXES)}")
         if option != "emit" and not path.parent.is_dir():
             raise UsageError(f"--{option} {path}: directory {path.parent} does not exist; create it first")
+
+
+def _check_plan_settings(args: argparse.Namespace, hardware: Any, tiers: tuple[str, ...],
+                         budget: float | str | None) -> None:
+    """Fail before the long capture on settings that cannot work whatever the model: the tiers
+    (against the machine's), the budget (its form, sign and the device memory; a fraction only
+    needs the keep-all peak to be resolved, not to be checked), the solver time limit and the
+    batch size and sequence length. The messages are those of the checks after capture."""
+    import math
+
+    from tierplan.api import resolve_budget
+    from tierplan.placement.pricing import tier_capacities, transfer_channels
+    from tierplan.plans.plan import DEVICE
+
+    if args.time_limit is not None and not (math.isfinite(args.time_limit) and args.time_limit > 0):
+        raise UsageError(f"--time-limit {args.time_limit:g}: give a positive number of seconds, e.g. 30")
+    for option in ("batch_size", "seq_len"):
+        value = getattr(args, option)
+        if value is not None and value < 1:
+            raise UsageError(f"--{option.replace('_', '-')} {value}: give a positive number")
+    capacities = tier_capacities(hardware, tiers)
+    transfer_channels(hardware, tiers)  # every tier is reachable from the device
+    if isinstance(budget, float) and 0.0 < budget <= 1.0:
+        return  # a fraction of the keep-all peak: resolved once the model is captured
+    resolve_budget(budget, keep_all_peak=0, device_bytes=capacities[DEVICE], hardware=hardware.name)
+
+
+def _blame_user_model(exc: Exception, spec: str) -> None:
+    """Raise a user error for an exception from capturing the model of ``path/to/file.py:factory``
+    that the user's file raised (its forward, say), naming where in that file; return, for the
+    caller to re-raise ``exc`` as it is, when it came from elsewhere (tierplan, or a zoo model)."""
+    from tierplan.passes.capture import CaptureError
+    from tierplan.zoo import UserCodeError
+
+    path, sep, _ = spec.rpartition(":")
+    if not sep or not path.endswith(".py"):
+        return  # a zoo model: its code is tierplan's
+    user_file = Path(path)
+    # The capture wraps what the tracer raised in a CaptureError: look at what it wraps.
+    inner = exc.__cause__ if isinstance(exc, CaptureError) and exc.__cause__ is not None else exc
+    location = UserCodeError.location_in(inner, user_file)
+    if location is None:
+        return
+    if UserCodeError.location_in(inner, user_file, innermost=True):
+        # The model's own code raised it (a raise, an assert, a typo).
+        raise UserCodeError(
+            f"{spec}: the model's forward raised {UserCodeError.describe(inner)} at {location} "
+            f"while tierplan captured it on fake tensors; fix the model, or rerun with --debug for "
+            f"the traceback",
+            location=location,
+        ) from exc
+    if isinstance(exc, CaptureError):  # the tracer failed on an op the model's code called
+        raise CaptureError(f"{str(exc).rstrip()}; in the model's code at {location}") from exc
+    if UserCodeError.raised_in_tierplan(inner):
+        return  # tierplan's own code failed under the model's: a bug, not the user's doing
+    raise UserCodeError(
+        f"{spec}: capturing the model raised {UserCodeError.describe(inner)} in code called from "
+        f"{location}; rerun with --debug for the traceback",
+        location=location,
+    ) from exc
 
 
 def _tensor_name(plan: Plan, name: str, path: Path) -> str:

@@ -7,8 +7,10 @@ base units (bytes, bytes/s, FLOP/s, seconds) or as strings with a unit ("3.35 TB
 "400 Gb/s", "989 TFLOPS", "5 us"), which keeps the files checkable against spec sheets by eye.
 
 Tier names are a public contract: ``"device"`` (the accelerator's memory), ``"host"`` (pinned host
-DRAM) and ``"nvme"``; a file may add others (e.g. ``"cxl"``). The device and host tiers default to
-the ``[device]`` and ``[host]`` figures, so overriding the device's memory also moves its tier.
+DRAM) and ``"nvme"``; a file may add others (e.g. ``"cxl"``, which the ``cxl-type3`` part declares,
+linked to ``"host"``). Nothing here assumes which slower tiers exist: a tier is any ``[tiers.NAME]``
+and routes follow the declared links. The device and host tiers default to the ``[device]`` and
+``[host]`` figures, so overriding the device's memory also moves its tier.
 
 Loading resolves a file in this order: its ``extends`` base, then each ``include`` in order (parts
 such as ``nvme-gen5``), then the file's own keys; tables merge key by key, ``sources`` concatenate.
@@ -543,7 +545,7 @@ def _presets_dir() -> Traversable:
 def _preset_files() -> dict[str, Traversable]:
     return {
         entry.name[: -len(".toml")]: entry
-        for entry in sorted(_presets_dir().iterdir(), key=lambda e: e.name)
+        for entry in sorted(_presets_dir().iterdir(), key=lambda e: e.name[: -len(".toml")])
         if entry.name.endswith(".toml")
     }
 

@@ -7,7 +7,10 @@ either end: tens of microseconds for NVMe, negligible for DRAM and HBM) and beta
 the slowest stage on the way: each link, the source tier's read bandwidth and the destination
 tier's write bandwidth (an NVMe drive writes slower than PCIe 4 x4 carries). A path through
 several tiers (device -> host -> nvme) is priced as a pipelined copy through bounce buffers, as
-DeepSpeed and our runtime do it: latencies add up, the narrowest stage sets the rate.
+DeepSpeed and our runtime do it: latencies add up, the narrowest stage sets the rate. A CXL
+memory expander (the ``cxl-type3`` part) hangs off the host too: device -> host -> cxl is the
+GPU's one DMA over its PCIe link and out the CPU's CXL port; host DRAM's rates, an intermediate
+stage there, are far above both links and never bind.
 
 When both directions of a link run at once (prefetching one tensor while evicting another), each
 direction gets ``Link.bandwidth_both_ways()``: the measured ``concurrent_bandwidth`` when the file

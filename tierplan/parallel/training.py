@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 from tierplan.cost_models.collectives import CollectiveError, collective_time, group_shape, p2p_time
-from tierplan.cost_models.hardware import Cluster, Hardware
+from tierplan.cost_models.hardware import Cluster, Hardware, Link
 from tierplan.cost_models.training_memory import ADAM_K, model_state_bytes
 from tierplan.parallel.profile import CELLS, ModelProfile
 from tierplan.parallel.types import (
@@ -119,6 +119,49 @@ def _cpsat_mix(options: list[RecomputeOption], layers: int, budget: float) -> di
     return {o.name: int(solver.Value(v)) for o, v in zip(options, n) if solver.Value(v)}
 
 
+@dataclass(frozen=True)
+class _Layout:
+    """One training configuration and the quantities derived from it that every piece of
+    ``TrainSearch.evaluate`` reads."""
+
+    t: int  # TP degree (with sequence parallelism when > 1)
+    pp: int  # pipeline stages
+    d: int  # DP degree
+    b: int  # micro-batch size
+    schedule: str
+    v: int  # virtual stages per device (interleaved schedule)
+    zero: int
+    offload_optimizer: bool
+    offload_params: bool
+    m: int  # micro-batches per step
+    L: int  # layers per stage
+    seq_bytes: float  # one [b, s, h] activation
+    inflight: float  # micro-batches whose activations the first stage holds
+
+    @property
+    def grads_streamed(self) -> bool:
+        """ZeRO-2/3 with the optimizer offloaded: each layer's gradient shard goes to the host
+        as the backward produces it, instead of once per step."""
+        return self.offload_optimizer and self.zero >= 2
+
+    def shard(self, n_params: float) -> float:
+        """This device's share of ``n_params`` optimizer state (sharded from ZeRO-1 on)."""
+        return n_params / (self.d if self.zero >= 1 else 1)
+
+
+@dataclass(frozen=True)
+class _StageCost:
+    """One pipeline stage priced: its recompute mix, memory, and per-micro-batch seconds."""
+
+    name: str  # "first" or "last"
+    mix: dict[str, int]  # recompute option -> layers taking it
+    memory: MemoryBreakdown
+    fwd: float
+    bwd: float
+    recompute: float
+    n_params: float  # parameters on one device of the stage
+
+
 @dataclass
 class TrainSearch:
     """The search's inputs and caches; ``plans()`` yields every priced plan that fits."""
@@ -183,174 +226,299 @@ class TrainSearch:
         self, *, t: int, pp: int, d: int, b: int, schedule: str, v: int, zero: int,
         offload_optimizer: bool, offload_params: bool, exact: bool = False,
     ) -> ParallelPlan | None:  # fmt: skip
+        """Price one layout: its memory per device and its step time, or None when it does not
+        fit (the reason is counted in ``rejected``).
+
+        A pipeline: the layout's derived shape, the TP traffic the recompute options repeat,
+        the recompute mix and memory of each binding stage, the step time of the slowest stage,
+        the host-memory check of offloaded state, and the plan. ``exact`` solves the recompute
+        mix with CP-SAT instead of the pair enumeration.
+        """
         self.evaluated += 1
-        prof, dev, hw = self.profile, self.hardware.device, self.hardware
-        m = self.global_batch // (d * b)
-        L = prof.num_layers // pp
-        pb = prof.param_bytes
-        seq_bytes = b * prof.seq_len * prof.hidden * pb  # one [b, s, h] activation
-        inflight = 1.0 if pp == 1 else min(m, pp) * (1 + (pp - 1) / (pp * v) if v > 1 else 1)
-
-        # TP with sequence parallelism: per layer 2 all-gathers + 2 reduce-scatters forward,
-        # the same backward (Korthikanti et al.).
-        tp_fwd = 0.0
-        if t > 1:
-            tp_fwd = 2 * (self._coll("all_gather", seq_bytes, t, 1)
-                          + self._coll("reduce_scatter", seq_bytes, t, 1))  # fmt: skip
+        shape = self._layout(t=t, pp=pp, d=d, b=b, schedule=schedule, v=v, zero=zero,
+                             offload_optimizer=offload_optimizer, offload_params=offload_params)  # fmt: skip
+        tp_fwd = self._tp_forward_seconds(shape)
         options = self.recompute_options(b, t, tp_fwd)
-
-        # Stages that bind: the first (embeddings, the most micro-batches in flight) and the
-        # last (head and loss); with one stage they are the same.
-        stages = [("first", prof.pre.params + (prof.post.params if pp == 1 else 0), inflight)]
-        if pp > 1:
-            stages.append(("last", prof.post.params, 1.0))
-        temp = max(max(c.largest_temporary for c in prof.cells.values()), prof.post.largest_temporary)
-        results = []
-        for name, extra_params, flight in stages:
-            n_params = (L * prof.layer_params + extra_params) / t
-            state = model_state_bytes(n_params, d, zero, param_bytes=pb, grad_bytes=pb,
-                                      offload_optimizer=offload_optimizer,
-                                      offload_params=offload_params)  # fmt: skip
-            buffers = WORKSPACE_BYTES + ALLOCATOR_HEADROOM * self.capacity + temp * b / t
-            if zero == 3:  # the gathered layer in use and the one prefetched
-                buffers += 2 * prof.layer_params * pb / t
-            fixed_act = 0.0
-            if name == "first":
-                fixed_act += prof.pre.activations.bytes(t, True, b) * flight
-                if pp == 1:
-                    fixed_act += prof.post.activations.bytes(t, True, b)
-            else:
-                fixed_act += prof.post.activations.bytes(t, True, b)
-            budget = self.capacity - state.total - buffers - fixed_act
-            mix = solve_recompute_mix(
-                [RecomputeOption(o.name, o.act_bytes * flight, o.seconds) for o in options],
-                L, budget, exact=exact,
-            )  # fmt: skip
-            if mix is None:
-                lean = min(o.act_bytes for o in options) * flight * L
-                over = state.total + buffers + fixed_act + lean
-                self._note_overshoot(over, t, pp, d, b, zero, offload_optimizer, offload_params)
+        stages: list[_StageCost] = []
+        for name, extra_params, flight in self._binding_stages(shape):
+            stage = self._price_stage(shape, name, extra_params, flight, options, exact)
+            if stage is None:
                 return None
-            by = {o.name: o for o in options}
-            layer_act = sum(by[k].act_bytes * n for k, n in mix.items()) * flight
-            recompute = sum(by[k].seconds * n for k, n in mix.items())
-            mem = MemoryBreakdown(
-                parameters=state.parameters, gradients=state.gradients, optimizer=state.optimizer,
-                activations=layer_act + fixed_act, buffers=buffers,
-            )  # fmt: skip
-            fwd = L * sum(self._sec(c, "forward", b, t) for c in CELLS)
-            bwd = L * sum(self._sec(c, "backward", b, t) for c in CELLS)
-            part = "pre" if name == "first" else "post"
-            fwd += self._sec(part, "forward", b, t) + (self._sec("post", "forward", b, t) if pp == 1 else 0)
-            bwd += self._sec(part, "backward", b, t) + (self._sec("post", "backward", b, t) if pp == 1 else 0)
-            results.append((name, mix, mem, fwd, bwd, recompute, n_params))
+            stages.append(stage)
+        # The slowest stage sets the pace (the recompute options' seconds already include the
+        # TP traffic they repeat); the stage with the larger footprint is the memory reported.
+        pace = max(stages, key=lambda r: r.fwd + r.bwd + r.recompute)
+        memory = max((r.memory for r in stages), key=lambda x: x.total)
+        time = self._step_time(shape, pace, tp_fwd)
+        if not self._offload_fits_host(shape, pace.n_params):
+            return None
+        return self._plan(shape, stages, memory, time)
 
-        # The slowest stage sets the pace; the first stage's memory usually binds, report the
-        # stage with the larger footprint.
-        # (the recompute options' seconds already include the TP traffic they repeat)
-        name, _, _, fwd, bwd, recompute, n_params = max(results, key=lambda r: r[3] + r[4] + r[5])
-        mem = max((r[2] for r in results), key=lambda x: x.total)
-        mix = results[0][1]  # the first stage's choice: where activations bind
-        recompute_by_stage = {r[0]: dict(sorted(r[1].items())) for r in results}
+    def _layout(
+        self, *, t: int, pp: int, d: int, b: int, schedule: str, v: int, zero: int,
+        offload_optimizer: bool, offload_params: bool,
+    ) -> _Layout:  # fmt: skip
+        """The configuration and the quantities every later piece derives from it."""
+        prof = self.profile
+        m = self.global_batch // (d * b)
+        seq_bytes = b * prof.seq_len * prof.hidden * prof.param_bytes  # one [b, s, h] activation
+        # Micro-batches whose activations the first stage holds at once (1F1B warm-up; the
+        # interleaved schedule keeps a fraction more).
+        inflight = 1.0 if pp == 1 else min(m, pp) * (1 + (pp - 1) / (pp * v) if v > 1 else 1)
+        return _Layout(
+            t=t, pp=pp, d=d, b=b, schedule=schedule, v=v, zero=zero,
+            offload_optimizer=offload_optimizer, offload_params=offload_params,
+            m=m, L=prof.num_layers // pp, seq_bytes=seq_bytes, inflight=inflight,
+        )  # fmt: skip
+
+    def _tp_forward_seconds(self, s: _Layout) -> float:
+        """One layer's forward TP traffic per micro-batch: with sequence parallelism, 2
+        all-gathers + 2 reduce-scatters (Korthikanti et al.); the backward repeats them."""
+        if s.t > 1:
+            return 2 * (self._coll("all_gather", s.seq_bytes, s.t, 1)
+                        + self._coll("reduce_scatter", s.seq_bytes, s.t, 1))  # fmt: skip
+        return 0.0
+
+    def _binding_stages(self, s: _Layout) -> list[tuple[str, float, float]]:
+        """(name, parameters besides the layers, micro-batches in flight) of the stages that
+        bind: the first (embeddings, the most micro-batches in flight) and the last (head and
+        loss); with one stage they are the same."""
+        prof = self.profile
+        stages = [("first", prof.pre.params + (prof.post.params if s.pp == 1 else 0), s.inflight)]
+        if s.pp > 1:
+            stages.append(("last", prof.post.params, 1.0))
+        return stages
+
+    def _price_stage(
+        self, s: _Layout, name: str, extra_params: float, flight: float,
+        options: list[RecomputeOption], exact: bool,
+    ) -> _StageCost | None:  # fmt: skip
+        """The recompute mix, memory and per-micro-batch times of one stage; None (and the
+        overshoot noted) when its activations do not fit even with the leanest option."""
+        prof = self.profile
+        n_params = (s.L * prof.layer_params + extra_params) / s.t
+        state = model_state_bytes(n_params, s.d, s.zero, param_bytes=prof.param_bytes,
+                                  grad_bytes=prof.param_bytes,
+                                  offload_optimizer=s.offload_optimizer,
+                                  offload_params=s.offload_params)  # fmt: skip
+        buffers = self._buffer_bytes(s)
+        fixed_act = self._fixed_activation_bytes(s, name, flight)
+        budget = self.capacity - state.total - buffers - fixed_act
+        mix = solve_recompute_mix(
+            [RecomputeOption(o.name, o.act_bytes * flight, o.seconds) for o in options],
+            s.L, budget, exact=exact,
+        )  # fmt: skip
+        if mix is None:
+            lean = min(o.act_bytes for o in options) * flight * s.L
+            over = state.total + buffers + fixed_act + lean
+            self._note_overshoot(over, s.t, s.pp, s.d, s.b, s.zero, s.offload_optimizer,
+                                 s.offload_params)  # fmt: skip
+            return None
+        by = {o.name: o for o in options}
+        layer_act = sum(by[k].act_bytes * n for k, n in mix.items()) * flight
+        recompute = sum(by[k].seconds * n for k, n in mix.items())
+        mem = MemoryBreakdown(
+            parameters=state.parameters, gradients=state.gradients, optimizer=state.optimizer,
+            activations=layer_act + fixed_act, buffers=buffers,
+        )  # fmt: skip
+        fwd, bwd = self._stage_compute_seconds(s, name)
+        return _StageCost(name=name, mix=mix, memory=mem, fwd=fwd, bwd=bwd, recompute=recompute,
+                          n_params=n_params)  # fmt: skip
+
+    def _buffer_bytes(self, s: _Layout) -> float:
+        """Device memory besides model state and activations: the workspace, the allocator's
+        headroom, the largest temporary, and under ZeRO-3 the gathered layers."""
+        prof = self.profile
+        temp = max(max(c.largest_temporary for c in prof.cells.values()), prof.post.largest_temporary)
+        buffers = WORKSPACE_BYTES + ALLOCATOR_HEADROOM * self.capacity + temp * s.b / s.t
+        if s.zero == 3:  # the gathered layer in use and the one prefetched
+            buffers += 2 * prof.layer_params * prof.param_bytes / s.t
+        return buffers
+
+    def _fixed_activation_bytes(self, s: _Layout, name: str, flight: float) -> float:
+        """Activations no recompute choice removes: the embeddings' (per micro-batch in flight)
+        on the first stage, the head's and loss's on the last."""
+        prof = self.profile
+        fixed_act = 0.0
+        if name == "first":
+            fixed_act += prof.pre.activations.bytes(s.t, True, s.b) * flight
+            if s.pp == 1:
+                fixed_act += prof.post.activations.bytes(s.t, True, s.b)
+        else:
+            fixed_act += prof.post.activations.bytes(s.t, True, s.b)
+        return fixed_act
+
+    def _stage_compute_seconds(self, s: _Layout, name: str) -> tuple[float, float]:
+        """Forward and backward seconds of one micro-batch on a stage: its layers plus the
+        embeddings (first stage) or the head and loss (last stage; both with one stage)."""
+        b, t = s.b, s.t
+        fwd = s.L * sum(self._sec(c, "forward", b, t) for c in CELLS)
+        bwd = s.L * sum(self._sec(c, "backward", b, t) for c in CELLS)
+        part = "pre" if name == "first" else "post"
+        fwd += self._sec(part, "forward", b, t) + (self._sec("post", "forward", b, t) if s.pp == 1 else 0)
+        bwd += self._sec(part, "backward", b, t) + (self._sec("post", "backward", b, t) if s.pp == 1 else 0)
+        return fwd, bwd
+
+    # -- the step time -----------------------------------------------------------------------
+
+    def _step_time(self, s: _Layout, pace: _StageCost, tp_fwd: float) -> TimeBreakdown:
+        """The step's time breakdown, paced by the slowest stage: compute, recompute, the
+        exposed TP / PP / DP traffic, the pipeline bubble and the optimizer step."""
+        b, t = s.b, s.t
         time = TimeBreakdown()
         # Per layer and micro-batch, the pieces the overlap model needs.
         fwd_l = sum(self._sec(c, "forward", b, t) for c in CELLS)
-        bwd_l = sum(self._sec(c, "backward", b, t) for c in CELLS) + recompute / max(L, 1)
-        kappa = OVERLAP_INTERFERENCE
-        # TP + SP (Megatron): forward 2 AG + 2 RS on the critical path; backward 2 AG of the
-        # output gradients on the critical path, and the re-gather of the inputs (2 AG) and the
-        # reduce-scatter of the input gradients (2 RS) overlapped with the dgrad / wgrad GEMMs.
-        tp_layer = 0.0
-        if t > 1:
-            hidden = tp_fwd  # 2 AG + 2 RS overlapped in the backward
-            tp_layer = 1.5 * tp_fwd + max(hidden - bwd_l, 0.0) + kappa * min(hidden, bwd_l)
-        tp_time = L * tp_layer
-        p2p = 0.0
-        if pp > 1:
-            same_node = t * d * pp <= self.cluster.gpus_per_node
-            p2p = 2 * v * p2p_time(seq_bytes / t, self.cluster, same_node=same_node) / COLLECTIVE_EFFICIENCY
+        bwd_l = sum(self._sec(c, "backward", b, t) for c in CELLS) + pace.recompute / max(s.L, 1)
+        tp_time = s.L * self._tp_layer_seconds(s, tp_fwd, bwd_l)
+        p2p = self._p2p_seconds(s)
+        pcie = self.hardware.link("device", "host")
+        per_mb_dp = self._data_parallel_seconds(s, time, pace, pcie, fwd_l, bwd_l)
+        per_micro = pace.fwd + pace.bwd + pace.recompute + tp_time + p2p
+        time.compute = s.m * (pace.fwd + pace.bwd)
+        time.recompute = s.m * pace.recompute
+        if tp_time:
+            time.collectives["tp allgather+reducescatter"] = s.m * tp_time
+        if p2p:
+            time.collectives["pp send/recv"] = s.m * p2p
+        time.bubble = (s.pp - 1) / s.v * (per_micro + per_mb_dp) if s.pp > 1 else 0.0
+        self._optimizer_seconds(s, time, pace, pcie)
+        return time
 
-        # Data parallelism and offload, per layer: the network (DP collectives), PCIe (offloaded
-        # parameters up, gradient shards down) and the host (accumulating gradient shards) are
-        # three streams pipelined with the layer's compute; each layer exposes what its slowest
-        # stream does not hide, and every hidden second still costs kappa (SMs and HBM shared).
-        pcie = hw.link("device", "host")
+    def _tp_layer_seconds(self, s: _Layout, tp_fwd: float, bwd_l: float) -> float:
+        """Exposed TP + SP seconds of one layer and micro-batch (Megatron): forward 2 AG + 2 RS
+        on the critical path; backward 2 AG of the output gradients on the critical path, and
+        the re-gather of the inputs (2 AG) and the reduce-scatter of the input gradients (2 RS)
+        overlapped with the dgrad / wgrad GEMMs."""
+        if s.t > 1:
+            kappa = OVERLAP_INTERFERENCE
+            hidden = tp_fwd  # 2 AG + 2 RS overlapped in the backward
+            return 1.5 * tp_fwd + max(hidden - bwd_l, 0.0) + kappa * min(hidden, bwd_l)
+        return 0.0
+
+    def _p2p_seconds(self, s: _Layout) -> float:
+        """Pipeline send/recv seconds per micro-batch: forward activation and backward
+        gradient at each of the ``v`` virtual stage boundaries."""
+        if s.pp > 1:
+            same_node = s.t * s.d * s.pp <= self.cluster.gpus_per_node
+            return 2 * s.v * p2p_time(s.seq_bytes / s.t, self.cluster, same_node=same_node) / COLLECTIVE_EFFICIENCY
+        return 0.0
+
+    def _host_share(self) -> float:
+        """Host DRAM bandwidth one GPU's optimizer and gradient accumulation can count on."""
+        return self.hardware.host.dram_bandwidth * HOST_EFFICIENCY / self.cluster.gpus_per_node
+
+    def _overlap_window(
+        self, pcie: Link, net: float, up: float, down: float, host: float, compute: float
+    ) -> float:
+        """Seconds one layer exposes when its network, PCIe and host streams run beside
+        ``compute``: what the slowest stream does not hide, plus the interference of the
+        hidden network traffic (SMs and HBM shared)."""
+        both = up > 0 and down > 0
+        bw = pcie.bandwidth_both_ways() if both else pcie.bandwidth
+        link = (max(up, down) / bw) if (up or down) else 0.0
+        busy = max(net, link, host)
+        return max(busy - compute, 0.0) + OVERLAP_INTERFERENCE * min(net, compute)
+
+    def _data_parallel_seconds(
+        self, s: _Layout, time: TimeBreakdown, pace: _StageCost, pcie: Link,
+        fwd_l: float, bwd_l: float,
+    ) -> float:  # fmt: skip
+        """Record the exposed DP collectives of the step in ``time.collectives`` and return the
+        exposed DP / offload seconds per micro-batch (which the pipeline bubble repeats).
+
+        Per layer, the network (DP collectives), PCIe (offloaded parameters up, gradient shards
+        down) and the host (accumulating gradient shards) are three streams pipelined with the
+        layer's compute. ZeRO-0/1 reduce whole gradients once per step instead.
+        """
+        prof, d, t, zero, L = self.profile, s.d, s.t, s.zero, s.L
+        pb = prof.param_bytes
+        kappa = OVERLAP_INTERFERENCE
         layer_bytes = prof.layer_params * pb / t  # one layer's unsharded bf16 weights (or grads)
         layer_shard = layer_bytes / d if zero >= 1 else layer_bytes
-        host_share = hw.host.dram_bandwidth * HOST_EFFICIENCY / self.cluster.gpus_per_node
-
-        def window(net: float, up: float, down: float, host: float, compute: float) -> float:
-            both = up > 0 and down > 0
-            bw = pcie.bandwidth_both_ways() if both else pcie.bandwidth
-            link = (max(up, down) / bw) if (up or down) else 0.0
-            busy = max(net, link, host)
-            return max(busy - compute, 0.0) + kappa * min(net, compute)
-
-        shard = n_params / (d if zero >= 1 else 1)
-        grad_bytes = n_params * pb
+        grad_bytes = pace.n_params * pb
         layers_here = max(L, 1)
-        per_mb_dp = 0.0  # exposed DP / offload seconds per micro-batch
-        grads_streamed = offload_optimizer and zero >= 2
-        host_acc = layer_shard / pb * HOST_GRAD_ACC_BYTES / host_share if grads_streamed else 0.0
-        down = layer_shard if grads_streamed else 0.0
+        per_mb_dp = 0.0
+        host_acc = layer_shard / pb * HOST_GRAD_ACC_BYTES / self._host_share() if s.grads_streamed else 0.0
+        down = layer_shard if s.grads_streamed else 0.0
         if d > 1 and zero == 3:
             ag_l = self._coll("all_gather", layer_bytes, d, t)
             rs_l = self._coll("reduce_scatter", layer_bytes, d, t)
-            up = layer_shard if offload_params else 0.0
-            per_mb_dp = (L * (window(ag_l, up, 0.0, 0.0, fwd_l)
-                              + window(ag_l + rs_l, up, down, host_acc, bwd_l))
+            up = layer_shard if s.offload_params else 0.0
+            per_mb_dp = (L * (self._overlap_window(pcie, ag_l, up, 0.0, 0.0, fwd_l)
+                              + self._overlap_window(pcie, ag_l + rs_l, up, down, host_acc, bwd_l))
                          + ag_l)  # the first layer's gather: nothing to hide it behind
-            time.collectives["zero3 allgather+reducescatter"] = m * per_mb_dp
+            time.collectives["zero3 allgather+reducescatter"] = s.m * per_mb_dp
         elif d > 1 and zero == 2:
             rs_l = self._coll("reduce_scatter", layer_bytes, d, t)
-            per_mb_dp = L * window(rs_l, 0.0, down, host_acc, bwd_l) + rs_l  # the last layer's
-            time.collectives["dp reducescatter"] = m * per_mb_dp
+            # the last layer's reduce-scatter: nothing left to hide it behind
+            per_mb_dp = L * self._overlap_window(pcie, rs_l, 0.0, down, host_acc, bwd_l) + rs_l
+            time.collectives["dp reducescatter"] = s.m * per_mb_dp
         elif d > 1:  # stages 0 and 1: gradients accumulate whole, one reduction per step
             kind = "all_reduce" if zero == 0 else "reduce_scatter"
             comm = self._coll(kind, grad_bytes, d, t)
-            exposed = max(comm - bwd, comm / layers_here) + kappa * min(comm, bwd)
+            exposed = max(comm - pace.bwd, comm / layers_here) + kappa * min(comm, pace.bwd)
             time.collectives[f"dp {kind.replace('_', '')}"] = exposed
         if d > 1 and zero in (1, 2):  # the updated parameters come back before the next forward
             ag = self._coll("all_gather", grad_bytes, d, t)
-            time.collectives["dp allgather"] = max(ag - fwd, ag / layers_here) + kappa * min(ag, fwd)
-        per_micro = fwd + bwd + recompute + tp_time + p2p
-        time.compute = m * (fwd + bwd)
-        time.recompute = m * recompute
-        if tp_time:
-            time.collectives["tp allgather+reducescatter"] = m * tp_time
-        if p2p:
-            time.collectives["pp send/recv"] = m * p2p
-        time.bubble = (pp - 1) / v * (per_micro + per_mb_dp) if pp > 1 else 0.0
+            time.collectives["dp allgather"] = max(ag - pace.fwd, ag / layers_here) + kappa * min(ag, pace.fwd)
+        return per_mb_dp
 
-        # Optimizer step on this device's shard.
-        if offload_optimizer:
-            if not grads_streamed:  # stages 0-1: the reduced gradient shard goes down once
+    def _optimizer_seconds(self, s: _Layout, time: TimeBreakdown, pace: _StageCost, pcie: Link) -> None:
+        """Record the optimizer step on this device's shard in ``time``: CPU Adam over the host's
+        DRAM when offloaded (plus the PCIe transfers it exposes), else over HBM."""
+        dev, pb = self.hardware.device, self.profile.param_bytes
+        shard = s.shard(pace.n_params)
+        if s.offload_optimizer:
+            if not s.grads_streamed:  # stages 0-1: the reduced gradient shard goes down once
                 time.exposed_transfers += shard * pb / pcie.bandwidth
-            if not offload_params:  # the updated bf16 parameters come back up
+            if not s.offload_params:  # the updated bf16 parameters come back up
                 time.exposed_transfers += shard * pb / pcie.bandwidth
-            time.optimizer = shard * CPU_ADAM_BYTES / host_share
+            time.optimizer = shard * CPU_ADAM_BYTES / self._host_share()
         else:
             time.optimizer = shard * CPU_ADAM_BYTES / (dev.memory_bandwidth * dev.memory_efficiency)
-        if offload_optimizer or offload_params:
-            host_need = self.cluster.gpus_per_node * (
-                (shard * ADAM_K if offload_optimizer else 0) + (n_params / d * pb if offload_params else 0))
-            if host_need > 0.9 * hw.host.dram_bytes:
-                self._reject("offloaded state exceeds host memory")
-                return None
 
+    def _offload_fits_host(self, s: _Layout, n_params: float) -> bool:
+        """Whether the state offloaded by every GPU of a server fits in 90% of its host
+        memory; counts the rejection when not."""
+        if s.offload_optimizer or s.offload_params:
+            pb = self.profile.param_bytes
+            host_need = self.cluster.gpus_per_node * (
+                (s.shard(n_params) * ADAM_K if s.offload_optimizer else 0)
+                + (n_params / s.d * pb if s.offload_params else 0))  # fmt: skip
+            if host_need > 0.9 * self.hardware.host.dram_bytes:
+                self._reject("offloaded state exceeds host memory")
+                return False
+        return True
+
+    # -- the plan ----------------------------------------------------------------------------
+
+    def _model_flops(self) -> float:
+        """FLOPs of one step's forward and backward over the whole model (no recompute)."""
+        prof = self.profile
+        return self.global_batch * (
+            prof.num_layers * sum(c.forward.total_flops + c.backward.total_flops for c in prof.cells.values())
+            + sum(x.forward.total_flops + x.backward.total_flops for x in (prof.pre, prof.post)))  # fmt: skip
+
+    def _plan(
+        self, s: _Layout, stages: list[_StageCost], memory: MemoryBreakdown, time: TimeBreakdown
+    ) -> ParallelPlan:
+        """The priced plan: its configuration, breakdowns, throughput and MFU."""
+        prof, dev = self.profile, self.hardware.device
         step = time.total
         tokens = self.global_batch * prof.seq_len
-        model_flops = self.global_batch * (
-            prof.num_layers * sum(c.forward.total_flops + c.backward.total_flops for c in prof.cells.values())
-            + sum(x.forward.total_flops + x.backward.total_flops for x in (prof.pre, prof.post)))
-        peak = dev.peak("bfloat16" if pb == 2 else "float32")
+        model_flops = self._model_flops()
+        peak = dev.peak("bfloat16" if prof.param_bytes == 2 else "float32")
+        mix = stages[0].mix  # the first stage's choice: where activations bind
+        recompute_by_stage = {r.name: dict(sorted(r.mix.items())) for r in stages}
         config = dict(
-            dp=d, tp=t, pp=pp, zero=zero, micro_batch=b, num_micro=m, schedule=schedule,
-            virtual=v, recompute=dict(sorted(mix.items())), recompute_by_stage=recompute_by_stage, offload_optimizer=offload_optimizer,
-            offload_params=offload_params, sequence_parallel=t > 1, global_batch=self.global_batch,
+            dp=s.d, tp=s.t, pp=s.pp, zero=s.zero, micro_batch=s.b, num_micro=s.m,
+            schedule=s.schedule, virtual=s.v, recompute=dict(sorted(mix.items())),
+            recompute_by_stage=recompute_by_stage, offload_optimizer=s.offload_optimizer,
+            offload_params=s.offload_params, sequence_parallel=s.t > 1,
+            global_batch=self.global_batch,
         )  # fmt: skip
         return ParallelPlan(
-            mode="train", config=config, memory=mem, time=time, capacity=self.capacity,
+            mode="train", config=config, memory=memory, time=time, capacity=self.capacity,
             metrics={"tokens_per_s": tokens / step, "mfu": model_flops / (step * self.gpus * peak),
                      "step_s": step},
         )  # fmt: skip

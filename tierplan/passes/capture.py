@@ -184,6 +184,59 @@ def capture(
     forces it (meta tensors become fake tensors on ``fake_device``). Tracing never runs a kernel
     either way. Raises CaptureError when the model cannot be traced.
     """
+    flat = _flatten_call(model, example_inputs, example_kwargs)
+    fake = _check_capturable(model, flat, training=training, fake=fake)
+    trace_inputs = _trace_inputs(flat, _tensor_converter(flat, fake, fake_device), training)
+    recorder = AotRecorder(compiled=_stop_running)
+    compiled = aot_function(
+        _flat_function(model, flat, training),
+        fw_compiler=recorder.fw_compiler,
+        bw_compiler=recorder.bw_compiler,
+        partition_fn=recorder.partition_fn,
+        inference_compiler=recorder.inference_compiler,
+        num_params_buffers=len(flat.params) + len(flat.buffers),
+        keep_inference_input_mutations=True,
+        # Logging pretty-prints every graph (several seconds on a 20k-node joint graph) even when
+        # no log handler is listening.
+        enable_log=False,
+    )
+    seconds = _run_trace(model, compiled, trace_inputs, training)
+    gm = _recorded_graph(recorder, training, type(model).__name__)
+    _use_flat_calling_convention(gm)
+    signature = _capture_signature(gm, recorder, flat, training)
+    graph = annotate_graph(gm, signature, name=name or type(model).__name__)
+    graph.meta["training"] = training
+    graph.meta["capture_seconds"] = round(seconds, 3)
+    return Captured(
+        graph=graph,
+        joint=gm,
+        training=training,
+        inputs=signature.inputs,
+        forward=recorder.forward if training else gm,
+        backward=recorder.backward,
+        seconds=seconds,
+    )
+
+
+@dataclass
+class _FlatCall:
+    """A model call flattened the way the traced function takes it: parameters, buffers, then
+    the tensor leaves of ``(args, kwargs)``."""
+
+    params: dict[str, torch.Tensor]  # by qualified name; tied weights appear once
+    buffers: dict[str, torch.Tensor]
+    leaves: list[Any]  # every leaf of (args, kwargs), tensors or not
+    spec: pytree.TreeSpec  # rebuilds (args, kwargs) from ``leaves``
+    tensor_pos: list[int]  # positions of the tensor leaves in ``leaves``
+    user_tensors: list[torch.Tensor]  # the tensor leaves, in order
+
+    @property
+    def all_tensors(self) -> list[torch.Tensor]:
+        return [*self.params.values(), *self.buffers.values(), *self.user_tensors]
+
+
+def _flatten_call(model: nn.Module, example_inputs: Any, example_kwargs: dict[str, Any] | None) -> _FlatCall:
+    """The model's state and the call's arguments, flattened."""
     args = _as_args(example_inputs)
     kwargs = dict(example_kwargs or {})
     params = dict(model.named_parameters())  # tied weights appear once
@@ -191,8 +244,14 @@ def capture(
     flat_user, user_spec = pytree.tree_flatten((args, kwargs))
     tensor_pos = [i for i, x in enumerate(flat_user) if isinstance(x, torch.Tensor)]
     user_tensors = [flat_user[i] for i in tensor_pos]
+    return _FlatCall(params, buffers, flat_user, user_spec, tensor_pos, user_tensors)
 
-    all_tensors = [*params.values(), *buffers.values(), *user_tensors]
+
+def _check_capturable(model: nn.Module, flat: _FlatCall, *, training: bool, fake: bool | None) -> bool:
+    """Whether to trace on fake tensors (``fake=None`` decides from the tensors); raises
+    CaptureError for a meta model traced for real, or a training capture with nothing to
+    differentiate."""
+    all_tensors = flat.all_tensors
     on_meta = any(t.device.type == "meta" for t in all_tensors)
     if fake is None:
         fake = on_meta or any(isinstance(t, FakeTensor) for t in all_tensors)
@@ -201,55 +260,71 @@ def capture(
             f"{type(model).__name__} has tensors on the meta device, which hold no data: capture "
             f"it with fake=True (or fake=None), or build it on a real device"
         )
-    if training and not any(p.requires_grad for p in params.values()):
+    if training and not any(p.requires_grad for p in flat.params.values()):
         raise CaptureError(
             f"{type(model).__name__} has no parameter with requires_grad=True, so there is no "
             f"backward to capture; use capture(..., training=False) for inference"
         )
+    return fake
 
-    if fake:
-        mode = _existing_fake_mode(all_tensors) or FakeTensorMode()
-        fakes: dict[int, torch.Tensor] = {}
 
-        def convert(t: torch.Tensor) -> torch.Tensor:
-            # One fake per distinct tensor, so a tensor passed twice still shares one storage.
-            if id(t) not in fakes:
-                fakes[id(t)] = _to_fake(t, mode, fake_device)
-            return fakes[id(t)]
-    else:
-        convert = lambda t: t  # noqa: E731  (AOTAutograd fakifies real tensors itself)
-    flat_params = [_with_grad(convert(p), training and p.requires_grad) for p in params.values()]
-    flat_buffers = [_with_grad(convert(b), False) for b in buffers.values()]
-    flat_inputs = [_with_grad(convert(t), training and t.requires_grad) for t in user_tensors]
-    n_params, n_buffers = len(flat_params), len(flat_buffers)
-    param_names, buffer_names = list(params), list(buffers)
+def _tensor_converter(
+    flat: _FlatCall, fake: bool, fake_device: str
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """What each tensor is handed to AOTAutograd as: a fake twin (one per distinct tensor, in
+    the fake mode the tensors already use, if any) or, traced for real, the tensor itself."""
+    if not fake:
+        return lambda t: t  # AOTAutograd fakifies real tensors itself
+    mode = _existing_fake_mode(flat.all_tensors) or FakeTensorMode()
+    fakes: dict[int, torch.Tensor] = {}
 
-    def flat_fn(*flat: torch.Tensor) -> Any:
-        state = dict(zip(param_names, flat[:n_params]))
-        state.update(zip(buffer_names, flat[n_params : n_params + n_buffers]))
-        leaves = list(flat_user)
-        for pos, t in zip(tensor_pos, flat[n_params + n_buffers :]):
+    def convert(t: torch.Tensor) -> torch.Tensor:
+        # One fake per distinct tensor, so a tensor passed twice still shares one storage.
+        if id(t) not in fakes:
+            fakes[id(t)] = _to_fake(t, mode, fake_device)
+        return fakes[id(t)]
+
+    return convert
+
+
+def _trace_inputs(
+    flat: _FlatCall, convert: Callable[[torch.Tensor], torch.Tensor], training: bool
+) -> list[torch.Tensor]:
+    """The flat inputs of the traced function, converted, requiring grad where the backward
+    differentiates them (never buffers; nothing for inference)."""
+    flat_params = [_with_grad(convert(p), training and p.requires_grad) for p in flat.params.values()]
+    flat_buffers = [_with_grad(convert(b), False) for b in flat.buffers.values()]
+    flat_inputs = [_with_grad(convert(t), training and t.requires_grad) for t in flat.user_tensors]
+    return [*flat_params, *flat_buffers, *flat_inputs]
+
+
+def _flat_function(model: nn.Module, flat: _FlatCall, training: bool) -> Callable[..., Any]:
+    """The model as a function of flat tensors (parameters, buffers, user tensors) returning
+    the loss (training) or the model's tensor outputs (inference), as AOTAutograd traces it."""
+    param_names, buffer_names = list(flat.params), list(flat.buffers)
+    n_params, n_buffers = len(param_names), len(buffer_names)
+
+    def flat_fn(*tensors: torch.Tensor) -> Any:
+        state = dict(zip(param_names, tensors[:n_params]))
+        state.update(zip(buffer_names, tensors[n_params : n_params + n_buffers]))
+        leaves = list(flat.leaves)
+        for pos, t in zip(flat.tensor_pos, tensors[n_params + n_buffers :]):
             leaves[pos] = t
-        call_args, call_kwargs = pytree.tree_unflatten(leaves, user_spec)
+        call_args, call_kwargs = pytree.tree_unflatten(leaves, flat.spec)
         out = torch.func.functional_call(model, state, tuple(call_args), call_kwargs)
         if training:
             return _loss_of(out, type(model).__name__)
         # Non-tensor leaves (None, ints, cache objects) are not graph values.
         return tuple(x for x in pytree.tree_leaves(out) if isinstance(x, torch.Tensor))
 
-    recorder = AotRecorder(compiled=_stop_running)
-    compiled = aot_function(
-        flat_fn,
-        fw_compiler=recorder.fw_compiler,
-        bw_compiler=recorder.bw_compiler,
-        partition_fn=recorder.partition_fn,
-        inference_compiler=recorder.inference_compiler,
-        num_params_buffers=n_params + n_buffers,
-        keep_inference_input_mutations=True,
-        # Logging pretty-prints every graph (several seconds on a 20k-node joint graph) even when
-        # no log handler is listening.
-        enable_log=False,
-    )
+    return flat_fn
+
+
+def _run_trace(
+    model: nn.Module, compiled: Callable[..., Any], inputs: list[torch.Tensor], training: bool
+) -> float:
+    """Call the AOT-wrapped function once so that the recorder receives its graphs; returns
+    the wall time of the trace. Tracer failures become CaptureErrors naming the module."""
     modules = _ModuleStack(model)
     start = time.perf_counter()
     try:
@@ -262,7 +337,7 @@ def capture(
             stack.enter_context(modules.installed())
             if not training:
                 stack.enter_context(torch.no_grad())
-            compiled(*flat_params, *flat_buffers, *flat_inputs)
+            compiled(*inputs)
     except _TraceDone:
         pass
     except CaptureError:
@@ -271,49 +346,52 @@ def capture(
         raise _capture_error(
             exc, modules.failed_in, modules.type_of(modules.failed_in), type(model).__name__
         ) from exc
-    seconds = time.perf_counter() - start
+    return time.perf_counter() - start
 
+
+def _recorded_graph(recorder: AotRecorder, training: bool, model_name: str) -> torch.fx.GraphModule:
+    """The joint (training) or inference graph AOTAutograd handed the recorder."""
     gm = recorder.joint if training else recorder.inference
     if gm is None:
         raise CaptureError(
             f"AOTAutograd produced no {'joint' if training else 'inference'} graph for "
-            f"{type(model).__name__}: "
+            f"{model_name}: "
             + (
                 "the loss does not depend on any parameter that requires grad"
                 if training
                 else "no output of the model is a tensor"
             )
         )
-    _use_flat_calling_convention(gm)
+    return gm
 
-    n_user = len(user_tensors)
-    user_paths = [_leaf_path(user_spec, pos) for pos in tensor_pos]
+
+def _capture_signature(
+    gm: torch.fx.GraphModule, recorder: AotRecorder, flat: _FlatCall, training: bool
+) -> GraphSignature:
+    """What each placeholder and output of ``gm`` is, and (training) the phase of each op as
+    AOTAutograd's partition assigned it."""
+    user_paths = [_leaf_path(flat.spec, pos) for pos in flat.tensor_pos]
     specs = _input_specs(
-        gm, param_names, buffer_names, user_paths, n_user, n_params, n_buffers
+        gm, list(flat.params), list(flat.buffers), user_paths, len(flat.user_tensors),
+        len(flat.params), len(flat.buffers),
     )
     outputs = _output_specs(gm, recorder.num_fwd_outputs if training else None, specs)
     phases: dict[str, Phase] = {}
     if training:
         assert recorder.forward is not None
         fw_names = {n.name for n in recorder.forward.graph.nodes if n.op == "call_function"}
-        phases = {
-            n.name: Phase.FORWARD if n.name in fw_names else Phase.BACKWARD
-            for n in gm.graph.nodes
-            if n.op == "call_function"
-        }
-    signature = GraphSignature(inputs=specs, outputs=outputs, phases=phases)
-    graph = annotate_graph(gm, signature, name=name or type(model).__name__)
-    graph.meta["training"] = training
-    graph.meta["capture_seconds"] = round(seconds, 3)
-    return Captured(
-        graph=graph,
-        joint=gm,
-        training=training,
-        inputs=specs,
-        forward=recorder.forward if training else gm,
-        backward=recorder.backward,
-        seconds=seconds,
-    )
+        phases = _phases(gm, fw_names)
+    return GraphSignature(inputs=specs, outputs=outputs, phases=phases)
+
+
+def _phases(gm: torch.fx.GraphModule, forward_names: set[str]) -> dict[str, Phase]:
+    """FORWARD for the ops of ``gm`` the forward partition contains, BACKWARD for the rest
+    (the partitions share the joint graph's node names)."""
+    return {
+        n.name: Phase.FORWARD if n.name in forward_names else Phase.BACKWARD
+        for n in gm.graph.nodes
+        if n.op == "call_function"
+    }
 
 
 def annotate_aot_joint(
@@ -346,11 +424,7 @@ def annotate_aot_joint(
     outputs = _output_specs(gm, num_fwd_outputs, specs)
     phases: dict[str, Phase] = {}
     if forward_names is not None:
-        phases = {
-            n.name: Phase.FORWARD if n.name in forward_names else Phase.BACKWARD
-            for n in gm.graph.nodes
-            if n.op == "call_function"
-        }
+        phases = _phases(gm, forward_names)
     graph = annotate_graph(gm, GraphSignature(inputs=specs, outputs=outputs, phases=phases), name=name)
     graph.meta["training"] = forward_names is not None
     return graph, specs
