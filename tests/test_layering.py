@@ -33,6 +33,7 @@ LAYERS: dict[str, int] = {
     "tierplan.passes.capture": 4,  # a front end: it runs the model; solvers take graphs
     "tierplan.api": 5,
     "tierplan.compile": 5,
+    "tierplan.dynamo_backend": 5,
     "tierplan.cli": 5,
     "tierplan.zoo": 5,
     "tierplan.profiling": 5,

@@ -5,8 +5,9 @@
     tierplan.validate(plan)
 """
 from tierplan.api import plan, plan_graph
-from tierplan.compile import backend, compile
+from tierplan.compile import compile
 from tierplan.cost_models.hardware import Hardware, HardwareError, load_hardware
+from tierplan.dynamo_backend import backend
 from tierplan.ir import Graph
 from tierplan.passes.capture import CaptureError, capture
 from tierplan.plans.plan import InfeasibleBudget, Plan, PlanError

@@ -12,8 +12,9 @@ from tierplan.passes.blocks import detect_blocks
 from tierplan.passes.capture import capture
 from tierplan.passes.liveness import liveness
 from tierplan.placement.pricing import machine_pricing
-from tierplan.plans.plan import Plan, PlanError
+from tierplan.placement.reuse import plan_by_decisions
 from tierplan.placement.solve import solve
+from tierplan.plans.plan import InfeasibleBudget, Plan, PlanError
 from tierplan.units import format_bytes, parse_bytes
 
 Budget = int | float | str | None
@@ -60,6 +61,54 @@ def plan_graph(
     live = liveness(graph)
     budget = resolve_budget(memory_budget, keep_all_peak=live.peak, device_bytes=pricing.budget, hardware=hw.name)
     return solve(graph, pricing.with_budget(budget), time_limit_s=time_limit, live=live)
+
+
+def plan_graph_or_smallest(
+    graph: Graph,
+    *,
+    hardware: str | Path | Hardware,
+    memory_budget: Budget,
+    training: bool,
+    tiers: Sequence[str],
+    time_limit: float | None,
+) -> tuple[Plan, str]:
+    """``plan_graph``, except that a fractional budget the graph cannot meet plans it at the
+    smallest budget the planner can meet; the note (else "") says so.
+
+    A fraction is relative to each graph's keep-all peak, and a small graph (the loss after a
+    graph break; a new, smaller shape of a compiled model) may have little to move: the caller
+    asked for "this share of whatever it needs", so the nearest plan is better than a failure in
+    the middle of a run. A budget in bytes is a hard limit and stays an error.
+    """
+    kw = dict(hardware=hardware, training=training, tiers=tiers, time_limit=time_limit)
+    try:
+        return plan_graph(graph, memory_budget=memory_budget, **kw), ""
+    except InfeasibleBudget as exc:
+        if not isinstance(memory_budget, float) or exc.min_feasible_bytes is None:
+            raise
+        note = (f"memory_budget={memory_budget} ({format_bytes(exc.budget_bytes)}) is infeasible "
+                f"for {graph.name}; planned at the smallest feasible budget, "
+                f"{format_bytes(exc.min_feasible_bytes)}")
+        return plan_graph(graph, memory_budget=exc.min_feasible_bytes, **kw), note
+
+
+def plan_graph_like(
+    graph: Graph,
+    previous: Plan,
+    *,
+    hardware: str | Path | Hardware,
+    tiers: Sequence[str] = ("host",),
+    source: str,
+) -> Plan | None:
+    """Plan ``graph`` (the model of ``previous`` at other, no larger shapes) by the decisions of
+    ``previous``, within its budget in bytes and without a search; None where that plan does not
+    fit (plan it with ``plan_graph`` then). ``source`` names ``previous`` in the plan's method."""
+    hw = hardware if isinstance(hardware, Hardware) else load_hardware(hardware)
+    if not graph.blocks:
+        graph = detect_blocks(graph)
+    pricing = machine_pricing(graph, hw, tiers=tiers, training=previous.training)
+    return plan_by_decisions(graph, pricing.with_budget(previous.budget_bytes), previous.decisions,
+                             source=source, live=liveness(graph))
 
 def resolve_budget(budget: Budget, *, keep_all_peak: int, device_bytes: int, hardware: str) -> int:
     """The device budget in bytes; see ``plan`` for the forms it accepts."""

@@ -1,24 +1,31 @@
 """``tierplan.compile``: capture, plan, emit and load a model as a drop-in ``nn.Module``.
 
     compiled = tierplan.compile(model, (x,), example_kwargs={"labels": y}, memory_budget=0.75)
-    loss = compiled(x, labels=y); loss.backward(); opt.step()
+    out = compiled(x, labels=y); out.loss.backward(); opt.step()     # out.logits as in eager
 
 Training runs the plan of the JOINT forward+backward graph in one generated function,
-``step(ctx, *flat_inputs) -> (loss, *grads)``: the planner decided over the whole step, so one
-straight-line program is the faithful rendering of it (a split into a forward and a backward
-program would add a boundary the plan does not have). The module's forward runs that program
-inside a ``torch.autograd.Function`` and returns the loss; its backward hands the precomputed
-gradients (scaled by the incoming gradient, 1 for ``loss.backward()``) to the parameters, so they
-land in ``.grad`` as in eager mode and any ``torch.optim`` optimizer works unchanged. The cost is
-that gradients exist from the forward call on, which the plan already accounts for (they are
-outputs of the step it planned).
+``step(ctx, *flat_inputs) -> (loss, *other outputs, *grads)``: the planner decided over the whole
+step, so one straight-line program is the faithful rendering of it (a split into a forward and a
+backward program would add a boundary the plan does not have). The module's forward runs that
+program inside a ``torch.autograd.Function`` and returns what the model returns (its
+``ModelOutput``, tuple, dict or loss), rebuilt from the program's outputs; its backward hands the
+precomputed gradients (scaled by the incoming gradient, 1 for ``loss.backward()``) to the
+parameters, so they land in ``.grad`` as in eager mode and any ``torch.optim`` optimizer works
+unchanged. The cost is that gradients exist from the forward call on, which the plan already
+accounts for (they are outputs of the step it planned).
 
-``backend`` plugs the planner and the emitter into ``torch.compile`` (see its docstring): there the
-plan of each joint graph is split at the first step that needs the backward's inputs.
+A call is planned for its signature: whether it is a training step (compiled for training, and
+grad enabled), the module's train/eval mode, and the shapes and dtypes of its tensors. A call with
+a new signature is captured and planned on first sight (``Specialization``), with a warning, up to
+``recompile_limit`` signatures, as torch.compile re-specializes. ``dynamic=True`` plans a model once
+at its largest shape: a call whose every tensor is no larger than a planned one runs under that
+plan's decisions, re-timed for its shapes, without a new search.
+
+``tierplan.backend`` (``tierplan.dynamo_backend``) plugs the same planner and emitter into
+``torch.compile``.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import shutil
 import tempfile
@@ -32,65 +39,202 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from tierplan.api import Budget, plan_graph
+from tierplan.api import Budget, plan_graph, plan_graph_like, plan_graph_or_smallest
 from tierplan.codegen.emit import Program, emit, load
-from tierplan.codegen.runtime import (
-    Context,
-    Runtime,
-    SplitRun,
-    TierplanRuntimeError,
-    run_step,
-    shutdown_workers,
-)
+from tierplan.codegen.runtime import Context, Runtime, run_step
 from tierplan.cost_models.hardware import Hardware
 from tierplan.ir import TensorKind
-from tierplan.passes.capture import Captured, CaptureError, annotate_aot_joint, capture
-from tierplan.plans.plan import InfeasibleBudget, Plan
+from tierplan.passes.capture import Captured, CaptureError, capture
+from tierplan.plans.plan import Plan
 from tierplan.plans.validate import validate
-from tierplan.units import format_bytes
+
+# As torch._dynamo.config.recompile_limit: signatures planned per compiled module before a call
+# with yet another one is refused.
+DEFAULT_RECOMPILE_LIMIT = 8
+
+
+class RecompileLimitExceeded(RuntimeError):
+    """A call brought a new input signature after ``recompile_limit`` were planned."""
+
+
+@dataclass(frozen=True)
+class Signature:
+    """What a plan is specific to: the kind of step, the module's mode and the call's tensors."""
+
+    training: bool  # a training step (forward and backward), else an inference run
+    module_training: bool  # model.training: dropout and batch-norm trace differently
+    structure: str  # the call's argument tree and its non-tensor values
+    shapes: tuple[tuple[int, ...], ...]
+    dtypes: tuple[str, ...]
+
+    @staticmethod
+    def of(args: tuple[Any, ...], kwargs: dict[str, Any], *, training: bool, module_training: bool) -> Signature:
+        leaves, spec = pytree.tree_flatten((args, kwargs))
+        tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
+        values = [repr(x) for x in leaves if not isinstance(x, torch.Tensor)]
+        return Signature(
+            training=training, module_training=module_training, structure=f"{spec}|{values}",
+            shapes=tuple(tuple(t.shape) for t in tensors),
+            dtypes=tuple(str(t.dtype).removeprefix("torch.") for t in tensors),
+        )
+
+    def covers(self, other: Signature) -> bool:
+        """Whether ``other`` is the same call with every tensor no larger in any dimension."""
+        same = (self.training, self.module_training, self.structure, self.dtypes) == (
+            other.training, other.module_training, other.structure, other.dtypes)
+        return same and len(self.shapes) == len(other.shapes) and all(
+            len(a) == len(b) and all(x >= y for x, y in zip(a, b)) for a, b in zip(self.shapes, other.shapes))
+
+    def describe(self) -> str:
+        step = "training step" if self.training else "inference"
+        mode = "train()" if self.module_training else "eval()"
+        tensors = ", ".join(f"{d}{list(s)}" for s, d in zip(self.shapes, self.dtypes))
+        return f"{step}, module in {mode}, inputs {tensors}"
+
+
+@dataclass(frozen=True)
+class CompileSettings:
+    """The options of ``tierplan.compile``, kept to plan new signatures as they come."""
+
+    hardware: str | Path | Hardware
+    memory_budget: Budget
+    training: bool
+    tiers: tuple[str, ...]
+    time_limit: float | None
+    dynamic: bool
+    recompile_limit: int
+
+
+@dataclass
+class Specialization:
+    """One signature's capture, plan and loaded program."""
+
+    signature: Signature
+    captured: Captured
+    plan: Plan
+    program: Program
+    step: Callable[..., Any]
+    runtime: Runtime
+    source_path: Path
+
+    @property
+    def n_fwd(self) -> int:
+        """Outputs before the gradients (all of them for inference)."""
+        if not self.captured.training:
+            return len(self.program.outputs)
+        n_primals = sum(1 for s in self.captured.inputs if s.source != "tangent")
+        return len(self.program.outputs) - n_primals
+
+    def flat_inputs(self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
+                    device: torch.device) -> list[torch.Tensor]:
+        """Parameters, buffers, the call's tensors and the loss seed, in placeholder order.
+
+        Parameters are passed as themselves (not detached), so the autograd Function links the
+        gradients it returns to them.
+        """
+        params = dict(model.named_parameters())
+        buffers = dict(model.named_buffers())
+        leaves = [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
+        flat: list[torch.Tensor] = []
+        for spec in self.captured.inputs:
+            if spec.kind is TensorKind.PARAMETER:
+                t = params[spec.source]
+            elif spec.kind is TensorKind.BUFFER:
+                t = buffers[spec.source]
+            elif spec.source == "tangent":
+                t = torch.ones(spec.shape, dtype=getattr(torch, spec.dtype), device=device)
+            else:
+                if spec.index >= len(leaves):
+                    raise CaptureError(
+                        f"compiled {self.plan.graph.name} takes {spec.index + 1}+ input tensors "
+                        f"({spec.source} is one), the call passed {len(leaves)}"
+                    )
+                t = leaves[spec.index]
+            if tuple(t.shape) != tuple(spec.shape) or str(t.dtype).removeprefix("torch.") != spec.dtype:
+                raise CaptureError(
+                    f"input {spec.source} is {t.dtype}{list(t.shape)}, but this program of "
+                    f"{self.plan.graph.name} was planned for {spec.dtype}{list(spec.shape)}"
+                )
+            flat.append(t)
+        return flat
+
+    def user_outputs(self, outs: Sequence[Any], device: torch.device) -> list[Any]:
+        """The outputs the model's return value is rebuilt from, outside the reused host pool."""
+        on_host = self.program.outputs_on_host
+        n = self.captured.layout.n_outputs if self.captured.layout is not None else self.n_fwd
+        # Outputs the plan leaves on the host are views of the reused host pool: copy them out.
+        return [o.to(device, copy=True) if on_host[i] and o is not None else o for i, o in enumerate(outs[:n])]
+
+    def rebuild(self, values: Sequence[Any]) -> Any:
+        layout = self.captured.layout
+        if layout is None:
+            return values[0] if len(values) == 1 else tuple(values)
+        return layout.rebuild(values)
 
 
 class CompiledModule(nn.Module):
     """A model whose every call runs a generated, planned program.
 
-    ``plan`` is the Plan it runs, ``source_path`` the generated Python file (open it to read
-    what runs), ``program`` the rendered program. ``model`` is the wrapped module: its parameters
-    are this module's parameters, so optimizers, ``state_dict`` and ``.to`` see them.
-    Shapes and dtypes of the inputs are fixed by the example inputs it was compiled for.
+    ``plan``, ``program`` and ``source_path`` (the generated Python file: open it to read what
+    runs) are those of the latest call's signature; ``specializations`` has every signature
+    planned so far. ``model`` is the wrapped module: its parameters are this module's
+    parameters, so optimizers, ``state_dict``, ``.to``, ``train()`` and ``eval()`` reach them.
     """
 
-    def __init__(
-        self, model: nn.Module, captured: Captured, plan: Plan, program: Program,
-        step: Callable[..., Any], runtime: Runtime, source_path: Path, device: torch.device,
-    ) -> None:
+    def __init__(self, model: nn.Module, device: torch.device, settings: CompileSettings | None,
+                 *, training: bool, debug_dir: Path | None = None, arena: bool = False) -> None:
         super().__init__()
         self.model = model
-        self.plan = plan
-        self.program = program
-        self.source_path = source_path
-        self.training_step = captured.training
-        self._captured = captured
-        self._step = step
-        self._runtime = runtime
+        self._debug_dir, self._arena = debug_dir, arena
+        self.specializations: dict[Signature, Specialization] = {}
+        self._settings = settings
+        self._trains = training
         self._device = device
+        self._active: Specialization | None = None
+        self._last_run: Specialization | None = None
+        self._source_root: Path | None = None
         # Called as on_transfer(ctx, storage) after every transfer is issued (tracing, tests).
         self.on_transfer: Callable[[Context, str], None] | None = None
         self._held: list[_HeldGrads] = []
-        weakref.finalize(self, runtime.close)
-        n_primals = sum(1 for s in captured.inputs if s.source != "tangent")
-        self._n_fwd = len(program.outputs) - n_primals if captured.training else len(program.outputs)
+
+    # -- the latest signature's program ---------------------------------------------------------
+
+    @property
+    def active(self) -> Specialization:
+        assert self._active is not None, "a CompiledModule is made with its first specialization"
+        return self._active
+
+    @property
+    def plan(self) -> Plan:
+        return self.active.plan
+
+    @property
+    def program(self) -> Program:
+        return self.active.program
+
+    @property
+    def source_path(self) -> Path:
+        return self.active.source_path
+
+    @property
+    def training_step(self) -> bool:
+        return self.active.captured.training
+
+    @property
+    def _n_fwd(self) -> int:
+        return self.active.n_fwd
 
     @property
     def host_pool(self) -> torch.Tensor:
         """The preallocated host pool the program swaps into (not device memory)."""
-        return self._runtime.host_pool
+        return self.active.runtime.host_pool
 
     @property
     def arena(self) -> torch.Tensor | None:
         """The device arena of the latest call (compiled with ``arena=True``) while its gradients
         keep it alive, else None. Every call allocates its own arena of ``arena_bytes`` when it
         starts; ``program.arena`` says what lives where in it."""
-        storage = self._runtime.latest_arena()
+        storage = self.active.runtime.latest_arena()
         if storage is None:
             return None
         return torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
@@ -102,23 +246,39 @@ class CompiledModule(nn.Module):
     # -- running ------------------------------------------------------------------------------
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        flat = self.flat_inputs(args, kwargs)
-        if self.training_step:
-            return _PlannedStep.apply(self, *flat)
-        with torch.no_grad():
-            outs = self.run_flat([t.detach() for t in flat])
-            # Outputs the plan leaves on the host are views of the reused host pool: copy them out.
-            outs = [o.to(self._device, copy=True) if host else o
-                    for o, host in zip(outs, self.program.outputs_on_host)]
-        return outs[0] if len(outs) == 1 else tuple(outs)
+        spec = self.specialize(args, kwargs)
+        flat = spec.flat_inputs(self.model, args, kwargs, self._device)
+        if spec.captured.training:
+            values = _PlannedStep.apply(self, spec, *flat)
+        else:
+            with torch.no_grad():
+                values = spec.user_outputs(self.run_flat([t.detach() for t in flat], spec), self._device)
+        return spec.rebuild(values)
 
-    def run_flat(self, flat: Sequence[torch.Tensor]) -> list[Any]:
-        """Run the program once on its flat inputs (the placeholders of the captured graph)."""
+    def specialize(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Specialization:
+        """The program for this call's signature, planned now if it is new."""
+        if self._settings is None:
+            return self.active  # one given plan: flat_inputs checks the call against it
+        signature = Signature.of(args, kwargs, training=self._trains and torch.is_grad_enabled(),
+                                 module_training=self.model.training)
+        spec = self.specializations.get(signature)
+        if spec is None:
+            spec = self._plan_new(signature, args, kwargs)
+        self._active = spec
+        return spec
+
+    def flat_inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[torch.Tensor]:
+        """The flat inputs of this call's program (see ``Specialization.flat_inputs``)."""
+        return self.specialize(args, kwargs).flat_inputs(self.model, args, kwargs, self._device)
+
+    def run_flat(self, flat: Sequence[torch.Tensor], spec: Specialization | None = None) -> list[Any]:
+        """Run the program of ``spec`` (the latest signature's) once on its flat inputs."""
+        spec = spec or self.active
         # The host pool is about to be reused: gradients of earlier runs still in it move out.
         # Gradients that are views of an earlier run's arena (a forward whose backward has not
         # run; ``.grad`` kept for gradient accumulation) move out of it too, so they keep their
         # own bytes alive, not a whole arena, while this run allocates its own.
-        arena = self._runtime.latest_arena()
+        arena = self._last_run.runtime.latest_arena() if self._last_run is not None else None
         for held in self._held:
             held.materialize(arena)
         self._held.clear()
@@ -127,50 +287,91 @@ class CompiledModule(nn.Module):
                 if p.grad is not None and p.grad.untyped_storage()._cdata == arena._cdata:
                     p.grad = p.grad.clone()
         del arena
-        ctx = Context(self._runtime, on_transfer=self.on_transfer)
-        outs = run_step(
-            self._step, ctx, list(flat), source_path=str(self.source_path),
-            line_steps=self.program.line_steps,
-        )
+        self._last_run = spec
+        ctx = Context(spec.runtime, on_transfer=self.on_transfer)
+        outs = run_step(spec.step, ctx, list(flat), source_path=str(spec.source_path),
+                        line_steps=spec.program.line_steps)
         return list(outs)
 
-    def flat_inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[torch.Tensor]:
-        """Parameters, buffers, the call's tensors and the loss seed, in placeholder order.
+    # -- planning -----------------------------------------------------------------------------
 
-        Parameters are passed as themselves (not detached), so the autograd Function links the
-        gradients it returns to them.
-        """
-        params = dict(self.model.named_parameters())
-        buffers = dict(self.model.named_buffers())
-        leaves = [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
-        flat: list[torch.Tensor] = []
-        for spec in self._captured.inputs:
-            if spec.kind is TensorKind.PARAMETER:
-                t = params[spec.source]
-            elif spec.kind is TensorKind.BUFFER:
-                t = buffers[spec.source]
-            elif spec.source == "tangent":
-                t = torch.ones(spec.shape, dtype=getattr(torch, spec.dtype), device=self._device)
-            else:
-                if spec.index >= len(leaves):
-                    raise CaptureError(
-                        f"compiled {self.plan.graph.name} takes {spec.index + 1}+ input tensors "
-                        f"({spec.source} is one), the call passed {len(leaves)}"
-                    )
-                t = leaves[spec.index]
-            if tuple(t.shape) != tuple(spec.shape) or str(t.dtype).removeprefix("torch.") != spec.dtype:
-                raise CaptureError(
-                    f"input {spec.source} is {t.dtype}{list(t.shape)}, but {self.plan.graph.name} "
-                    f"was compiled for {spec.dtype}{list(spec.shape)}; compile again for new shapes"
-                )
-            flat.append(t)
-        return flat
+    def _plan_new(self, signature: Signature, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Specialization:
+        s = self._settings
+        name = type(self.model).__name__
+        assert s is not None, "a module of one given plan (compile_plan) plans nothing"
+        if len(self.specializations) >= s.recompile_limit:
+            raise RecompileLimitExceeded(
+                f"{name} has been planned for {len(self.specializations)} input signatures "
+                f"(recompile_limit={s.recompile_limit}) and the call is a new one, "
+                f"{signature.describe()}; pad inputs to a few shapes, compile with dynamic=True at "
+                f"the largest shape, or raise recompile_limit"
+            )
+        like = next((sp for sp in self.specializations.values() if sp.signature.covers(signature)),
+                    None) if s.dynamic else None
+        if self.specializations:
+            how = (f"reusing the decisions of the plan for {like.signature.describe()}" if like
+                   else f"{len(self.specializations) + 1} of recompile_limit={s.recompile_limit}")
+            warnings.warn(f"tierplan.compile: planning {name} for a new signature, "
+                          f"{signature.describe()} ({how})", stacklevel=3)
+        captured = capture(self.model, args, example_kwargs=kwargs, training=signature.training,
+                           keep_outputs=True)
+        plan = None
+        if like is not None:
+            plan = plan_graph_like(captured.graph, like.plan, hardware=s.hardware, tiers=s.tiers,
+                                   source=f"the plan for {like.signature.describe()}")
+        if plan is None and not self.specializations:
+            plan = plan_graph(captured.graph, hardware=s.hardware, memory_budget=s.memory_budget,
+                              training=signature.training, tiers=s.tiers, time_limit=s.time_limit)
+        elif plan is None:
+            # A later signature meets the budget as the backend's subgraphs do (see
+            # plan_graph_or_smallest); the first one, planned in compile(), stays strict.
+            plan, note = plan_graph_or_smallest(
+                captured.graph, hardware=s.hardware, memory_budget=s.memory_budget,
+                training=signature.training, tiers=s.tiers, time_limit=s.time_limit)
+            if note:
+                warnings.warn(f"tierplan.compile: {note}", stacklevel=3)
+        validate(plan)
+        return self.add(signature, captured, plan)
 
-    def split_outputs(self, outs: list[Any]) -> tuple[Any, list[Any], list[bool]]:
-        """(the loss, one gradient per primal input, whether each is in host memory the program
-        reuses) of a training step's outputs."""
-        on_host = self.program.outputs_on_host
-        return outs[self._n_fwd - 1], outs[self._n_fwd:], on_host[self._n_fwd:]
+    def add(self, signature: Signature, captured: Captured, plan: Plan) -> Specialization:
+        """Emit and load the program of ``plan`` and run calls of ``signature`` on it."""
+        debug_dir = self._debug_dir
+        program = emit(plan, captured.joint, title=f"{plan.graph.name}: {plan.method}", arena=self._arena)
+        runtime = Runtime(program.layout, self._device,
+                          swap_root=debug_dir / "swap" if debug_dir is not None else None)
+        weakref.finalize(self, runtime.close)
+        step, source_path = load_program(program, plan, self._device, self._sources(),
+                                          keep_plan=debug_dir is not None)
+        if self._device.type == "cuda" and program.offdevice_inputs:
+            # The plan keeps these caller-owned tensors (parameters, usually) off the device: they
+            # move to pinned host memory, and the program brings them to the GPU when it needs them.
+            named = {**dict(self.model.named_parameters()), **dict(self.model.named_buffers())}
+            for spec in captured.inputs:
+                if spec.name in program.offdevice_inputs and spec.source in named:
+                    t = named[spec.source]
+                    if t.device.type != "cpu":
+                        t.data = t.data.to("cpu").pin_memory()
+        spec = Specialization(signature, captured, plan, program, step, runtime, source_path)
+        self.specializations[signature] = spec
+        self._active = spec
+        return spec
+
+    def _sources(self) -> Path:
+        """Where generated programs go: ``debug_dir``, else a temporary directory removed with
+        the module."""
+        if self._debug_dir is not None:
+            return self._debug_dir
+        if self._source_root is None:
+            self._source_root = Path(tempfile.mkdtemp(prefix="tierplan-"))
+            weakref.finalize(self, shutil.rmtree, self._source_root, True)
+        return self._source_root
+
+    def split_outputs(self, spec: Specialization, outs: list[Any]) -> tuple[list[Any], list[Any], list[bool]]:
+        """(the user outputs, loss first; one gradient per primal input; whether each gradient is
+        in host memory the program reuses) of a training step's outputs."""
+        n_fwd = spec.n_fwd
+        return (spec.user_outputs(outs, self._device), outs[n_fwd:],
+                spec.program.outputs_on_host[n_fwd:])
 
 
 class _HeldGrads:
@@ -199,25 +400,28 @@ class _PlannedStep(torch.autograd.Function):
     """Forward runs the whole planned step; backward returns the gradients it computed."""
 
     @staticmethod
-    def forward(ctx: Any, module: CompiledModule, *flat: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        outs = module.run_flat([t.detach() for t in flat])
-        loss, grads, on_host = module.split_outputs(outs)
+    def forward(ctx: Any, module: CompiledModule, spec: Specialization,  # type: ignore[override]
+                *flat: torch.Tensor) -> tuple[Any, ...]:
+        outs = module.run_flat([t.detach() for t in flat], spec)
+        values, grads, on_host = module.split_outputs(spec, outs)
         # A gradient the plan left on the host is a view of the host pool: it is copied to where
         # its parameter lives in backward (outside the planned step, whose peak it is not part
         # of), or before the next run reuses the pool, whichever comes first.
         ctx.held = _HeldGrads(grads, [p.device for p in flat[: len(grads)]], on_host)
         module._held.append(ctx.held)
         ctx.n_tangents = len(flat) - len(grads)
-        return loss
+        # The loss is the root of the backward; the model's other outputs are values.
+        ctx.mark_non_differentiable(*(v for v in values[1:] if isinstance(v, torch.Tensor)))
+        return tuple(values)
 
     @staticmethod
-    def backward(ctx: Any, grad_loss: torch.Tensor) -> Any:  # type: ignore[override]
+    def backward(ctx: Any, grad_loss: torch.Tensor, *_: Any) -> Any:  # type: ignore[override]
         held, ctx.held = ctx.held, None
         grads = held.claim()
         # The program ran with a seed of 1 (loss.backward()); the gradient is linear in the seed.
         if not bool(torch.all(grad_loss == 1)):
             grads = [None if g is None else g * grad_loss for g in grads]
-        return (None, *grads, *([None] * ctx.n_tangents))
+        return (None, None, *grads, *([None] * ctx.n_tangents))
 
 
 def compile(  # noqa: A001 - the public name mirrors torch.compile
@@ -232,14 +436,31 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile
     time_limit: float | None = None,
     debug_dir: str | Path | None = None,
     arena: bool = False,
+    dynamic: bool = False,
+    recompile_limit: int = DEFAULT_RECOMPILE_LIMIT,
 ) -> CompiledModule:
     """Plan ``model`` under ``memory_budget`` and return a module that runs the plan.
 
+    The model is planned now for the example inputs, as the first call with them would be; a
+    call with other shapes, dtypes, train/eval mode or grad mode is planned on first sight (see
+    the module docstring), with a warning, up to ``recompile_limit`` signatures.
+    ``dynamic=True``: a call whose tensors are no larger than an already planned call's runs
+    that plan's decisions re-timed for its shapes, within the same budget in bytes, without a
+    new search (compile at the largest shape, and smaller batches and sequences reuse it).
+    ``training=True`` runs training steps (forward and backward in one planned program) while
+    grad is enabled, inference otherwise; ``training=False`` plans inference only.
+
     ``hardware`` defaults to the "cpu" preset for a model on the CPU and "h100-sxm" on a GPU;
-    ``memory_budget`` and ``tiers`` are as in ``tierplan.plan``. The generated source is written
-    to ``debug_dir`` (or a temporary directory) and its path is ``compiled.source_path``; NVMe
-    swap files go to ``debug_dir/swap`` (or the system temporary directory) and are removed at
-    the end of every call.
+    ``memory_budget`` and ``tiers`` are as in ``tierplan.plan``. The generated sources are written
+    to ``debug_dir`` (or a temporary directory) and the latest one's path is
+    ``compiled.source_path``; NVMe swap files go to ``debug_dir/swap`` (or the system temporary
+    directory) and are removed at the end of every call.
+
+    The compiled module returns what the model returns (a transformers ``ModelOutput`` with
+    ``.loss`` and ``.logits``, a tuple, a dict, a tensor): tensors come from the program and are
+    outputs of the planned step, so they live to its end as the caller holds them in eager mode.
+    A returned object that is neither a tensor nor a plain value (a KV cache object) comes back
+    as None, with a warning; pass ``use_cache=False`` to a transformers model in training.
 
     ``arena=True``: every device allocation of the plan, gradients included, is a view of one
     device buffer of ``compiled.arena_bytes`` that each call allocates when it starts, written by
@@ -255,379 +476,56 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile
     args = example_inputs if isinstance(example_inputs, tuple) else (
         tuple(example_inputs) if isinstance(example_inputs, list) else (example_inputs,)
     )
-    device = _model_device(model, args, example_kwargs)
+    kwargs = dict(example_kwargs or {})
+    if isinstance(recompile_limit, bool) or not isinstance(recompile_limit, int) or recompile_limit < 1:
+        raise ValueError(f"recompile_limit={recompile_limit!r}: give a positive number of signatures")
+    device = _model_device(model, args, kwargs)
     if hardware is None:
         hardware = "cpu" if device.type == "cpu" else "h100-sxm"
-    captured = capture(model, args, example_kwargs=example_kwargs, training=training)
-    plan = plan_graph(
-        captured.graph, hardware=hardware, memory_budget=memory_budget, training=training,
-        tiers=tiers, time_limit=time_limit,
+    settings = CompileSettings(
+        hardware=hardware, memory_budget=memory_budget, training=training, tiers=tuple(tiers),
+        time_limit=time_limit, dynamic=dynamic, recompile_limit=recompile_limit,
     )
-    validate(plan)
-    return compile_plan(model, captured, plan, device=device, debug_dir=debug_dir, arena=arena)
+    compiled = CompiledModule(model, device, settings, training=training,
+                              debug_dir=Path(debug_dir) if debug_dir is not None else None, arena=arena)
+    signature = Signature.of(args, kwargs, training=training, module_training=model.training)
+    spec = compiled._plan_new(signature, args, kwargs)
+    if spec.captured.layout is not None and spec.captured.layout.dropped:
+        warnings.warn(
+            f"tierplan.compile: {type(model).__name__} returns "
+            f"{', '.join(spec.captured.layout.dropped)}, not a tensor or a plain value: the compiled "
+            f"module returns None there (for transformers models, pass use_cache=False)", stacklevel=2)
+    return compiled
 
 
 def compile_plan(
     model: nn.Module, captured: Captured, plan: Plan, *, device: torch.device | str = "cpu",
     debug_dir: str | Path | None = None, arena: bool = False,
 ) -> CompiledModule:
-    """Emit and load the program of an existing ``plan`` of ``captured`` (see ``compile``)."""
-    program = emit(plan, captured.joint, title=f"{plan.graph.name}: {plan.method}", arena=arena)
+    """A module that runs the program of an existing ``plan`` of ``captured`` (see ``compile``).
+    It has nothing to plan other calls with: calls with other shapes or dtypes are refused."""
     device = torch.device(device)
-    runtime = Runtime(program.layout, device,
-                      swap_root=Path(debug_dir) / "swap" if debug_dir is not None else None)
-    source_root = Path(debug_dir) if debug_dir is not None else Path(tempfile.mkdtemp(prefix="tierplan-"))
-    step, source_path = _load_program(program, plan, device, source_root, keep_plan=debug_dir is not None)
-    if device.type == "cuda" and program.offdevice_inputs:
-        # The plan keeps these caller-owned tensors (parameters, usually) off the device: they
-        # move to pinned host memory, and the program brings them to the GPU when it needs them.
-        named = {**dict(model.named_parameters()), **dict(model.named_buffers())}
-        for spec in captured.inputs:
-            if spec.name in program.offdevice_inputs and spec.source in named:
-                t = named[spec.source]
-                t.data = t.data.to("cpu").pin_memory()
-    compiled = CompiledModule(model, captured, plan, program, step, runtime, source_path, device)
-    if debug_dir is None:
-        weakref.finalize(compiled, shutil.rmtree, source_root, True)
+    compiled = CompiledModule(model, device, None, training=captured.training,
+                              debug_dir=Path(debug_dir) if debug_dir is not None else None, arena=arena)
+    leaves = [s for s in captured.inputs if s.kind is TensorKind.INPUT and s.source != "tangent"]
+    signature = Signature(
+        training=captured.training, module_training=model.training, structure="",
+        shapes=tuple(tuple(s.shape) for s in leaves), dtypes=tuple(s.dtype for s in leaves),
+    )
+    compiled.add(signature, captured, plan)
     return compiled
 
 
-def _load_program(program: Program, plan: Plan, device: torch.device, root: Path, *,
+def load_program(program: Program, plan: Plan, device: torch.device, root: Path, *,
                   keep_plan: bool) -> tuple[Callable[..., Any], Path]:
     """Write ``program`` under ``root`` (named after the model and its source's digest), load it,
     and with ``keep_plan`` write the plan's JSON beside it."""
     digest = hashlib.sha1(program.source.encode()).hexdigest()[:10]
-    source_path = root / f"{_slug(plan.graph.name)}_{digest}.py"
+    source_path = root / f"{slug(plan.graph.name)}_{digest}.py"
     step = load(program, source_path, device)
     if keep_plan:
         plan.to_json(source_path.with_suffix(".plan.json"))
     return step, source_path
-
-
-@dataclass
-class CompiledGraph:
-    """One graph ``tierplan.backend`` planned: a training (joint forward+backward) or inference
-    graph of one dynamo subgraph. ``plan`` is what runs, ``source_path`` the generated program."""
-
-    name: str
-    kind: str  # "training" or "inference"
-    plan: Plan
-    program: Program
-    source_path: Path
-    note: str = ""  # set when the budget was infeasible for this graph and a larger one was used
-
-
-class Backend:
-    """``torch.compile(model, backend=tierplan.backend(...))``; see ``backend``.
-
-    ``graphs`` lists every graph planned so far (one per dynamo subgraph and mode, more after a
-    recompilation); ``plans`` their Plans. ``on_transfer`` is passed to every run's Context.
-    """
-
-    def __init__(
-        self, *, hardware: str | Path | Hardware | None, memory_budget: Budget, training: bool,
-        tiers: Sequence[str], time_limit: float | None, debug_dir: str | Path | None,
-    ) -> None:
-        self.hardware = hardware
-        self.memory_budget = memory_budget
-        self.training = training
-        self.tiers = tuple(tiers)
-        self.time_limit = time_limit
-        self.debug_dir = Path(debug_dir) if debug_dir is not None else None
-        self.graphs: list[CompiledGraph] = []
-        self.on_transfer: Callable[[Context, str], None] | None = None
-        self._count = 0
-        self._runners: weakref.WeakSet[_Runner] = weakref.WeakSet()
-        self._source_root: Path | None = None  # generated sources without a debug_dir
-
-    def pending_runs(self) -> int:
-        """Forward runs whose backward has not run yet (each holds its paused program)."""
-        return sum(len(r.runs) for r in self._runners if isinstance(r, _SplitRunner))
-
-    @property
-    def plans(self) -> list[Plan]:
-        return [g.plan for g in self.graphs]
-
-    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
-        from torch._functorch.aot_autograd import aot_module_simplified, make_boxed_func
-        from torch._functorch.partitioners import default_partition
-
-        self._count += 1
-        name = f"{_slug(gm.__class__.__name__ if gm.__class__.__name__ != 'GraphModule' else 'graph')}{self._count}"
-        kinds = _primal_kinds(gm, example_inputs)
-        device = next((t.device for t in example_inputs if isinstance(t, torch.Tensor)), torch.device("cpu"))
-        hardware = self.hardware or ("cpu" if device.type == "cpu" else "h100-sxm")
-
-        def partition_fn(joint: torch.fx.GraphModule, joint_inputs: Any, **kwargs: Any) -> Any:
-            if not self.training:
-                return default_partition(joint, joint_inputs, **kwargs)
-            # Dead nodes would be counted by the planner although nothing runs them.
-            joint.graph.eliminate_dead_code()
-            joint.recompile()
-            num_fwd = int(kwargs["num_fwd_outputs"])
-            fw, _ = default_partition(joint, joint_inputs, **kwargs)
-            forward_names = {n.name for n in fw.graph.nodes if n.op == "call_function"}
-            graph, specs = annotate_aot_joint(
-                joint, kinds, num_fwd_outputs=num_fwd, forward_names=forward_names, name=f"{name}.train")
-            plan, note = self._plan(graph, hardware, training=True)
-            late = [sp.name for sp in specs if sp.source == "tangent"]
-            program = emit(plan, joint, title=f"{graph.name}: {plan.method}", split=(late, num_fwd))
-            step, source_path = self._load(program, plan, device)
-            self.graphs.append(CompiledGraph(graph.name, "training", plan, program, source_path, note))
-            runner = _SplitRunner(self, step, program, source_path, device)
-            return _aot_graphs(joint, joint_inputs, num_fwd, runner)
-
-        def inference_compiler(fgm: torch.fx.GraphModule, inputs: Any) -> Callable[..., Any]:
-            graph, _ = annotate_aot_joint(
-                fgm, kinds, num_fwd_outputs=None, forward_names=None, name=f"{name}.infer")
-            plan, note = self._plan(graph, hardware, training=False)
-            program = emit(plan, fgm, title=f"{graph.name}: {plan.method}")
-            step, source_path = self._load(program, plan, device)
-            self.graphs.append(CompiledGraph(graph.name, "inference", plan, program, source_path, note))
-            return make_boxed_func(_InferenceRunner(self, step, program, source_path, device))
-
-        return aot_module_simplified(
-            gm, example_inputs, fw_compiler=lambda g, _: make_boxed_func(g),
-            bw_compiler=lambda g, _: make_boxed_func(g), partition_fn=partition_fn,
-            inference_compiler=inference_compiler,
-        )
-
-    def _plan(self, graph: Any, hardware: Any, *, training: bool) -> tuple[Plan, str]:
-        kw = dict(hardware=hardware, training=training, tiers=self.tiers, time_limit=self.time_limit)
-        note = ""
-        try:
-            plan = plan_graph(graph, memory_budget=self.memory_budget, **kw)
-        except InfeasibleBudget as exc:
-            # A fraction is relative to each subgraph's keep-all peak; a small subgraph (the loss
-            # after a graph break, one op's inputs and outputs at its peak) may have nothing to
-            # move. Such a subgraph gets the smallest budget the planner can meet, with a warning;
-            # a budget in bytes is a hard limit and stays an error.
-            if not isinstance(self.memory_budget, float) or exc.min_feasible_bytes is None:
-                raise
-            note = (f"memory_budget={self.memory_budget} ({format_bytes(exc.budget_bytes)}) is "
-                    f"infeasible for {graph.name}; planned at the smallest feasible budget, "
-                    f"{format_bytes(exc.min_feasible_bytes)}")
-            warnings.warn(f"tierplan.backend: {note}", stacklevel=2)
-            plan = plan_graph(graph, memory_budget=exc.min_feasible_bytes, **kw)
-        validate(plan)
-        return plan, note
-
-    def _load(self, program: Program, plan: Plan, device: torch.device) -> tuple[Callable[..., Any], Path]:
-        if self.debug_dir is not None:
-            return _load_program(program, plan, device, self.debug_dir, keep_plan=True)
-        if self._source_root is None:
-            self._source_root = Path(tempfile.mkdtemp(prefix="tierplan-"))
-            weakref.finalize(self, shutil.rmtree, self._source_root, True)
-        return _load_program(program, plan, device, self._source_root, keep_plan=False)
-
-
-class _RuntimePool:
-    """Runtimes (host pool + copy queues) of one program. A run holds one from its forward to its
-    backward, so runs in flight at once (gradient accumulation) never share host-pool slots."""
-
-    def __init__(self, program: Program, device: torch.device, swap_root: Path | None) -> None:
-        self.program, self.device, self.swap_root = program, device, swap_root
-        self.free: list[Runtime] = []
-
-    def take(self) -> Runtime:
-        if self.free:
-            return self.free.pop()
-        rt = Runtime(self.program.layout, self.device, swap_root=self.swap_root)
-        weakref.finalize(rt, shutdown_workers, rt._workers)
-        return rt
-
-    def give(self, rt: Runtime) -> None:
-        self.free.append(rt)
-
-
-class _Runner:
-    def __init__(self, backend: Backend, step: Callable[..., Any], program: Program,
-                 source_path: Path, device: torch.device) -> None:
-        self.backend, self.step, self.program = backend, step, program
-        self.source_path, self.device = source_path, device
-        swap = backend.debug_dir / "swap" if backend.debug_dir is not None else None
-        self.pool = _RuntimePool(program, device, swap)
-        backend._runners.add(self)
-
-    def _copied_out(self, outs: Sequence[Any], on_host: Sequence[bool]) -> list[Any]:
-        # Outputs the plan leaves on the host are views of the reused host pool: copy them out,
-        # to the device the caller expects them on.
-        return [o.to(self.device, copy=True) if host and o is not None else o
-                for o, host in zip(outs, on_host)]
-
-
-class _InferenceRunner(_Runner):
-    def __call__(self, *flat: torch.Tensor) -> list[Any]:
-        rt = self.pool.take()
-        try:
-            outs = run_step(self.step, Context(rt, on_transfer=self.backend.on_transfer), list(flat),
-                            source_path=str(self.source_path), line_steps=self.program.line_steps)
-            return self._copied_out(list(outs), self.program.outputs_on_host)
-        finally:
-            self.pool.give(rt)
-
-
-class _SplitRunner(_Runner):
-    """Runs a split program: ``forward`` to the yield, ``backward`` from it. The run in between is
-    found by a token tensor the forward returns as its only saved value."""
-
-    def __init__(self, *args: Any) -> None:
-        super().__init__(*args)
-        self.runs: dict[int, tuple[SplitRun, Runtime]] = {}
-        self._ids = 0
-
-    def forward(self, *primals: torch.Tensor) -> tuple[Any, ...]:
-        rt = self.pool.take()
-        ctx = Context(rt, on_transfer=self.backend.on_transfer)
-        run = SplitRun(self.step, ctx, list(primals), source_path=str(self.source_path),
-                       line_steps=self.program.line_steps)
-        try:
-            outs = run.forward()
-        except BaseException:
-            self.pool.give(rt)
-            raise
-        self._ids += 1
-        self.runs[self._ids] = (run, rt)
-        token = torch.tensor([self._ids], dtype=torch.int64)
-        # A forward whose backward never runs (its graph is dropped) gives its resources back.
-        weakref.finalize(token, self._abandon, self._ids)
-        return (*outs, token)
-
-    def backward(self, token: torch.Tensor, *tangents: torch.Tensor) -> tuple[Any, ...]:
-        key = int(token.item())
-        if key not in self.runs:
-            raise TierplanRuntimeError(
-                f"{self.source_path}: no forward run {key} is waiting for its backward (a planned "
-                f"step's backward runs once; retain_graph is not supported)"
-            )
-        run, rt = self.runs.pop(key)
-        try:
-            grads = run.backward([t.contiguous() if isinstance(t, torch.Tensor) else t for t in tangents])
-            return tuple(self._copied_out(list(grads), self.program.outputs_on_host))
-        finally:
-            self.pool.give(rt)
-
-    def _abandon(self, key: int) -> None:
-        entry = self.runs.pop(key, None)
-        if entry is not None:
-            entry[0].abandon()
-            self.pool.give(entry[1])
-
-
-def _primal_kinds(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> list[tuple[TensorKind, str]]:
-    """Parameter, buffer or input, with a readable source, for every input dynamo lifted."""
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    kinds = []
-    for node, value in zip(placeholders, example_inputs):
-        arg = node.meta.get("grapharg")
-        source = arg.source.name if arg is not None and getattr(arg, "source", None) is not None else node.name
-        source = source() if callable(source) else str(source)
-        if isinstance(value, nn.Parameter):
-            kinds.append((TensorKind.PARAMETER, source))
-        elif "_buffers_" in node.name or "._buffers[" in source:
-            kinds.append((TensorKind.BUFFER, source))
-        else:
-            kinds.append((TensorKind.INPUT, source))
-    return kinds
-
-
-def _aot_graphs(
-    joint: torch.fx.GraphModule, joint_inputs: Any, num_fwd: int, runner: _SplitRunner
-) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
-    """The forward and backward graphs AOTAutograd gets back from the partitioner: the forward
-    calls ``runner.forward`` on the primals and returns the forward outputs and a token (its only
-    saved value); the backward calls ``runner.backward`` on the token and the tangents and returns
-    one gradient slot per primal, None where the joint graph has none. Node metadata (the fake
-    values AOTAutograd reads) is copied from the joint graph."""
-    import operator
-
-    from torch._guards import detect_fake_mode
-
-    placeholders = [n for n in joint.graph.nodes if n.op == "placeholder"]
-    tangents = [n for n in placeholders if n.name.startswith("tangents") or
-                type(n.meta.get("desc")).__name__ == "TangentAOTInput"]
-    primals = [n for n in placeholders if n not in tangents]
-    outs = list(pytree.tree_leaves(joint.graph.output_node().args[0], is_leaf=lambda x: x is None))
-    fake_mode = detect_fake_mode([n.meta.get("val") for n in placeholders])
-    with fake_mode if fake_mode is not None else contextlib.nullcontext():
-        token_val = torch.empty(1, dtype=torch.int64)
-
-    def placeholder(g: torch.fx.Graph, node: torch.fx.Node) -> torch.fx.Node:
-        new = g.placeholder(node.name)
-        new.meta.update(node.meta)
-        return new
-
-    fw = torch.fx.Graph()
-    call = fw.call_function(runner.forward, tuple(placeholder(fw, n) for n in primals))
-    fw_outs: list[Any] = []
-    for i, v in enumerate(outs[:num_fwd]):
-        if not isinstance(v, torch.fx.Node):
-            fw_outs.append(v)
-            continue
-        item = fw.call_function(operator.getitem, (call, i))
-        item.meta["val"] = v.meta.get("val")
-        fw_outs.append(item)
-    token = fw.call_function(operator.getitem, (call, num_fwd))
-    token.meta["val"] = token_val
-    fw.output(tuple([*fw_outs, token]))
-
-    bw = torch.fx.Graph()
-    token_in = bw.placeholder("tierplan_token")
-    token_in.meta["val"] = token_val
-    bcall = bw.call_function(runner.backward, (token_in, *(placeholder(bw, n) for n in tangents)))
-    grads: list[Any] = []
-    for j, v in enumerate(outs[num_fwd:]):
-        if not isinstance(v, torch.fx.Node):
-            grads.append(None)
-            continue
-        item = bw.call_function(operator.getitem, (bcall, j))
-        item.meta["val"] = v.meta.get("val")
-        grads.append(item)
-    bw.output(tuple(grads))
-    return torch.fx.GraphModule(torch.nn.Module(), fw), torch.fx.GraphModule(torch.nn.Module(), bw)
-
-
-def backend(
-    *,
-    hardware: str | Path | Hardware | None = None,
-    memory_budget: Budget = None,
-    training: bool = True,
-    tiers: Sequence[str] = ("host",),
-    time_limit: float | None = None,
-    debug_dir: str | Path | None = None,
-) -> Backend:
-    """A ``torch.compile`` backend that plans every graph it is given and runs the plan.
-
-        tp = tierplan.backend(hardware="h100-sxm", memory_budget=0.8)
-        model = torch.compile(model, backend=tp)
-        loss = model(x, labels=y); loss.backward()      # planned forward, planned backward
-        tp.plans[0].summary()
-
-    AOTAutograd gives the backend the joint forward+backward graph of each dynamo subgraph (in
-    ``partition_fn``). The backend annotates it (dynamo lifts parameters to inputs; example inputs
-    that are ``nn.Parameter`` are parameters), plans it with ``plan_graph`` and renders the plan
-    as ONE generator program that runs the whole schedule: the forward graph AOTAutograd compiles
-    runs it up to the first step that needs the backward's tangents and returns the forward
-    outputs; the backward graph resumes it with the tangents and returns the gradients. What
-    the plan saves, recomputes or offloads across that boundary stays in the paused program (the
-    forward's only saved tensor is a token naming the run). Graphs run without autograd
-    (``torch.no_grad()``, or inputs that need no gradient) come to the inference compiler and are
-    planned with ``training=False``.
-
-    Graph breaks: every dynamo subgraph is planned on its own, and ``memory_budget`` applies to
-    each: a fraction is of that subgraph's keep-all peak, bytes are that subgraph's limit. The
-    activations a subgraph hands to the next are held by autograd between them, outside any plan.
-    When a fractional budget is infeasible for a subgraph (a loss-only subgraph after a graph
-    break has nothing to move), that subgraph is planned at the smallest budget the planner can
-    meet, with a warning and ``CompiledGraph.note``; a budget in bytes that a subgraph cannot meet
-    raises InfeasibleBudget (inside torch's BackendCompilerFailed).
-    ``training=False`` plans inference graphs only; joint graphs then run AOTAutograd's default
-    partition, unplanned. ``hardware`` defaults to "cpu" for graphs on the CPU, else "h100-sxm";
-    the other options are as in ``tierplan.compile``. The returned object keeps ``graphs`` and
-    ``plans``.
-    """
-    return Backend(hardware=hardware, memory_budget=memory_budget, training=training, tiers=tiers,
-                   time_limit=time_limit, debug_dir=debug_dir)
 
 
 def _model_device(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any] | None) -> torch.device:
@@ -639,8 +537,11 @@ def _model_device(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any
     return torch.device("cpu")
 
 
-def _slug(name: str) -> str:
+def slug(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name).strip("_") or "model"
 
 
-__all__ = ["Backend", "CompiledGraph", "CompiledModule", "backend", "compile", "compile_plan"]
+__all__ = [
+    "CompiledModule", "RecompileLimitExceeded", "Signature", "Specialization", "compile", "compile_plan",
+    "load_program",
+]

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Cluster",
+    "ComputePrecision",
     "Device",
     "Hardware",
     "HardwareError",
@@ -46,6 +47,7 @@ __all__ = [
     "Tier",
     "TIER_NAMES",
     "PEAK_FLOPS_KEYS",
+    "compute_precision",
     "describe_hardware",
     "format_bandwidth",
     "format_flops",
@@ -262,6 +264,44 @@ class Hardware:
     def with_device_capacity(self, nbytes: int) -> Hardware:
         """A copy with a device-memory budget of ``nbytes`` (e.g. leave room for the context)."""
         return self.with_tier_capacity("device", nbytes)
+
+
+@dataclass(frozen=True)
+class ComputePrecision:
+    """The dtype a model's matmuls are priced in on a machine (``compute_precision``)."""
+
+    dtype: str  # the peak_flops key: "bfloat16", "float16" or "float32"
+    device: Device  # the device to price with: its bfloat16 peak is the float16 one if substituted
+    note: str = ""  # what was assumed, for the plan's text; "" when nothing was
+
+
+def compute_precision(hw: Hardware, param_bytes: int) -> ComputePrecision:
+    """The precision a model with ``param_bytes``-byte parameters computes in on ``hw``.
+
+    2-byte models are bf16 mixed precision where the device has a ``bfloat16`` peak; where it has
+    none (Turing ``t4``, Volta ``v100``) they run in fp16 with loss scaling, as Megatron-LM and
+    DeepSpeed train on V100: the same 2-byte weights, priced at the ``float16`` peak (the returned
+    device's ``bfloat16`` peak is its ``float16`` one, so per-op bf16 tables price as fp16). A
+    device with neither is a HardwareError. Other widths compute in float32.
+    """
+    dev = hw.device
+    if param_bytes != 2:
+        return ComputePrecision("float32", dev)
+    if "bfloat16" in dev.peak_flops:
+        return ComputePrecision("bfloat16", dev)
+    if "float16" in dev.peak_flops:
+        fp16 = dev.peak_flops["float16"]
+        return ComputePrecision(
+            "float16",
+            dataclasses.replace(dev, peak_flops={**dev.peak_flops, "bfloat16": fp16}),
+            f"bf16 unsupported on {hw.name} ({dev.name} has no bfloat16 peak): priced as fp16 at "
+            f"{format_flops(fp16)} (mixed precision with loss scaling)",
+        )
+    raise HardwareError(
+        f"hardware {hw.name!r} cannot price a bf16/fp16 model: device {dev.name!r} has neither a "
+        f"'bfloat16' nor a 'float16' peak (it has {', '.join(dev.peak_flops)}); add one under "
+        f"[device.peak_flops] in the hardware file, or profile the model in float32"
+    )
 
 
 # -- units ---------------------------------------------------------------------------------------

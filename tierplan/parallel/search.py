@@ -101,6 +101,8 @@ def plan_parallel(
         notes.append(f"global batch {gb} sequences of {profile.seq_len} tokens")
         plans, search = search_training(profile, hw, cluster, gpus, gb, top=top)
     seconds = time.perf_counter() - start
+    if search.precision.note:  # e.g. a bf16 model on a device without bf16, priced as fp16
+        notes.append(search.precision.note)
     reason = "" if plans else _reason(search, hw)
     return ParallelResult(
         mode="serve" if serve else "train", model=profile.name, hardware=hw.name, gpus=gpus,

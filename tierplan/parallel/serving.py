@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 from tierplan.cost_models.collectives import CollectiveError, collective_time, group_shape, p2p_time
-from tierplan.cost_models.hardware import Cluster, Hardware
+from tierplan.cost_models.hardware import Cluster, ComputePrecision, Hardware, compute_precision
 from tierplan.parallel.profile import CELLS, ModelProfile
 from tierplan.parallel.types import (
     WORKSPACE_BYTES,
@@ -48,10 +48,14 @@ class ServeSearch:
     rejected: dict[str, int] = field(default_factory=dict)
     closest: tuple[float, str] | None = None
     evaluated: int = 0
+    # The dtype compute is priced in and the device to price it on (bf16 models on a device
+    # without bf16 run in fp16); raises HardwareError when the device has neither.
+    precision: ComputePrecision = field(init=False)
 
     def __post_init__(self) -> None:
         if not self.capacity:
             self.capacity = float(self.hardware.tier("device").capacity_bytes)
+        self.precision = compute_precision(self.hardware, self.profile.param_bytes)
 
     def _reject(self, reason: str, need: float | None = None, desc: str = "") -> None:
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
@@ -64,7 +68,7 @@ class ServeSearch:
 
     def evaluate(self, t: int, pp: int, ep: int) -> ParallelPlan | None:
         self.evaluated += 1
-        prof, dev = self.profile, self.hardware.device
+        prof, dev = self.profile, self.precision.device
         pb, h, L = prof.param_bytes, prof.hidden, prof.num_layers // pp
         replicas = self.gpus // (t * pp)
         ends = prof.pre.params + prof.post.params if pp == 1 else max(prof.pre.params, prof.post.params)
@@ -97,7 +101,7 @@ class ServeSearch:
         ctx = self.prompt + self.generate / 2
         kv_read = micro * ctx * L * prof.kv_bytes_per_token_per_layer() * kv_share
         flops = 2 * stage_params * micro + 4 * micro * ctx * h * L / t
-        peak = dev.peak("bfloat16" if pb == 2 else "float32") * dev.compute_efficiency
+        peak = dev.peak(self.precision.dtype) * dev.compute_efficiency
         launches = L * sum(len(prof.cells[c].forward.keys) for c in CELLS) * dev.launch_overhead_s
         mem_s = (weights + kv_read) / (dev.memory_bandwidth * dev.memory_efficiency)
         compute_s = flops / peak
@@ -119,12 +123,13 @@ class ServeSearch:
             time.collectives["pp send/recv"] = (pp - 1) * dhop
         mem = MemoryBreakdown(parameters=weights, kv_cache=batch * kv_per_seq, buffers=WORKSPACE_BYTES)
         config = dict(replicas=replicas, tp=t, pp=pp, ep=ep, batch=batch, prompt=self.prompt,
-                      generate=self.generate)  # fmt: skip
+                      generate=self.generate, compute_dtype=self.precision.dtype)  # fmt: skip
         tokens = replicas * batch / tpot
         return ParallelPlan(
             mode="serve", config=config, memory=mem, time=time, capacity=self.capacity,
             metrics={"tokens_per_s": tokens, "ttft_s": ttft, "tpot_s": tpot,
                      "decode_bound": "memory" if mem_s >= compute_s else "compute"},
+            notes=[self.precision.note] if self.precision.note else [],
         )  # fmt: skip
 
     def configurations(self) -> Iterator[tuple[int, int, int]]:

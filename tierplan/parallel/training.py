@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 from tierplan.cost_models.collectives import CollectiveError, collective_time, group_shape, p2p_time
-from tierplan.cost_models.hardware import Cluster, Hardware, Link
+from tierplan.cost_models.hardware import Cluster, ComputePrecision, Hardware, Link, compute_precision
 from tierplan.cost_models.training_memory import ADAM_K, model_state_bytes
 from tierplan.parallel.profile import CELLS, ModelProfile
 from tierplan.parallel.types import (
@@ -176,10 +176,14 @@ class TrainSearch:
     closest: tuple[float, str] | None = None  # the smallest memory overshoot seen, and the plan
     evaluated: int = 0
     _cache: dict[tuple, float] = field(default_factory=dict)
+    # The dtype compute is priced in and the device to price it on (bf16 models on a device
+    # without bf16 run in fp16); raises HardwareError when the device has neither.
+    precision: ComputePrecision = field(init=False)
 
     def __post_init__(self) -> None:
         if not self.capacity:
             self.capacity = float(self.hardware.tier("device").capacity_bytes)
+        self.precision = compute_precision(self.hardware, self.profile.param_bytes)
 
     # -- pieces ------------------------------------------------------------------------------
 
@@ -189,7 +193,7 @@ class TrainSearch:
             p = self.profile
             prof = p.core if part == "core" else (p.cells.get(part) or getattr(p, part))
             table = prof if part == "core" else getattr(prof, phase)
-            self._cache[key] = table.seconds(self.hardware.device, b, t)
+            self._cache[key] = table.seconds(self.precision.device, b, t)
         return self._cache[key]
 
     def _coll(self, kind: str, nbytes: float, size: int, stride: int) -> float:
@@ -503,11 +507,11 @@ class TrainSearch:
         self, s: _Layout, stages: list[_StageCost], memory: MemoryBreakdown, time: TimeBreakdown
     ) -> ParallelPlan:
         """The priced plan: its configuration, breakdowns, throughput and MFU."""
-        prof, dev = self.profile, self.hardware.device
+        prof, precision = self.profile, self.precision
         step = time.total
         tokens = self.global_batch * prof.seq_len
         model_flops = self._model_flops()
-        peak = dev.peak("bfloat16" if prof.param_bytes == 2 else "float32")
+        peak = precision.device.peak(precision.dtype)
         mix = stages[0].mix  # the first stage's choice: where activations bind
         recompute_by_stage = {r.name: dict(sorted(r.mix.items())) for r in stages}
         config = dict(
@@ -515,12 +519,13 @@ class TrainSearch:
             schedule=s.schedule, virtual=s.v, recompute=dict(sorted(mix.items())),
             recompute_by_stage=recompute_by_stage, offload_optimizer=s.offload_optimizer,
             offload_params=s.offload_params, sequence_parallel=s.t > 1,
-            global_batch=self.global_batch,
+            global_batch=self.global_batch, compute_dtype=precision.dtype,
         )  # fmt: skip
         return ParallelPlan(
             mode="train", config=config, memory=memory, time=time, capacity=self.capacity,
             metrics={"tokens_per_s": tokens / step, "mfu": model_flops / (step * self.gpus * peak),
                      "step_s": step},
+            notes=[precision.note] if precision.note else [],
         )  # fmt: skip
 
     def _note_overshoot(self, total: float, t: int, pp: int, d: int, b: int, zero: int,

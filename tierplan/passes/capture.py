@@ -39,6 +39,7 @@ from tierplan.passes.annotate import (
     OutputSpec,
     annotate_graph,
 )
+from tierplan.passes.output_layout import OutputLayout, read_layout
 
 # The issuing module's qualified name is recorded under node.meta["custom"][MODULE_META_KEY]:
 # make_fx copies the "custom" dict onto every node created while it is set, and AOTAutograd
@@ -120,6 +121,9 @@ class Captured:
     forward: torch.fx.GraphModule | None = None  # the partitioned forward (training)
     backward: torch.fx.GraphModule | None = None  # the partitioned backward (training)
     seconds: float = 0.0  # wall time of the trace
+    # How the model's return value is rebuilt from the graph's user outputs (the first
+    # ``layout.n_outputs`` outputs; a training graph's gradients follow them).
+    layout: OutputLayout | None = None
 
     def real_inputs(
         self,
@@ -175,6 +179,7 @@ def capture(
     fake: bool | None = None,
     fake_device: str = "cpu",
     name: str | None = None,
+    keep_outputs: bool = False,
 ) -> Captured:
     """Trace ``model(*example_inputs, **example_kwargs)`` into a Captured graph.
 
@@ -183,13 +188,19 @@ def capture(
     tensors when the model's parameters are on the meta device or fake already; ``fake=True``
     forces it (meta tensors become fake tensors on ``fake_device``). Tracing never runs a kernel
     either way. Raises CaptureError when the model cannot be traced.
+
+    ``keep_outputs=True`` (training): the graph also returns every other tensor the model returns
+    (detached, as values: the logits beside the loss), so a compiled step can return what the
+    model returns; they are outputs of the planned step and live to its end. Inference graphs
+    always return every tensor. ``Captured.layout`` rebuilds the model's own return value.
     """
     flat = _flatten_call(model, example_inputs, example_kwargs)
     fake = _check_capturable(model, flat, training=training, fake=fake)
     trace_inputs = _trace_inputs(flat, _tensor_converter(flat, fake, fake_device), training)
     recorder = AotRecorder(compiled=_stop_running)
+    flat_fn, layouts = _flat_function(model, flat, training, keep_outputs)
     compiled = aot_function(
-        _flat_function(model, flat, training),
+        flat_fn,
         fw_compiler=recorder.fw_compiler,
         bw_compiler=recorder.bw_compiler,
         partition_fn=recorder.partition_fn,
@@ -204,6 +215,7 @@ def capture(
     gm = _recorded_graph(recorder, training, type(model).__name__)
     _use_flat_calling_convention(gm)
     signature = _capture_signature(gm, recorder, flat, training)
+    layout = _checked_layout(layouts, signature, type(model).__name__)
     graph = annotate_graph(gm, signature, name=name or type(model).__name__)
     graph.meta["training"] = training
     graph.meta["capture_seconds"] = round(seconds, 3)
@@ -215,6 +227,7 @@ def capture(
         forward=recorder.forward if training else gm,
         backward=recorder.backward,
         seconds=seconds,
+        layout=layout,
     )
 
 
@@ -298,11 +311,16 @@ def _trace_inputs(
     return [*flat_params, *flat_buffers, *flat_inputs]
 
 
-def _flat_function(model: nn.Module, flat: _FlatCall, training: bool) -> Callable[..., Any]:
+def _flat_function(
+    model: nn.Module, flat: _FlatCall, training: bool, keep_outputs: bool
+) -> tuple[Callable[..., Any], list[OutputLayout]]:
     """The model as a function of flat tensors (parameters, buffers, user tensors) returning
-    the loss (training) or the model's tensor outputs (inference), as AOTAutograd traces it."""
+    the loss (training; with ``keep_outputs`` the model's other tensors after it, detached) or the
+    model's tensor outputs (inference), as AOTAutograd traces it. The list it returns receives
+    the layout of the model's return value when AOTAutograd calls the function."""
     param_names, buffer_names = list(flat.params), list(flat.buffers)
     n_params, n_buffers = len(param_names), len(buffer_names)
+    layouts: list[OutputLayout] = []
 
     def flat_fn(*tensors: torch.Tensor) -> Any:
         state = dict(zip(param_names, tensors[:n_params]))
@@ -312,12 +330,30 @@ def _flat_function(model: nn.Module, flat: _FlatCall, training: bool) -> Callabl
             leaves[pos] = t
         call_args, call_kwargs = pytree.tree_unflatten(leaves, flat.spec)
         out = torch.func.functional_call(model, state, tuple(call_args), call_kwargs)
-        if training:
-            return _loss_of(out, type(model).__name__)
-        # Non-tensor leaves (None, ints, cache objects) are not graph values.
-        return tuple(x for x in pytree.tree_leaves(out) if isinstance(x, torch.Tensor))
+        if not training:
+            layout, values = read_layout(out)
+            layouts.append(layout)
+            return tuple(values)
+        loss = _loss_of(out, type(model).__name__)
+        layout, values = read_layout(out if keep_outputs else loss, loss=loss)
+        layouts.append(layout)
+        # Detached: the other outputs are values of the step, not roots of its backward.
+        return (loss, *(v.detach() for v in values[1:]))
 
-    return flat_fn
+    return flat_fn, layouts
+
+
+def _checked_layout(layouts: list[OutputLayout], signature: GraphSignature, model_name: str) -> OutputLayout:
+    """The traced layout, checked against the graph: its user outputs come first, one per slot."""
+    layout = layouts[-1]
+    user_outputs = [o for o in signature.outputs if o.kind is TensorKind.OUTPUT]
+    if len(user_outputs) != layout.n_outputs:
+        raise CaptureError(
+            f"{model_name} returns {layout.n_outputs} distinct tensors but its captured graph has "
+            f"{len(user_outputs)} outputs (an output that is an input or a view of one is not "
+            f"supported); return fresh tensors from forward"
+        )
+    return layout
 
 
 def _run_trace(
