@@ -15,6 +15,7 @@ from tierplan.placement.pricing import machine_pricing
 from tierplan.placement.reuse import plan_by_decisions
 from tierplan.placement.solve import solve
 from tierplan.plans.plan import InfeasibleBudget, Plan, PlanError
+from tierplan.plans.validate import validate
 from tierplan.units import format_bytes, parse_bytes
 
 Budget = int | float | str | None
@@ -53,14 +54,16 @@ def plan_graph(
     tiers: Sequence[str] = ("host",),
     time_limit: float | None = None,
 ) -> Plan:
-    """Plan an already captured graph (see ``plan``)."""
+    """Plan an already captured graph (see ``plan``); the plan is validated before it is returned."""
     hw = hardware if isinstance(hardware, Hardware) else load_hardware(hardware)
     if not graph.blocks:
         graph = detect_blocks(graph)
     pricing = machine_pricing(graph, hw, tiers=tiers, training=training)
     live = liveness(graph)
     budget = resolve_budget(memory_budget, keep_all_peak=live.peak, device_bytes=pricing.budget, hardware=hw.name)
-    return solve(graph, pricing.with_budget(budget), time_limit_s=time_limit, live=live)
+    plan = solve(graph, pricing.with_budget(budget), time_limit_s=time_limit, live=live)
+    validate(plan)  # every plan returned is checked by the independent replay
+    return plan
 
 
 def plan_graph_or_smallest(
@@ -107,8 +110,11 @@ def plan_graph_like(
     if not graph.blocks:
         graph = detect_blocks(graph)
     pricing = machine_pricing(graph, hw, tiers=tiers, training=previous.training)
-    return plan_by_decisions(graph, pricing.with_budget(previous.budget_bytes), previous.decisions,
+    plan = plan_by_decisions(graph, pricing.with_budget(previous.budget_bytes), previous.decisions,
                              source=source, live=liveness(graph))
+    if plan is not None:
+        validate(plan)
+    return plan
 
 def resolve_budget(budget: Budget, *, keep_all_peak: int, device_bytes: int, hardware: str) -> int:
     """The device budget in bytes; see ``plan`` for the forms it accepts."""

@@ -46,7 +46,6 @@ from tierplan.cost_models.hardware import Hardware
 from tierplan.ir import TensorKind
 from tierplan.passes.capture import Captured, CaptureError, capture
 from tierplan.plans.plan import Plan
-from tierplan.plans.validate import validate
 
 # As torch._dynamo.config.recompile_limit: signatures planned per compiled module before a call
 # with yet another one is refused.
@@ -330,7 +329,6 @@ class CompiledModule(nn.Module):
                 training=signature.training, tiers=s.tiers, time_limit=s.time_limit)
             if note:
                 warnings.warn(f"tierplan.compile: {note}", stacklevel=3)
-        validate(plan)
         return self.add(signature, captured, plan)
 
     def add(self, signature: Signature, captured: Captured, plan: Plan) -> Specialization:

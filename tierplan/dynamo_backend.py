@@ -34,7 +34,6 @@ from tierplan.cost_models.hardware import Hardware
 from tierplan.ir import TensorKind
 from tierplan.passes.capture import annotate_aot_joint
 from tierplan.plans.plan import Plan
-from tierplan.plans.validate import validate
 
 
 @dataclass
@@ -131,7 +130,6 @@ class Backend:
             tiers=self.tiers, time_limit=self.time_limit)
         if note:
             warnings.warn(f"tierplan.backend: {note}", stacklevel=2)
-        validate(plan)
         return plan, note
 
     def _load(self, program: Program, plan: Plan, device: torch.device) -> tuple[Callable[..., Any], Path]:

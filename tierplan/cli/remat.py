@@ -12,6 +12,7 @@ from tierplan.ir import Graph
 from tierplan.placement.keep_all import keep_all_plan
 from tierplan.placement.solve import solve
 from tierplan.plans.plan import DEVICE, Plan, PlanError, Pricing, StepKind
+from tierplan.plans.validate import validate
 
 
 def abstract_pricing(times: dict[str, float], budget: int) -> Pricing:
@@ -20,7 +21,9 @@ def abstract_pricing(times: dict[str, float], budget: int) -> Pricing:
 
 
 def plan_abstract(graph: Graph, times: dict[str, float], budget: int, time_limit_s: float | None) -> Plan:
-    return solve(graph, abstract_pricing(times, budget), time_limit_s=time_limit_s)
+    plan = solve(graph, abstract_pricing(times, budget), time_limit_s=time_limit_s)
+    validate(plan)
+    return plan
 
 
 def schedule_of(plan: Plan, ids: dict[str, Any]) -> list[list[Any]]:
