@@ -30,7 +30,7 @@ def main() -> None:
     opt = torch.optim.AdamW(compiled.parameters(), lr=3e-3)
     ids = kw["input_ids"]  # fine-tune on one fixed batch: the loss must fall
     for step in range(a.steps):
-        loss = compiled(input_ids=ids, labels=ids)
+        loss = compiled(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()
         opt.zero_grad()

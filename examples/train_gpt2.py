@@ -79,7 +79,7 @@ def main() -> None:
         ids = ids.to(device)
         losses = {}
         for label, run in (("eager", lambda: eager(input_ids=ids, labels=ids).loss),
-                           ("compiled", lambda: compiled(input_ids=ids, labels=ids))):
+                           ("compiled", lambda: compiled(input_ids=ids, labels=ids).loss)):
             def one() -> None:
                 loss = run()
                 loss.backward()
