@@ -46,12 +46,26 @@ _TIME_LIMIT_S = 2.0  # per step; SCIP's bound is used when it stops early
 _WINDOWS = 24  # prefix windows per queue direction
 
 
+# How a bound was proven: the codes a plan's SolverReport.bound_kind records; docs/cost-model.md
+# ("Bound kinds") explains each, so saved plans hold the code only.
+KEEP_ALL = "keep-all"  # every op runs once: no plan is faster than keep-all (no step binds)
+STEP_MIP = "step-mip"  # the optimum of one step's MIP, solved to optimality
+STEP_MIP_LP = "step-mip-lp"  # SCIP's LP-based bound on one step's MIP (it stopped at its time limit)
+
+
 @dataclass(frozen=True)
 class LowerBound:
     overhead_s: float  # no plan in the space is faster than keep-all + this
     step: int  # the op position it comes from (-1: no step binds)
     forced_bytes: int  # bytes the device must hold at that step whatever the plan
     exact: bool  # the step's knapsack was solved to optimality
+
+    @property
+    def kind(self) -> str:
+        """The bound's code (KEEP_ALL, STEP_MIP or STEP_MIP_LP)."""
+        if self.step < 0 or self.overhead_s <= 0:
+            return KEEP_ALL
+        return STEP_MIP if self.exact else STEP_MIP_LP
 
 
 @dataclass(frozen=True)

@@ -24,10 +24,11 @@ Design (the pieces: ``candidates``, ``linear_model``, ``cpsat``, ``local_search`
   are in play.
 - Parameter streams and gradient offloads enlarge the model; they are offered when caller-owned
   state is a large share of the budget, and in a second pass when the first finds no plan.
-- The gap reported is against ``bound.overhead_lower_bound``: a relaxation that no plan of the
-  space beats (torch's included). CP-SAT's bound on its own model is ``model_bound_s``; it does not
-  cover plans outside that model. CP-SAT runs with a fixed seed and two workers (results still
-  depend on how far it gets within the limit).
+- The gaps reported are against ``bound.overhead_lower_bound``: a relaxation that no plan of the
+  space beats (torch's included), as shares of the step time and of the overhead over keep-all; a
+  bound above the plan is a bug (InternalError), never OPTIMAL. CP-SAT's bound on its own model is
+  ``model_bound_s``; it does not cover plans outside that model. CP-SAT runs with a fixed seed and
+  two workers (results still depend on how far it gets within the limit).
 
 Checkmate (Jain et al., MLSys 2020) decides a full T x T recompute grid; Moccasin (Bartan et al.,
 ICML 2023) uses retention intervals in CP-SAT. Both stall at a few hundred nodes. Fixing the order
@@ -36,7 +37,6 @@ take thousands of ops, and adds the swap tiers neither has.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 import time
@@ -47,7 +47,7 @@ from tierplan.ir import Graph
 from tierplan.passes.liveness import Liveness, liveness
 from tierplan.placement.assemble import Built, build_plan
 from tierplan.placement.baselines import checkpoint_blocks_fates, swap_all_fates
-from tierplan.placement.bound import LowerBound, overhead_lower_bound
+from tierplan.placement.bound import KEEP_ALL, LowerBound, overhead_lower_bound
 from tierplan.placement.candidates import KEEP, Option, Problem, analyze
 from tierplan.placement.cpsat import MIN_SOLVE_S, Solved, solve_model
 from tierplan.placement.infeasible import infeasible
@@ -56,7 +56,10 @@ from tierplan.placement.linear_model import Key, Linear, greedy, linearize
 from tierplan.placement.local_search import improve
 from tierplan.placement.schedule import build_schedule, initial_tiers
 from tierplan.placement.simulate import simulate
-from tierplan.plans.plan import DEVICE, InfeasibleBudget, Plan, PlanError, Pricing, SolverReport
+from tierplan.plans.plan import (
+    BOUND_ABS_TOL_S, BOUND_REL_TOL, DEVICE, InfeasibleBudget, InternalError, Plan, PlanError, Pricing,
+    SolverReport, bound_above, meets_bound,
+)
 
 # Measured on 2 shared CPU cores: GPT-2 small plans in ~20 s; Llama-2-70B training (18k ops) in
 # ~40 s with this limit (CP-SAT stops at it; building and measuring candidate plans takes the rest).
@@ -67,8 +70,11 @@ _LOCAL_SEARCH_STARTS = 3  # measured plans the local search starts from (best fi
 _SHARE_ABOVE_UNITS = 150
 _BOUND_STEPS = 2  # high-pressure steps the proven bound tries (the keep-all peak is the first)
 _BOUND_STEP_S = 2.0  # SCIP time per step; its LP-based bound is used when it stops early
-_OPTIMAL_GAP = 1e-6  # a plan this close to the proven bound is reported OPTIMAL
 _MIN_RETRY_S = 1.0  # the second pass gets at least this long: a plan late beats a false "infeasible"
+
+# The bound kind of a CP-SAT answer's own report: CP-SAT's bound on the model it solved, which covers
+# that model's plans only (docs/cost-model.md, "Bound kinds").
+CP_SAT_MODEL = "cp-sat-model"
 
 # -- the stages --------------------------------------------------------------------------------
 
@@ -177,7 +183,8 @@ def solve(graph: Graph, pricing: Pricing, *, time_limit_s: float | None = None,
     ka_time, ka_peak = reference.predicted_time_s, reference.keep_all_peak_bytes
     if ka_peak <= pricing.budget:
         reference.method = "keep-all (it fits the budget: nothing to recompute or swap)"
-        reference.solver = SolverReport.of("KEEP_ALL_FITS", ka_time, ka_time, time.perf_counter() - started)
+        reference.solver = SolverReport.of("KEEP_ALL_FITS", ka_time, ka_time, time.perf_counter() - started,
+                                           keep_all_s=ka_time, bound_kind=KEEP_ALL)
         return reference
 
     # The proven bound covers every plan of the space, torch's included; CP-SAT's bound covers
@@ -248,24 +255,42 @@ def _search(problem: Problem, started: float, limit: float) -> tuple[Built | Inf
 
 def _finish(plan: Plan, solved: Solved | None, proven: LowerBound, graph: Graph, ka_time: float,
             solve_s: float) -> Plan:
-    """The plan with its solver report: the gap to the proven bound (OPTIMAL only when it meets
-    the bound; the bound is not clipped: above the plan would be a bug to see) and the per-unit
-    model's own status beside it."""
+    """The plan with its solver report: both gaps to the proven bound (unclipped), OPTIMAL only
+    when the plan meets the bound, and the per-unit model's own status beside it. A bound above
+    the plan raises InternalError: no plan of the space beats a proven bound, so one of the two
+    figures is wrong."""
+    bound_s = ka_time + proven.overhead_s
+    bound_step = graph.ops[proven.step].name if proven.step >= 0 else None
+    _check_bound(plan, bound_s, ka_time, proven.kind, bound_step)
     model: dict[str, Any] = {}
     if solved is not None and solved.objective_s is not None:
         model = dict(model_objective_s=ka_time + solved.objective_s,
                      model_bound_s=ka_time + (solved.bound_s or 0.0))
-    report = SolverReport.of(
-        "FEASIBLE", plan.predicted_time_s, ka_time + proven.overhead_s, solve_s,
-        model_status=solved.status if solved else "NOT_RUN",
-        bound_step=graph.ops[proven.step].name if proven.step >= 0 else None, **model,
+    status = "OPTIMAL" if meets_bound(plan.predicted_time_s, bound_s) else "FEASIBLE"
+    plan.solver = SolverReport.of(
+        status, plan.predicted_time_s, bound_s, solve_s, keep_all_s=ka_time, bound_kind=proven.kind,
+        model_status=solved.status if solved else "NOT_RUN", bound_step=bound_step, **model,
     )
-    if report.gap <= _OPTIMAL_GAP:
-        report = dataclasses.replace(report, status="OPTIMAL")
-    plan.solver = report
     if not plan.method.startswith("cp-sat"):
         plan.method = f"{plan.method} (best measured plan; the cp-sat answer was not faster)"
     return plan
+
+
+def _check_bound(plan: Plan, bound_s: float, ka_time: float, kind: str, bound_step: str | None) -> None:
+    """Raise InternalError when the proven bound is above the plan's step time by more than the
+    tolerance (BOUND_REL_TOL of it + BOUND_ABS_TOL_S, for round-off): no plan beats a proven
+    bound, so the bound's relaxation or the plan's measured figures are wrong."""
+    if not bound_above(plan.predicted_time_s, bound_s):
+        return
+    where = f" at op {bound_step}" if bound_step else ""
+    raise InternalError(
+        f"a bug in tierplan: the proven lower bound on the step time, {bound_s:.9g} s (kind {kind}{where}: "
+        f"keep-all {ka_time:.9g} s + {bound_s - ka_time:.9g} s), is above the step time of the plan it "
+        f"bounds, {plan.predicted_time_s:.9g} s (method {plan.method!r}), by more than {BOUND_REL_TOL:g} of "
+        f"it + {BOUND_ABS_TOL_S:g} s. No plan can beat a proven bound: the bound (placement/bound.py) or "
+        f"the plan's figures (placement/simulate.py) are wrong. Please report it with the model, hardware "
+        f"and budget (--debug shows the traceback)"
+    )
 
 
 @dataclass
@@ -318,7 +343,8 @@ class _Search:
             if result.choice is None:
                 break
             info = SolverReport.of(result.status, ka_time + (result.objective_s or 0.0),
-                                   ka_time + (result.bound_s or 0.0), result.solve_s)
+                                   ka_time + (result.bound_s or 0.0), result.solve_s, keep_all_s=ka_time,
+                                   bound_kind=CP_SAT_MODEL)
             built = self.build(model.fates(result.choice), f"cp-sat ({label})", start=True, solver=info)
             if built.fits:
                 break

@@ -30,6 +30,40 @@ class PlanError(ValueError):
     """A plan cannot be made, read or replayed; the message names the step, tensor or setting."""
 
 
+class InternalError(RuntimeError):
+    """A figure tierplan proved contradicts one it measured: a bug in tierplan, not in its input.
+
+    Not a PlanError on purpose: the command line prints PlanErrors as the user's mistakes."""
+
+
+# A plan and its proven lower bound are equal when they differ by at most BOUND_REL_TOL of the
+# plan's step time plus BOUND_ABS_TOL_S: a plan that close is OPTIMAL, and a bound further above
+# the plan is an InternalError. The relative part covers the round-off of summing the same op
+# times in another order (~1e-15) and the 1e-6 of the overhead placement/bound.py shaves off
+# SCIP's answer for its tolerances; the absolute part covers the 1e-9 s it also shaves (that is
+# 1e-6 of a 1 ms step) and stays far below an op's launch time (~5 us).
+BOUND_REL_TOL = 1e-6
+BOUND_ABS_TOL_S = 1e-8
+
+# The bound kind of plans saved before SolverReport recorded one (docs/cost-model.md, "Bound kinds").
+BOUND_KIND_UNRECORDED = "unrecorded"
+
+
+def _bound_slack_s(objective_s: float) -> float:
+    return BOUND_REL_TOL * abs(objective_s) + BOUND_ABS_TOL_S
+
+
+def meets_bound(objective_s: float, bound_s: float) -> bool:
+    """Whether a step time of ``objective_s`` is at its lower bound ``bound_s`` (see BOUND_REL_TOL)."""
+    return objective_s - bound_s <= _bound_slack_s(objective_s)
+
+
+def bound_above(objective_s: float, bound_s: float) -> bool:
+    """Whether the lower bound ``bound_s`` exceeds the step time ``objective_s`` by more than the
+    tolerance (BOUND_REL_TOL): no real plan beats a proven bound, so that is a bug."""
+    return bound_s - objective_s > _bound_slack_s(objective_s)
+
+
 class InfeasibleBudget(PlanError):
     """No plan fits the memory budget; carries the smallest budget known to work."""
 
@@ -176,8 +210,12 @@ class SolverReport:
     """How a solver's plan was found and how far from the best it can be.
 
     ``bound_s`` is a proven lower bound on the step time of every plan of the planner's space
-    (docs/architecture.md, "Bounds and gaps"); ``gap`` is the plan's distance to it, as a share
-    of the plan's step time. ``status`` is OPTIMAL only when the plan meets that bound. The
+    (docs/architecture.md, "Bounds and gaps"); ``bound_kind`` is a short code for how it was
+    proven (docs/cost-model.md, "Bound kinds", explains each; the plan holds the code only).
+    Two gaps, neither clipped: ``gap`` = (plan - bound) / plan, a share of the step time, and
+    ``overhead_gap`` = (plan - bound) / (plan - keep-all), the share of the plan's overhead over
+    keep-all that is not proven unavoidable (None when the plan has no overhead but misses the
+    bound). ``status`` is OPTIMAL only when the plan meets the bound (``meets_bound``). The
     ``model_*`` fields are CP-SAT's own on its per-unit model (which covers fewer plans).
     """
 
@@ -190,12 +228,17 @@ class SolverReport:
     bound_step: str | None = None  # the op where the proven bound was found
     model_objective_s: float | None = None
     model_bound_s: float | None = None
+    overhead_gap: float | None = None
+    bound_kind: str | None = None  # a code of docs/cost-model.md's "Bound kinds" table
 
     @classmethod
-    def of(cls, status: str, objective_s: float, bound_s: float, solve_s: float, **more: Any) -> SolverReport:
-        """A report with the gap between ``objective_s`` and ``bound_s`` computed."""
-        gap = 0.0 if objective_s <= 0 else max(0.0, (objective_s - bound_s) / objective_s)
-        return cls(status, objective_s, bound_s, gap, solve_s, **more)
+    def of(cls, status: str, objective_s: float, bound_s: float, solve_s: float, *,
+           keep_all_s: float | None = None, **more: Any) -> SolverReport:
+        """A report with both gaps between ``objective_s`` and ``bound_s`` computed (the
+        overhead gap only when ``keep_all_s``, the keep-all step time, is given)."""
+        overhead_gap = None if keep_all_s is None else _overhead_gap(objective_s, bound_s, keep_all_s)
+        return cls(status=status, objective_s=objective_s, bound_s=bound_s, gap=_step_gap(objective_s, bound_s),
+                   solve_s=solve_s, overhead_gap=overhead_gap, **more)
 
     def items(self) -> list[tuple[str, Any]]:
         """(field, value) for every field set, in declaration order (reports print these)."""
@@ -206,12 +249,37 @@ class SolverReport:
         return dict(self.items())
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> SolverReport | None:
-        """None for an empty dict; fields this version does not know are dropped."""
+    def from_dict(cls, data: Mapping[str, Any], *, keep_all_s: float | None = None) -> SolverReport | None:
+        """None for an empty dict; fields this version does not know are dropped. A report saved
+        before bound kinds and overhead gaps were recorded gets BOUND_KIND_UNRECORDED and, given
+        the plan's ``keep_all_s``, its overhead gap computed from its figures."""
         if not data:
             return None
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        report = cls(**{k: v for k, v in data.items() if k in known})
+        if report.bound_s is None:
+            return report
+        if report.bound_kind is None:
+            report = dataclasses.replace(report, bound_kind=BOUND_KIND_UNRECORDED)
+        if report.overhead_gap is None and keep_all_s is not None and report.objective_s is not None:
+            report = dataclasses.replace(
+                report, overhead_gap=_overhead_gap(report.objective_s, report.bound_s, keep_all_s))
+        return report
+
+
+def _step_gap(objective_s: float, bound_s: float) -> float:
+    """(plan - bound) / plan, unclipped; 0 for a plan that takes no time."""
+    return 0.0 if objective_s == 0 else (objective_s - bound_s) / objective_s
+
+
+def _overhead_gap(objective_s: float, bound_s: float, keep_all_s: float) -> float | None:
+    """(plan - bound) / (plan - keep-all), unclipped. A plan at keep-all's time (up to round-off,
+    where the quotient would be noise over noise) has no overhead: 0 when it meets its bound,
+    else None (undefined: a bound below keep-all's time, which a proven bound never is)."""
+    overhead = objective_s - keep_all_s
+    if abs(overhead) <= _bound_slack_s(objective_s):
+        return 0.0 if meets_bound(objective_s, bound_s) else None
+    return (objective_s - bound_s) / overhead
 
 
 @dataclass
@@ -357,7 +425,7 @@ class Plan:
                 keep_all_time_s=data["keep_all_time_s"],
                 keep_all_peak_bytes=data["keep_all_peak_bytes"],
                 method=data["method"],
-                solver=SolverReport.from_dict(data["solver"]),
+                solver=SolverReport.from_dict(data["solver"], keep_all_s=data["keep_all_time_s"]),
                 decisions={k: Decision(**d) for k, d in data["decisions"].items()},
             )
         except (KeyError, IndexError, AttributeError, TypeError, ValueError) as exc:

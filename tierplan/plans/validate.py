@@ -13,6 +13,11 @@ schedule with its own bookkeeping. It checks that
 and it recomputes the peak bytes of every tier and the step time, which must agree with the plan's
 own predictions. Any violation raises PlanError naming the step and the tensor.
 
+The keep-all figures the report compares the plan against (``keep_all_time_s``,
+``keep_all_peak_bytes``) are checked the same way: this module builds the keep-all schedule of the
+plan's graph itself (every op once in capture order, each storage freed right after its last
+reader) and replays it with the device unbounded.
+
 Timing: one compute stream runs the compute and recompute steps in order; every transfer goes on
 its channel's queue, which runs its transfers one after another (each takes latency + bytes /
 bandwidth) and starts a transfer no earlier than the compute clock at the step that issued it; a
@@ -20,10 +25,11 @@ wait advances the compute clock to the transfer's end.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
-from tierplan.ir import PERSISTENT_KINDS
-from tierplan.plans.plan import DEVICE, Plan, PlanError, Step, StepKind
+from tierplan.ir import PERSISTENT_KINDS, Graph
+from tierplan.plans.plan import DEVICE, Plan, PlanError, Step, StepKind, compute, free
 
 _READY = "ready"
 _INCOMING = "incoming"
@@ -267,7 +273,10 @@ def replay(plan: Plan) -> Replay:
 
 
 def validate(plan: Plan, *, rel_tol: float = 1e-6) -> Replay:
-    """Replay ``plan`` and check that its predictions match what the replay measured."""
+    """Replay ``plan`` and check that its predictions, and the keep-all figures it is compared
+    against, match what the replays measure. Times agree within ``rel_tol`` of the plan's
+    measured step time (round-off of the same floats summed in another order is ~1e-15 of it);
+    bytes agree exactly."""
     result = replay(plan)
     for tier, peak in result.peak_bytes.items():
         predicted = plan.peak_bytes.get(tier, 0)
@@ -282,10 +291,71 @@ def validate(plan: Plan, *, rel_tol: float = 1e-6) -> Replay:
         ("recompute time", plan.recompute_time_s, result.recompute_time_s),
         ("exposed transfer time", plan.exposed_transfer_s, result.exposed_transfer_s),
     ):
-        # Relative to the step: the parts are sums of the same floats in another order, so a part
-        # that is zero in one sum can be rounding noise (1e-17 s) in the other.
-        if abs(predicted - measured) > rel_tol * max(abs(measured), result.time_s, 1e-12):
+        if not _same_time(predicted, measured, result.time_s, rel_tol):
             raise PlanError(
                 f"the plan predicts a {label} of {predicted:.9g} s, the replay measures {measured:.9g} s"
             )
+    _check_keep_all(plan, result.time_s, rel_tol)
     return result
+
+
+def _same_time(predicted: float, measured: float, step_s: float, rel_tol: float) -> bool:
+    # Relative to the step: the parts are sums of the same floats in another order, so a part
+    # that is zero in one sum can be rounding noise (1e-17 s) in the other.
+    return abs(predicted - measured) <= rel_tol * max(abs(measured), step_s, 1e-12)
+
+
+def keep_all_schedule(graph: Graph) -> list[Step]:
+    """Every op once in capture order, each storage freed right after the last op that touches
+    it (its producer when nothing reads it); graph inputs and outputs and the caller's state
+    (parameters, buffers, optimizer state) are never freed. Built here, from the graph alone, so
+    the check does not trust the planner's own keep-all plan."""
+    last_touch: dict[str, int] = {}
+    for index, op in enumerate(graph.ops):
+        for name in op.inputs + op.outputs:
+            last_touch[graph.tensors[name].storage] = index
+    kept = {graph.tensors[name].storage for name in graph.inputs + graph.outputs}
+    kept |= {s for s in last_touch if graph.tensors[s].kind in PERSISTENT_KINDS}
+    frees_after: dict[int, list[str]] = {}
+    for storage, index in last_touch.items():
+        if storage not in kept:
+            frees_after.setdefault(index, []).append(storage)
+    schedule: list[Step] = []
+    for index, op in enumerate(graph.ops):
+        schedule.append(compute(op.name))
+        schedule.extend(free(storage, DEVICE) for storage in sorted(frees_after.get(index, ())))
+    return schedule
+
+
+def replay_keep_all(plan: Plan) -> Replay:
+    """The keep-all schedule of ``plan``'s graph replayed with its op times, every input on the
+    device and the device unbounded (keep-all need not fit the plan's budget)."""
+    graph = plan.graph
+    unbounded = sum(graph.tensors[s].nbytes for s in graph.storages()) + 1
+    keep_all = dataclasses.replace(
+        plan, schedule=keep_all_schedule(graph), capacities={DEVICE: unbounded},
+        initial_tiers={graph.tensors[name].storage: DEVICE for name in graph.inputs},
+    )
+    return replay(keep_all)
+
+
+def _check_keep_all(plan: Plan, step_s: float, rel_tol: float) -> None:
+    """The plan's keep_all_peak_bytes and keep_all_time_s must be keep-all's own: the report's
+    overhead, budget share and gaps are measured against them."""
+    try:
+        measured = replay_keep_all(plan)
+    except PlanError as exc:
+        raise PlanError(f"the keep-all schedule of the plan's graph does not replay: {exc}") from None
+    fix = "re-plan with this tierplan, or fix the tool that wrote the plan"
+    peak = measured.peak_bytes[DEVICE]
+    if plan.keep_all_peak_bytes != peak:
+        raise PlanError(
+            f"the plan's keep_all_peak_bytes is {plan.keep_all_peak_bytes} bytes, a replay of the keep-all "
+            f"schedule of its graph (every op once in capture order, each storage freed after its last "
+            f"reader) measures {peak} bytes; {fix}"
+        )
+    if not _same_time(plan.keep_all_time_s, measured.time_s, max(step_s, measured.time_s), rel_tol):
+        raise PlanError(
+            f"the plan's keep_all_time_s is {plan.keep_all_time_s:.9g} s, a replay of the keep-all schedule "
+            f"of its graph with the plan's op times measures {measured.time_s:.9g} s; {fix}"
+        )

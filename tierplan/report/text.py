@@ -1,7 +1,8 @@
 """Plans as text: what `tierplan plan` and `tierplan show` print.
 
 The report has four parts: the headline figures (machine, budget, predicted step time and its
-overhead against keep-all, peak per tier, the solver's bound and gap), the fates of all storages
+overhead against keep-all, peak per tier, the solver's proven bound with its kind, and the gap to it
+as a share of the step time and of the overhead over keep-all), the fates of all storages
 in a line, one summary per repeated-block structure (counts and bytes by fate per block, instead
 of thousands of lines), and a table of the largest decisions, where a decision repeated in every
 block is listed once with its count.
@@ -17,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tierplan.ir import TensorKind
-from tierplan.plans.plan import DEVICE, Plan
+from tierplan.plans.plan import DEVICE, Plan, meets_bound
 from tierplan.units import format_bytes
 
 # The order fates are listed in.
@@ -27,6 +28,9 @@ _NO_CHOICE_KINDS = frozenset({TensorKind.TEMPORARY, TensorKind.INPUT, TensorKind
 
 
 def _ms(seconds: float) -> str:
+    # Small graphs and small overheads are microseconds: "0.0 ms" would hide them.
+    if abs(seconds) < 1e-3 and seconds != 0:
+        return f"{seconds * 1e6:,.1f} µs"
     return f"{seconds * 1e3:,.1f} ms" if seconds < 1 else f"{seconds:,.2f} s"
 
 
@@ -86,6 +90,52 @@ _BOUND_MEANING = (
     "own model (options at fixed points and windows, one decision per unit), not over every plan")
 
 
+def _solver_rows(plan: Plan) -> list[tuple[str, str]]:
+    """The solver's status, the proven bound with its kind, and the two gaps beside each other."""
+    solver = plan.solver
+    assert solver is not None
+    bits = [solver.status]
+    if solver.solve_s is not None:
+        bits.append(f"in {solver.solve_s:.1f} s")
+    shown = {"status", "solve_s", "bound_s", "gap", "overhead_gap", "bound_kind", "bound_step", "objective_s"}
+    bits += [f"{k} {_value(v)}" for k, v in solver.items() if k not in shown]
+    rows = [("solver", ", ".join(bits))]
+    if solver.bound_s is None:
+        return rows
+    where = f" at {solver.bound_step}" if solver.bound_step else ""
+    above = _sign_ms(solver.bound_s - plan.keep_all_time_s)
+    kind = solver.bound_kind or "-"
+    rows.append(("  proven bound", f"{_ms(solver.bound_s)} = keep-all {above} (kind {kind}{where})"))
+    rows.append(("  gap", _gaps(plan)))
+    meaning = _BOUND_MEANING + "; " if solver.bound_step is not None else ""
+    rows.append(("  bound", meaning + 'bound kinds: docs/cost-model.md, "Bound kinds"'))
+    return rows
+
+
+def _gaps(plan: Plan) -> str:
+    """Both gaps, unclipped: (plan - bound) / plan and (plan - bound) / (plan - keep-all)."""
+    solver = plan.solver
+    assert solver is not None and solver.bound_s is not None
+    objective = solver.objective_s if solver.objective_s is not None else plan.predicted_time_s
+    step = f"{_pct1(solver.gap)} of the step time" if solver.gap is not None else "-"
+    if meets_bound(objective, plan.keep_all_time_s):  # within round-off of keep-all: no share to give
+        over = "no overhead over keep-all"
+    elif solver.overhead_gap is None:
+        over = "overhead gap not recorded"
+    else:
+        over = f"{_pct1(solver.overhead_gap)} of the overhead over keep-all"
+    return f"{step}, {over} ({_ms(objective - solver.bound_s)} of the plan not proven unavoidable)"
+
+
+def _pct1(share: float) -> str:
+    """A share as a percentage with one decimal, unclipped (a negative gap shows as one)."""
+    return f"{100 * share:.1f}%"
+
+
+def _sign_ms(seconds: float) -> str:
+    return f"{'+' if seconds >= 0 else '-'}{_ms(abs(seconds))}"
+
+
 def plan_report(
     plan: Plan,
     *,
@@ -125,20 +175,8 @@ def plan_report(
         peaks.append(f"{tier} {format_bytes(peak)}" + (f" of {format_bytes(cap)} ({_pct(peak, cap)})" if cap else ""))
     rows.append(("peak per tier", "; ".join(peaks)))
     rows.append(("method", plan.method or "-"))
-    solver = plan.solver
-    if solver is not None:
-        bits = [solver.status]
-        if solver.solve_s is not None:
-            bits.append(f"in {solver.solve_s:.1f} s")
-        if solver.bound_s is not None:
-            bits.append(f"bound {_ms(solver.bound_s)}")
-        if solver.gap is not None:
-            bits.append(f"gap {100 * solver.gap:.1f}%")
-        known = {"status", "solve_s", "bound_s", "gap"}
-        bits += [f"{k} {_value(v)}" for k, v in solver.items() if k not in known]
-        rows.append(("solver", ", ".join(bits)))
-        if solver.bound_step is not None:
-            rows.append(("  bound", _BOUND_MEANING))
+    if plan.solver is not None:
+        rows += _solver_rows(plan)
     rows.append((
         "graph",
         f"{len(graph.ops):,} ops, {len(graph.storages()):,} storages, {len(plan.schedule):,} steps; "
