@@ -36,11 +36,14 @@ def plan(
 
     ``memory_budget``: bytes (int), a string with a unit ("6GiB", "500MB"), a float in (0, 1]
     meaning that fraction of the keep-all plan's device peak, or None for the whole device memory.
-    With ``training=True`` the loss is the model's output, or the ``loss`` field of it.
+    With ``training=True`` the loss is the model's output, or the ``loss`` field of it. The model
+    is captured with ``hardware``'s kernels (a GPU's fused attention; see ``capture``'s ``target``).
     """
-    captured = capture(model, tuple(example_inputs), example_kwargs=example_kwargs, training=training)
+    hw = hardware if isinstance(hardware, Hardware) else load_hardware(hardware)
+    captured = capture(model, tuple(example_inputs), example_kwargs=example_kwargs, training=training,
+                       target=hw)
     return plan_graph(
-        captured.graph, hardware=hardware, memory_budget=memory_budget, training=training,
+        captured.graph, hardware=hw, memory_budget=memory_budget, training=training,
         tiers=tiers, time_limit=time_limit,
     )
 

@@ -110,7 +110,8 @@ def cmd_plan(args: argparse.Namespace) -> None:
             args.model, batch_size=args.batch_size, seq_len=args.seq_len, training=args.training, fake=True
         )
         try:
-            captured = capture(model, example_args, example_kwargs=example_kwargs, training=args.training)
+            captured = capture(model, example_args, example_kwargs=example_kwargs, training=args.training,
+                               target=hardware)  # the hardware's kernels (a GPU's fused attention)
         except Exception as exc:
             _blame_user_model(exc, args.model)
             raise

@@ -9,7 +9,8 @@ graphs, so every joint op is labelled FORWARD or BACKWARD from the partition.
 Tracing always runs on fake tensors (AOTAutograd fakifies real inputs itself), so no kernel runs and
 no activation is allocated. A model whose parameters live on the meta device (or are fake already)
 is captured by handing AOTAutograd fake CPU tensors of the same shapes, which lets a
-Llama-2-70B-shaped model be captured on a laptop.
+Llama-2-70B-shaped model be captured on a laptop. ``capture(..., target=<GPU>)`` traces with that
+GPU's kernels where they differ from the CPU's (fused attention: ``passes/target_kernels.py``).
 
 The seam with AOTAutograd is ``AotRecorder``: a partition function plus forward/backward/inference
 compilers that record the graphs they are given. The same object plugs into
@@ -20,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -31,6 +33,8 @@ from torch._functorch.partitioners import default_partition
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.utils import _pytree as pytree
 
+from tierplan.cost_models.compute import op_base_name
+from tierplan.cost_models.hardware import Hardware
 from tierplan.ir import Graph, Phase, TensorKind
 from tierplan.passes.annotate import (
     MODULE_META_KEY,
@@ -40,6 +44,7 @@ from tierplan.passes.annotate import (
     annotate_graph,
 )
 from tierplan.passes.output_layout import OutputLayout, read_layout
+from tierplan.passes.target_kernels import KernelRecord, TargetKernels, target_kernels
 
 # The issuing module's qualified name is recorded under node.meta["custom"][MODULE_META_KEY]:
 # make_fx copies the "custom" dict onto every node created while it is set, and AOTAutograd
@@ -180,6 +185,7 @@ def capture(
     fake_device: str = "cpu",
     name: str | None = None,
     keep_outputs: bool = False,
+    target: str | Path | Hardware | TargetKernels | None = None,
 ) -> Captured:
     """Trace ``model(*example_inputs, **example_kwargs)`` into a Captured graph.
 
@@ -193,12 +199,21 @@ def capture(
     (detached, as values: the logits beside the loss), so a compiled step can return what the
     model returns; they are outputs of the planned step and live to its end. Inference graphs
     always return every tensor. ``Captured.layout`` rebuilds the model's own return value.
+
+    ``target`` (a hardware preset name, TOML path, Hardware or TargetKernels): the device the graph
+    is for. A GPU ("cuda"/"rocm" device kind) gets the GPU's kernels where they save other tensors
+    than the tracing machine's (fused flash / memory-efficient attention, see
+    ``tierplan.passes.target_kernels``); None or a CPU keeps the kernels of the device traced on.
+    Tensors stay on ``fake_device`` (the CPU) either way: only kernels and shapes change, and a
+    graph with a GPU's kernels runs on that GPU only (``Captured.run`` on CPU tensors fails).
     """
+    kernels = None if target is None else TargetKernels.of(target)
     flat = _flatten_call(model, example_inputs, example_kwargs)
     fake = _check_capturable(model, flat, training=training, fake=fake)
+    _check_fake_device(fake_device)
     trace_inputs = _trace_inputs(flat, _tensor_converter(flat, fake, fake_device), training)
     recorder = AotRecorder(compiled=_stop_running)
-    flat_fn, layouts = _flat_function(model, flat, training, keep_outputs)
+    flat_fn, layouts, record = _flat_function(model, flat, training, keep_outputs, kernels)
     compiled = aot_function(
         flat_fn,
         fw_compiler=recorder.fw_compiler,
@@ -219,6 +234,8 @@ def capture(
     graph = annotate_graph(gm, signature, name=name or type(model).__name__)
     graph.meta["training"] = training
     graph.meta["capture_seconds"] = round(seconds, 3)
+    if kernels is not None:
+        graph.meta["kernels"] = _kernels_meta(kernels, graph, record)
     return Captured(
         graph=graph,
         joint=gm,
@@ -312,15 +329,21 @@ def _trace_inputs(
 
 
 def _flat_function(
-    model: nn.Module, flat: _FlatCall, training: bool, keep_outputs: bool
-) -> tuple[Callable[..., Any], list[OutputLayout]]:
+    model: nn.Module,
+    flat: _FlatCall,
+    training: bool,
+    keep_outputs: bool,
+    kernels: TargetKernels | None = None,
+) -> tuple[Callable[..., Any], list[OutputLayout], KernelRecord]:
     """The model as a function of flat tensors (parameters, buffers, user tensors) returning
     the loss (training; with ``keep_outputs`` the model's other tensors after it, detached) or the
     model's tensor outputs (inference), as AOTAutograd traces it. The list it returns receives
-    the layout of the model's return value when AOTAutograd calls the function."""
+    the layout of the model's return value when AOTAutograd calls the function; the record, why
+    each attention kernel of ``kernels`` was chosen."""
     param_names, buffer_names = list(flat.params), list(flat.buffers)
     n_params, n_buffers = len(param_names), len(buffer_names)
     layouts: list[OutputLayout] = []
+    record = KernelRecord()
 
     def flat_fn(*tensors: torch.Tensor) -> Any:
         state = dict(zip(param_names, tensors[:n_params]))
@@ -329,7 +352,9 @@ def _flat_function(
         for pos, t in zip(flat.tensor_pos, tensors[n_params + n_buffers :]):
             leaves[pos] = t
         call_args, call_kwargs = pytree.tree_unflatten(leaves, flat.spec)
-        out = torch.func.functional_call(model, state, tuple(call_args), call_kwargs)
+        # Entered here, inside every trace AOTAutograd makes of the function.
+        with target_kernels(kernels, record):
+            out = torch.func.functional_call(model, state, tuple(call_args), call_kwargs)
         if not training:
             layout, values = read_layout(out)
             layouts.append(layout)
@@ -340,7 +365,38 @@ def _flat_function(
         # Detached: the other outputs are values of the step, not roots of its backward.
         return (loss, *(v.detach() for v in values[1:]))
 
-    return flat_fn, layouts
+    return flat_fn, layouts, record
+
+
+def _check_fake_device(fake_device: str) -> None:
+    """A fake CUDA tensor that requires grad aborts a CPU-only torch build (its autograd engine
+    asks the missing CUDA device guard for a stream): refuse before tracing."""
+    kind = torch.device(fake_device).type
+    if kind == "cuda" and not torch.cuda._is_compiled():
+        raise CaptureError(
+            f"fake_device={fake_device!r} needs a CUDA build of torch (this one is "
+            f"{torch.__version__}); to capture a graph with a GPU's kernels on this machine pass "
+            f"target='<gpu preset>' (e.g. target='h100-sxm') and keep fake_device='cpu'"
+        )
+
+
+# The forward ops of the fused attention kernels a GPU target may run.
+_FUSED_ATTENTION = ("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention")
+
+
+def _kernels_meta(kernels: TargetKernels, graph: Graph, record: KernelRecord) -> dict[str, Any]:
+    """graph.meta["kernels"]: the device the graph's kernels are for, and its attention ops."""
+    counts: dict[str, int] = {}
+    for op in graph.ops:
+        base = op_base_name(op.target)
+        if base in _FUSED_ATTENTION or base == "_safe_softmax":
+            counts[base] = counts.get(base, 0) + 1
+    meta: dict[str, Any] = {"device": kernels.kind, "hardware": kernels.name,
+                            "describe": kernels.describe()}  # fmt: skip
+    if kernels.gpu:
+        meta["attention"] = counts
+        meta["attention_choice"] = dict(record.reasons)
+    return meta
 
 
 def _checked_layout(layouts: list[OutputLayout], signature: GraphSignature, model_name: str) -> OutputLayout:
