@@ -121,13 +121,16 @@ def test_budget_in_bytes_that_cannot_be_met_raises():
         or "InfeasibleBudget" in str(info.value)
 
 
-def test_checkpoint_baseline_of_the_fidelity_bench_keeps_gradients():
+def test_checkpoint_baseline_of_the_fidelity_bench_keeps_gradients(monkeypatch):
     import importlib.util
+    import sys
     from pathlib import Path
 
     spec = importlib.util.spec_from_file_location(
         "fidelity", Path(__file__).parents[1] / "bench" / "fidelity.py")
     fidelity = importlib.util.module_from_spec(spec)
+    # Registered while it runs: dataclasses look their module up in sys.modules.
+    monkeypatch.setitem(sys.modules, spec.name, fidelity)
     spec.loader.exec_module(fidelity)
     model, args, kwargs = _build("gpt2-tiny")
     _loss(model(*args, **kwargs)).backward()

@@ -334,6 +334,12 @@ def backend(
     (``torch.no_grad()``, or inputs that need no gradient) come to the inference compiler and are
     planned with ``training=False``.
 
+    New shapes: dynamo traces a graph again with symbolic sizes when a call brings a new shape. A
+    plan is made at concrete sizes (annotating a graph reads each size as an int, which adds a
+    guard on it), so every new set of sizes is a new graph and a new plan, within torch.compile's
+    own recompile limit; the generated program checks its size inputs against the values it was
+    planned at (``ctx.check_planned``) rather than run a plan at sizes it was not made for.
+
     Graph breaks: every dynamo subgraph is planned on its own, and ``memory_budget`` applies to
     each: a fraction is of that subgraph's keep-all peak, bytes are that subgraph's limit. The
     activations a subgraph hands to the next are held by autograd between them, outside any plan.

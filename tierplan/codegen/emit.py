@@ -7,6 +7,14 @@ literal); a transfer is ``ctx.start`` at its start step and ``ctx.wait`` at its 
 from the device is ``del`` of every name bound to that storage. Python frees a storage when its
 last name goes, which is what makes ``del`` at the planned step the plan's free.
 
+Tiers: storages on nvme live in swap files; every other off-device tier (host, and a CXL memory
+expander's ``cxl``, which the CPU addresses as memory) is host memory, so the program keeps them
+in the host pool (``runtime.in_host_pool``).
+
+Dynamic shapes: a graph traced with symbolic sizes takes them as inputs and computes sizes with
+scalar ops (``add_36 = operator.add(1, s0)``); the program binds those results like tensors, and
+checks at its start that each size input has the value the plan was made at.
+
 Views: the plan moves and frees storages, the program names tensors. When a storage comes back to
 the device (a prefetch lands, or the op that makes it is recomputed), every view of it that the
 program still reads is rebuilt over it with the geometry recorded at capture (``alias``), since
@@ -45,11 +53,11 @@ import torch
 import torch.fx
 
 from tierplan.codegen.arena import ArenaLayout, out_variant, plan_arena
-from tierplan.codegen.runtime import Layout
+from tierplan.codegen.runtime import Layout, in_host_pool
 from tierplan.ir import PERSISTENT_KINDS, TensorKind
 from tierplan.passes.annotate import getitem_users
 from tierplan.packing.pack import Buffer, pack_greedy
-from tierplan.plans.plan import DEVICE, HOST, NVME, Plan, Step, StepKind
+from tierplan.plans.plan import DEVICE, NVME, Plan, Step, StepKind
 from tierplan.units import format_bytes
 
 _TEMPLATES = Path(__file__).parent / "templates"
@@ -72,10 +80,11 @@ class Program:
     layout: Layout
     constants: dict[str, torch.Tensor] = field(default_factory=dict)
     targets: list[Callable[..., Any]] = field(default_factory=list)
-    # Per output: True when the plan leaves it on the host tier, so the program returns a view of
-    # the host pool (or the caller's host tensor), which the caller must copy before the next run.
+    # Per output: True when the plan leaves it off the device (a host-memory tier or nvme), so the
+    # program returns a view of the host pool, the caller's host tensor or a read of its swap file,
+    # which the caller must copy before the next run.
     outputs_on_host: list[bool] = field(default_factory=list)
-    offdevice_inputs: list[str] = field(default_factory=list)  # placeholders starting on host/nvme
+    offdevice_inputs: list[str] = field(default_factory=list)  # placeholders starting off the device
     # Split programs only: the placeholders sent in at the yield (tangents), and the graph outputs
     # yielded there (the forward outputs); ``outputs`` are then what the generator returns.
     late_inputs: list[str] = field(default_factory=list)
@@ -123,7 +132,9 @@ class _Emitter:
         self.gm = gm
         self.nodes = {n.name: n for n in gm.graph.nodes}
         self.value_of: dict[str, str] = {}  # fx node name -> IR tensor name
-        self.outputs_of: dict[str, list[str | None]] = {}  # op -> tensor per tuple slot
+        # op -> the name bound to each result slot: a tensor, or a scalar (see ``_is_scalar``);
+        # None where the program binds nothing (the slot is unused or not a value).
+        self.outputs_of: dict[str, list[str | None]] = {}
         self.geometry: dict[str, _Geometry] = {}
         self.targets: list[Callable[..., Any]] = []
         self._index_values()
@@ -134,7 +145,7 @@ class _Emitter:
         self.bound: set[str] = set()
         self.dropped: dict[str, set[str]] = {}  # storage -> names deleted at its last free
         self.host_named: dict[str, str] = {}  # caller-owned storage starting on host -> its name
-        self.on_host: set[str] = set()  # storages resident on the host tier (static tracking)
+        self.on_host: set[str] = set()  # storages resident on a host-memory tier (static tracking)
         self.on_nvme: set[str] = set()  # storages that have a swap file
         self.offdevice_inputs: list[str] = []  # caller-owned storages the plan starts off the device
         self.body: list[tuple[str, str]] = []  # (code, step label)
@@ -153,19 +164,28 @@ class _Emitter:
                     slots: list[str | None] = []
                     users = getitem_users(node)
                     for i, v in enumerate(val):
-                        if not isinstance(v, torch.Tensor):
-                            slots.append(None)
-                            continue
-                        name = users[i][0] if users.get(i) else f"{node.name}.{i}"
-                        for u in users.get(i, []):
-                            self.value_of[u] = name
-                        self._record_geometry(name, v)
-                        slots.append(name)
+                        slots.append(self._index_slot(node, i, v, users.get(i, [])))
                     self.outputs_of[node.name] = slots
                 else:
                     self.value_of[node.name] = node.name
                     self._record_geometry(node.name, val)
-                    self.outputs_of[node.name] = [node.name] if isinstance(val, torch.Tensor) else [None]
+                    bound = isinstance(val, torch.Tensor) or _is_scalar(val)
+                    self.outputs_of[node.name] = [node.name if bound else None]
+
+    def _index_slot(self, node: torch.fx.Node, index: int, val: Any, users: list[str]) -> str | None:
+        """The name of element ``index`` of the tuple ``node`` returns (its first getitem's, as
+        annotate names it), or None when it is neither a tensor nor a scalar."""
+        if isinstance(val, torch.Tensor):
+            name = users[0] if users else f"{node.name}.{index}"
+            self._record_geometry(name, val)
+        elif _is_scalar(val) and users:
+            # A scalar element (a SymInt size of a flash-attention output): later nodes read it.
+            name = users[0]
+        else:
+            return None
+        for u in users:
+            self.value_of[u] = name
+        return name
 
     def _record_geometry(self, name: str, val: Any) -> None:
         if isinstance(val, torch.Tensor):
@@ -243,16 +263,18 @@ class _Emitter:
         inputs = [n.name for n in self.gm.graph.nodes if n.op == "placeholder"]
         constants = [n.name for n in self.gm.graph.nodes if n.op == "get_attr"]
         self.bound = (set(inputs) - set(self.late)) | set(constants)
+        self.check_symbolic_inputs()
         early_body = self.body
         for storage, tier in plan.initial_tiers.items():
             # The prologue of an input that arrives at the yield runs right after it.
             self.body = self.deferred if storage in self.late else early_body
             if tier == DEVICE:
                 continue
-            if tier not in (HOST, NVME) or storage not in self.bound:
+            if storage not in self.bound:
                 raise EmitError(
-                    f"the plan starts {storage} on {tier}; code generation supports caller-owned "
-                    f"graph inputs that start on the device, the host or nvme"
+                    f"the plan starts {storage} on {tier}; code generation supports only "
+                    f"caller-owned graph inputs starting off the device (on a host-memory tier "
+                    f"such as host or cxl, or on nvme)"
                 )
             self.offdevice_inputs.append(storage)
             if tier == NVME:
@@ -263,10 +285,11 @@ class _Emitter:
                 self.line(f"del {self.var(storage)}", "prologue")
                 self.bound.discard(storage)
                 continue
-            # The caller passes it in host memory; the program's device copy comes and goes.
+            # The caller passes it in host memory (a host-memory tier: host DRAM, or CXL memory,
+            # which the CPU addresses like DRAM); the program's device copy comes and goes.
             self.host_named[storage] = f"_host_{self.var(storage)}"
             self.on_host.add(storage)
-            self.line(f"{self.host_named[storage]} = {self.var(storage)}  # starts on the host", "prologue")
+            self.line(f"{self.host_named[storage]} = {self.var(storage)}  # starts on {tier}", "prologue")
             self.line(f"del {self.var(storage)}", "prologue")
             self.bound.discard(storage)
         self.body = early_body
@@ -307,8 +330,9 @@ class _Emitter:
         returned: list[str] = []
         on_host: list[bool] = []
         for name in outputs:
-            storage = self.graph.tensors[name].storage if name is not None else None
-            if name is None or name in self.bound:
+            info = self.graph.tensors.get(name) if name is not None else None
+            storage = info.storage if info is not None else None
+            if name is None or name in self.bound:  # a tensor on the device, or a scalar
                 returned.append("None" if name is None else self.var(name))
                 on_host.append(False)
             elif storage in self.on_host:
@@ -346,6 +370,24 @@ class _Emitter:
             layout=self.layout(), constants=constants_values, targets=list(self.targets),
             arena=self.arena,
         )
+
+    def check_symbolic_inputs(self) -> None:
+        """A graph traced with dynamic shapes takes its sizes as inputs (SymInt placeholders),
+        but the plan (tensor sizes, transfer bytes, host slots, the views rebuilt after a
+        transfer) was made at one value of each: the program checks it runs at those values."""
+        for node in self.gm.graph.nodes:
+            if node.op != "placeholder" or node.name in self.late:
+                continue
+            val = node.meta.get("val")
+            if not isinstance(val, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+                continue
+            planned = getattr(val.node, "hint", None)
+            if planned is None:
+                raise EmitError(
+                    f"input {node.name} is a symbolic size ({val}) without a value to plan at; "
+                    f"code generation needs graphs traced at concrete sizes"
+                )
+            self.line(f"ctx.check_planned({node.name!r}, {self.var(node.name)}, {planned!r})", "prologue")
 
     def op_step(self, index: int, s: Step, label: str, random_replay: bool) -> None:
         node = self.nodes.get(s.op or "")
@@ -450,6 +492,11 @@ class _Emitter:
     def start_step(self, index: int, s: Step, label: str) -> None:
         storage = self.graph.tensors[s.tensor or ""].storage
         nbytes = self.graph.tensors[storage].nbytes
+        if DEVICE not in (s.src, s.dst):
+            raise EmitError(
+                f"{label}: {storage} moves {s.src} -> {s.dst}; generated programs copy only between "
+                f"the device and another tier"
+            )
         handle = f"_to_{s.dst}_{self.var(storage)}"
         decision = self.plan.decisions.get(storage)
         why = f"{decision.fate}: {decision.reason}" if decision else "no decision recorded"
@@ -463,7 +510,7 @@ class _Emitter:
             if placed is not None and placed.in_arena:
                 src_expr = f"_arena[{placed.offset}:{placed.offset + nbytes}], raw=True"
         else:
-            src_expr = self.host_named.get(storage, "None") if s.src == HOST else "None"
+            src_expr = self.host_named.get(storage, "None") if in_host_pool(s.src) else "None"
         into = ""
         placed = self.arena.at(index, storage) if self.arena is not None and s.dst == DEVICE else None
         if placed is not None and placed.in_arena:
@@ -476,7 +523,7 @@ class _Emitter:
         storage = self.graph.tensors[s.tensor or ""].storage
         handle = f"_to_{s.dst}_{self.var(storage)}"
         if s.dst != DEVICE:
-            (self.on_host if s.dst == HOST else self.on_nvme).add(storage)
+            (self.on_host if in_host_pool(s.dst) else self.on_nvme).add(storage)
             self.line(f"ctx.wait({handle})", label)
             return
         self.line(self.alias_line(storage, f"ctx.wait({handle})"), label)
@@ -489,9 +536,9 @@ class _Emitter:
 
     def free_step(self, s: Step, label: str) -> None:
         storage = self.graph.tensors[s.tensor or ""].storage
-        if s.tier == HOST:
+        if in_host_pool(s.tier or DEVICE):
             self.on_host.discard(storage)
-            self.line(f"# {storage} leaves the host pool (its slot is free for reuse)", label)
+            self.line(f"# {storage} leaves {s.tier} (its host-pool slot is free for reuse)", label)
             return
         if s.tier == NVME:
             self.on_nvme.discard(storage)
@@ -607,14 +654,15 @@ class _Emitter:
     # -- other tiers ----------------------------------------------------------------------------
 
     def layout(self) -> Layout:
-        """Static host-pool slots (packed by lifetime on the host tier) and the copy queues."""
+        """Static host-pool slots (packed by lifetime over the host-memory tiers: host, and any
+        other off-device tier but nvme, see ``in_host_pool``) and the copy queues."""
         opened: dict[str, int] = {}
         spans: dict[str, tuple[int, int]] = {}
         n = len(self.plan.schedule)
         for i, s in enumerate(self.plan.schedule):
-            if s.kind == StepKind.START_TRANSFER and s.dst == HOST:
+            if s.kind == StepKind.START_TRANSFER and in_host_pool(s.dst or DEVICE):
                 opened.setdefault(self.graph.tensors[s.tensor or ""].storage, i)
-            elif s.kind == StepKind.FREE and s.tier == HOST:
+            elif s.kind == StepKind.FREE and in_host_pool(s.tier or DEVICE):
                 storage = self.graph.tensors[s.tensor or ""].storage
                 if storage in opened:
                     start = opened.pop(storage)
@@ -660,6 +708,13 @@ def _flat(x: Any) -> list[Any]:
     if isinstance(x, (list, tuple)):
         return [v for item in x for v in _flat(item)]
     return [x]
+
+
+def _is_scalar(val: Any) -> bool:
+    """A value an fx node computes that is a number, not a tensor: under dynamic shapes the graph
+    does size arithmetic (``add_36 = operator.add(1, s0)``, ``sym_size``) whose results later
+    ops take as arguments, so the program must bind them like tensors (they hold no memory)."""
+    return isinstance(val, (torch.SymInt, torch.SymFloat, torch.SymBool, bool, int, float))
 
 
 def _is_random(node: torch.fx.Node) -> bool:

@@ -4,7 +4,8 @@ A generated program (see ``emit.py``) is straight-line Python: one line per sche
 call into this module per transfer. Everything stateful lives in a ``Context`` made for one run:
 
 - the **host pool**: one preallocated byte buffer (pinned when the device is a GPU); every storage
-  the plan sends to the host tier has a static (offset, size) slot in it, packed by the emitter;
+  the plan sends to a host-memory tier (host, or cxl: see ``in_host_pool``) has a static
+  (offset, size) slot in it, packed by the emitter;
 - the **device arena** (programs emitted with ``arena=True``, see ``arena.py``): one device byte
   buffer per run, allocated when the program starts (``Context.new_arena``), in which ops write
   their outputs (``.out`` overloads) and transfers to the device land, at static offsets; the
@@ -13,9 +14,25 @@ call into this module per transfer. Everything stateful lives in a ``Context`` m
 - the **swap directory**: one file per storage the plan sends to the NVMe tier, removed when the
   run ends (returns, raises, or is interrupted);
 - one **copy queue per plan channel queue**: on a GPU, device<->host copies run on their own CUDA
-  stream ordered by CUDA events and file I/O on a worker thread; on the CPU every transfer is a
-  real copy on a one-thread worker per queue, so transfers on one queue run one after another as
-  the plan's timing model assumes, and overlap the compute thread.
+  stream ordered by CUDA events and file I/O on a worker thread (one per queue, so transfers on
+  one queue run one after another as the plan's timing model assumes, and overlap the compute
+  stream). On the CPU the device and host memory are the same DRAM: a copy between them is a
+  memcpy that the compute thread makes itself when the program issues it (``inline``), since
+  handing it to a worker thread costs a wake-up and a GIL hand-off (tens to hundreds of
+  microseconds on a loaded machine, ``tierplan calibrate`` measures both) for a copy of a few
+  microseconds, and a worker would share the same cores and memory bus with the compute anyway.
+  Worse, a worker thread that runs a torch op gets an OpenMP thread team of its own: on a 2-core
+  machine the two teams spin against each other, and once a plan's worker had copied, every
+  compiled model in the process ran about 3x slower (gpt2-tiny's keep-all step 3.0 -> 9 ms).
+  Small copies are one ``memmove`` of the storage's bytes, larger ones a (multi-threaded)
+  ``copy_``. Swap-file I/O keeps its worker thread on the CPU too (a drive's latency can overlap
+  compute).
+
+On the CPU a program also asks glibc to keep freed memory (``keep_freed_memory``): by default it
+returns a freed block of 128 KiB or more to the OS (and trims the heap's top), so a step that frees
+its gradients and activations makes the next step fault its pages in again, zeroed by the kernel
+(an 11 MiB MLP step took 2800 page faults, ~4 ms, more than its kernels). Set
+``TIERPLAN_KEEP_FREED_MEMORY=0`` to leave malloc as it is.
 
 Storages move as raw bytes: a transfer copies the whole storage behind a tensor, and the arrival
 rebuilds the tensor (and any view of it the program still needs) over the landed bytes with the
@@ -24,7 +41,11 @@ start of the transfer, which is when the plan counts them.
 """
 from __future__ import annotations
 
+import ctypes
+import os
+import platform
 import shutil
+import sys
 import tempfile
 import threading
 import weakref
@@ -35,7 +56,58 @@ from typing import Any, Callable
 
 import torch
 
-from tierplan.plans.plan import DEVICE, HOST
+from tierplan.plans.plan import DEVICE, NVME
+
+
+def in_host_pool(tier: str) -> bool:
+    """Whether storages on ``tier`` live in the host pool: every off-device tier but NVMe. Host
+    DRAM is; so is a CXL memory expander (tier "cxl"), which the CPU addresses as memory (a
+    CPU-less NUMA node) and a GPU reaches by DMA like DRAM, so copies to and from it are the
+    host's. NVMe storages live in swap files."""
+    return tier not in (DEVICE, NVME)
+
+
+# Inline (CPU) copies up to this size are one memmove; larger ones a copy_ on torch's threads.
+_MEMMOVE_BYTES = 256 * 1024
+# glibc mallopt parameters (malloc.h) and what keep_freed_memory sets them to.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_MMAP_THRESHOLD = 32 * 2**20  # the largest glibc accepts on 64-bit (HEAP_MAX_SIZE / 2)
+_TRIM_THRESHOLD = 512 * 2**20
+_kept_freed_memory: bool | None = None
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc, once per process, to keep freed memory for reuse instead of returning it to the
+    OS: blocks up to 32 MiB come from the heap (not a fresh mmap each time) and up to 512 MiB free
+    at the heap's top stay mapped. Returns whether malloc is set so (False off glibc, or with
+    ``TIERPLAN_KEEP_FREED_MEMORY=0``). See the module docstring."""
+    global _kept_freed_memory
+    if _kept_freed_memory is None:
+        _kept_freed_memory = False
+        if (os.environ.get("TIERPLAN_KEEP_FREED_MEMORY", "1") != "0" and sys.platform.startswith("linux")
+                and platform.libc_ver()[0] == "glibc"):
+            try:
+                libc = ctypes.CDLL(None)
+                _kept_freed_memory = bool(libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
+                                          and libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
+            except (OSError, AttributeError):
+                pass
+    return _kept_freed_memory
+
+
+def copy_bytes(dst: torch.Tensor, src: torch.Tensor | torch.UntypedStorage) -> None:
+    """``dst`` (1-D uint8, contiguous, on the CPU) <- the bytes of ``src`` (1-D uint8, or a whole
+    storage), on the calling thread: one memmove when small, else ``copy_``."""
+    n = dst.numel()
+    count = src.nbytes() if isinstance(src, torch.UntypedStorage) else src.numel()
+    if count != n:
+        raise TierplanRuntimeError(f"a copy of {count} bytes into {n}: the plan's sizes do not match the tensors")
+    if n <= _MEMMOVE_BYTES:
+        ctypes.memmove(dst.data_ptr(), src.data_ptr(), n)
+    elif isinstance(src, torch.UntypedStorage):
+        dst.copy_(torch.empty(0, dtype=torch.uint8).set_(src))
+    else:
+        dst.copy_(src)
 
 
 class TierplanRuntimeError(RuntimeError):
@@ -86,10 +158,19 @@ class Layout:
 class Runtime:
     """Per-compiled-program resources that outlive one run: the host pool and the copy queues."""
 
-    def __init__(self, layout: Layout, device: torch.device, swap_root: str | Path | None = None) -> None:
+    def __init__(self, layout: Layout, device: torch.device, swap_root: str | Path | None = None,
+                 *, inline_copies: bool | None = None) -> None:
         self.layout = layout
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
+        # Copies between the device and host memory made on the compute thread when the program
+        # issues them: the default on the CPU (see the module docstring); False hands them to a
+        # worker thread per queue as file I/O is. Never on a GPU, whose copies run on streams.
+        cpu = self.device.type == "cpu"
+        self.inline = cpu if inline_copies is None else (bool(inline_copies) and cpu)
+        self._slots: dict[str, torch.Tensor] = {}
+        if cpu:
+            keep_freed_memory()
         # The host pool is allocated once, before any run, so it is never part of a run's device
         # peak (and on a GPU it is pinned so device<->host copies are asynchronous).
         self.host_pool = torch.empty(
@@ -119,8 +200,11 @@ class Runtime:
         return self._last_arena()
 
     def host_slot(self, storage: str) -> torch.Tensor:
-        offset, nbytes = self.layout.host_slots[storage]
-        return self.host_pool[offset : offset + nbytes]
+        slot = self._slots.get(storage)
+        if slot is None:  # made once per storage: a slot is a fixed view of the pool
+            offset, nbytes = self.layout.host_slots[storage]
+            slot = self._slots[storage] = self.host_pool[offset : offset + nbytes]
+        return slot
 
     def close(self) -> None:
         shutdown_workers(self._workers)
@@ -204,6 +288,17 @@ class Context:
             self._swap_dir = None
 
     @staticmethod
+    def check_planned(name: str, value: Any, planned: Any) -> None:
+        """Raise unless the size input ``name`` (a graph traced with dynamic shapes) is the value
+        the plan was made at: every tensor size, transfer and host slot of the plan depends on it."""
+        if value != planned:
+            raise TierplanRuntimeError(
+                f"input {name} is {value}, but this program's plan was made for {name} = {planned}; "
+                f"its tensor sizes, transfers and host slots hold only there: plan this shape anew "
+                f"(torch.compile recompiles for a new size when its guards are specialized)"
+            )
+
+    @staticmethod
     def handoff(*outputs: Any) -> tuple[Any, ...]:
         """What a split program yields: its forward outputs as new tensor objects over the same
         storages (no copy), so the caller's references and the program's are distinct."""
@@ -243,6 +338,19 @@ class Context:
         when ``src`` is the device (with ``raw``, already its bytes: a slot of the arena).
         ``into`` (arena programs) is the device bytes an arrival lands in; otherwise they are
         allocated here."""
+        if self.rt.inline and in_host_pool(dst if src == DEVICE else src):
+            # The CPU: the compute thread copies it now (see the module docstring).
+            if src == DEVICE:
+                assert tensor is not None
+                copy_bytes(self.rt.host_slot(storage), tensor if raw else tensor.untyped_storage())
+                t = Transfer(storage, dst=dst)
+            else:
+                landed = into if into is not None else torch.empty(nbytes, dtype=torch.uint8)
+                copy_bytes(landed, tensor.untyped_storage() if tensor is not None else self.rt.host_slot(storage))
+                t = Transfer(storage, landed=landed)
+            if self.on_transfer is not None:
+                self.on_transfer(self, storage)
+            return t
         queue = self.rt.layout.queues[f"{src}->{dst}"]
         if src == DEVICE:
             assert tensor is not None
@@ -250,7 +358,8 @@ class Context:
             t.dst = dst
         else:
             t = self._fetch(storage, src, queue, nbytes, tensor, into)
-        self._pending.append(t)
+        if t.done is not None or t.event is not None:  # in flight (an inline copy is done)
+            self._pending.append(t)
         if self.on_transfer is not None:
             self.on_transfer(self, storage)
         return t
@@ -263,12 +372,13 @@ class Context:
             torch.cuda.current_stream(self.device).wait_event(t.event)
             if t.dst != DEVICE:
                 self._host_events.append(t.event)
-        self._pending.remove(t)
+        if t.done is not None or t.event is not None:
+            self._pending.remove(t)
         landed, t.landed = t.landed, None  # the handle must not keep the storage alive
         return landed
 
     def _offload(self, storage: str, data: torch.Tensor, dst: str, queue: str) -> Transfer:
-        if dst == HOST:
+        if in_host_pool(dst):
             slot = self.rt.host_slot(storage)
             if self.rt.cuda:
                 return self._on_stream(storage, queue, lambda: slot.copy_(data, non_blocking=True))
@@ -284,9 +394,9 @@ class Context:
         # The destination is allocated here, on the compute stream, when the plan counts it
         # (or is its slot of the arena).
         landed = into if into is not None else torch.empty(nbytes, dtype=torch.uint8, device=self.device)
-        if src == HOST:
-            # A caller-owned tensor that lives on the host is read in place; anything else the
-            # program sent to the host is in its pool slot.
+        if in_host_pool(src):
+            # A caller-owned tensor that lives in host memory is read in place; anything else the
+            # program sent to a host-memory tier is in its pool slot.
             slot = storage_bytes(tensor) if tensor is not None else self.rt.host_slot(storage)
             if self.rt.cuda:
                 t = self._on_stream(storage, queue, lambda: landed.copy_(slot, non_blocking=True))
@@ -445,6 +555,6 @@ def _failing_step(exc: BaseException, source_path: str, line_steps: dict[int, st
 
 __all__ = [
     "Context", "Layout", "Runtime", "SplitRun", "TierplanRuntimeError", "Transfer", "alias",
-    "run_step",
+    "copy_bytes", "in_host_pool", "keep_freed_memory", "run_step",
     "storage_bytes",
 ]

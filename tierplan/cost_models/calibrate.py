@@ -9,11 +9,17 @@ rates that the cost models use, on the machine at hand:
   read plus bytes written (2 n), as the roofline counts an op's bytes;
 - per-op overhead: the median time of a one-element ``torch.add`` (dispatch, plus the kernel launch
   on CUDA, where back-to-back launches are timed between synchronizations);
+- convolution efficiency: the FLOP rate of a small 3x3 convolution (4 x 32 x 16 x 16, 32 filters),
+  forward and backward, as a share of the float32 matmul rate above;
 - copy bandwidths: CPU memcpy within DRAM for the device<->host link of the CPU machine; on CUDA
   host->device and device->host from pinned memory, alone and both at once on two streams;
 - the nvme tier: sequential write (with fsync) and read bandwidth of a file in a temporary
   directory, the page cache dropped in between with posix_fadvise where the OS has it, and the
-  latency of a 4 KiB read. The directory is removed afterwards, on errors too.
+  latency of a 4 KiB read. The directory is removed afterwards, on errors too;
+- what running a plan costs beyond kernels and bytes (``RuntimeCosts``, see ``_runtime_costs``):
+  the issue cost per op of a generated program of small ops, the per-step cost of the module that
+  runs it, and the per-copy cost of each kind of copy queue the runtime has (inline on the compute
+  thread, a worker thread, a CUDA stream where CUDA is, a swap file).
 
 Every time is taken after a warm-up call, over samples of several calls each (long enough to swamp
 timer resolution), as the median of the fastest quarter of the samples: interference from other
@@ -22,19 +28,26 @@ processes only ever adds time, and on a shared machine it hits most samples (see
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import datetime
+import operator
 import os
 import platform
 import shutil
 import statistics
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from tierplan.cost_models.hardware import (
     Cluster,
@@ -43,6 +56,7 @@ from tierplan.cost_models.hardware import (
     HardwareError,
     Host,
     Link,
+    RuntimeCosts,
     Tier,
     load_hardware,
     render_hardware_toml,
@@ -114,6 +128,24 @@ def _matmul_flops(device: torch.device, dtype: torch.dtype, n: int, budget_s: fl
 def _copy_seconds(src: torch.Tensor, dst: torch.Tensor, budget_s: float,
                   sync: Callable[[], None]) -> float:  # fmt: skip
     return _median_seconds(lambda: dst.copy_(src, non_blocking=True), sync, budget_s)
+
+
+def _conv_efficiency(device: torch.device, matmul_flops: float, budget_s: float,
+                     sync: Callable[[], None]) -> float:  # fmt: skip
+    """The FLOP rate of a small convolution, forward and backward, over ``matmul_flops``."""
+    x = torch.randn(4, 32, 16, 16, device=device)
+    w = torch.randn(32, 32, 3, 3, device=device)
+    y = torch.conv2d(x, w, padding=1)
+    g = torch.ones_like(y)
+    flops = 2 * x.shape[0] * 32 * 32 * 9 * 16 * 16  # forward; the backward is twice that
+
+    def step() -> None:
+        torch.ops.aten.convolution.default(x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1)
+        torch.ops.aten.convolution_backward.default(g, x, w, None, [1, 1], [1, 1], [1, 1], False,
+                                                    [0, 0], 1, [True, True, False])  # fmt: skip
+
+    rate = 3 * flops / _median_seconds(step, sync, budget_s)
+    return min(1.0, rate / matmul_flops)
 
 
 def _dispatch_seconds(device: torch.device, budget_s: float, sync: Callable[[], None]) -> float:
@@ -296,6 +328,17 @@ def calibrate(
         hw = _cpu_hardware(host, nvme, nvme_link, sizes, note, no_sync)
     else:
         hw = _cuda_hardware(torch.device(device), host, nvme, nvme_link, sizes, note)
+    run_on = torch.device(device) if kind == "cuda" else cpu
+    # A quick run probes the runtime on one thread: hundreds of small ops, each a parallel region
+    # that waits for a descheduled OpenMP thread on a busy machine, would take seconds (and measure
+    # the neighbours). Its figures are then a little low for a multi-threaded run.
+    if quick:
+        torch.set_num_threads(1)
+    try:
+        runtime = _runtime_costs(run_on, hw.device, sizes, scratch_dir, note)
+    finally:
+        torch.set_num_threads(threads)
+    hw = dataclasses.replace(hw, runtime=runtime)
     hw = dataclasses.replace(
         hw,
         description=f"{hw.device.name}, {stamp}",
@@ -327,11 +370,15 @@ def _cpu_hardware(
         note(f"device.peak_flops.{key}", f"{key} median time of torch.mm n={sizes.matmul_n}")
     dispatch = _dispatch_seconds(cpu, sizes.budget_s, sync)
     note("device.launch_overhead_s", "median time of a one-element torch.add (dispatch)")
+    conv = _conv_efficiency(cpu, host.cpu_flops, sizes.budget_s, sync)
+    note("device.conv_efficiency", "3x3 convolution 4x32x16x16 -> 32, forward + backward, FLOP rate "
+                                   "over the float32 matmul's")
     note("device.memory_bandwidth", "as host.dram_bandwidth (the device is the CPU)")
     memcpy = host.dram_bandwidth / 2  # a copy of n bytes moves 2n: n per direction of the "link"
     device = Device(
         name=host.name, kind="cpu", memory_bytes=host.dram_bytes,
         memory_bandwidth=host.dram_bandwidth, peak_flops=peaks, launch_overhead_s=dispatch,
+        conv_efficiency=conv,
     )  # fmt: skip
     # On a CPU machine the device and host tiers are the same DRAM: a budget on the device tier
     # is what binds, and a "transfer" between them is a memcpy over the one memory bus.
@@ -342,15 +389,17 @@ def _cpu_hardware(
                      description="CPU DRAM (the same memory as the device tier)"),
         "nvme": nvme,
     }  # fmt: skip
+    # The fixed cost of a copy is the runtime's (runtime.inline_copy_s: the program makes it on the
+    # compute thread, its copy_ dispatch included), not the memory bus's.
     links = {
         "device-host": Link(
             name="device-host", src="device", dst="host", bandwidth=memcpy,
-            latency_s=dispatch, duplex=False, description="memcpy within DRAM (one memory bus)",
+            latency_s=0.0, duplex=False, description="memcpy within DRAM (one memory bus)",
         ),
         "host-nvme": nvme_link,
     }  # fmt: skip
     note("links.device-host.bandwidth", "copy_ within DRAM, bytes copied per second")
-    note("links.device-host.latency_s", "as device.launch_overhead_s")
+    note("links.device-host.latency_s", "none of its own: a copy's fixed cost is runtime.inline_copy_s")
     return Hardware(
         name="calibrated-cpu", description="", device=device, tiers=tiers, links=links, host=host,
         cluster=Cluster(gpus_per_node=1, nodes=1),
@@ -384,6 +433,9 @@ def _cuda_hardware(dev: torch.device, host: Host, nvme: Tier, nvme_link: Link, s
                                     f"read + write bytes")  # fmt: skip
     dispatch = _dispatch_seconds(dev, sizes.budget_s, sync)
     note("device.launch_overhead_s", "median time per back-to-back one-element torch.add")
+    conv = _conv_efficiency(dev, peaks.get("float32", 0.0) or 1.0, sizes.budget_s, sync)
+    note("device.conv_efficiency", "3x3 convolution 4x32x16x16 -> 32 in float32, forward + "
+                                   "backward, FLOP rate over the float32 matmul's")
 
     m = sizes.link_bytes
     h_in = torch.empty(m, dtype=torch.uint8, pin_memory=True)
@@ -414,6 +466,7 @@ def _cuda_hardware(dev: torch.device, host: Host, nvme: Tier, nvme_link: Link, s
         memory_bandwidth=2 * sizes.copy_bytes / d2d,
         peak_flops=peaks,
         launch_overhead_s=dispatch,
+        conv_efficiency=conv,
         allow_tf32=bool(previous_tf32),
     )
     note("device.memory_bytes", "torch.cuda.get_device_properties().total_memory")
@@ -475,4 +528,419 @@ def _over_base(measured: Hardware, base: Hardware) -> Hardware:
         links=links,
         cluster=base.cluster,
         sources=measured.sources + tuple(base.sources),
+    )
+
+
+# -- what the generated program and its runtime cost (RuntimeCosts) ------------------------------
+#
+# tierplan.codegen runs a plan as a generated straight-line program of torch.ops.aten calls, inside
+# a module whose forward is an autograd Function over the model's parameters, and copies storages
+# through a Context (inline on the CPU, CUDA streams, worker threads for swap files). The cost
+# models cannot import codegen (tests/test_layering.py), so the probes below do what it does, with
+# the same torch calls, on a small model made here.
+
+_PROBE_COPY_BYTES = 4096  # a small storage: a copy's fixed cost, not its bytes
+
+
+class _ProbeBlock(nn.Module):
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.up, self.down = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(d, dim=-1)
+        q, k, v = (t.view(b, s, self.heads, d // self.heads).transpose(1, 2) for t in (q, k, v))
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, s, d)
+        x = x + self.proj(a)
+        return x + self.down(F.gelu(self.up(self.ln2(x)), approximate="tanh"))
+
+
+class _Probe(nn.Module):
+    """A small language model and a small conv net in one: the kinds of ops the zoo's small
+    models run (embedding, layer norm, linear, attention, GELU, cross-entropy; convolution, batch
+    norm, ReLU, pooling), at their sizes (2 x 32 tokens, 64 wide; 16 channels of 16 x 16)."""
+
+    def __init__(self, layers: int, vocab: int = 256, d: int = 64, heads: int = 4) -> None:
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(vocab, d), nn.Embedding(32, d)
+        self.blocks = nn.ModuleList(_ProbeBlock(d, heads) for _ in range(layers))
+        self.ln, self.head = nn.LayerNorm(d), nn.Linear(d, vocab, bias=False)
+        self.conv, self.bn = nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16)
+
+    def forward(self, ids: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        x = self.tok(ids) + self.pos(torch.arange(ids.shape[1], device=ids.device))
+        for block in self.blocks:
+            x = block(x)
+        logits = self.head(self.ln(x))
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+        return loss + F.max_pool2d(F.relu(self.bn(self.conv(image))), 2).mean()
+
+
+def _probe(device: torch.device, layers: int) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    gen = torch.Generator().manual_seed(0)
+    model = _Probe(layers).to(device)
+    ids = torch.randint(0, 256, (2, 32), generator=gen).to(device)
+    image = torch.randn(2, 8, 16, 16, generator=gen).to(device)
+    return model, (ids, image)
+
+
+class _Recorder(TorchDispatchMode):
+    """Every aten call of a step, with its arguments (kept alive, to call it again)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[Any, tuple[Any, ...], dict[str, Any]]] = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        self.calls.append((func, args, kwargs))
+        return func(*args, **kwargs)
+
+
+def _is_view(func: Any) -> bool:
+    """An op whose output aliases an input (no kernel: the roofline prices it at 0)."""
+    return any(r.alias_info is not None and not r.alias_info.is_write for r in func._schema.returns)
+
+
+def _generated_program(calls: list[tuple[Any, tuple[Any, ...], dict[str, Any]]]) -> Callable[[], Any]:
+    """A straight-line program of ``calls``, written as tierplan.codegen writes one: one
+    ``name = aten.op.overload(args)`` line per op, the previous value freed by the next line.
+    Tensors and values without a literal are module constants."""
+    constants: dict[str, Any] = {}
+
+    def literal(x: Any) -> str:
+        if x is None or isinstance(x, (bool, int, str)) or (isinstance(x, float) and x == x
+                                                            and abs(x) != float("inf")):
+            return repr(x)
+        if isinstance(x, (list, tuple)):
+            items = ", ".join(literal(v) for v in x)
+            return f"[{items}]" if isinstance(x, list) else f"({items}{',' if len(x) == 1 else ''})"
+        name = f"c{len(constants)}"
+        constants[name] = x
+        return name
+
+    lines = []
+    for func, args, kwargs in calls:
+        text = str(func)
+        fn = text if text.startswith("aten.") else f"torch.ops.{text}"
+        parts = [literal(a) for a in args] + [f"{k}={literal(v)}" for k, v in kwargs.items()]
+        lines.append(f"    value = {fn}({', '.join(parts)})")
+    source = "def program():\n" + "\n".join(lines) + "\n    return value\n"
+    namespace: dict[str, Any] = {"torch": torch, "aten": torch.ops.aten, **constants}
+    exec(compile(source, "<tierplan-calibrate-program>", "exec"), namespace)  # noqa: S102
+    return namespace["program"]
+
+
+def _call_flops(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> int:
+    """FLOPs of one aten call by torch.utils.flop_counter's formulas, as the annotate pass counts
+    them (the CPU flash-attention kernels by the CUDA ones' formulas); 0 without a formula."""
+    from torch.utils.flop_counter import flop_registry
+
+    aten = torch.ops.aten
+    like = {aten._scaled_dot_product_flash_attention_for_cpu: aten._scaled_dot_product_flash_attention,
+            aten._scaled_dot_product_flash_attention_for_cpu_backward:
+                aten._scaled_dot_product_flash_attention_backward}  # fmt: skip
+    packet = func.overloadpacket
+    formula = flop_registry.get(like.get(packet, packet))
+    if formula is None:
+        return 0
+    try:
+        return int(formula(*args, **kwargs, out_val=out))
+    except Exception:  # noqa: BLE001 - a formula that cannot read these args counts nothing
+        return 0
+
+
+def _call_roofline(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any,
+                   device: Device) -> float:  # fmt: skip
+    """The roofline time of one aten call (``compute.op_cost``), with its bytes counted as the
+    annotate pass counts them: every distinct input tensor's elements and every output's; a view
+    costs nothing."""
+    from tierplan.cost_models.compute import op_time
+    from tierplan.ir import OpInfo
+
+    if _is_view(func):
+        return 0.0
+
+    def nbytes(t: torch.Tensor) -> int:
+        return t.numel() * t.element_size()
+
+    seen: set[int] = set()
+    read = 0
+    for t in pytree.tree_leaves((args, kwargs)):
+        if isinstance(t, torch.Tensor) and id(t) not in seen:
+            seen.add(id(t))
+            read += nbytes(t)
+    written = sum(nbytes(t) for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor))
+    floats = [t.dtype for t in pytree.tree_leaves((args, out))
+              if isinstance(t, torch.Tensor) and t.is_floating_point()]  # fmt: skip
+    dtype = str(floats[0]).removeprefix("torch.") if floats else "float32"
+    op = OpInfo(name="probe", target=str(func), inputs=[], outputs=[],
+                flops=_call_flops(func, args, kwargs, out), bytes_read=read, bytes_written=written)
+    return op_time(op, device, dtype)
+
+
+@dataclass
+class _ProbeStep:
+    """One training step of the probe model, recorded as aten calls, and its generated program."""
+
+    model: nn.Module
+    inputs: tuple[torch.Tensor, ...]
+    calls: list[tuple[Any, tuple[Any, ...], dict[str, Any]]]
+    program: Callable[[], Any]
+    seconds: float  # the program's time (median of the fastest quarter)
+
+
+def _probe_step(device: torch.device, layers: int, budget_s: float, sync: Callable[[], None]) -> _ProbeStep:
+    model, inputs = _probe(device, layers)
+    recorder = _Recorder()
+    with recorder:
+        model(*inputs).backward()
+    calls = [c for c in recorder.calls if c[0] is not operator.getitem]
+    program = _generated_program(calls)
+    return _ProbeStep(model, inputs, calls, program, _median_seconds(program, sync, budget_s))
+
+
+def _op_issue_seconds(probe: _ProbeStep, dev: Device, budget_s: float,
+                      sync: Callable[[], None]) -> float:  # fmt: skip
+    """Seconds per op that the probe's generated program takes beyond the roofline of its ops on
+    ``dev`` (``compute.op_time``: launch overhead, FLOPs, bytes; 0 for a view), and never less
+    than a view takes in a program of the views alone (a line with no kernel: what any op costs at
+    least, whatever the roofline's error the other way).
+
+    What this is: the Python line and the ``OpOverload`` call, argument parsing, the output's
+    allocation and the previous output's free, and what small kernels take beyond their roofline
+    in a program (setup, caches cold after the other ops, few threads busy, a layer norm's or an
+    attention's extra passes), less what they take below it (small tensors read from cache,
+    faster than the DRAM bandwidth): the average residual of the roofline per op, views included,
+    over a mix of ops like the zoo's small models'."""
+    roofline = sum(_call_roofline(func, args, kwargs, func(*args, **kwargs), dev)
+                   for func, args, kwargs in probe.calls)  # fmt: skip
+    views = [c for c in probe.calls if _is_view(c[0])]
+    per_view = _median_seconds(_generated_program(views), sync, budget_s) / len(views) if views else 0.0
+    return max(per_view, (probe.seconds - roofline) / len(probe.calls))
+
+
+class _EmulatedStep(torch.autograd.Function):
+    """What ``tierplan.compile``'s module does around its program: an autograd Function over the
+    parameters whose forward runs the program on their detached values and keeps the gradients
+    it made, and whose backward returns them."""
+
+    @staticmethod
+    def forward(ctx: Any, program: Callable[[], Any], shapes: list[torch.Size],
+                *flat: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        detached = [t.detach() for t in flat]  # noqa: F841 - the program's inputs
+        program()
+        # New gradients every step, as a program makes them (autograd takes them over as .grad;
+        # gradients that something else still held would be copied).
+        ctx.grads = [torch.empty(s, device=flat[0].device) for s in shapes]
+        ctx.n_inputs = len(flat) - len(ctx.grads)  # the call's own tensors: no gradient
+        return torch.ones((), device=flat[0].device)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> Any:
+        grads, ctx.grads = ctx.grads, None
+        if not bool(torch.all(grad == 1)):
+            grads = [g * grad for g in grads]
+        return (None, None, *grads, *([None] * ctx.n_inputs))
+
+
+def _step_seconds(probe: _ProbeStep, budget_s: float, sync: Callable[[], None]) -> tuple[float, int]:
+    """Seconds one training step of a compiled module takes beyond its program (flatten the
+    call, look the parameters up, check them, run the program in an autograd Function,
+    ``loss.backward()`` hands the gradients to the parameters), and its number of inputs. The
+    program is the probe's own step, so that the module's work runs after it as it does."""
+    model, inputs, program = probe.model, probe.inputs, probe.program
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+    owned = list(model.parameters())
+
+    def step() -> None:
+        for p in owned:  # none left from the last step (outside a step, in the caller's loop)
+            p.grad = None
+        leaves = [x for x in pytree.tree_leaves((inputs, {})) if isinstance(x, torch.Tensor)]
+        params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
+        flat = [params[n] for n in names] + leaves
+        for t, shape in zip(flat, shapes):
+            if t.shape != shape or t.dtype != torch.float32:
+                raise HardwareError("calibrate: the probe's parameters changed")
+        for p in model.parameters():  # the runtime looks for gradients it must move out
+            if p.grad is not None and p.grad.untyped_storage()._cdata == 0:
+                raise HardwareError("calibrate: unreachable")
+        del buffers
+        _EmulatedStep.apply(program, shapes, *flat).backward()
+
+    return max(0.0, _median_seconds(step, sync, budget_s) - probe.seconds), len(names) + len(inputs)
+
+
+class _Transfer:
+    """The runtime's handle of one copy (``codegen.runtime.Transfer``)."""
+
+    __slots__ = ("storage", "done", "landed")
+
+    def __init__(self, storage: str, done: Any = None) -> None:
+        self.storage, self.done, self.landed = storage, done, None
+
+
+def _copy(dst: torch.Tensor, src: torch.Tensor) -> None:
+    dst.copy_(src)
+
+
+def _copy_seconds_per_kind(device: torch.device, budget_s: float, scratch_dir: str | Path | None,
+                           sync: Callable[[], None]) -> dict[str, float]:  # fmt: skip
+    """Seconds per copy of a small storage, issued and waited for as the runtime does it, per
+    kind of copy queue: ``inline`` (the compute thread copies it when the program issues it),
+    ``thread`` (handed to a one-thread worker, waited for on its future), ``file`` (a swap file
+    written, or read back, by the worker), and on CUDA ``stream`` (a copy stream that waits for
+    the compute stream, an event recorded after the copy, the compute stream waiting for it).
+    Each figure is a round trip (an offload and a fetch back) halved; the storage is 4 KiB, so
+    its bytes take next to nothing."""
+    n = _PROBE_COPY_BYTES
+    cpu = torch.device("cpu")
+    pin = device.type == "cuda"
+    pool = torch.zeros(2 * n, dtype=torch.uint8, pin_memory=pin)
+    slots = {"s": pool[:n]}
+    value = torch.ones(n // 4, device=device)
+    out: dict[str, float] = {}
+
+    def storage_bytes(t: torch.Tensor) -> torch.Tensor:
+        return torch.empty(0, dtype=torch.uint8, device=t.device).set_(t.untyped_storage())
+
+    def alias(data: torch.Tensor) -> torch.Tensor:
+        return torch.empty(0, dtype=torch.float32, device=data.device).set_(
+            data.untyped_storage(), 0, (n // 4,), (1,))
+
+    def round_trip(offload: Callable[[torch.Tensor, torch.Tensor], _Transfer],
+                   fetch: Callable[[torch.Tensor, torch.Tensor], _Transfer]) -> Callable[[], None]:
+        def run() -> None:
+            pending: list[_Transfer] = []
+            t = offload(slots["s"], storage_bytes(value))
+            pending.append(t)
+            wait(t, pending)
+            landed = torch.empty(n, dtype=torch.uint8, device=device)
+            t = fetch(landed, slots["s"])
+            t.landed = landed
+            pending.append(t)
+            got = wait(t, pending)
+            alias(got)
+        return run
+
+    def wait(t: _Transfer, pending: list[_Transfer]) -> Any:
+        if t.done is not None:
+            t.done.result() if hasattr(t.done, "result") else t.done()
+            pending.remove(t)
+        landed, t.landed = t.landed, None
+        return landed
+
+    if device.type == "cpu":
+        def inline(dst: torch.Tensor, src: torch.Tensor | torch.UntypedStorage) -> _Transfer:
+            # codegen.runtime.copy_bytes: a small copy is one memmove of the bytes
+            count = src.nbytes() if isinstance(src, torch.UntypedStorage) else src.numel()
+            if count != dst.numel():
+                raise HardwareError("calibrate: the copy probe's sizes differ")
+            ctypes.memmove(dst.data_ptr(), src.data_ptr(), count)
+            return _Transfer("s")
+
+        def inline_round_trip() -> None:
+            wait(inline(slots["s"], value.untyped_storage()), [])  # offload: the whole storage
+            landed = torch.empty(n, dtype=torch.uint8)
+            t = inline(landed, slots["s"])  # fetch: the pool slot
+            t.landed = landed
+            alias(wait(t, []))
+
+        out["inline"] = _median_seconds(inline_round_trip, sync, budget_s) / 2
+    with ThreadPoolExecutor(1, thread_name_prefix="tierplan-calibrate") as worker:
+        if device.type == "cpu":
+            def threaded(dst: torch.Tensor, src: torch.Tensor) -> _Transfer:
+                return _Transfer("s", worker.submit(_copy, dst, src))
+
+            out["thread"] = _median_seconds(round_trip(threaded, threaded), sync, budget_s) / 2
+        with tempfile.TemporaryDirectory(prefix="tierplan-calibrate-", dir=scratch_dir) as tmp:
+            path = Path(tmp) / "s.bin"
+
+            def write(_: torch.Tensor, src: torch.Tensor) -> _Transfer:
+                host = src if src.device.type == "cpu" else src.to(cpu)
+                return _Transfer("s", worker.submit(_write_file, path, host))
+
+            def read(dst: torch.Tensor, _: torch.Tensor) -> _Transfer:
+                return _Transfer("s", worker.submit(_read_file, path, dst))
+
+            out["file"] = _median_seconds(round_trip(write, read), sync, budget_s) / 2
+    if device.type == "cuda":
+        stream = torch.cuda.Stream(device)
+
+        def on_stream(dst: torch.Tensor, src: torch.Tensor) -> _Transfer:
+            stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(stream):
+                dst.copy_(src, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(stream)
+            return _Transfer("s", lambda: torch.cuda.current_stream(device).wait_event(event))
+
+        out["stream"] = _median_seconds(round_trip(on_stream, on_stream), sync, budget_s) / 2
+    return out
+
+
+def _write_file(path: Path, data: torch.Tensor) -> None:
+    with open(path, "wb") as f:
+        f.write(memoryview(data.numpy()))
+
+
+def _read_file(path: Path, landed: torch.Tensor) -> None:
+    host = landed if landed.device.type == "cpu" else torch.empty_like(landed, device="cpu")
+    with open(path, "rb") as f:
+        f.readinto(memoryview(host.numpy()))
+    if host is not landed:
+        landed.copy_(host)
+        torch.cuda.current_stream(landed.device).synchronize()
+
+
+def _runtime_costs(device: torch.device, dev: Device, sizes: _Sizes,
+                   scratch_dir: str | Path | None, note: Callable[[str, str], None]) -> RuntimeCosts:  # fmt: skip
+    """The RuntimeCosts of this machine: see the probes above."""
+    sync: Callable[[], None] = (
+        (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    )
+    budget = sizes.budget_s
+    # A quick run probes one size (fewer timings, each shorter: a busy machine stretches them).
+    quick = sizes.budget_s < _SIZES[(device.type, False)].budget_s
+    if quick:
+        budget /= 2
+    probes = [_probe_step(device, layers, budget, sync) for layers in ((1,) if quick else (2, 1, 4))]
+    issue = _op_issue_seconds(probes[0], dev, budget, sync)
+    note("runtime.op_issue_s", f"a generated program of the {len(probes[0].calls)} aten calls of one "
+                               f"training step of a small model ({1 if quick else 2} layers of "
+                               f"attention and MLP, 64 wide, 2 x 32 tokens; a conv layer), its time "
+                               f"less its ops' roofline on this device, per op (at least a view's "
+                               f"time in a program of its views alone)"
+                               f"{'; quick run: one size, one thread' if quick else ''}")
+    points = [_step_seconds(probe, budget, sync) for probe in probes]
+    n_mean = statistics.fmean(n for _, n in points)
+    t_mean = statistics.fmean(t for t, _ in points)
+    spread = sum((n - n_mean) ** 2 for _, n in points)
+    per_input = sum((n - n_mean) * (t - t_mean) for t, n in points) / spread if spread else 0.0
+    if per_input <= 0:  # one point (quick), or noise swamped the slope: all of it per input
+        per_input = t_mean / n_mean
+    step_s = t_mean - per_input * n_mean  # least squares
+    step_s = step_s if step_s > 1e-9 else 0.0
+    inputs = ", ".join(str(n) for _, n in sorted(points, key=lambda p: p[1]))
+    note("runtime.input_s", f"a training step of the probe model with {inputs} inputs run as the "
+                            f"compiled module runs it (parameter lookup, the program in an "
+                            f"autograd Function, gradients handed back) less its program's time: "
+                            f"the least-squares slope per input (one point: all of it per input)")
+    note("runtime.step_s", "the intercept of that line")
+    copies = _copy_seconds_per_kind(device, budget, scratch_dir, sync)
+    what = f"round trip of a {_PROBE_COPY_BYTES // 1024} KiB storage, issued and waited for as the runtime does, halved"
+    for kind, why in (("inline", "copied by the compute thread"), ("thread", "on a one-thread worker"),
+                      ("stream", "on a CUDA copy stream with events"),
+                      ("file", "a swap file written and read back by a worker thread")):  # fmt: skip
+        if kind in copies:
+            note(f"runtime.{kind}_copy_s", f"{what}, {why}")
+    return RuntimeCosts(
+        op_issue_s=issue, step_s=step_s, input_s=per_input,
+        inline_copy_s=copies.get("inline", 0.0), thread_copy_s=copies.get("thread", 0.0),
+        stream_copy_s=copies.get("stream", 0.0), file_copy_s=copies.get("file", 0.0),
     )

@@ -9,6 +9,10 @@ kernel. The roofline ignores caches, fusion and overlap between kernels; it is t
 model the planner needs to trade recompute against transfers, and calibration (calibrate.py)
 replaces the spec-sheet peaks with measured ones when that matters.
 
+Convolutions (``CONV_OPS``, forward and backward) run at ``Device.conv_efficiency`` of that rate:
+``tierplan calibrate`` measures it (small convolutions on a CPU reach about half a large matmul's
+rate); 1 in the presets, which have no measured ratio.
+
 Which peak applies: matmul-like ops (mm, bmm, addmm, convolution, fused attention, ...) run on
 tensor cores at the rate of their operand dtype; float32 matmuls get the plain "float32" rate
 unless the hardware file sets ``allow_tf32 = true`` (PyTorch's default for matmuls is full fp32,
@@ -24,6 +28,7 @@ from tierplan.cost_models.hardware import PEAK_FLOPS_KEYS, Device, Hardware
 from tierplan.ir import Graph, OpInfo
 
 __all__ = [
+    "CONV_OPS",
     "OpCost",
     "TENSOR_CORE_OPS",
     "graph_op_times",
@@ -48,6 +53,11 @@ TENSOR_CORE_OPS = frozenset({
     "_scaled_dot_product_flash_attention_for_cpu_backward",
     "_flash_attention_forward", "_flash_attention_backward",
     "_efficient_attention_forward", "_efficient_attention_backward",
+})  # fmt: skip
+
+# aten op names of convolutions, priced at Device.conv_efficiency of the matmul rate.
+CONV_OPS = frozenset({
+    "convolution", "convolution_backward", "_convolution", "cudnn_convolution", "mkldnn_convolution",
 })  # fmt: skip
 
 # Bytes per element of the floating dtypes, to pick an op's narrowest operand.
@@ -122,6 +132,8 @@ def op_cost(op: OpInfo, device: Device, dtype: str) -> OpCost:
             dtype, tensor_core=is_tensor_core_op(op.target), allow_tf32=device.allow_tf32
         )
         compute_s = op.flops / (device.peak(key) * device.compute_efficiency)
+        if op_base_name(op.target) in CONV_OPS:
+            compute_s /= device.conv_efficiency
     memory_s = nbytes / (device.memory_bandwidth * device.memory_efficiency)
     return OpCost(launch_s=device.launch_overhead_s, compute_s=compute_s, memory_s=memory_s)
 

@@ -44,6 +44,7 @@ __all__ = [
     "HardwareError",
     "Host",
     "Link",
+    "RuntimeCosts",
     "Tier",
     "TIER_NAMES",
     "PEAK_FLOPS_KEYS",
@@ -127,6 +128,9 @@ class Device:
     peak_flops: Mapping[str, float]  # FLOP/s by PEAK_FLOPS_KEYS key, dense (no sparsity)
     compute_efficiency: float = 1.0  # fraction of peak FLOP/s a large kernel reaches
     memory_efficiency: float = 1.0  # fraction of peak bandwidth a streaming kernel reaches
+    # Convolutions (forward and backward) run at this fraction of the matmul rate above (small
+    # convolutions on a CPU reach about half of a 1024^3 matmul's); 1 where nothing was measured.
+    conv_efficiency: float = 1.0
     launch_overhead_s: float = 0.0  # fixed cost per kernel (launch + dispatch)
     allow_tf32: bool = False  # fp32 matmuls run on tensor cores at the "tf32" rate
 
@@ -167,6 +171,24 @@ class Cluster:
 
 
 @dataclass(frozen=True)
+class RuntimeCosts:
+    """What running a plan costs beyond its kernels and the bytes it moves: the work of the
+    generated program and its runtime (``tierplan.codegen``) on the host CPU. Seconds.
+
+    Priced as op-time additions and channel latencies (``placement/pricing.py``); measured by
+    ``tierplan calibrate``, and in the presets either measured or marked assumed.
+    """
+
+    op_issue_s: float = 0.0  # per op of a generated program, beyond its roofline (views too)
+    step_s: float = 0.0  # per step: entering and leaving the program (context, autograd, outputs)
+    input_s: float = 0.0  # per graph input of a step (its lookup, its gradient handed back)
+    inline_copy_s: float = 0.0  # per copy made on the compute thread (CPU device <-> host memory)
+    thread_copy_s: float = 0.0  # per copy handed to a worker thread: hand-off, wake-up, wait
+    stream_copy_s: float = 0.0  # per copy on a CUDA copy stream: issue, event record and wait
+    file_copy_s: float = 0.0  # per swap-file write or read on a worker thread: hand-off, open, close
+
+
+@dataclass(frozen=True)
 class Hardware:
     name: str
     description: str
@@ -176,6 +198,7 @@ class Hardware:
     host: Host
     cluster: Cluster = Cluster()
     sources: tuple[str, ...] = ()
+    runtime: RuntimeCosts = RuntimeCosts()
     # Provenance comments by dotted field path ("device.peak_flops.float32"), written next to the
     # value by render_hardware_toml. Comments are not data: they take no part in equality.
     notes: Mapping[str, str] = field(default_factory=dict, compare=False)
@@ -511,7 +534,7 @@ _SCHEMA = _Table({
     "device": _Table({
         "name": _string, "kind": _choice(*DEVICE_KINDS), "memory_bytes": _BYTES,
         "memory_bandwidth": _BANDWIDTH, "peak_flops": _MapOf(PEAK_FLOPS_KEYS, _FLOPS),
-        "compute_efficiency": _fraction, "memory_efficiency": _fraction,
+        "compute_efficiency": _fraction, "memory_efficiency": _fraction, "conv_efficiency": _fraction,
         "launch_overhead_s": _SECONDS, "allow_tf32": _boolean,
     }),
     "host": _Table({
@@ -523,6 +546,7 @@ _SCHEMA = _Table({
     "cluster": _Table({
         "gpus_per_node": _count, "nodes": _count, "intra_node": _LINK, "inter_node": _LINK,
     }),
+    "runtime": _Table({f.name: _SECONDS for f in dataclasses.fields(RuntimeCosts)}),
 })  # fmt: skip
 
 _REQUIRED = {
@@ -735,6 +759,7 @@ def _build(data: Mapping[str, Any], origin: str, default_name: str) -> Hardware:
         peak_flops=dict(d["peak_flops"]),
         compute_efficiency=d.get("compute_efficiency", 1.0),
         memory_efficiency=d.get("memory_efficiency", 1.0),
+        conv_efficiency=d.get("conv_efficiency", 1.0),
         launch_overhead_s=d.get("launch_overhead_s", 0.0),
         allow_tf32=d.get("allow_tf32", False),
     )
@@ -829,6 +854,7 @@ def _build(data: Mapping[str, Any], origin: str, default_name: str) -> Hardware:
         host=host,
         cluster=cluster,
         sources=tuple(data.get("sources", ())),
+        runtime=RuntimeCosts(**data.get("runtime", {})),
     )
 
 
@@ -848,7 +874,8 @@ def describe_hardware(hw: Hardware) -> str:
     lines.append(f"           peak {peaks}")
     lines.append(
         f"           efficiency: compute {d.compute_efficiency:.2f}, memory "
-        f"{d.memory_efficiency:.2f}; fp32 matmuls at the "
+        f"{d.memory_efficiency:.2f}, convolutions {d.conv_efficiency:.2f} of the matmul rate; "
+        f"fp32 matmuls at the "
         f"{'tf32' if d.allow_tf32 else 'float32'} rate"
     )
     lines.append(
@@ -869,6 +896,13 @@ def describe_hardware(hw: Hardware) -> str:
         lines.append("  links")
         for link in hw.links.values():
             lines.append(f"    {_describe_link(link)}")
+    r = hw.runtime
+    lines.append(
+        f"  runtime  per op {format_seconds(r.op_issue_s)}, per step {format_seconds(r.step_s)} + "
+        f"{format_seconds(r.input_s)} per input; per copy: inline {format_seconds(r.inline_copy_s)}, "
+        f"thread {format_seconds(r.thread_copy_s)}, stream {format_seconds(r.stream_copy_s)}, "
+        f"file {format_seconds(r.file_copy_s)}"
+    )
     c = hw.cluster
     lines.append(
         f"  cluster  {c.gpus_per_node} device(s) per node x {c.nodes} node(s)"
@@ -952,7 +986,8 @@ def render_hardware_toml(hw: Hardware) -> str:
     table("device", "device", {
         "name": d.name, "kind": d.kind, "memory_bytes": d.memory_bytes,
         "memory_bandwidth": d.memory_bandwidth, "compute_efficiency": d.compute_efficiency,
-        "memory_efficiency": d.memory_efficiency, "launch_overhead_s": d.launch_overhead_s,
+        "memory_efficiency": d.memory_efficiency, "conv_efficiency": d.conv_efficiency,
+        "launch_overhead_s": d.launch_overhead_s,
         "allow_tf32": d.allow_tf32,
     })  # fmt: skip
     table("device.peak_flops", "device.peak_flops", {k: float(v) for k, v in d.peak_flops.items()})
@@ -968,6 +1003,7 @@ def render_hardware_toml(hw: Hardware) -> str:
         fields = dataclasses.asdict(link)
         del fields["name"]
         table(f"links.{key(link.name)}", f"links.{link.name}", fields)
+    table("runtime", "runtime", dataclasses.asdict(hw.runtime))
     c = hw.cluster
     table("cluster", "cluster", {"gpus_per_node": c.gpus_per_node, "nodes": c.nodes})
     for link in (c.intra_node, c.inter_node):
