@@ -153,6 +153,7 @@ def cmd_explain(args: argparse.Namespace) -> None:
 
 def cmd_whatif(args: argparse.Namespace) -> None:
     from tierplan.cli.whatif import whatif_command
+    from tierplan.parallel.types import LayoutError, parse_layout
 
     machines = [h.strip() for h in args.hardware.split(",") if h.strip()]
     try:
@@ -164,7 +165,26 @@ def cmd_whatif(args: argparse.Namespace) -> None:
                          "--hardware h100-sxm,a100-80gb-sxm --gpus 8,64")
     if args.json is not None and not args.json.parent.is_dir():
         raise UsageError(f"--json {args.json}: directory {args.json.parent} does not exist; create it first")
-    print(whatif_command(args.model, machines, gpus, args.serve, args.json))
+    for option in ("seq_len", "global_batch"):
+        value = getattr(args, option)
+        if value is not None and value < 1:
+            raise UsageError(f"--{option.replace('_', '-')} {value}: give a positive number")
+    if args.serve and args.global_batch is not None:
+        raise UsageError("--global-batch is for training; serving decodes as many sequences as fit "
+                         "(fix it with --layout \"batchN\")")  # fmt: skip
+    layout = None
+    if args.layout is not None:
+        try:  # before the profile: a typo costs no capture
+            layout = parse_layout(args.layout, serve=args.serve)
+        except LayoutError as exc:
+            raise UsageError(str(exc)) from None
+    try:
+        text = whatif_command(args.model, machines, gpus, args.serve, args.json, seq_len=args.seq_len,
+                              global_batch=args.global_batch, precision=args.precision, layout=layout)  # fmt: skip
+    except Exception as exc:
+        _blame_user_model(exc, args.model)  # the model file's own error, said as one
+        raise
+    print(text)
 
 
 def cmd_hardware(args: argparse.Namespace) -> None:
@@ -442,10 +462,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_explain)
 
     p = sub.add_parser("whatif", help="the best parallel plan of a model on several machines and GPU counts")
-    p.add_argument("model", help="a zoo name (llama-70b, gpt2, ...)")
+    p.add_argument("model", help="a zoo name (llama-70b, gpt2, ...), path/to/file.py:factory, or a "
+                                 "transformers config.json (or the directory holding it)")
     p.add_argument("--hardware", required=True, help="comma-separated presets, e.g. h100-sxm,a100-80gb-sxm")
     p.add_argument("--gpus", required=True, help="comma-separated GPU counts, e.g. 8,64")
     p.add_argument("--serve", action="store_true", help="serving (tokens/s, TTFT, TPOT) instead of training")
+    p.add_argument("--seq-len", type=int, help="tokens per sequence (serving: the prompt); default: "
+                                               "the zoo entry's, a config's position limit up to 4096")
+    p.add_argument("--global-batch", type=int, help="training: sequences per step (default: ~4M tokens)")
+    p.add_argument("--precision", choices=["bf16", "fp16", "fp32"],
+                   help="parameter bytes and compute dtype (default: the model's own)")
+    p.add_argument("--layout", help='fix some fields of the plan, e.g. "dp1 tp8 pp8 mb1 sp"; the rest are '
+                                    "searched; shown beside the best plan (grammar: docs/cli.md)")
     p.add_argument("--json", type=Path, help="write the rows to this JSON file")
     p.set_defaults(run=cmd_whatif)
 

@@ -26,6 +26,7 @@ from tierplan.cost_models.hardware import Cluster, ComputePrecision, Hardware, c
 from tierplan.parallel.profile import CELLS, ModelProfile
 from tierplan.parallel.types import (
     WORKSPACE_BYTES,
+    Layout,
     MemoryBreakdown,
     ParallelPlan,
     TimeBreakdown,
@@ -48,6 +49,9 @@ class ServeSearch:
     rejected: dict[str, int] = field(default_factory=dict)
     closest: tuple[float, str] | None = None
     evaluated: int = 0
+    # The fields of the layout the user fixed (``--layout``): replicas (``dp``), tp, pp, ep, batch.
+    layout: Layout | None = None
+    closest_config: tuple[int, int, int] | None = None  # (t, pp, ep) of ``closest``
     # The dtype compute is priced in and the device to price it on (bf16 models on a device
     # without bf16 run in fp16); raises HardwareError when the device has neither.
     precision: ComputePrecision = field(init=False)
@@ -57,17 +61,23 @@ class ServeSearch:
             self.capacity = float(self.hardware.tier("device").capacity_bytes)
         self.precision = compute_precision(self.hardware, self.profile.param_bytes)
 
-    def _reject(self, reason: str, need: float | None = None, desc: str = "") -> None:
+    def _reject(self, reason: str, need: float | None = None, desc: str = "",
+                config: tuple[int, int, int] | None = None) -> None:  # fmt: skip
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
         if need is not None and (self.closest is None or need < self.closest[0]):
             self.closest = (need, desc)
+            self.closest_config = config
 
     def _coll(self, kind: str, nbytes: float, size: int) -> float:
         g = group_shape(size, 1, self.cluster.gpus_per_node)
         return collective_time(kind, nbytes, g, self.cluster).seconds
 
-    def evaluate(self, t: int, pp: int, ep: int) -> ParallelPlan | None:
+    def evaluate(self, t: int, pp: int, ep: int, *, over_capacity: bool = False) -> ParallelPlan | None:
+        """Price one layout, or None when it does not fit (the reason counted in ``rejected``);
+        with ``over_capacity`` a layout that does not fit is priced anyway (its ``fits`` is
+        False). The batch is ``layout.batch`` when the layout fixes it."""
         self.evaluated += 1
+        fixed_batch = self.layout.batch if self.layout is not None else None
         prof, dev = self.profile, self.precision.device
         pb, h, L = prof.param_bytes, prof.hidden, prof.num_layers // pp
         replicas = self.gpus // (t * pp)
@@ -78,12 +88,14 @@ class ServeSearch:
         kv_per_seq = (self.prompt + self.generate) * L * prof.kv_bytes_per_token_per_layer() * kv_share
         kv_room = self.capacity - weights - WORKSPACE_BYTES
         desc = f"replicas{replicas} tp{t} pp{pp}"
-        if kv_room < kv_per_seq:
-            self._reject("weights and one sequence's KV cache exceed device memory",
-                         weights + WORKSPACE_BYTES + kv_per_seq, desc)
+        need_one = weights + WORKSPACE_BYTES + kv_per_seq * (fixed_batch or 1)
+        if need_one > self.capacity and not over_capacity:
+            what = f"{fixed_batch} sequences'" if fixed_batch else "one sequence's"
+            self._reject(f"weights and {what} KV cache exceed device memory", need_one, desc, (t, pp, ep))
             return None
-        batch = min(self.max_batch, int(kv_room // kv_per_seq))
-        if pp > 1 and batch < pp:
+        fits = max(0, int(kv_room // kv_per_seq))
+        batch = fixed_batch or max(1, min(self.max_batch, fits))
+        if pp > 1 and batch < pp and not over_capacity:
             self._reject("fewer sequences than pipeline stages")
             return None
         micro = batch / pp
@@ -133,18 +145,55 @@ class ServeSearch:
         )  # fmt: skip
 
     def configurations(self) -> Iterator[tuple[int, int, int]]:
-        prof = self.profile
+        prof, lay = self.profile, self.layout or Layout(mode="serve")
         for t in divisors(self.gpus):
+            if lay.tp is not None and t != lay.tp:
+                continue
             if prof.heads % t:
                 self._reject("TP degree does not divide the heads")
                 continue
             for pp in divisors(self.gpus // t):
+                if (lay.pp is not None and pp != lay.pp) or (
+                        lay.dp is not None and self.gpus // (t * pp) != lay.dp):  # fmt: skip
+                    continue
                 if prof.num_layers % pp:
                     self._reject("layers do not split evenly over pipeline stages")
                     continue
+                if lay.batch is not None and pp > lay.batch:
+                    self._reject("fewer sequences than pipeline stages")
+                    continue
                 eps = [e for e in divisors(t) if prof.experts and prof.experts % e == 0] or [1]
                 for ep in eps:
-                    yield t, pp, ep
+                    if lay.ep is None or ep == lay.ep:
+                        yield t, pp, ep
+
+    def layout_problem(self) -> str | None:
+        """Why no configuration can match ``layout``'s fixed fields, or None (memory is the
+        search's to say)."""
+        lay, prof, n = self.layout, self.profile, self.gpus
+        if lay is None:
+            return None
+        fixed = {k: v for k, v in (("replicas", lay.dp), ("tp", lay.tp), ("pp", lay.pp)) if v is not None}
+        product = math.prod(fixed.values())
+        named = " x ".join(f"{k}{v}" for k, v in fixed.items())
+        if len(fixed) == 3 and product != n:
+            return f"{named} = {product} GPUs, not the {n} given"
+        if n % product:
+            return f"{named} does not divide {n} GPUs"
+        if lay.tp is not None and prof.heads % lay.tp:
+            return f"tp{lay.tp} does not divide the model's {prof.heads} attention heads"
+        if lay.pp is not None and prof.num_layers % lay.pp:
+            return f"pp{lay.pp} does not divide the model's {prof.num_layers} layers"
+        if lay.ep is not None and lay.ep > 1:
+            if not prof.experts:
+                return f"ep{lay.ep}: the model has no experts (expert parallelism needs a mixture of experts)"
+            if prof.experts % lay.ep:
+                return f"ep{lay.ep} does not divide the model's {prof.experts} experts"
+            if lay.tp is not None and lay.tp % lay.ep:
+                return f"ep{lay.ep} must divide the TP group (tp{lay.tp}): experts split within it"
+        if lay.batch is not None and lay.pp is not None and lay.batch < lay.pp:
+            return f"batch{lay.batch} is fewer sequences than the pp{lay.pp} stages"
+        return None
 
     def plans(self) -> Iterator[ParallelPlan]:
         for t, pp, ep in self.configurations():
@@ -160,9 +209,13 @@ class ServeSearch:
 def search_serving(
     profile: ModelProfile, hardware: Hardware, cluster: Cluster, gpus: int, *,
     prompt: int | None = None, generate: int = 256, max_batch: int = 256, top: int = 5,
+    layout: Layout | None = None,
 ) -> tuple[list[ParallelPlan], ServeSearch]:  # fmt: skip
-    """Fitting serving plans ranked by tokens/s (then TTFT), the ``top`` first."""
+    """Fitting serving plans ranked by tokens/s (then TTFT), the ``top`` first; with ``layout``,
+    only those matching its fixed fields (none when ``search.layout_problem()`` says why)."""
     search = ServeSearch(profile, hardware, cluster, gpus, prompt or profile.seq_len, generate,
-                         max_batch)  # fmt: skip
+                         max_batch, layout=layout)  # fmt: skip
+    if search.layout_problem() is not None:
+        return [], search
     plans = sorted(search.plans(), key=lambda p: (-p.metrics["tokens_per_s"], p.metrics["ttft_s"]))
     return (plans[:top] if top else plans), search

@@ -25,6 +25,7 @@ from tierplan.cost_models.training_memory import ADAM_K, model_state_bytes
 from tierplan.parallel.profile import CELLS, ModelProfile
 from tierplan.parallel.types import (
     WORKSPACE_BYTES,
+    Layout,
     MemoryBreakdown,
     ParallelPlan,
     TimeBreakdown,
@@ -175,6 +176,10 @@ class TrainSearch:
     rejected: dict[str, int] = field(default_factory=dict)  # reason -> count
     closest: tuple[float, str] | None = None  # the smallest memory overshoot seen, and the plan
     evaluated: int = 0
+    # The fields of the layout the user fixed (``--layout``); the search enumerates the rest.
+    layout: Layout | None = None
+    # The configuration (``evaluate``'s keywords) of ``closest``.
+    closest_config: dict | None = None
     _cache: dict[tuple, float] = field(default_factory=dict)
     # The dtype compute is priced in and the device to price it on (bf16 models on a device
     # without bf16 run in fp16); raises HardwareError when the device has neither.
@@ -203,8 +208,12 @@ class TrainSearch:
     def _reject(self, reason: str) -> None:
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
 
-    def recompute_options(self, b: int, t: int, tp_fwd: float) -> list[RecomputeOption]:
-        """Per-layer options at micro-batch ``b`` and TP ``t`` (sequence parallel when t > 1)."""
+    def recompute_options(
+        self, b: int, t: int, tp_fwd: float, *, dominated: bool = False
+    ) -> list[RecomputeOption]:
+        """Per-layer options at micro-batch ``b`` and TP ``t`` (sequence parallel when t > 1);
+        options no better than another in both memory and time are dropped unless
+        ``dominated``."""
         p = self.profile
         cells = p.cells
         act = {c: cells[c].activations.bytes(t, True, b) for c in CELLS}
@@ -218,6 +227,8 @@ class TrainSearch:
         opts.append(RecomputeOption("attn", full_act - act["attention"], fwd["attention"] + tp_fwd / 2))
         opts.append(RecomputeOption("mlp", full_act - act["mlp"], fwd["mlp"] + tp_fwd / 2))
         opts.append(RecomputeOption("full", layer_input, sum(fwd.values()) + tp_fwd))
+        if dominated:
+            return opts
         # Drop dominated options: no less memory for no less time.
         keep = [o for o in opts if not any(
             q is not o and q.act_bytes <= o.act_bytes and q.seconds <= o.seconds
@@ -229,9 +240,12 @@ class TrainSearch:
     def evaluate(
         self, *, t: int, pp: int, d: int, b: int, schedule: str, v: int, zero: int,
         offload_optimizer: bool, offload_params: bool, exact: bool = False,
+        over_capacity: bool = False,
     ) -> ParallelPlan | None:  # fmt: skip
         """Price one layout: its memory per device and its step time, or None when it does not
-        fit (the reason is counted in ``rejected``).
+        fit (the reason is counted in ``rejected``). With ``over_capacity`` a layout that does not
+        fit is priced anyway (each stage on its leanest recompute), to show what overflows; its
+        plan's ``fits`` is False.
 
         A pipeline: the layout's derived shape, the TP traffic the recompute options repeat,
         the recompute mix and memory of each binding stage, the step time of the slowest stage,
@@ -242,10 +256,11 @@ class TrainSearch:
         shape = self._layout(t=t, pp=pp, d=d, b=b, schedule=schedule, v=v, zero=zero,
                              offload_optimizer=offload_optimizer, offload_params=offload_params)  # fmt: skip
         tp_fwd = self._tp_forward_seconds(shape)
-        options = self.recompute_options(b, t, tp_fwd)
+        fixed = self.layout is not None and self.layout.recompute is not None
+        options = self.recompute_options(b, t, tp_fwd, dominated=fixed)
         stages: list[_StageCost] = []
         for name, extra_params, flight in self._binding_stages(shape):
-            stage = self._price_stage(shape, name, extra_params, flight, options, exact)
+            stage = self._price_stage(shape, name, extra_params, flight, options, exact, over_capacity)
             if stage is None:
                 return None
             stages.append(stage)
@@ -254,7 +269,7 @@ class TrainSearch:
         pace = max(stages, key=lambda r: r.fwd + r.bwd + r.recompute)
         memory = max((r.memory for r in stages), key=lambda x: x.total)
         time = self._step_time(shape, pace, tp_fwd)
-        if not self._offload_fits_host(shape, pace.n_params):
+        if not self._offload_fits_host(shape, pace.n_params) and not over_capacity:
             return None
         return self._plan(shape, stages, memory, time)
 
@@ -295,10 +310,11 @@ class TrainSearch:
 
     def _price_stage(
         self, s: _Layout, name: str, extra_params: float, flight: float,
-        options: list[RecomputeOption], exact: bool,
+        options: list[RecomputeOption], exact: bool, over_capacity: bool = False,
     ) -> _StageCost | None:  # fmt: skip
         """The recompute mix, memory and per-micro-batch times of one stage; None (and the
-        overshoot noted) when its activations do not fit even with the leanest option."""
+        overshoot noted) when its activations do not fit even with the leanest option (or with
+        the recompute the layout fixes). ``over_capacity``: price it anyway."""
         prof = self.profile
         n_params = (s.L * prof.layer_params + extra_params) / s.t
         state = model_state_bytes(n_params, s.d, s.zero, param_bytes=prof.param_bytes,
@@ -308,17 +324,26 @@ class TrainSearch:
         buffers = self._buffer_bytes(s)
         fixed_act = self._fixed_activation_bytes(s, name, flight)
         budget = self.capacity - state.total - buffers - fixed_act
-        mix = solve_recompute_mix(
-            [RecomputeOption(o.name, o.act_bytes * flight, o.seconds) for o in options],
-            s.L, budget, exact=exact,
-        )  # fmt: skip
-        if mix is None:
-            lean = min(o.act_bytes for o in options) * flight * s.L
-            over = state.total + buffers + fixed_act + lean
-            self._note_overshoot(over, s.t, s.pp, s.d, s.b, s.zero, s.offload_optimizer,
-                                 s.offload_params)  # fmt: skip
-            return None
         by = {o.name: o for o in options}
+        if self.layout is not None and self.layout.recompute is not None:
+            mix = self.layout.recompute_mix(s.L)  # layout_problem checked the options and counts
+            need = sum(by[k].act_bytes * n for k, n in mix.items()) * flight
+            if need > budget and not over_capacity:
+                self._note_overshoot(state.total + buffers + fixed_act + need, s,
+                                     f"activations do not fit with {self.layout.recompute_text()}")  # fmt: skip
+                return None
+        else:
+            mix = solve_recompute_mix(
+                [RecomputeOption(o.name, o.act_bytes * flight, o.seconds) for o in options],
+                s.L, budget, exact=exact,
+            )  # fmt: skip
+            if mix is None:
+                lean = min(options, key=lambda o: o.act_bytes)
+                if not over_capacity:
+                    self._note_overshoot(state.total + buffers + fixed_act
+                                         + lean.act_bytes * flight * s.L, s)  # fmt: skip
+                    return None
+                mix = {lean.name: s.L} if s.L else {}
         layer_act = sum(by[k].act_bytes * n for k, n in mix.items()) * flight
         recompute = sum(by[k].seconds * n for k, n in mix.items())
         mem = MemoryBreakdown(
@@ -528,50 +553,156 @@ class TrainSearch:
             notes=[precision.note] if precision.note else [],
         )  # fmt: skip
 
-    def _note_overshoot(self, total: float, t: int, pp: int, d: int, b: int, zero: int,
-                        oo: bool, op: bool) -> None:  # fmt: skip
-        self._reject("activations do not fit even with full recompute")
-        desc = f"dp{d} tp{t} pp{pp} zero{zero} mb{b}" + (" +offload" if oo or op else "")
+    def _note_overshoot(
+        self, total: float, s: _Layout, reason: str = "activations do not fit even with full recompute"
+    ) -> None:
+        self._reject(reason)
+        desc = f"dp{s.d} tp{s.t} pp{s.pp} zero{s.zero} mb{s.b}" + (
+            " +offload" if s.offload_optimizer or s.offload_params else "")  # fmt: skip
         if self.closest is None or total < self.closest[0]:
             self.closest = (total, desc)
+            self.closest_config = {
+                "t": s.t, "pp": s.pp, "d": s.d, "b": s.b, "schedule": s.schedule, "v": s.v,
+                "zero": s.zero, "offload_optimizer": s.offload_optimizer,
+                "offload_params": s.offload_params,
+            }  # fmt: skip
 
     # -- the enumeration ---------------------------------------------------------------------
 
     def configurations(self) -> Iterator[dict]:
+        """Every configuration to price, restricted to the fields ``layout`` fixes."""
         prof, n = self.profile, self.gpus
+        lay = self.layout or Layout()
         for t in divisors(n):
+            if (lay.tp is not None and t != lay.tp) or (lay.sp and t == 1):
+                continue
             if prof.heads % t or prof.intermediate % t or (t > prof.kv_heads and t % prof.kv_heads) or (
                     t <= prof.kv_heads and prof.kv_heads % t):
                 self._reject("TP degree does not divide the heads / MLP width")
                 continue
             for pp in divisors(n // t):
+                if lay.pp is not None and pp != lay.pp:
+                    continue
+                if lay.pp is None and lay.schedule is not None and pp == 1:
+                    continue
                 if prof.num_layers % pp:
                     self._reject("layers do not split evenly over pipeline stages")
                     continue
+                if lay.recompute is not None and sum(c or 0 for _, c in lay.recompute) > prof.num_layers // pp:
+                    self._reject(f"{lay.recompute_text()} names more layers than a stage has")
+                    continue
                 d = n // (t * pp)
+                if (lay.dp is not None and d != lay.dp) or (lay.zero and d == 1 and lay.dp is None):
+                    continue
                 if self.global_batch % d:
                     self._reject("global batch not divisible by the DP degree")
                     continue
                 per_replica = self.global_batch // d
-                for b in MICRO_BATCHES:
+                for b in (MICRO_BATCHES if lay.micro_batch is None else (lay.micro_batch,)):
                     if per_replica % b:
+                        if lay.micro_batch is not None:
+                            self._reject("the micro-batch does not divide the per-replica batch")
                         continue
                     m = per_replica // b
+                    if lay.num_micro is not None and m != lay.num_micro:
+                        self._reject("the micro-batch count is not global batch / (dp x micro-batch)")
+                        continue
                     if pp > 1 and m < pp:
                         self._reject("fewer micro-batches than pipeline stages")
                         continue
                     schedules = [("1f1b", 1)] if pp > 1 else [("none", 1)]
                     if pp > 1 and m % pp == 0:
-                        schedules += [("interleaved", v) for v in VIRTUAL_STAGES
+                        virtual = VIRTUAL_STAGES if lay.virtual in (None, 1) else (lay.virtual,)
+                        schedules += [("interleaved", v) for v in virtual
                                       if prof.num_layers % (pp * v) == 0]  # fmt: skip
+                    if lay.schedule is not None:
+                        wanted = [(k, v) for k, v in schedules if k == lay.schedule
+                                  and (lay.virtual is None or v == lay.virtual)]  # fmt: skip
+                        if not wanted:
+                            self._reject(f"the {lay.schedule} schedule does not fit this pipeline "
+                                         f"(interleaving needs micro-batches and layers divisible "
+                                         f"by the stages x virtual stages)")  # fmt: skip
+                        schedules = wanted
                     for schedule, v in schedules:
-                        for zero in ((0, 1, 2, 3) if d > 1 else (0,)):
+                        zeros = (0, 1, 2, 3) if d > 1 else (0,)
+                        for zero in (z for z in zeros if lay.zero is None or z == lay.zero):
                             offloads = [(False, False), (True, False)]
                             if zero == 3:
                                 offloads.append((True, True))
                             for oo, op in offloads:
+                                if lay.offload_optimizer is not None and oo != lay.offload_optimizer:
+                                    continue
+                                if lay.offload_params is not None and op != lay.offload_params:
+                                    continue
                                 yield dict(t=t, pp=pp, d=d, b=b, schedule=schedule, v=v, zero=zero,
                                            offload_optimizer=oo, offload_params=op)  # fmt: skip
+
+    def layout_problem(self) -> str | None:
+        """Why no configuration can match ``layout``'s fixed fields on this model, GPU count and
+        global batch (divisibility, degrees, schedule, recompute options), or None. What only
+        pricing shows (memory) is the search's to say."""
+        lay, prof, n, gb = self.layout, self.profile, self.gpus, self.global_batch
+        if lay is None:
+            return None
+        fixed = {k: v for k, v in (("dp", lay.dp), ("tp", lay.tp), ("pp", lay.pp)) if v is not None}
+        product = math.prod(fixed.values())
+        named = " x ".join(f"{k}{v}" for k, v in fixed.items())
+        if len(fixed) == 3 and product != n:
+            return f"{named} = {product} GPUs, not the {n} given"
+        if n % product:
+            return f"{named} does not divide {n} GPUs"
+        t, pp = lay.tp, lay.pp
+        if t is not None:
+            for what, size in (("attention heads", prof.heads), ("MLP width", prof.intermediate)):
+                if size % t:
+                    return f"tp{t} does not divide the model's {size} {what}"
+            if (t > prof.kv_heads and t % prof.kv_heads) or (t <= prof.kv_heads and prof.kv_heads % t):
+                return f"tp{t} does not divide (nor is a multiple of) the model's {prof.kv_heads} KV heads"
+        if lay.sp and (t == 1 or n == 1):
+            return "sequence parallelism needs tp > 1"
+        if pp is not None and prof.num_layers % pp:
+            return f"pp{pp} does not divide the model's {prof.num_layers} layers"
+        d = lay.dp if lay.dp is not None else (n // (t * pp) if t is not None and pp is not None else None)
+        if d is not None and gb % d:
+            return f"the global batch of {gb} sequences does not divide over dp{d}"
+        if lay.zero and (d if d is not None else n // ((t or 1) * (pp or 1))) == 1:
+            return f"zero{lay.zero} shards over data parallelism: it needs dp > 1 (dp is 1 here)"
+        b = lay.micro_batch
+        if b is not None:
+            per = gb // d if d is not None else gb
+            if per % b:
+                return (f"mb{b} does not divide the {per} sequences of "
+                        + (f"each of the dp{d} replicas" if d is not None else "the global batch"))  # fmt: skip
+        m = gb // (d * b) if d is not None and b is not None else None
+        if lay.num_micro is not None and m is not None and m != lay.num_micro:
+            return (f"mb{b}x{lay.num_micro}: global batch {gb} over dp{d} in micro-batches of {b} "
+                    f"makes {m} micro-batches, not {lay.num_micro}")  # fmt: skip
+        if lay.schedule is not None and (pp == 1 or (pp is None and n // (t or 1) // (lay.dp or 1) == 1)):
+            return f"the {lay.schedule} schedule needs pp > 1"
+        if pp is not None and pp > 1 and m is not None and m < pp:
+            return f"pp{pp} needs at least {pp} micro-batches per step; mb{b} at dp{d} makes {m}"
+        if lay.schedule == "interleaved" and pp is not None:
+            v = lay.virtual
+            if v is not None and prof.num_layers % (pp * v):
+                return (f"interleaved(v={v}) with pp{pp} needs the {prof.num_layers} layers in "
+                        f"{pp * v} equal chunks")  # fmt: skip
+            if v is None and not any(prof.num_layers % (pp * w) == 0 for w in VIRTUAL_STAGES):
+                return (f"interleaving with pp{pp}: the {prof.num_layers} layers do not split into "
+                        f"pp x v chunks for v in {VIRTUAL_STAGES}; give interleaved(v=N)")  # fmt: skip
+            if m is not None and m % pp:
+                return f"interleaving needs the micro-batch count ({m}) to be a multiple of pp{pp}"
+        if lay.recompute is not None:
+            if any(k == "selective" for k, _ in lay.recompute) and prof.layer_activations.attention_core <= 0:
+                return ("selective recompute drops the attention's seq x seq scores, and this model's "
+                        "attention keeps none (a fused kernel); use rc[attn] or rc[full]")  # fmt: skip
+            if pp is not None:
+                try:
+                    lay.recompute_mix(prof.num_layers // pp)
+                except ValueError as exc:
+                    return str(exc)
+            elif any(c and c > prof.num_layers for _, c in lay.recompute):
+                return f"{lay.recompute_text()} names more layers than the model's {prof.num_layers}"
+        return None
 
     def state_lower_bound(self, cfg: dict) -> float:
         """Model state of the first stage: no plan of this shape uses less memory."""
@@ -592,6 +723,7 @@ class TrainSearch:
                 desc = f"dp{cfg['d']} tp{cfg['t']} pp{cfg['pp']} zero{cfg['zero']}"
                 if self.closest is None or bound < self.closest[0]:
                     self.closest = (bound, desc)
+                    self.closest_config = cfg
                 continue
             try:
                 plan = self.evaluate(**cfg)
@@ -604,12 +736,15 @@ class TrainSearch:
 
 def search_training(
     profile: ModelProfile, hardware: Hardware, cluster: Cluster, gpus: int, global_batch: int,
-    *, top: int = 5, refine: int = 5,
+    *, top: int = 5, refine: int = 5, layout: Layout | None = None,
 ) -> tuple[list[ParallelPlan], TrainSearch]:  # fmt: skip
     """All fitting plans ranked by step time (the ``top`` first), and the search (its counts of
     rejections and the closest miss explain an empty answer). The best ``refine`` plans are
-    re-solved with CP-SAT's exact recompute mix."""
-    search = TrainSearch(profile, hardware, cluster, gpus, global_batch)
+    re-solved with CP-SAT's exact recompute mix. With ``layout``, only the plans matching its
+    fixed fields (none when ``search.layout_problem()`` says why)."""
+    search = TrainSearch(profile, hardware, cluster, gpus, global_batch, layout=layout)
+    if search.layout_problem() is not None:
+        return [], search
     plans = sorted(search.plans(), key=lambda p: (p.step_time, p.memory.total))
     refined = []
     for p in plans[:refine]:
