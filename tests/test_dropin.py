@@ -1,6 +1,6 @@
 """tierplan.compile and tierplan.backend as drop-ins over transformers architectures: the model's
-own outputs (``.loss``, ``.logits`` and every other field) and its gradients equal eager's over two
-training steps at two input shapes, under a budget that makes the planner move tensors; plus the
+own outputs (``.loss``, ``.logits`` and every other field) and its gradients equal eager's over
+three training steps (batches of 8 then 5 sequences, then a shorter sequence), under a budget that makes the planner move tensors; plus the
 signature cache (new shapes, train/eval, grad mode, the recompile limit, ``dynamic=True``)."""
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ ARCHITECTURES: dict[str, tuple[Callable[[], torch.nn.Module], Callable[[int, int
     "t5": (_t5, _t5_batch),
     "vit": (_vit, _image_batch),
 }
-SHAPES = [(4, 16), (3, 12)]  # (batch, sequence): the second call has a new signature
+SHAPES = [(8, 16), (5, 16), (5, 12)]  # (batch, sequence): the last, shorter batch, then a shorter sequence
 
 
 def _assert_same_output(out: Any, ref: Any) -> None:
@@ -92,7 +92,11 @@ def _assert_same_grads(compiled_model: torch.nn.Module, eager_model: torch.nn.Mo
         torch.testing.assert_close(p.grad, ref, rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
 
 
-def _train_two_steps(arch: str, wrap: Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.nn.Module]) -> Any:
+def _train_at_new_shapes(
+    arch: str, wrap: Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.nn.Module],
+) -> tuple[Any, set[tuple[tuple[int, ...], ...]]]:
+    """One SGD step per shape of SHAPES on a compiled copy and an eager copy of ``arch``, checking
+    outputs and gradients at each; the wrapped module and the distinct input shapes it saw."""
     build, batch_of = ARCHITECTURES[arch]
     torch.manual_seed(0)
     eager = build().eval()  # dropout off: eager and compiled must draw nothing random
@@ -100,7 +104,7 @@ def _train_two_steps(arch: str, wrap: Callable[[torch.nn.Module, dict[str, torch
     batches = [batch_of(*shape) for shape in SHAPES]
     compiled = wrap(model, batches[0])
     opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (model, eager)]
-    for batch in batches:  # two steps, the second at a new shape
+    for batch in batches:  # one step per shape: each is a new signature
         out = compiled(**batch)
         out.loss.backward()
         ref = eager(**batch)
@@ -110,24 +114,24 @@ def _train_two_steps(arch: str, wrap: Callable[[torch.nn.Module, dict[str, torch
         for opt in opts:
             opt.step()
             opt.zero_grad()
-    return compiled
+    return compiled, {tuple(tuple(v.shape) for v in b.values()) for b in batches}
 
 
 @pytest.mark.parametrize("arch", list(ARCHITECTURES))
-def test_compile_returns_the_models_outputs_and_grads_at_two_shapes(arch: str) -> None:
+def test_compile_returns_the_models_outputs_and_grads_at_new_shapes(arch: str) -> None:
     def wrap(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.nn.Module:
         return tierplan.compile(model, (), example_kwargs=batch, memory_budget=BUDGET, time_limit=2)
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the second shape is planned with a warning (tested below)
-        compiled = _train_two_steps(arch, wrap)
+        compiled, signatures = _train_at_new_shapes(arch, wrap)
     plans = [s.plan for s in compiled.specializations.values()]
-    assert len(plans) == 2 and all(p.training for p in plans)
+    assert len(plans) == len(signatures) > 1 and all(p.training for p in plans)
     assert not plans[0].method.startswith("keep-all"), plans[0].method
 
 
 @pytest.mark.parametrize("arch", list(ARCHITECTURES))
-def test_backend_returns_the_models_outputs_and_grads_at_two_shapes(arch: str) -> None:
+def test_backend_returns_the_models_outputs_and_grads_at_new_shapes(arch: str) -> None:
     torch._dynamo.reset()
     tp = tierplan.backend(memory_budget=BUDGET, time_limit=2)
 
@@ -136,7 +140,7 @@ def test_backend_returns_the_models_outputs_and_grads_at_two_shapes(arch: str) -
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        _train_two_steps(arch, wrap)
+        _train_at_new_shapes(arch, wrap)
     assert any(g.kind == "training" for g in tp.graphs)
     assert any(not p.method.startswith("keep-all") for p in tp.plans), [p.method for p in tp.plans]
 
