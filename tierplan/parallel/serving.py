@@ -30,6 +30,7 @@ from tierplan.parallel.types import (
     MemoryBreakdown,
     ParallelPlan,
     TimeBreakdown,
+    degree_problem,
     divisors,
 )
 
@@ -174,12 +175,9 @@ class ServeSearch:
         if lay is None:
             return None
         fixed = {k: v for k, v in (("replicas", lay.dp), ("tp", lay.tp), ("pp", lay.pp)) if v is not None}
-        product = math.prod(fixed.values())
-        named = " x ".join(f"{k}{v}" for k, v in fixed.items())
-        if len(fixed) == 3 and product != n:
-            return f"{named} = {product} GPUs, not the {n} given"
-        if n % product:
-            return f"{named} does not divide {n} GPUs"
+        problem = degree_problem(fixed, n)
+        if problem is not None:
+            return problem
         if lay.tp is not None and prof.heads % lay.tp:
             return f"tp{lay.tp} does not divide the model's {prof.heads} attention heads"
         if lay.pp is not None and prof.num_layers % lay.pp:

@@ -29,6 +29,7 @@ from tierplan.parallel.types import (
     MemoryBreakdown,
     ParallelPlan,
     TimeBreakdown,
+    degree_problem,
     divisors,
 )
 
@@ -645,12 +646,9 @@ class TrainSearch:
         if lay is None:
             return None
         fixed = {k: v for k, v in (("dp", lay.dp), ("tp", lay.tp), ("pp", lay.pp)) if v is not None}
-        product = math.prod(fixed.values())
-        named = " x ".join(f"{k}{v}" for k, v in fixed.items())
-        if len(fixed) == 3 and product != n:
-            return f"{named} = {product} GPUs, not the {n} given"
-        if n % product:
-            return f"{named} does not divide {n} GPUs"
+        problem = degree_problem(fixed, n)
+        if problem is not None:
+            return problem
         t, pp = lay.tp, lay.pp
         if t is not None:
             for what, size in (("attention heads", prof.heads), ("MLP width", prof.intermediate)):

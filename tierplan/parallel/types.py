@@ -16,6 +16,7 @@ __all__ = [
     "WORKSPACE_BYTES",
     "Layout",
     "LayoutError",
+    "degree_problem",
     "MemoryBreakdown",
     "ParallelPlan",
     "TimeBreakdown",
@@ -332,3 +333,16 @@ def _parse_recompute(text: str, raw: str, body: str, mode: str) -> tuple[tuple[s
         raise _layout_error(text, raw, "with several recompute options each needs a layer count "
                             "(rc[fullx4,selectivex8]):", mode)  # fmt: skip
     return tuple(items)
+
+
+def degree_problem(fixed: dict[str, int], gpus: int) -> str | None:
+    """Why the degrees a layout fixes (name -> degree) cannot cover ``gpus``, or None: all three
+    given must multiply to the GPU count, fewer must divide it."""
+    product = math.prod(fixed.values())
+    named = " x ".join(f"{k}{v}" for k, v in fixed.items())
+    if len(fixed) == 3 and product != gpus:
+        return f"{named} = {product} GPUs, not the {gpus} given"
+    if gpus % product:
+        return f"{named} does not divide {gpus} GPUs"
+    return None
+
