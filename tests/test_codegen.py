@@ -15,11 +15,11 @@ from tierplan.plans.plan import HOST, StepKind
 from tierplan.zoo import load_model
 
 
-def _setup(name, *, train_mode=False, budget=0.9, tiers=("host",), batch=2, seq=32):
+def _setup(name, *, train_mode=False, budget=0.9, tiers=("host",), batch=2, seq=32, hardware="cpu"):
     model, args, kwargs = load_model(name, batch_size=batch, seq_len=seq)
     model.train(train_mode)
     captured = capture(model, args, example_kwargs=kwargs)
-    plan = plan_graph(captured.graph, hardware="cpu", memory_budget=budget, tiers=tiers, time_limit=2)
+    plan = plan_graph(captured.graph, hardware=hardware, memory_budget=budget, tiers=tiers, time_limit=2)
     return model, args, kwargs, captured, plan
 
 
@@ -59,7 +59,9 @@ def test_source_has_one_line_per_op_and_cites_decisions(tmp_path):
 
 
 def test_host_pool_slots_do_not_overlap_while_live():
-    model, args, kwargs, captured, plan = _setup("gpt2-tiny", budget=0.75)
+    # Planned for a GPU, whose copy stream hides swaps (on the CPU they cost their whole time, so
+    # the plan prefers recompute): the host pool's layout is what is under test.
+    model, args, kwargs, captured, plan = _setup("gpt2-tiny", budget=0.75, hardware="rtx4090")
     layout = emit(plan, captured.joint).layout
     slots = layout.host_slots
     caller_owned = sum(plan.graph.tensors[s].nbytes for s, t in plan.initial_tiers.items() if t == HOST)

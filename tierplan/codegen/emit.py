@@ -394,8 +394,8 @@ class _Emitter:
         if node is None:
             raise EmitError(f"{label}: the fx graph has no node {s.op!r}")
         op = self.graph.op(node.name)
-        # Outputs the recompute discards are bound to nothing: the plan holds its own copy (or
-        # none), and the re-run's value is garbage the allocator takes back at once.
+        # Outputs the recompute discards are bound to ``_`` and deleted right after the call: the
+        # plan holds its own copy (or none), and counts the re-run's value as scratch of the step.
         slots = [None if n in s.discard else n for n in self.outputs_of[node.name]]
         if len(slots) == 1 and not isinstance(node.meta.get("val"), (tuple, list)):
             target = self.var(slots[0]) if slots[0] else "_"
@@ -415,6 +415,8 @@ class _Emitter:
         elif random_replay:
             self.line(f"_rng_{node.name} = ctx.rng_state()  # {node.name} is recomputed later", label)
         self.line(f"{target} = {call}" + (f"  # {note}" if note else ""), label)
+        if None in slots:
+            self.line("del _  # a discarded output: `_` would hold it until its next use", label)
         produced = [n for n in slots if n]
         self.bound.update(produced)
         for t in produced:

@@ -39,7 +39,7 @@ from ortools.linear_solver import pywraplp
 
 from tierplan.ir import PERSISTENT_KINDS, Graph, Phase, TensorKind
 from tierplan.passes.liveness import Liveness, liveness
-from tierplan.plans.plan import DEVICE, Channel, Pricing
+from tierplan.plans.plan import COMPUTE_QUEUE, DEVICE, Channel, Pricing
 
 _STEPS = 6  # high-pressure steps tried
 _TIME_LIMIT_S = 2.0  # per step; SCIP's bound is used when it stops early
@@ -223,6 +223,7 @@ def _solve(items: list[_Item], reads: dict[str, list[str]], room: int, t: int,
     ins: dict[str, list] = {}  # queue -> (var, seconds, due or None)
     rerun_op = {p: solver.BoolVar("") for p in reads}  # the op runs again after t
     available: dict[str, object] = {}  # storage -> 1 if it is on the device when needed after t
+    inline_terms: list = []  # seconds of the copies the compute stream makes itself
     for item in items:
         keep = solver.BoolVar("")
         ways = [keep]
@@ -233,6 +234,11 @@ def _solve(items: list[_Item], reads: dict[str, list[str]], room: int, t: int,
         for copy in item.copies:
             moved = solver.BoolVar("")
             ways.append(moved)
+            if COMPUTE_QUEUE in (copy.out_queue, copy.in_queue):
+                # Copied by the compute stream: the plan pays the whole time, before or after t.
+                inline_terms.append(moved * (copy.out_s * (copy.out_queue is not None)
+                                             + copy.in_s * (copy.in_queue is not None)))
+                continue
             if copy.out_queue is not None:
                 outs.setdefault(copy.out_queue, []).append((moved, copy.out_s, item.made))
             if copy.in_queue is not None:
@@ -253,6 +259,8 @@ def _solve(items: list[_Item], reads: dict[str, list[str]], room: int, t: int,
     # the only slack the copies out have; after t the re-runs and the stalls there lengthen the
     # windows of the copies in. Each second of either is overhead.
     rerun_total = solver.Sum([v * op_time_s[p] for p, v in rerun_op.items()])
+    # Inline copies stall the compute wherever they sit: overhead, and slack in any window.
+    inline = solver.Sum(inline_terms)
     before = solver.NumVar(0.0, solver.infinity(), "before")
     after = solver.NumVar(0.0, solver.infinity(), "after")
     end = len(cumulative) - 1
@@ -260,15 +268,16 @@ def _solve(items: list[_Item], reads: dict[str, list[str]], room: int, t: int,
         # Copies of storages made after step k run inside (k, t): one queue, one copy at a time.
         for k in _cuts(sorted({made for _, _, made in load})):
             window = float(cumulative[t] - cumulative[k + 1]) if k >= 0 else float(cumulative[t])
-            solver.Add(solver.Sum([v * c for v, c, made in load if made >= k]) <= window + before)
+            solver.Add(solver.Sum([v * c for v, c, made in load if made >= k]) <= window + before + inline)
     for load in ins.values():
         # Copies that must land before step k (k > t) run inside (t, k); the rest within the step.
         for k in _cuts(sorted({due for _, _, due in load if due is not None})):
             window = float(cumulative[k] - cumulative[t + 1])
             solver.Add(solver.Sum([v * c for v, c, due in load if due is not None and due <= k])
-                       <= window + rerun_total + after)
-        solver.Add(solver.Sum([v * c for v, c, _ in load]) <= float(cumulative[end]) + rerun_total + before + after)
-    solver.Minimize(rerun_total + before + after)
+                       <= window + rerun_total + after + inline)
+        solver.Add(solver.Sum([v * c for v, c, _ in load])
+                   <= float(cumulative[end]) + rerun_total + before + after + inline)
+    solver.Minimize(rerun_total + before + after + inline)
     status = solver.Solve()
     if status == pywraplp.Solver.INFEASIBLE:
         return LowerBound(math.inf, t, forced, True)

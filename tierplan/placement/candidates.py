@@ -499,14 +499,15 @@ def _streams_and_offloads(problem: Problem, readers: dict[str, list[int]]) -> No
                 fetch, hidden, merged = [], [], []
                 for first, last in clusters:
                     prev_last = merged[-1][1] if merged else -1
-                    q = bisect.bisect_right(cum, cum[first] - in_s) - 1
+                    # An inline copy hides behind nothing: fetch it right before its reader.
+                    q = first if up.inline else bisect.bisect_right(cum, cum[first] - in_s) - 1
                     q = min(first, max(q, prev_last + 1))
                     if merged and q <= prev_last + 1:
                         merged[-1][1] = last  # no room to free in between: one cluster
                         continue
                     merged.append([first, last])
                     fetch.append(q)
-                    hidden.append(problem.compute_between(q, first - 1))
+                    hidden.append(0.0 if up.inline else problem.compute_between(q, first - 1))
                 problem.streams.append(Stream(
                     storage=storage, tier=tier, nbytes=t.nbytes,
                     clusters=tuple((a, b) for a, b in merged), fetch=tuple(fetch), in_s=in_s,
@@ -519,13 +520,14 @@ def _streams_and_offloads(problem: Problem, readers: dict[str, list[int]]) -> No
                     continue
                 last = max(readers.get(storage, []) + [problem.position[t.producer]])
                 out_s = down.seconds(t.nbytes)
-                w = bisect.bisect_left(cum, cum[last + 1] + out_s) - 1
+                w = last if down.inline else bisect.bisect_left(cum, cum[last + 1] + out_s) - 1
                 w = max(last, min(w, n - 1))
                 if w >= n - 1:
                     continue
                 problem.offloads.append(Offload(
                     storage=storage, tier=tier, nbytes=t.nbytes, start=last, wait=w, out_s=out_s,
-                    out_queue=down.queue, hidden_s=problem.compute_between(last + 1, w),
+                    out_queue=down.queue,
+                    hidden_s=0.0 if down.inline else problem.compute_between(last + 1, w),
                 ))
 
 
@@ -553,18 +555,24 @@ def _window(problem: Problem, unit: Unit, storage: str, tier: str, down: Channel
     out_s = down.seconds(nbytes)
     in_s = up.seconds(nbytes)
     cum = problem.cumulative_s
-    # Wait for the offload after the first step w at which the compute since f covers the copy.
-    w = bisect.bisect_left(cum, cum[f + 1] + out_s) - 1
+    if down.inline:
+        # Copied by the compute thread: no compute hides it, so it leaves as soon as it can and
+        # comes back right before its reader (the device holds it the least).
+        w, q = f, b
+    else:
+        # Wait for the offload after the first step w at which the compute since f covers it.
+        w = bisect.bisect_left(cum, cum[f + 1] + out_s) - 1
+        # Start the prefetch before the last step q from which the compute up to b covers it.
+        q = bisect.bisect_right(cum, cum[b] - in_s) - 1
     w = max(f, min(w, b - 2))
-    # Start the prefetch before the last step q from which the compute up to b covers the copy.
-    q = bisect.bisect_right(cum, cum[b] - in_s) - 1
     q = min(b, max(q, w + 2))
     if q - w < 2:
         return None
     return SwapWindow(
         storage=storage, tier=tier, nbytes=nbytes, last_fwd=f, out_wait=w, in_start=q, first_bwd=b,
         out_s=out_s, in_s=in_s, out_queue=down.queue, in_queue=up.queue,
-        out_hidden_s=problem.compute_between(f + 1, w), in_hidden_s=problem.compute_between(q, b - 1),
+        out_hidden_s=0.0 if down.inline else problem.compute_between(f + 1, w),
+        in_hidden_s=0.0 if up.inline else problem.compute_between(q, b - 1),
     )
 
 

@@ -18,6 +18,7 @@ import numpy as np
 from ortools.sat.python import cp_model
 
 from tierplan.placement.candidates import KEEP, Option
+from tierplan.plans.plan import COMPUTE_QUEUE
 from tierplan.placement.linear_model import Key, Linear
 
 _TIME_UNITS = 1_000_000  # the keep-all step time in the model's integer time units
@@ -190,6 +191,8 @@ def _queue_exposure(model: cp_model.CpModel, linear: Linear, pair_vars: list, un
     by_queue: dict[str, list[tuple[int, int, int, int]]] = {}
     for p, transfers in linear.transfers.items():
         for t in transfers:
+            if t.queue == COMPUTE_QUEUE:  # priced whole in the linear cost: no queue to congest
+                continue
             lo, hi = int(group_of[max(t.first, 0)]), int(group_of[min(max(t.last, t.first), n - 1)])
             by_queue.setdefault(t.queue, []).append((p, lo, hi, max(1, math.ceil(t.time_s / unit_s))))
     exposed = []

@@ -15,7 +15,10 @@ same two currencies, so that the simulator and the validator price it unchanged:
 - every copy costs the fixed cost of the queue the runtime puts it on, as channel latency:
   ``file_copy_s`` for NVMe (a swap file, on a worker thread), and for host memory (host, cxl)
   ``inline_copy_s`` on a CPU device (the compute thread copies it: device and host are one DRAM)
-  or ``stream_copy_s`` on a GPU (a CUDA copy stream).
+  or ``stream_copy_s`` on a GPU (a CUDA copy stream);
+- on a CPU device, a copy to host memory runs on the compute thread (``COMPUTE_QUEUE``): it hides
+  behind nothing, so the plan pays its whole time, and it saves device budget, not memory (the
+  two are one DRAM; ``same_memory``).
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ from tierplan.cost_models.compute import graph_op_times
 from tierplan.cost_models.hardware import Hardware
 from tierplan.cost_models.transfer import tier_route
 from tierplan.ir import Graph
-from tierplan.plans.plan import DEVICE, NVME, Channel, PlanError, Pricing
+from tierplan.plans.plan import COMPUTE_QUEUE, DEVICE, NVME, Channel, PlanError, Pricing
 
 
 def tier_capacities(hardware: Hardware, tiers: Sequence[str]) -> dict[str, int]:
@@ -71,7 +74,10 @@ def transfer_channels(hardware: Hardware, tiers: Sequence[str]) -> list[Channel]
             route = tier_route(hardware, src, dst)
             device_link = route.links[0] if src == DEVICE else route.links[-1]
             direction = "from-device" if src == DEVICE else "to-device"
-            queue = f"{device_link.name}:{direction}" if device_link.duplex else device_link.name
+            if same_memory(hardware, name):  # a memcpy by the compute thread (module docstring)
+                queue = COMPUTE_QUEUE
+            else:
+                queue = f"{device_link.name}:{direction}" if device_link.duplex else device_link.name
             channels.append(Channel(src, dst, bandwidth=route.bandwidth, latency_s=route.latency_s + issue,
                                     queue=queue))
     return channels

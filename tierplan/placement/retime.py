@@ -24,7 +24,7 @@ from typing import Sequence
 import numpy as np
 
 from tierplan.ir import Graph
-from tierplan.plans.plan import DEVICE, Step, StepKind
+from tierplan.plans.plan import COMPUTE_QUEUE, DEVICE, Step, StepKind
 
 
 @dataclass
@@ -63,7 +63,8 @@ def retime(copies: Sequence[Copy], clock: np.ndarray, profile: np.ndarray, cap: 
     cap = max(cap, int(profile.max()) if len(profile) else cap)
     queues: dict[str, list[Copy]] = {}
     for copy in copies:
-        queues.setdefault(copy.queue, []).append(copy)
+        if copy.queue != COMPUTE_QUEUE:  # inline copies stall the compute wherever they sit
+            queues.setdefault(copy.queue, []).append(copy)
     mixed = {q for q, cs in queues.items() if len({c.outward for c in cs}) > 1}
     for queue, members in queues.items():
         if queue not in mixed and members[0].outward:

@@ -22,6 +22,9 @@ from tierplan.units import format_bytes
 DEVICE = "device"
 HOST = "host"
 NVME = "nvme"
+# The queue of a channel whose copies run on the compute stream itself (a memcpy on the CPU
+# device's own thread): nothing overlaps them, so each one stalls the compute by its whole time.
+COMPUTE_QUEUE = "compute"
 
 FORMAT_VERSION = 1
 
@@ -161,6 +164,8 @@ class Channel:
 
     Time of one transfer: latency_s + nbytes / bandwidth (the α-β model of docs/cost-model.md).
     Channels with the same ``queue`` share it (a half-duplex link has one queue both ways).
+    A channel on ``COMPUTE_QUEUE`` copies on the compute stream: the copy starts at the compute
+    clock and the clock advances by its whole time (exposed time, however early it is waited for).
     """
 
     src: str
@@ -172,6 +177,11 @@ class Channel:
     def seconds(self, nbytes: int) -> float:
         """The time of one transfer of ``nbytes`` on this channel."""
         return self.latency_s + nbytes / self.bandwidth
+
+    @property
+    def inline(self) -> bool:
+        """Whether its copies run on the compute stream (nothing hides them)."""
+        return self.queue == COMPUTE_QUEUE
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,8 @@ reader) and replays it with the device unbounded.
 Timing: one compute stream runs the compute and recompute steps in order; every transfer goes on
 its channel's queue, which runs its transfers one after another (each takes latency + bytes /
 bandwidth) and starts a transfer no earlier than the compute clock at the step that issued it; a
-wait advances the compute clock to the transfer's end.
+transfer on the compute queue runs on the compute stream (the clock advances by it as it is
+issued); a wait advances the compute clock to the transfer's end.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from tierplan.ir import PERSISTENT_KINDS, Graph
-from tierplan.plans.plan import DEVICE, Plan, PlanError, Step, StepKind, compute, free
+from tierplan.plans.plan import COMPUTE_QUEUE, DEVICE, Plan, PlanError, Step, StepKind, compute, free
 
 _READY = "ready"
 _INCOMING = "incoming"
@@ -177,9 +178,16 @@ class _State:
         self.require_ready(index, step, storage, src, "source")
         self.freed_at.pop((storage, dst), None)
         self.allocate(index, step, storage, dst, _INCOMING)
-        begin = max(self.clock_s, self.queue_free_s.get(channel.queue, 0.0))
-        end = begin + channel.latency_s + self.nbytes(storage) / channel.bandwidth
-        self.queue_free_s[channel.queue] = end
+        seconds = channel.latency_s + self.nbytes(storage) / channel.bandwidth
+        if channel.queue == COMPUTE_QUEUE:
+            # Copied by the compute stream itself: it stalls now, whenever the copy is waited for.
+            end = self.clock_s + seconds
+            self.exposed_s += seconds
+            self.clock_s = end
+        else:
+            begin = max(self.clock_s, self.queue_free_s.get(channel.queue, 0.0))
+            end = begin + seconds
+            self.queue_free_s[channel.queue] = end
         self.pending[storage, dst] = _Transfer(src, end)
         key = f"{src}->{dst}"
         self.moved[key] = self.moved.get(key, 0) + self.nbytes(storage)

@@ -3,7 +3,8 @@
 A Plan's schedule has one meaning in time and memory (docs/architecture.md): one compute stream
 runs the compute and recompute steps in order, each taking its op's time; a transfer joins its
 channel's queue, starting no earlier than the compute clock at the step that issues it nor before
-the copy ahead of it on that queue ends, and takes ``latency + bytes / bandwidth``; a wait advances
+the copy ahead of it on that queue ends, and takes ``latency + bytes / bandwidth`` (a copy on the
+compute queue runs on the compute stream itself: the clock advances by it at once); a wait advances
 the compute clock to the end of the copy it waits for; a storage occupies a tier from the step
 that allocates it there (an op's output, a copy's destination from the copy's start) until the
 step that frees it. The planner's simulator and the report's timeline both need that replay; the
@@ -34,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Mapping, Sequence, cast
 
 from tierplan.ir import Graph, OpInfo
-from tierplan.plans.plan import DEVICE, Channel, PlanError, Step, StepKind
+from tierplan.plans.plan import COMPUTE_QUEUE, DEVICE, Channel, PlanError, Step, StepKind
 
 _OP_KINDS = (StepKind.COMPUTE, StepKind.RECOMPUTE)
 
@@ -171,6 +172,12 @@ class ScheduleWalker:
             state.pending[storage, dst] = clock
             return f"{src}->{dst}", clock, clock
         queue = channel.queue
+        if queue == COMPUTE_QUEUE:  # the compute stream copies it: the clock waits it out now
+            end = clock + channel.seconds(self.graph.tensors[storage].nbytes)
+            state.exposed_s += end - clock
+            state.clock = end
+            state.pending[storage, dst] = end
+            return queue, clock, end
         begin = max(clock, state.queue_free.get(queue, 0.0))
         end = begin + channel.seconds(self.graph.tensors[storage].nbytes)
         state.queue_free[queue] = end

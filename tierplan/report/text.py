@@ -174,6 +174,13 @@ def plan_report(
         cap = plan.capacities.get(tier)
         peaks.append(f"{tier} {format_bytes(peak)}" + (f" of {format_bytes(cap)} ({_pct(peak, cap)})" if cap else ""))
     rows.append(("peak per tier", "; ".join(peaks)))
+    same = sorted({c.dst for c in plan.channels if c.inline and c.src == DEVICE})
+    if same:
+        rows.append((
+            "same memory",
+            f"{', '.join(same)} and the device are one memory here (a CPU): a copy there frees device "
+            f"budget, not memory, and runs on the compute thread, so its whole time is paid",
+        ))
     rows.append(("method", plan.method or "-"))
     if plan.solver is not None:
         rows += _solver_rows(plan)
