@@ -19,12 +19,15 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from torch import nn
 
 from tierplan.cost_models.hardware import Hardware
+from tierplan.parallel.calibration import SEQ_LEN as CALIBRATION_SEQ_LEN
+from tierplan.parallel.calibration import VOCAB as CALIBRATION_VOCAB
+from tierplan.parallel.calibration import PublishedRun
 from tierplan.parallel.profile import Architecture, ModelProfile, profile_graph
 from tierplan.parallel.search import ParallelResult, plan_parallel
 from tierplan.parallel.types import Layout
@@ -51,6 +54,8 @@ __all__ = [
     "profile_model",
     "profile_transformers",
     "profile_zoo_model",
+    "published_run_profile",
+    "published_run_profiles",
 ]
 
 DEFAULT_LAYERS = 2  # the fewest in which passes.blocks finds a repeated block
@@ -390,3 +395,20 @@ def plan_model(
         kernels = hardware if target is True else (None if target is False else target)
         model = profile_model(model, seq_len=seq_len, precision=precision, target=kernels)
     return plan_parallel(model, hardware, gpus, layout=layout, **options)
+
+
+def published_run_profile(run: PublishedRun, hardware: Hardware) -> ModelProfile:
+    """A published run's GPT model (``tierplan.parallel.calibration``) profiled: a GPT2Config of
+    its shape in fp16 (Megatron's GPT: learned positions, GELU MLP of 4h, tied embeddings),
+    captured with the hardware's kernels; 2 layers are captured and scaled to the real count."""
+    import transformers
+
+    cfg = transformers.GPT2Config(n_layer=run.layers, n_embd=run.hidden, n_head=run.heads,
+                                  vocab_size=CALIBRATION_VOCAB, n_positions=CALIBRATION_SEQ_LEN)  # fmt: skip
+    return profile_transformers(cfg, seq_len=CALIBRATION_SEQ_LEN, model_cls="GPT2LMHeadModel",
+                                dtype=torch.float16, name=f"gpt-{run.name}", target=hardware)  # fmt: skip
+
+
+def published_run_profiles(runs: Iterable[PublishedRun], hardware: Hardware) -> dict[str, ModelProfile]:
+    """The profile of each run, by its name (capture once, price as often as a fit needs)."""
+    return {r.name: published_run_profile(r, hardware) for r in runs}

@@ -131,6 +131,11 @@ class Device:
     # Convolutions (forward and backward) run at this fraction of the matmul rate above (small
     # convolutions on a CPU reach about half of a 1024^3 matmul's); 1 where nothing was measured.
     conv_efficiency: float = 1.0
+    # A whole multi-GPU training step sustains this fraction of the rates above (clocks under
+    # sustained power, kernels the captured graph lacks, host gaps); the parallel training model
+    # applies it to compute. 1 where nothing was fitted (docs/cost-model.md, "Calibration
+    # against published runs").
+    training_efficiency: float = 1.0
     launch_overhead_s: float = 0.0  # fixed cost per kernel (launch + dispatch)
     allow_tf32: bool = False  # fp32 matmuls run on tensor cores at the "tf32" rate
 
@@ -535,7 +540,7 @@ _SCHEMA = _Table({
         "name": _string, "kind": _choice(*DEVICE_KINDS), "memory_bytes": _BYTES,
         "memory_bandwidth": _BANDWIDTH, "peak_flops": _MapOf(PEAK_FLOPS_KEYS, _FLOPS),
         "compute_efficiency": _fraction, "memory_efficiency": _fraction, "conv_efficiency": _fraction,
-        "launch_overhead_s": _SECONDS, "allow_tf32": _boolean,
+        "training_efficiency": _fraction, "launch_overhead_s": _SECONDS, "allow_tf32": _boolean,
     }),
     "host": _Table({
         "name": _string, "cores": _count, "dram_bytes": _BYTES, "dram_bandwidth": _BANDWIDTH,
@@ -760,6 +765,7 @@ def _build(data: Mapping[str, Any], origin: str, default_name: str) -> Hardware:
         compute_efficiency=d.get("compute_efficiency", 1.0),
         memory_efficiency=d.get("memory_efficiency", 1.0),
         conv_efficiency=d.get("conv_efficiency", 1.0),
+        training_efficiency=d.get("training_efficiency", 1.0),
         launch_overhead_s=d.get("launch_overhead_s", 0.0),
         allow_tf32=d.get("allow_tf32", False),
     )
@@ -877,6 +883,8 @@ def describe_hardware(hw: Hardware) -> str:
         f"{d.memory_efficiency:.2f}, convolutions {d.conv_efficiency:.2f} of the matmul rate; "
         f"fp32 matmuls at the "
         f"{'tf32' if d.allow_tf32 else 'float32'} rate"
+        + (f"; training steps sustain {d.training_efficiency:.2f} of the compute rate"
+           if d.training_efficiency < 1 else "")
     )
     lines.append(
         f"  host     {hw.host.name}: {format_bytes(hw.host.dram_bytes)} DRAM at "
@@ -987,7 +995,7 @@ def render_hardware_toml(hw: Hardware) -> str:
         "name": d.name, "kind": d.kind, "memory_bytes": d.memory_bytes,
         "memory_bandwidth": d.memory_bandwidth, "compute_efficiency": d.compute_efficiency,
         "memory_efficiency": d.memory_efficiency, "conv_efficiency": d.conv_efficiency,
-        "launch_overhead_s": d.launch_overhead_s,
+        "training_efficiency": d.training_efficiency, "launch_overhead_s": d.launch_overhead_s,
         "allow_tf32": d.allow_tf32,
     })  # fmt: skip
     table("device.peak_flops", "device.peak_flops", {k: float(v) for k, v in d.peak_flops.items()})

@@ -15,6 +15,7 @@ Rank layout: TP innermost (NVLink), then DP, then PP, as Megatron lays them out.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -33,7 +34,7 @@ from tierplan.parallel.types import (
     divisors,
 )
 
-__all__ = ["RecomputeOption", "TrainSearch", "search_training", "solve_recompute_mix"]
+__all__ = ["RecomputeOption", "TrainSearch", "search_training", "solve_recompute_mix", "sustained"]
 
 MICRO_BATCHES = (1, 2, 4, 8, 16)
 VIRTUAL_STAGES = (2, 4)
@@ -56,6 +57,18 @@ HOST_EFFICIENCY = 0.5
 # Device memory a training plan leaves to the caching allocator's fragmentation and the CUDA
 # context, besides APEX's 1 GiB workspace: plans packed to 99% of HBM run out in practice.
 ALLOCATOR_HEADROOM = 0.05
+
+
+def sustained(precision: ComputePrecision) -> ComputePrecision:
+    """``precision`` with its device's compute rate derated to what a whole training step
+    sustains (``Device.training_efficiency``, fitted to published runs by
+    ``tierplan.parallel.calibration``); peaks, and so MFU's denominator, are left as they are."""
+    dev = precision.device
+    if dev.training_efficiency == 1.0:
+        return precision
+    derated = dataclasses.replace(dev, compute_efficiency=dev.compute_efficiency * dev.training_efficiency,
+                                  training_efficiency=1.0)  # fmt: skip
+    return dataclasses.replace(precision, device=derated)
 
 
 @dataclass(frozen=True)
@@ -183,13 +196,14 @@ class TrainSearch:
     closest_config: dict | None = None
     _cache: dict[tuple, float] = field(default_factory=dict)
     # The dtype compute is priced in and the device to price it on (bf16 models on a device
-    # without bf16 run in fp16); raises HardwareError when the device has neither.
+    # without bf16 run in fp16; its compute rate derated to what a training step sustains);
+    # raises HardwareError when the device has neither.
     precision: ComputePrecision = field(init=False)
 
     def __post_init__(self) -> None:
         if not self.capacity:
             self.capacity = float(self.hardware.tier("device").capacity_bytes)
-        self.precision = compute_precision(self.hardware, self.profile.param_bytes)
+        self.precision = sustained(compute_precision(self.hardware, self.profile.param_bytes))
 
     # -- pieces ------------------------------------------------------------------------------
 
