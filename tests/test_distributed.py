@@ -147,7 +147,8 @@ def _net_pp(rank: int) -> None:
     """pp = 2, 1F1B over 2 micro-batches: a block per rank, the head on the last stage."""
     import torch.distributed as dist
 
-    from tierplan.parallel.executor import init_mesh, pipeline_stage
+    from tierplan.parallel.executor import init_mesh
+    from tierplan.parallel.pipeline import pipeline_stage
 
     ref_losses, ref_state = _reference()
     x, y = _data()
@@ -295,40 +296,41 @@ def _lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 
 def _gpt2_pp(layout: Layout, mesh: Any) -> tuple[list[float], dict[str, torch.Tensor]]:
-    """Pipeline stages by ``pipeline_stage``: the embeddings on the first stage, the blocks
-    split evenly, the final norm and LM head on the last; ``Schedule1F1B`` over the plan's
+    """Pipeline stages by ``build_stages``: the embeddings on the first stage, the blocks split
+    evenly, the final norm and LM head on the last; ``Schedule1F1B`` over the plan's
     micro-batches. GPT-2 ties the LM head to the token embedding, which lives on both the first
-    and the last stage: their gradients are summed over the pipeline group before the step
-    (Megatron's embedding all-reduce), so both copies take the same step."""
+    and the last stage: the library finds it (``Stages.tied``) and ``sync_tied_grads`` sums its
+    gradient over the two stages before the step (Megatron's embedding all-reduce)."""
     import torch.distributed as dist
 
-    from tierplan.parallel.executor import pipeline_stage
+    from tierplan.parallel.executor import sync_tied_grads, tied_group
+    from tierplan.parallel.pipeline import build_stages
 
     if layout.dp != 1 or layout.tp != 1 or layout.pp != 2:
         raise ValueError(f"this test runs 2 pipeline stages alone, not {layout}")
     gpt = _gpt2()
     rank, last = mesh["pp"].get_local_rank(), layout.pp - 1
     blocks = [_Block(b) for b in gpt.transformer.h]
-    schedule, stage = pipeline_stage(blocks, layout, mesh, head=_Embed(gpt), tail=_Head(gpt),
-                                     loss_fn=_lm_loss)  # fmt: skip
+    stages = build_stages(blocks, layout, mesh, head=_Embed(gpt), tail=_Head(gpt), loss_fn=_lm_loss)
+    group = tied_group(layout, mesh)
     tied = gpt.transformer.wte.weight
-    assert gpt.lm_head.weight is tied and any(p is tied for p in stage.parameters())
-    opt = torch.optim.SGD(stage.parameters(), lr=GPT_LR)
+    assert gpt.lm_head.weight is tied and [p is tied for p in stages.tied_params()] == [True]
+    opt = torch.optim.SGD(stages.module.parameters(), lr=GPT_LR)
     ids = _gpt2_data()
     losses = []
     for _ in range(GPT_STEPS):
         opt.zero_grad()
         mb_losses: list[torch.Tensor] = []
         if rank == 0:
-            schedule.step(ids)
+            stages.schedule.step(ids)
         else:
-            schedule.step(target=ids, losses=mb_losses)
-        dist.all_reduce(tied.grad, group=mesh["pp"].get_group())
+            stages.schedule.step(target=ids, losses=mb_losses)
+        sync_tied_grads(stages.tied_params(), group)
         opt.step()
         lt = torch.stack(mb_losses).mean().detach() if mb_losses else torch.zeros(())
         dist.broadcast(lt, group=mesh["pp"].get_group(), group_src=last)
         losses.append(lt.item())
-    owned = {id(p) for p in stage.parameters()}
+    owned = {id(p) for p in stages.module.parameters()}
     return losses, {k: v.detach() for k, v in gpt.named_parameters() if id(v) in owned}
 
 
@@ -416,6 +418,7 @@ def test_layout_and_helpers() -> None:
     layout = Layout.from_plan({"dp": 4, "tp": 8, "pp": 2, "zero": 1, "num_micro": 8,
                                "schedule": "interleaved", "virtual": 2})  # fmt: skip
     assert layout.world_size == 64 and layout.virtual == 2
+    assert not layout.sp and layout.recompute == () and not layout.offload  # absent: off
 
 
 def test_auto_tp_plan_gpt2() -> None:
