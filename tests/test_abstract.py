@@ -107,6 +107,7 @@ def test_infeasible_abstract_budget(tmp_path) -> None:
     with pytest.raises(InfeasibleBudget) as info:
         remat_command(path, 50, time_limit=2)
     assert info.value.min_feasible_bytes > 50
+    assert "--tiers" not in str(info.value)  # tierplan remat has no such option
 
 
 def test_bad_files(tmp_path) -> None:

@@ -496,7 +496,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_pack)
 
     p = sub.add_parser("remat", help="plan recomputation for an abstract graph (Checkmate/Moccasin JSON)")
-    p.add_argument("graph", type=Path, help="networkx node-link JSON: nodes {id, name, backward, cost_cpu, cost_ram}")
+    p.add_argument("graph", type=Path, help="networkx node-link JSON: nodes {id, name, backward, cost_cpu, cost_ram} "
+                   "(backward optional: without it any node may be recomputed); graph.order, when given, is the "
+                   "op order (else Kahn's order over the file's listing)")
     p.add_argument("--budget", required=True, help="memory budget in bytes (or a size such as 64MiB)")
     p.add_argument("--time-limit", type=float, default=None)
     p.add_argument("--json", type=Path, help="write the schedule and figures here")

@@ -21,7 +21,8 @@ def abstract_pricing(times: dict[str, float], budget: int) -> Pricing:
 
 
 def plan_abstract(graph: Graph, times: dict[str, float], budget: int, time_limit_s: float | None) -> Plan:
-    plan = solve(graph, abstract_pricing(times, budget), time_limit_s=time_limit_s)
+    # ``tierplan remat`` has no --tiers: an infeasible budget's message must not suggest it.
+    plan = solve(graph, abstract_pricing(times, budget), time_limit_s=time_limit_s, suggest_tiers=False)
     validate(plan)
     return plan
 

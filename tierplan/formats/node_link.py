@@ -2,8 +2,14 @@
 
 Input: networkx node-link JSON, nodes ``{id, name, backward, cost_cpu, cost_ram}``, links
 ``{source, target}``. Each node becomes one op (its time ``cost_cpu``) with one output tensor
-(``cost_ram`` bytes); forward nodes read by a backward node are activations. Sinks (nodes nobody
-reads) are graph outputs, kept to the end. There is no slower tier: the only choices are keep and
+(``cost_ram`` bytes); forward nodes read by a backward node are activations. ``backward`` is
+optional: a graph without it (an inference graph, a benchmark graph where any node may be
+recomputed) is all forward, and the planner may recompute any node. Sinks (nodes nobody reads)
+are graph outputs, kept to the end.
+
+The op order is ``graph.order`` (Moccasin's files carry the order their budgets are stated
+against) when present, which must list every node once in a topological order; else Kahn's
+order, ties broken by the order the file lists the nodes in. There is no slower tier: the only choices are keep and
 recompute, under Checkmate's accounting (an output occupies memory from the step computing it to
 the step freeing it; inputs and output are resident while a node computes), which is the
 validator's.
@@ -46,7 +52,8 @@ def graph_from_node_link(data: dict[str, Any], *, name: str = "abstract") -> tup
         if link["source"] not in preds or link["target"] not in preds:
             raise PlanError(f"link {link['source']!r} -> {link['target']!r} names an unknown node")
         preds[link["target"]].append(link["source"])
-    order = _topological(nodes, preds)
+    given = (data.get("graph") or {}).get("order") if isinstance(data.get("graph"), dict) else None
+    order = _checked_order(given, nodes, preds) if given is not None else _topological(nodes, preds)
     by_id = {node["id"]: node for node in nodes}
     has_readers = {s for ps in preds.values() for s in ps}
     tensors: dict[str, TensorInfo] = {}
@@ -71,6 +78,27 @@ def graph_from_node_link(data: dict[str, Any], *, name: str = "abstract") -> tup
     except GraphError as exc:
         raise PlanError(f"abstract graph: {exc}") from None
     return graph, times, ids
+
+
+def _checked_order(order: Any, nodes: list[dict[str, Any]], preds: dict[Any, list[Any]]) -> list[Any]:
+    """``graph.order`` when it lists every node once, each after all the nodes it reads."""
+    if not isinstance(order, list):
+        raise PlanError(f"graph.order must be a list of node ids, not {type(order).__name__}")
+    seen: set[Any] = set()
+    for node_id in order:
+        if node_id not in preds:
+            raise PlanError(f"graph.order names node {node_id!r}, which is not in \"nodes\"")
+        if node_id in seen:
+            raise PlanError(f"graph.order lists node {node_id!r} twice")
+        missing = [p for p in preds[node_id] if p not in seen]
+        if missing:
+            raise PlanError(f"graph.order is not a topological order: node {node_id!r} comes before "
+                            f"node {missing[0]!r}, which it reads")
+        seen.add(node_id)
+    absent = [node["id"] for node in nodes if node["id"] not in seen]
+    if absent:
+        raise PlanError(f"graph.order leaves out node {absent[0]!r} ({len(absent)} node(s) in all)")
+    return list(order)
 
 
 def _topological(nodes: list[dict[str, Any]], preds: dict[Any, list[Any]]) -> list[Any]:

@@ -13,7 +13,8 @@ from tierplan.plans.plan import DEVICE, InfeasibleBudget, PlanError
 from tierplan.units import format_bytes
 
 
-def infeasible(problem: Problem, linear: Linear, budget: int, search: Any) -> InfeasibleBudget | Built:
+def infeasible(problem: Problem, linear: Linear, budget: int, search: Any, *,
+               suggest_tiers: bool = True) -> InfeasibleBudget | Built:
     """The smallest budget a plan of this planner meets (measured), and what dominates it; or the
     smallest-peak plan itself when it fits after all (the stages' budget-constrained models can
     miss a plan that the min-peak model finds).
@@ -21,7 +22,8 @@ def infeasible(problem: Problem, linear: Linear, budget: int, search: Any) -> In
     The budget reported is one that planning again at it meets: the smallest peak of the plans
     found the same way whatever the budget and the clock (the min-peak model on one worker,
     which is deterministic when it finishes, and freeing everything). The stages' plans are
-    budget- and time-dependent; they count only when those two find nothing."""
+    budget- and time-dependent; they count only when those two find nothing. ``suggest_tiers``:
+    the command has a ``--tiers`` option the message may suggest (``tierplan remat`` has none)."""
     tried = list(search.tried)
     reproducible: list[Built] = []
     min_solved = solve_model(linear, None, hint=None, workers=1,
@@ -79,11 +81,11 @@ def infeasible(problem: Problem, linear: Linear, budget: int, search: Any) -> In
         f"(parameters, buffers, inputs, optimizer state) {format_bytes(owned)}, the op's own inputs "
         f"and outputs {format_bytes(working)}, other live tensors {format_bytes(other)}"
     )
-    message += _dominant(problem, budget, smallest)
+    message += _dominant(problem, budget, smallest, suggest_tiers)
     return InfeasibleBudget(message, budget_bytes=budget, min_feasible_bytes=smallest)
 
 
-def _dominant(problem: Problem, budget: int, smallest: int) -> str:
+def _dominant(problem: Problem, budget: int, smallest: int, suggest_tiers: bool = True) -> str:
     """One sentence on what dominates the budget: the parameters, optimizer state, the inputs."""
     graph = problem.graph
     slower = [t for t in problem.capacities if t != DEVICE]
@@ -96,8 +98,8 @@ def _dominant(problem: Problem, budget: int, smallest: int) -> str:
         streamable = sum(st.nbytes for st in problem.streams if graph.tensors[st.storage].kind == kind)
         if total > budget:
             if not slower:
-                parts.append(f"{label} alone are {format_bytes(total)} > budget {format_bytes(budget)}; "
-                             f"with --tiers host they can be streamed from host memory")
+                parts.append(f"{label} alone are {format_bytes(total)} > budget {format_bytes(budget)}"
+                             + ("; with --tiers host they can be streamed from host memory" if suggest_tiers else ""))
             elif streamable < total:
                 parts.append(f"{label} alone are {format_bytes(total)} > budget; only "
                              f"{format_bytes(streamable)} of them can be streamed (the rest are written "
@@ -111,6 +113,7 @@ def _dominant(problem: Problem, budget: int, smallest: int) -> str:
     if batch > budget:
         parts.append(f"the inputs alone are {format_bytes(batch)} > budget")
     if not parts and not slower:
-        parts.append("no slower tier is given: only recompute can free memory; with --tiers host "
-                     "activations and parameters can also be moved to host memory")
+        parts.append("no slower tier is given: only recompute can free memory" + (
+            "; with --tiers host activations and parameters can also be moved to host memory"
+            if suggest_tiers else ""))
     return ("; " + "; ".join(parts)) if parts else ""

@@ -22,6 +22,10 @@ Design (the pieces: ``candidates``, ``linear_model``, ``cpsat``, ``local_search`
   can express. Local moves (``local_search.improve``) find plans the model's conservative
   transient bytes exclude and correct its queue timing, so they get more of the time when copies
   are in play.
+- A graph with no backward op and no slower tier (inference, abstract benchmark graphs) has no
+  units; its first stage (RETAIN) is ``remat_any``'s retention-interval model (Moccasin's), in
+  which any forward op is re-run at any later op as often as pays. Training graphs and settings
+  with a slower tier never run it, so their plans are as before.
 - Parameter streams and gradient offloads enlarge the model; they are offered when caller-owned
   state is a large share of the budget, and in a second pass when the first finds no plan.
 - The gaps reported are against ``bound.overhead_lower_bound``: a relaxation that no plan of the
@@ -43,7 +47,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from tierplan.ir import Graph
+from tierplan.ir import Graph, Phase
 from tierplan.passes.liveness import Liveness, liveness
 from tierplan.placement.assemble import Built, build_plan
 from tierplan.placement.baselines import checkpoint_blocks_fates, swap_all_fates
@@ -54,8 +58,10 @@ from tierplan.placement.infeasible import infeasible
 from tierplan.placement.keep_all import keep_all_plan
 from tierplan.placement.linear_model import Key, Linear, greedy, linearize
 from tierplan.placement.local_search import improve
+from tierplan.placement.remat_any import REMAT_ANY_CPSAT, remat_problem, search_remat_any, spans_plan
 from tierplan.placement.schedule import build_schedule, initial_tiers
 from tierplan.placement.simulate import simulate
+from tierplan.units import format_bytes
 from tierplan.plans.plan import (
     BOUND_ABS_TOL_S, BOUND_REL_TOL, DEVICE, InfeasibleBudget, InternalError, Plan, PlanError, Pricing,
     SolverReport, bound_above, meets_bound,
@@ -80,12 +86,14 @@ CP_SAT_MODEL = "cp-sat-model"
 
 SOLVE = "solve"  # CP-SAT on the model, then measure its plan and tighten the cap by any overshoot
 IMPROVE = "improve"  # measured local moves in the model
+RETAIN = "retain"  # CP-SAT on remat_any's retention-interval model (any node re-run at any later op)
 
 OWN_POINT = "own-point"  # each unit recomputed only at its own first backward use, one swap window
 RECOMPUTE_ONLY = "recompute-only"  # no copies (only when a slower tier is offered)
 PER_BLOCK = "per-block"  # every option, one decision per block position (large graphs)
 NEAREST_TIER = "nearest-tier"  # every option, one decision per unit, the nearest slower tier alone
 EVERY_OPTION = "every-option"  # every option, one decision per unit: the model that matters
+ANY_POINT = "any-point"  # any forward op re-run anywhere (graphs without a backward or a slower tier)
 
 
 @dataclass(frozen=True)
@@ -101,6 +109,10 @@ class Stage:
 
 
 STAGES: tuple[Stage, ...] = (
+    # A graph with no backward (inference, abstract benchmark graphs) and no slower tier has no
+    # units: every op may be re-run wherever it is read again, which only the interval model
+    # expresses. It gets most of the time; the stages below then have little to do.
+    Stage(RETAIN, ANY_POINT, 0.9),
     # With streams the per-unit models take seconds to build and rarely solve in the time left;
     # the own-point model does, given the time.
     Stage(SOLVE, OWN_POINT, 0.3, share_with_streams=0.5),
@@ -162,6 +174,11 @@ class _Models:
                 return None
             linear = linearize(problem, shared=True, tiers=first_tiers) if nearest else self.coarse
             return _Model(linear, "every option, per block position" + only, ", per block position" + only)
+        if name == ANY_POINT:
+            graph = problem.graph
+            forward_only = all(op.phase == Phase.FORWARD for op in graph.ops)
+            alone = not self.copies and not problem.streams and not problem.offloads
+            return _Model(self.every, "recompute anywhere, retention intervals", "") if forward_only and alone else None
         if name == NEAREST_TIER:
             if not nearest:
                 return None
@@ -170,11 +187,12 @@ class _Models:
 
 
 def solve(graph: Graph, pricing: Pricing, *, time_limit_s: float | None = None,
-          live: Liveness | None = None) -> Plan:
+          live: Liveness | None = None, suggest_tiers: bool = True) -> Plan:
     """The fastest plan found whose device peak is at most ``pricing.budget``.
 
     Raises InfeasibleBudget (with the smallest budget this planner can meet) when none fits.
-    ``live``: the graph's liveness in capture order, when the caller has it.
+    ``live``: the graph's liveness in capture order, when the caller has it. ``suggest_tiers``:
+    the caller's command has a ``--tiers`` option that an infeasible budget's message may suggest.
     """
     started = time.perf_counter()
     limit = DEFAULT_TIME_LIMIT_S if time_limit_s is None else max(float(time_limit_s), 0.1)
@@ -192,20 +210,21 @@ def solve(graph: Graph, pricing: Pricing, *, time_limit_s: float | None = None,
     proven = overhead_lower_bound(graph, pricing, live=live, steps=_BOUND_STEPS,
                                   time_limit_s=min(_BOUND_STEP_S, max(0.2, 0.05 * limit)))
     problem = analyze(graph, pricing, live=live, keep_all=reference)
-    best, solved = _search(problem, started, limit)
+    best, solved = _search(problem, started, limit, suggest_tiers)
     if best is None and problem.streams_withheld:
         # Streams and offloads were left out to keep the model small: search again with them in
         # the time left.
         problem = analyze(graph, pricing, live=live, keep_all=reference, offer_streams=True)
         best, solved = _search(problem, time.perf_counter(),
-                               max(limit - (time.perf_counter() - started), _MIN_RETRY_S))
+                               max(limit - (time.perf_counter() - started), _MIN_RETRY_S), suggest_tiers)
     if isinstance(best, InfeasibleBudget):
         raise best
     assert best is not None  # a search with streams offered never returns None
     return _finish(best.plan, solved, proven, graph, ka_time, time.perf_counter() - started)
 
 
-def _search(problem: Problem, started: float, limit: float) -> tuple[Built | InfeasibleBudget | None, Solved | None]:
+def _search(problem: Problem, started: float, limit: float,
+            suggest_tiers: bool = True) -> tuple[Built | InfeasibleBudget | None, Solved | None]:
     """The fastest measured plan that fits; when none does, None if streams were withheld (the
     caller searches again with them), else the smallest budget the planner meets. Beside it, the
     every-option model's own answer."""
@@ -232,7 +251,9 @@ def _search(problem: Problem, started: float, limit: float) -> tuple[Built | Inf
             share = stage.share_with_streams
         if stage.share_with_copies is not None and models.copies:
             share = stage.share_with_copies
-        if stage.action == SOLVE:
+        if stage.action == RETAIN:
+            search.retain(share, model.solve_label)
+        elif stage.action == SOLVE:
             result = search.stage(model.linear, share, model.solve_label)
             if stage.model == EVERY_OPTION:
                 solved = result
@@ -243,7 +264,9 @@ def _search(problem: Problem, started: float, limit: float) -> tuple[Built | Inf
     if not fitting and problem.streams_withheld:
         return None, solved
     if not fitting:
-        found = infeasible(problem, models.coarse, problem.pricing.budget, search)
+        found = infeasible(problem, models.coarse, problem.pricing.budget, search, suggest_tiers=suggest_tiers)
+        if isinstance(found, InfeasibleBudget) and search.retained is not None:
+            found = _retain_infeasible(found, search.retained)
         if isinstance(found, InfeasibleBudget):
             return found, solved
         fitting = [found]  # the min-peak probe found a plan within the budget
@@ -262,13 +285,19 @@ def _finish(plan: Plan, solved: Solved | None, proven: LowerBound, graph: Graph,
     bound_s = ka_time + proven.overhead_s
     bound_step = graph.ops[proven.step].name if proven.step >= 0 else None
     _check_bound(plan, bound_s, ka_time, proven.kind, bound_step)
+    kind = proven.kind
+    own = plan.solver
+    if own is not None and own.bound_kind == REMAT_ANY_CPSAT and own.bound_s is not None and own.bound_s > bound_s:
+        # The interval model's own bound, when it is the higher: it covers that model's plans
+        # (docs/cost-model.md, "Recompute anywhere (Moccasin)").
+        bound_s, kind, bound_step = own.bound_s, REMAT_ANY_CPSAT, None
     model: dict[str, Any] = {}
     if solved is not None and solved.objective_s is not None:
         model = dict(model_objective_s=ka_time + solved.objective_s,
                      model_bound_s=ka_time + (solved.bound_s or 0.0))
     status = "OPTIMAL" if meets_bound(plan.predicted_time_s, bound_s) else "FEASIBLE"
     plan.solver = SolverReport.of(
-        status, plan.predicted_time_s, bound_s, solve_s, keep_all_s=ka_time, bound_kind=proven.kind,
+        status, plan.predicted_time_s, bound_s, solve_s, keep_all_s=ka_time, bound_kind=kind,
         model_status=solved.status if solved else "NOT_RUN", bound_step=bound_step, **model,
     )
     if not plan.method.startswith("cp-sat"):
@@ -306,6 +335,7 @@ class _Search:
     limit: float
     tried: list[Built] = field(default_factory=list)
     fates_of: dict[int, dict] = field(default_factory=dict)  # id(built) -> its member fates
+    retained: tuple[str, int] | None = None  # the interval model's (status, floor bytes), when it ran
 
     @property
     def budget(self) -> int:
@@ -355,6 +385,29 @@ class _Search:
             start_hint = result.choice
         return result
 
+    def retain(self, share: float, label: str) -> None:
+        """remat_any's interval model for at most ``share`` of the time left; its plan, when it
+        fits, joins the measured plans (it is no choice of the per-unit models: no start for them)."""
+        now = time.perf_counter()
+        deadline = now + share * (self.end - now)
+        problem = self.problem
+        reference = problem.keep_all
+        remat = remat_problem(problem.graph, self.budget, problem.pricing.op_time_s)
+        found = search_remat_any(remat, reference.keep_all_peak_bytes, deadline=deadline)
+        self.retained = (found.status, remat.floor() + remat.fixed_bytes)
+        if not found.fits or found.spans is None:
+            return
+        ka_time = reference.predicted_time_s
+        info = SolverReport.of(found.status, ka_time + (found.objective_s or 0.0), ka_time + (found.bound_s or 0.0),
+                               found.solve_s, keep_all_s=ka_time, bound_kind=REMAT_ANY_CPSAT)
+        plan, figures = spans_plan(remat, found.spans, problem.pricing, reference, method=f"cp-sat ({label})",
+                                   solver=info)
+        if info.bound_s is not None and info.bound_s > plan.predicted_time_s:
+            # The model's integer op times round: a bound above its own plan is that rounding.
+            plan.solver = SolverReport.of(found.status, plan.predicted_time_s, plan.predicted_time_s, found.solve_s,
+                                          keep_all_s=ka_time, bound_kind=REMAT_ANY_CPSAT)
+        self.tried.append(Built(plan, figures))
+
     def measure(self, model: Linear, choice: dict[Key, Option]) -> tuple[bool, float]:
         """(fits every tier, step time) of the choice's plan, from the simulator."""
         problem = self.problem
@@ -380,6 +433,24 @@ class _Search:
             if better_s < start.plan.predicted_time_s * (1 - 1e-9):
                 self.build(model.fates(better), f"local search ({evals} measured moves{label}) from "
                            f"{start.plan.method}", start=True, solver=start.plan.solver)
+
+
+def _retain_infeasible(found: InfeasibleBudget, retained: tuple[str, int]) -> InfeasibleBudget:
+    """The infeasible-budget message when any op could be re-run anywhere: the per-unit models'
+    smallest peak (keep-all's, with no units) is not this space's; say what the interval model
+    found and the floor no schedule goes below."""
+    status, floor = retained
+    budget = found.budget_bytes
+    proven = "none fits (proven for that model)" if status == "INFEASIBLE" else f"none found in the time given ({status})"
+    message = (
+        f"device budget {format_bytes(budget)} ({budget} bytes): no plan found. Re-running any op at any "
+        f"later point (the retention-interval model): {proven}; no schedule peaks below "
+        f"{format_bytes(floor)} ({floor} bytes: an op's inputs and output and the outputs made before it). "
+        f"The smallest peak of a plan found is {format_bytes(found.min_feasible_bytes or 0)} "
+        f"({found.min_feasible_bytes} bytes)"
+        + ("; more time (--time-limit) may find a plan" if status != "INFEASIBLE" and floor <= budget else "")
+    )
+    return InfeasibleBudget(message, budget_bytes=budget, min_feasible_bytes=found.min_feasible_bytes)
 
 
 def _copy_seconds_per_byte(problem: Problem, tier: str) -> float:
