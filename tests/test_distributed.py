@@ -260,41 +260,6 @@ def _full_params(model: nn.Module) -> dict[str, torch.Tensor]:
     return full
 
 
-class _Embed(nn.Module):
-    def __init__(self, gpt: nn.Module) -> None:
-        super().__init__()
-        self.wte, self.wpe = gpt.transformer.wte, gpt.transformer.wpe
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.wte(ids) + self.wpe(torch.arange(ids.shape[1], device=ids.device))
-
-
-class _Block(nn.Module):
-    """A GPT2Block on hidden states alone (causal SDPA without a mask)."""
-
-    def __init__(self, block: nn.Module) -> None:
-        super().__init__()
-        self.block = block
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        out = self.block(h)
-        return out[0] if isinstance(out, tuple) else out
-
-
-class _Head(nn.Module):
-    def __init__(self, gpt: nn.Module) -> None:
-        super().__init__()
-        self.ln_f, self.lm_head = gpt.transformer.ln_f, gpt.lm_head
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.ln_f(h))
-
-
-def _lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    vocab = logits.shape[-1]
-    return nn.functional.cross_entropy(logits[:, :-1].reshape(-1, vocab), ids[:, 1:].reshape(-1))
-
-
 def _gpt2_pp(layout: Layout, mesh: Any) -> tuple[list[float], dict[str, torch.Tensor]]:
     """Pipeline stages by ``build_stages``: the embeddings on the first stage, the blocks split
     evenly, the final norm and LM head on the last; ``Schedule1F1B`` over the plan's
@@ -304,14 +269,14 @@ def _gpt2_pp(layout: Layout, mesh: Any) -> tuple[list[float], dict[str, torch.Te
     import torch.distributed as dist
 
     from tierplan.parallel.executor import sync_tied_grads, tied_group
-    from tierplan.parallel.pipeline import build_stages
+    from tierplan.parallel.pipeline import build_stages, lm_loss, split_model
 
     if layout.dp != 1 or layout.tp != 1 or layout.pp != 2:
         raise ValueError(f"this test runs 2 pipeline stages alone, not {layout}")
     gpt = _gpt2()
     rank, last = mesh["pp"].get_local_rank(), layout.pp - 1
-    blocks = [_Block(b) for b in gpt.transformer.h]
-    stages = build_stages(blocks, layout, mesh, head=_Embed(gpt), tail=_Head(gpt), loss_fn=_lm_loss)
+    parts = split_model(gpt)  # embeddings first, blocks on hidden states, ln_f + LM head last
+    stages = build_stages(parts.blocks, layout, mesh, head=parts.head, tail=parts.tail, loss_fn=lm_loss)
     group = tied_group(layout, mesh)
     tied = gpt.transformer.wte.weight
     assert gpt.lm_head.weight is tied and [p is tied for p in stages.tied_params()] == [True]
@@ -419,6 +384,17 @@ def test_layout_and_helpers() -> None:
                                "schedule": "interleaved", "virtual": 2})  # fmt: skip
     assert layout.world_size == 64 and layout.virtual == 2
     assert not layout.sp and layout.recompute == () and not layout.offload  # absent: off
+
+
+def test_tp_that_does_not_divide_the_kv_heads_is_refused_by_name() -> None:
+    from tierplan.parallel.executor import apply_plan
+
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                   num_key_value_heads=2, intermediate_size=128, vocab_size=64)  # fmt: skip
+    model = transformers.LlamaForCausalLM(cfg)
+    with pytest.raises(ValueError, match="tp4 does not divide the model's 2 KV heads"):
+        apply_plan(model, Layout(tp=4), mesh=None)  # refused before the mesh is touched
 
 
 def test_auto_tp_plan_gpt2() -> None:
