@@ -27,9 +27,9 @@ together), so any schedule, keep-all included, is a solution to start from: CP-S
 overshoot to zero, then the recompute time down. ``plan_remat_any`` walks the budget down from
 keep-all's peak in a few steps, each answer the next one's start (a lazy-recompute greedy was
 tried first: its re-creation chains outgrew the budget on layered graphs with skip links). An
-answer still over the budget is no plan. CP-SAT's bound covers this model's plans (C intervals
-per node, slot accounting): bound kind REMAT_ANY_CPSAT (docs/cost-model.md, "Recompute anywhere
-(Moccasin)").
+answer still over the budget is no plan. CP-SAT's bound covers this model's plans only (C
+intervals per node, slot accounting): the solve reports it as the model's bound, never the proven
+one (docs/cost-model.md, "Recompute anywhere (Moccasin)").
 
 Which ops may be re-run: forward-phase ops whose outputs are all fresh storages (no views, so
 re-running never writes into another op's storage) and neither caller-owned nor graph outputs.
@@ -51,7 +51,7 @@ from tierplan.units import format_bytes
 
 Spans = list[list[tuple[int, int]]]  # node -> its intervals [(first slot, last slot)], in order
 
-REMAT_ANY_CPSAT = "remat-any-cpsat"  # bound kind: CP-SAT's bound on this module's model
+REMAT_ANY_CPSAT = "remat-any-cpsat"  # marks a solver report as this model's (its bound is the model's)
 # Retention intervals per node (the first compute's included). Measured on random layered graphs
 # (2 shared cores, 55 s): at 100 nodes and 0.8 of keep-all's peak only 3 finds a plan; at 250
 # nodes 3 is worse than 2 at 0.9 (+3.13% against +2.66%): the larger model improves slower.
