@@ -9,11 +9,8 @@ single-process reference run, within 1e-5 relative.
 """
 from __future__ import annotations
 
-import functools
 import os
-import socket
 import sys
-import tempfile
 import time
 import traceback
 import warnings
@@ -22,9 +19,9 @@ from typing import Any
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch import nn
 
+from gloo_harness import BATCH, SEQ, ranked_plans, spawn_ranks
 from tierplan.parallel.executor import Layout, auto_tp_plan, find_blocks
 
 RTOL, ATOL = 1e-5, 1e-6  # relative agreement; ATOL only for parameters that are ~0
@@ -180,7 +177,7 @@ def _net_pp(rank: int) -> None:
 
 # -- a small GPT-2 ----------------------------------------------------------------------------------
 
-VOCAB, SEQ, BATCH = 128, 16, 8
+VOCAB = 128
 GPT_STEPS, GPT_LR = 3, 0.5
 
 
@@ -332,30 +329,9 @@ def _worker(rank: int, world: int, port: int, out: str, cases: list[tuple[str, d
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@functools.lru_cache(maxsize=None)
-def _profile() -> Any:
-    from tierplan.profiling import profile_zoo_model
-
-    return profile_zoo_model("gpt2-tiny", seq_len=SEQ)
-
-
-@functools.lru_cache(maxsize=None)
-def _ranked(world: int) -> list[dict[str, Any]]:
-    from tierplan.parallel.search import plan_parallel
-
-    result = plan_parallel(_profile(), "cpu", world, global_batch=BATCH, top=200)
-    return [dict(p.config) for p in result.plans]
-
-
 def _planned(world: int, **degrees: int) -> dict[str, Any]:
     """The best-ranked plan on ``world`` CPU devices with these degrees (dp, tp, pp, zero)."""
-    for config in _ranked(world):
+    for config in ranked_plans(world):
         if all(config[k] == v for k, v in degrees.items()):
             return config
     warnings.warn(f"plan_parallel ranked no plan with {degrees} on {world} devices; using it as given")
@@ -364,15 +340,6 @@ def _planned(world: int, **degrees: int) -> dict[str, Any]:
     if config["pp"] > 1:
         config.update(num_micro=2 * config["pp"], schedule="1f1b")
     return config
-
-
-def _spawn(world: int, cases: list[tuple[str, dict[str, Any]]], net: bool = False) -> None:
-    with tempfile.TemporaryDirectory() as out:
-        mp.spawn(_worker, args=(world, _free_port(), out, cases, net), nprocs=world, join=True)
-        for r in range(world):
-            text = Path(out, f"rank{r}").read_text()
-            assert text.startswith("ok"), f"rank {r}:\n{text}"
-        print(Path(out, "rank0").read_text())
 
 
 def test_layout_and_helpers() -> None:
@@ -424,7 +391,7 @@ def test_two_processes_match_single_process() -> None:
         ("tp2", _planned(2, dp=1, tp=2, pp=1)),
         ("pp2", _planned(2, dp=1, tp=1, pp=2)),
     ]
-    _spawn(2, cases, net=True)
+    spawn_ranks(_worker, 2, cases, True)
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo multi-process test on Linux")
@@ -435,4 +402,4 @@ def test_four_processes_match_single_process() -> None:
         ("tp4", _planned(4, dp=1, tp=4, pp=1)),
         ("fsdp2 dp2 x tp2", _planned(4, dp=2, tp=2, pp=1, zero=3)),
     ]
-    _spawn(4, cases)
+    spawn_ranks(_worker, 4, cases, False)

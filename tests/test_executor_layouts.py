@@ -10,11 +10,8 @@ turn, a new mesh each.
 """
 from __future__ import annotations
 
-import functools
 import os
-import socket
 import sys
-import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -22,13 +19,13 @@ from typing import Any
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch import nn
 
+from gloo_harness import BATCH, SEQ, ranked_plans, spawn_ranks
 from tierplan.parallel.executor import Layout
 
 RTOL, ATOL = 1e-5, 1e-6  # relative agreement; ATOL only for parameters that are ~0
-VOCAB, SEQ, BATCH = 128, 16, 8
+VOCAB = 128
 STEPS, LR = 3, 0.5
 LAYERS = 2  # gpt2-tiny's: the plans' recompute counts are per stage of these layers
 
@@ -143,36 +140,6 @@ def _worker(rank: int, world: int, port: int, out: str, cases: list[tuple[str, d
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _spawn(world: int, cases: list[tuple[str, dict[str, Any], int]]) -> None:
-    with tempfile.TemporaryDirectory() as out:
-        mp.spawn(_worker, args=(world, _free_port(), out, cases), nprocs=world, join=True)
-        for r in range(world):
-            text = Path(out, f"rank{r}").read_text()
-            assert text.startswith("ok"), f"rank {r}:\n{text}"
-        print(Path(out, "rank0").read_text())
-
-
-@functools.lru_cache(maxsize=None)
-def _profile() -> Any:
-    from tierplan.profiling import profile_zoo_model
-
-    return profile_zoo_model("gpt2-tiny", seq_len=SEQ)
-
-
-@functools.lru_cache(maxsize=None)
-def _ranked(world: int, layout: str | None = None) -> tuple[dict[str, Any], ...]:
-    from tierplan.parallel.search import plan_parallel
-
-    result = plan_parallel(_profile(), "cpu", world, global_batch=BATCH, top=200, layout=layout)
-    return tuple(dict(p.config) for p in result.plans)
-
-
 def _features(c: dict[str, Any]) -> set[tuple]:
     """What a plan exercises in the executor; plans adding nothing new run the same code."""
     pipe = c["pp"] > 1
@@ -193,7 +160,7 @@ def _cases(world: int, top: int) -> list[tuple[str, dict[str, Any], int]]:
     pipeline)."""
     seen: set[tuple] = set()
     cases = []
-    for i, c in enumerate(_ranked(world)):
+    for i, c in enumerate(ranked_plans(world)):
         if i < top or not _features(c) <= seen:
             seen |= _features(c)
             cases.append((f"#{i} {_name(c)}", c, LAYERS))
@@ -203,7 +170,7 @@ def _cases(world: int, top: int) -> list[tuple[str, dict[str, Any], int]]:
 def _fixed(world: int, layout: str, layers: int = LAYERS, **change: Any) -> tuple[str, dict[str, Any], int]:
     """The search's best plan under a fixed ``layout`` (``change`` edits it: a schedule the
     2-layer profile cannot take, run on a deeper model)."""
-    plans = _ranked(world, layout)
+    plans = ranked_plans(world, layout)
     assert plans, f"the search found no plan for {layout!r} on {world} devices"
     c = {**plans[0], **change}
     return (f"[{layout}] {_name(c)}" + (f" on {layers} layers" if layers != LAYERS else ""), c, layers)
@@ -224,7 +191,7 @@ def test_from_plan_carries_every_field() -> None:
     with pytest.raises(ValueError):
         layout.recompute_options(1, 1)
     # Every plan the search emits converts, every field carried.
-    for c in _ranked(8):
+    for c in ranked_plans(8):
         layout = Layout.from_plan(c)
         assert layout.world_size == 8 and layout.sp == c["sequence_parallel"]
         assert (layout.offload_optimizer, layout.offload_params) == (c["offload_optimizer"], c["offload_params"])
@@ -266,7 +233,7 @@ def test_four_processes_run_the_searchs_plans() -> None:
     cases.append(_fixed(4, "pp2 dp2 rc[attnx1] zero3 offload[optimizer+params]"))
     cases.append(_fixed(4, "dp4 rc[mlp] mb1x2 zero1"))
     cases.append(_fixed(4, "pp2 dp2 zero2 mb1x4", layers=4, schedule="interleaved", virtual=2))
-    _spawn(4, cases)
+    spawn_ranks(_worker, 4, cases)
 
 
 @pytest.mark.slow  # ~70 s on 2 cores
@@ -275,5 +242,5 @@ def test_eight_processes_run_pp_dp_tp() -> None:
     then the search's top plans (dp4 x tp2, dp2 x tp4). The other kinds run on 4 processes above:
     8 processes on a 2-core runner cost a minute and a half."""
     cases = [_fixed(8, "pp2 dp2 tp2"), _fixed(8, "pp2 dp2 tp2 rc[selective] zero3 offload[optimizer+params]")]
-    cases += [(f"#{i} {_name(c)}", c, LAYERS) for i, c in enumerate(_ranked(8)[:3])]
-    _spawn(8, cases)
+    cases += [(f"#{i} {_name(c)}", c, LAYERS) for i, c in enumerate(ranked_plans(8)[:3])]
+    spawn_ranks(_worker, 8, cases)
