@@ -14,7 +14,7 @@ from tierplan.zoo import ZOO, TransformersConfig, ZooError, list_models, load_mo
 
 EXPECTED = [
     "mlp", "cnn", "tiny-transformer", "gpt2", "gpt2-medium", "gpt2-large", "llama-7b",
-    "llama-13b", "llama-70b", "bert-base", "bert-large", "gpt2-tiny", "llama-tiny", "bert-tiny",
+    "llama-13b", "llama-70b", "gpt3-13b", "gpt3-175b", "bert-base", "bert-large", "gpt2-tiny", "llama-tiny", "bert-tiny",
 ]
 SMALL = ["mlp", "cnn", "tiny-transformer", "gpt2-tiny", "llama-tiny", "bert-tiny"]
 # Parameter counts of the published shapes (tied embeddings counted once).
@@ -25,6 +25,9 @@ PARAMS = {
     "llama-7b": 6_738_415_616,
     "llama-13b": 13_015_864_320,
     "llama-70b": 68_976_648_192,
+    # 12 L h^2 + 13 L h + (V + 2048) h + 2 h, GPT-2 layout with GPT-3 shapes
+    "gpt3-13b": 12 * 40 * 5120**2 + 13 * 40 * 5120 + (50257 + 2048) * 5120 + 2 * 5120,
+    "gpt3-175b": 12 * 96 * 12288**2 + 13 * 96 * 12288 + (50257 + 2048) * 12288 + 2 * 12288,
 }
 
 

@@ -371,6 +371,24 @@ ZOO: dict[str, ZooEntry] = {
             1,
             4096,
         ),
+        ZooEntry(
+            "gpt3-13b",
+            "GPT-3 13B shape (Brown et al. 2020, Table 2.1: 40 layers, 40 heads of 128; hidden "
+            "5120, as 40 x 128, where the table prints 5140), bf16 (12.9B params)",
+            TransformersConfig("GPT2Config", "GPT2LMHeadModel", "ForCausalLM", torch.bfloat16,
+                               dict(n_layer=40, n_embd=5120, n_head=40, n_positions=2048)),
+            1,
+            2048,
+        ),
+        ZooEntry(
+            "gpt3-175b",
+            "GPT-3 175B shape (Brown et al. 2020, Table 2.1: 96 layers, 12288 hidden, 96 heads), "
+            "bf16 (175B params)",
+            TransformersConfig("GPT2Config", "GPT2LMHeadModel", "ForCausalLM", torch.bfloat16,
+                               dict(n_layer=96, n_embd=12288, n_head=96, n_positions=2048)),
+            1,
+            2048,
+        ),
         ZooEntry("bert-base", "BERT-base masked LM, 12 layers, 768 hidden (110M params)",
                  _bert(), 32, 512),
         ZooEntry(
