@@ -275,6 +275,12 @@ def _gpt2(**fields: Any) -> TransformersConfig:
     return TransformersConfig("GPT2Config", "GPT2LMHeadModel", "ForCausalLM", torch.float32, fields)
 
 
+def _gpt3(**fields: Any) -> TransformersConfig:
+    """GPT-3's shapes in GPT-2's layout (the same block, learned positions, tied embeddings), bf16."""
+    return TransformersConfig("GPT2Config", "GPT2LMHeadModel", "ForCausalLM", torch.bfloat16,
+                              {"n_positions": 2048, **fields})
+
+
 def _llama(dtype: torch.dtype = torch.bfloat16, **fields: Any) -> TransformersConfig:
     base = dict(vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5)
     return TransformersConfig("LlamaConfig", "LlamaForCausalLM", "ForCausalLM", dtype, {**base, **fields})
@@ -375,8 +381,7 @@ ZOO: dict[str, ZooEntry] = {
             "gpt3-13b",
             "GPT-3 13B shape (Brown et al. 2020, Table 2.1: 40 layers, 40 heads of 128; hidden "
             "5120, as 40 x 128, where the table prints 5140), bf16 (12.9B params)",
-            TransformersConfig("GPT2Config", "GPT2LMHeadModel", "ForCausalLM", torch.bfloat16,
-                               dict(n_layer=40, n_embd=5120, n_head=40, n_positions=2048)),
+            _gpt3(n_layer=40, n_embd=5120, n_head=40),
             1,
             2048,
         ),
@@ -384,8 +389,7 @@ ZOO: dict[str, ZooEntry] = {
             "gpt3-175b",
             "GPT-3 175B shape (Brown et al. 2020, Table 2.1: 96 layers, 12288 hidden, 96 heads), "
             "bf16 (175B params)",
-            TransformersConfig("GPT2Config", "GPT2LMHeadModel", "ForCausalLM", torch.bfloat16,
-                               dict(n_layer=96, n_embd=12288, n_head=96, n_positions=2048)),
+            _gpt3(n_layer=96, n_embd=12288, n_head=96),
             1,
             2048,
         ),
