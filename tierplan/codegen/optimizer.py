@@ -1,0 +1,629 @@
+"""A torch optimizer whose master weights and states live on the tiers a plan chose.
+
+``TieredOptimizer`` wraps a user's ``torch.optim.AdamW``, ``Adam`` or ``SGD`` and is what
+``tierplan.compile(..., optimizer=...)`` hands back as ``compiled.optimizer``. The model's
+parameters stay where they are (the *device*) and their gradients arrive in ``p.grad`` as usual, so
+gradient accumulation, ``clip_grad_norm_`` and LR schedulers work unchanged: ``param_groups`` is the
+wrapped optimizer's own list of group dicts. What moves is each parameter's optimizer state (and
+its master weight, when it has one), per a ``StatePlacement``:
+
+- ``states``: the tier the master and the states live on between steps: ``DEVICE`` (the
+  parameter's device), ``HOST`` (CPU memory, pinned when the parameter is on CUDA) or ``NVME``
+  (one raw file per state tensor in a swap directory; nothing is held in memory between steps);
+- ``update``: where the update runs. ``DEVICE`` runs it on the parameter's device (on a fp32
+  master when ``master_dtype`` asks for mixed precision), moving a HOST/NVME parameter's states
+  there for its update and back after it, one parameter at a time, so the device holds one
+  parameter's states at a time. ``HOST`` runs it with torch's CPU kernels on a host master copy of
+  the parameter: the gradient is copied to the host (cast to the master's dtype), the update runs,
+  and the master is copied back into the parameter (cast to its dtype).
+
+The update itself is always the wrapped class's own ``step``: a scratch instance of that class is
+pointed at one parameter (or, for the parameters whose states stay on the device, at all of a
+group's at once so that ``foreach``/``fused`` batch them as the user asked) with a copy of the
+owning group's live hyper-parameters and that parameter's state dict, and stepped. Results are
+therefore those of the plain optimizer: on the CPU, bitwise equal.
+
+``state_dict`` writes the wrapped class's standard format (a plain optimizer of the same class can
+load it and vice versa), adding a ``"master"`` entry for masters of another dtype than their
+parameter; ``load_state_dict`` puts every state back on its planned tier. The swap directory is
+removed by ``close()``, by a ``weakref.finalize`` when the optimizer is collected, and at interpreter
+exit; files are replaced atomically, so a step that raises midway leaves every file either old or
+new, never torn.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+import weakref
+from collections import defaultdict
+from copy import deepcopy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+
+from tierplan.plans.plan import DEVICE, HOST, NVME
+
+__all__ = [
+    "DEVICE",
+    "HOST",
+    "NVME",
+    "SUPPORTED_OPTIMIZERS",
+    "StatePlacement",
+    "TieredOptimizer",
+    "UnsupportedOptimizer",
+    "optimizer_hyperparameters",
+    "optimizer_name",
+]
+
+SUPPORTED_OPTIMIZERS: Mapping[str, type[torch.optim.Optimizer]] = {
+    "adamw": torch.optim.AdamW,
+    "adam": torch.optim.Adam,
+    "sgd": torch.optim.SGD,
+}
+
+_STATE_TIERS = (DEVICE, HOST, NVME)
+_UPDATE_TIERS = (DEVICE, HOST)
+_CPU = torch.device("cpu")
+# Flags that only make sense for device kernels: a host update runs the single-tensor CPU path,
+# which is also what an eager CPU optimizer runs, so host results match a CPU reference bitwise.
+_HOST_FLAGS = {"foreach": False, "fused": False, "capturable": False}
+
+
+class UnsupportedOptimizer(ValueError):
+    """The optimizer is not one whose update tierplan can place."""
+
+
+@dataclass(frozen=True)
+class StatePlacement:
+    """Where one parameter's master weight and optimizer states live, and where its update runs."""
+
+    states: str = DEVICE
+    update: str = DEVICE
+
+    def __post_init__(self) -> None:
+        if self.states not in _STATE_TIERS:
+            raise ValueError(f"StatePlacement.states must be one of {_STATE_TIERS}, got {self.states!r}")
+        if self.update not in _UPDATE_TIERS:
+            raise ValueError(f"StatePlacement.update must be one of {_UPDATE_TIERS}, got {self.update!r}")
+
+
+def _qualname(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def optimizer_name(optimizer: torch.optim.Optimizer | type) -> str:
+    """``'adamw'``, ``'adam'`` or ``'sgd'`` for exactly those torch classes.
+
+    Subclasses are rejected too: they may override ``step`` with an update tierplan cannot model.
+    """
+    cls = optimizer if isinstance(optimizer, type) else type(optimizer)
+    for name, supported in SUPPORTED_OPTIMIZERS.items():
+        if cls is supported:
+            return name
+    listed = ", ".join(f"{_qualname(c)} ({n!r})" for n, c in SUPPORTED_OPTIMIZERS.items())
+    raise UnsupportedOptimizer(
+        f"optimizer {_qualname(cls)} is not supported; supported: {listed}. "
+        f"Pass optimizer=None (or 'none') to leave the update outside the plan."
+    )
+
+
+def optimizer_hyperparameters(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The first parameter group's hyper-parameters (lr, weight_decay, betas, momentum...)."""
+    if not optimizer.param_groups:
+        return dict(optimizer.defaults)
+    return {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
+
+
+@dataclass(frozen=True)
+class _SwapFile:
+    """One state tensor written to the swap directory as raw bytes."""
+
+    path: Path
+    dtype: torch.dtype
+    shape: torch.Size
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+    def read(self) -> torch.Tensor:
+        if self.numel == 0:
+            return torch.empty(self.shape, dtype=self.dtype)
+        flat = torch.from_file(str(self.path), shared=False, size=self.numel, dtype=self.dtype)
+        return flat.reshape(self.shape)
+
+
+@dataclass(eq=False)
+class _Slot:
+    """Book-keeping for one parameter.
+
+    ``state`` is the very dict ``TieredOptimizer.state[param]`` shows and the wrapped class's
+    ``step`` updates: on the DEVICE and HOST tiers it holds the state tensors; on the NVME tier only
+    the non-tensor values, the tensors being in ``files``. The master is kept apart from ``state``
+    because torch's optimizers initialise a parameter's state when its dict is empty.
+    """
+
+    param: torch.Tensor
+    index: int
+    placement: StatePlacement
+    master_dtype: torch.dtype | None  # None: the update runs on the parameter itself
+    state: dict[str, Any]
+    master: torch.Tensor | None = None  # DEVICE/HOST tiers only
+    files: dict[str, _SwapFile] = field(default_factory=dict)  # NVME tier only
+
+    @property
+    def update_device(self) -> torch.device:
+        return self.param.device if self.placement.update == DEVICE else _CPU
+
+    @property
+    def pin(self) -> bool:
+        # Pinned host memory only pays off (and only exists) for copies to and from a GPU.
+        return self.param.is_cuda and torch.cuda.is_available()
+
+
+def _remove_tree(path: str) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+class TieredOptimizer(torch.optim.Optimizer):
+    """Runs a torch optimizer's update with its states placed on memory tiers.
+
+    Args:
+        optimizer: a ``torch.optim.AdamW``, ``Adam`` or ``SGD`` over the model's parameters. Its
+            ``param_groups`` are shared, not copied; any state it already has is moved to the
+            planned tiers (and cleared from it). Do not step it directly afterwards.
+        placements: each parameter's ``StatePlacement``; parameters left out get the default
+            (states and update on the device, i.e. the plain optimizer).
+        master_dtype: the dtype of master weights for device updates (``torch.float32`` for mixed
+            precision); ``None`` keeps the update on the parameter. Host updates always run on a
+            host master, of this dtype or else of the parameter's dtype promoted to at least fp32.
+        swap_root: where to make the swap directory for NVME states (default: the system's
+            temporary directory).
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        placements: Mapping[torch.Tensor, StatePlacement] | None = None,
+        *,
+        master_dtype: torch.dtype | None = None,
+        swap_root: str | Path | None = None,
+    ) -> None:
+        cls = SUPPORTED_OPTIMIZERS[optimizer_name(optimizer)]
+        # Optimizer.__init__ sets up the hook dicts and the profiled ``step``; its own parameter
+        # group is a placeholder, replaced by the wrapped optimizer's list right after.
+        super().__init__([torch.zeros(0)], dict(optimizer.defaults))
+        self.defaults = optimizer.defaults
+        self.param_groups = optimizer.param_groups
+        self.state: defaultdict[torch.Tensor, Any] = defaultdict(dict)
+        self._optimizer = optimizer
+        self._master_dtype = master_dtype
+        self._swap_root = swap_root
+        self._swap_dir: Path | None = None
+        self._finalizer: weakref.finalize | None = None
+        self._closed = False
+        self._slots: dict[int, _Slot] = {}
+        # The scratch instance whose ``step`` is the wrapped class's update. Built without the
+        # class's __init__ (whose signature may not take every key of ``defaults``, e.g. AdamW and
+        # ``decoupled_weight_decay``) over a placeholder that is never stepped.
+        self._scratch: torch.optim.Optimizer = cls.__new__(cls)
+        torch.optim.Optimizer.__init__(self._scratch, [torch.zeros(0)], dict(optimizer.defaults))
+        self._scratch_groups = self._scratch.param_groups
+
+        params = [p for group in self.param_groups for p in group["params"]]
+        by_id = {id(p): i for i, p in enumerate(params)}
+        chosen: dict[int, StatePlacement] = {}
+        for p, placement in (placements or {}).items():
+            if id(p) not in by_id:
+                raise ValueError(
+                    f"placement given for a parameter of shape {tuple(p.shape)} that is not in "
+                    f"the optimizer's param_groups"
+                )
+            chosen[id(p)] = placement
+        for group in self.param_groups:
+            for p in group["params"]:
+                slot = self._new_slot(p, chosen.get(id(p), StatePlacement()))
+                existing = optimizer.state.pop(p, None)
+                self._place(slot, group, dict(existing or {}))
+
+    # ------------------------------------------------------------------ placement book-keeping
+
+    def _new_slot(self, p: torch.Tensor, placement: StatePlacement) -> _Slot:
+        index = len(self._slots)
+        shape = tuple(p.shape)
+        if placement.update == HOST and placement.states == DEVICE:
+            raise ValueError(
+                f"parameter {index} (shape {shape}): a host update needs its states on the host "
+                f"or NVMe, not on the device"
+            )
+        if placement.update == HOST:
+            if self._master_dtype is not None:
+                master_dtype: torch.dtype | None = self._master_dtype
+            elif p.is_floating_point():
+                master_dtype = torch.promote_types(p.dtype, torch.float32)
+            else:
+                master_dtype = p.dtype
+        elif self._master_dtype is not None and self._master_dtype != p.dtype:
+            master_dtype = self._master_dtype
+        else:
+            master_dtype = None
+        slot = _Slot(p, index, placement, master_dtype, self.state[p])
+        self._slots[id(p)] = slot
+        if placement.states == NVME:
+            self._ensure_swap_dir()
+        return slot
+
+    def _slot(self, p: torch.Tensor) -> _Slot:
+        slot = self._slots.get(id(p))
+        if slot is not None:
+            return slot
+        for group in self.param_groups:
+            if any(q is p for q in group["params"]):
+                # A group added after construction (add_param_group): the default placement.
+                slot = self._new_slot(p, StatePlacement())
+                self._place(slot, group, {})
+                return slot
+        raise ValueError(f"parameter of shape {tuple(p.shape)} is not in this optimizer")
+
+    def placement(self, p: torch.Tensor) -> StatePlacement:
+        """The placement of parameter ``p``'s master and states."""
+        return self._slot(p).placement
+
+    def _ensure_swap_dir(self) -> Path:
+        if self._closed:
+            raise RuntimeError("TieredOptimizer is closed: its NVMe states were removed")
+        if self._swap_dir is None:
+            path = tempfile.mkdtemp(prefix="tierplan-optim-", dir=self._swap_root)
+            self._swap_dir = Path(path)
+            # Holds the path, not ``self``: collecting the optimizer (or exiting) removes it.
+            self._finalizer = weakref.finalize(self, _remove_tree, path)
+        return self._swap_dir
+
+    @staticmethod
+    def _home(key: str, group: Mapping[str, Any], device: torch.device) -> torch.device:
+        # Torch keeps Adam's "step" counter on the CPU unless capturable or fused kernels need it
+        # beside the parameter (torch's load_state_dict policy does the same).
+        if key == "step" and not (group.get("capturable") or group.get("fused")):
+            return _CPU
+        return device
+
+    def _host_copy(self, slot: _Slot, t: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(t.shape, dtype=t.dtype, device=_CPU, pin_memory=slot.pin)
+        out.copy_(t)
+        return out
+
+    def _swap_path(self, slot: _Slot, key: str) -> Path:
+        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", str(key))
+        return self._ensure_swap_dir() / f"p{slot.index}.{safe}.bin"
+
+    def _write_files(self, slot: _Slot, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Writes every tensor to a temporary file, then renames them over the old ones.
+
+        A step interrupted while writing leaves the old files untouched; the rename is atomic,
+        so each file always holds a whole tensor.
+        """
+        staged: list[tuple[str, Path, Path, _SwapFile]] = []
+        for key, t in tensors.items():
+            path = self._swap_path(slot, key)
+            tmp = path.with_name(path.name + ".tmp")
+            flat = t.detach().reshape(-1).contiguous().to(_CPU)
+            flat.view(torch.uint8).numpy().tofile(str(tmp))
+            staged.append((key, tmp, path, _SwapFile(path, t.dtype, t.shape)))
+        for key, tmp, path, record in staged:
+            os.replace(tmp, path)
+            slot.files[key] = record
+
+    def _clear(self, slot: _Slot) -> None:
+        slot.state.clear()
+        slot.master = None
+        for record in slot.files.values():
+            record.path.unlink(missing_ok=True)
+        slot.files.clear()
+
+    def _place(self, slot: _Slot, group: Mapping[str, Any], values: dict[str, Any]) -> None:
+        """Puts a parameter's state (a dict in the wrapped class's format) on its tier."""
+        p = slot.param
+        tier = slot.placement.states
+        device = slot.update_device if tier == DEVICE else _CPU
+        master_value = values.pop("master", None)
+        tensors: dict[str, torch.Tensor] = {}
+        if slot.master_dtype is not None:
+            # Without a saved master (a plain optimizer's checkpoint, or a master of the
+            # parameter's own dtype, which is not saved) the parameter's value is the master.
+            source = master_value if isinstance(master_value, torch.Tensor) else p.detach()
+            tensors["master"] = source.to(dtype=slot.master_dtype)
+        reference_dtype = slot.master_dtype or p.dtype
+        for key, value in values.items():
+            if not isinstance(value, torch.Tensor):
+                slot.state[key] = value
+            elif key == "step":
+                fast = slot.placement.update == DEVICE and (group.get("capturable") or group.get("fused"))
+                tensors[key] = value.to(torch.float32) if fast else value
+            elif value.is_floating_point() and reference_dtype.is_floating_point:
+                # torch's own policy: floating states follow the dtype of the tensor they update.
+                tensors[key] = value.to(dtype=reference_dtype)
+            else:
+                tensors[key] = value
+        if tier == NVME:
+            self._write_files(slot, tensors)
+            return
+        for key, t in tensors.items():
+            # Always a copy: the tier's tensors must not alias the caller's (or the parameter).
+            if tier == HOST:
+                placed = self._host_copy(slot, t)
+            else:
+                placed = t.to(self._home(key, group, device), copy=True)
+            if key == "master":
+                slot.master = placed
+            else:
+                slot.state[key] = placed
+
+    # ------------------------------------------------------------------ the update
+
+    def _fetch(self, slot: _Slot, group: Mapping[str, Any]) -> tuple[dict[str, Any], torch.Tensor | None]:
+        """The state dict and master the update runs on, where the update runs."""
+        tier, update = slot.placement.states, slot.placement.update
+        if tier == DEVICE or (tier == HOST and update == HOST):
+            return slot.state, slot.master
+        device = slot.update_device
+        work: dict[str, Any] = {}
+        master: torch.Tensor | None = None
+        if tier == HOST:
+            for key, value in slot.state.items():
+                if isinstance(value, torch.Tensor):
+                    value = value.to(self._home(key, group, device), copy=True)
+                work[key] = value
+            if slot.master is not None:
+                master = slot.master.to(device, copy=True)
+            return work, master
+        work.update(slot.state)  # NVME: only non-tensor values are in memory
+        for key, record in slot.files.items():
+            if key == "master":
+                master = record.read().to(device)
+            else:
+                work[key] = record.read().to(self._home(key, group, device))
+        return work, master
+
+    def _store(self, slot: _Slot, work: dict[str, Any], master: torch.Tensor | None) -> None:
+        """Puts the updated state back on its tier (the inverse of ``_fetch``)."""
+        tier, update = slot.placement.states, slot.placement.update
+        if tier == DEVICE or (tier == HOST and update == HOST):
+            return  # the update ran on the tier's own tensors
+        if tier == NVME:
+            tensors = {k: v for k, v in work.items() if isinstance(v, torch.Tensor)}
+            if master is not None:
+                tensors["master"] = master
+            # Written first, dropped after: an interrupted write keeps the old files.
+            self._write_files(slot, tensors)
+            slot.state.clear()
+            slot.state.update({k: v for k, v in work.items() if not isinstance(v, torch.Tensor)})
+            return
+        for key, value in work.items():
+            old = slot.state.get(key)
+            if (
+                isinstance(value, torch.Tensor)
+                and isinstance(old, torch.Tensor)
+                and old.shape == value.shape
+                and old.dtype == value.dtype
+            ):
+                old.copy_(value)
+            elif isinstance(value, torch.Tensor):
+                slot.state[key] = self._host_copy(slot, value)
+            else:
+                slot.state[key] = value
+        if master is not None and slot.master is not None:
+            slot.master.copy_(master)
+
+    def _run_update(
+        self, group: Mapping[str, Any], tensors: list[torch.Tensor], states: list[dict[str, Any]], *, host: bool
+    ) -> None:
+        """Runs the wrapped class's ``step`` over ``tensors`` (their ``.grad`` set) and ``states``."""
+        scratch_group = {k: v for k, v in group.items() if k not in ("params", "param_names")}
+        if host:
+            scratch_group.update({k: v for k, v in _HOST_FLAGS.items() if k in scratch_group})
+        scratch_group["params"] = tensors
+        scratch = self._scratch
+        scratch.param_groups = [scratch_group]
+        scratch.state = defaultdict(dict, zip(tensors, states))
+        try:
+            scratch.step()
+        finally:
+            # Drop every reference to this update's tensors, even when the step raised.
+            scratch.param_groups = self._scratch_groups
+            scratch.state = defaultdict(dict)
+
+    @staticmethod
+    def _set_master_grad(p: torch.Tensor, master: torch.Tensor) -> None:
+        grad = p.grad
+        assert grad is not None
+        # No copy when the gradient already has the master's dtype and device: torch's updates
+        # never write into a gradient, so the master may share it.
+        master.grad = grad.to(device=master.device, dtype=master.dtype)
+
+    @staticmethod
+    def _write_back(p: torch.Tensor, master: torch.Tensor) -> None:
+        with torch.no_grad():
+            p.copy_(master)
+
+    def _step_resident(self, group: Mapping[str, Any], slots: list[_Slot]) -> None:
+        """One batched update of a group's parameters whose states stay on the device."""
+        tensors = []
+        for slot in slots:
+            if slot.master is not None:
+                self._set_master_grad(slot.param, slot.master)
+                tensors.append(slot.master)
+            else:
+                tensors.append(slot.param)
+        try:
+            self._run_update(group, tensors, [s.state for s in slots], host=False)
+            for slot in slots:
+                if slot.master is not None:
+                    self._write_back(slot.param, slot.master)
+        finally:
+            for slot in slots:
+                if slot.master is not None:
+                    slot.master.grad = None
+
+    def _step_one(self, group: Mapping[str, Any], slot: _Slot) -> None:
+        """Fetches one parameter's states, updates it where planned, and stores them back."""
+        work, master = self._fetch(slot, group)
+        try:
+            target = slot.param
+            if master is not None:
+                self._set_master_grad(slot.param, master)
+                target = master
+            self._run_update(group, [target], [work], host=slot.placement.update == HOST)
+            if master is not None:
+                self._write_back(slot.param, master)
+            self._store(slot, work, master)
+        finally:
+            if master is not None:
+                master.grad = None
+
+    def step(self, closure: Callable[[], float] | None = None) -> Any:  # type: ignore[override]
+        """Performs one optimization step (the wrapped class's update, placed per parameter)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self._closed and any(s.placement.states == NVME for s in self._slots.values()):
+            raise RuntimeError("TieredOptimizer is closed: its NVMe states were removed")
+        for group in self.param_groups:
+            resident: list[_Slot] = []
+            placed: list[_Slot] = []
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                slot = self._slot(p)
+                (resident if slot.placement.states == DEVICE else placed).append(slot)
+            if resident:
+                self._step_resident(group, resident)
+            for slot in placed:
+                self._step_one(group, slot)
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self._optimizer.zero_grad(set_to_none=set_to_none)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _full_state(self, slot: _Slot) -> dict[str, Any]:
+        """The parameter's state in the wrapped class's format (NVMe files read back)."""
+        entry: dict[str, Any] = {}
+        master = slot.master
+        for key, value in slot.state.items():
+            entry[key] = value
+        for key, record in slot.files.items():
+            if key == "master":
+                master = record.read()
+            else:
+                entry[key] = record.read()
+        # The master is saved only beside a state (a plain optimizer takes a non-empty state for
+        # an initialised one) and only when it is not the parameter's own value at its dtype.
+        if entry and master is not None and master.dtype != slot.param.dtype:
+            entry["master"] = master
+        return entry
+
+    def state_dict(self) -> dict[str, Any]:
+        """The wrapped class's standard state dict; host and NVMe states are CPU tensors."""
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
+        if self._closed and any(s.files for s in self._slots.values()):
+            raise RuntimeError("TieredOptimizer is closed: its NVMe states were removed")
+        param_mappings: dict[int, int] = {}
+        start_index = 0
+        packed_groups = []
+        for group in self.param_groups:
+            packed = {k: v for k, v in group.items() if k != "params"}
+            for i, p in enumerate(group["params"], start_index):
+                param_mappings.setdefault(id(p), i)
+            packed["params"] = [param_mappings[id(p)] for p in group["params"]]
+            start_index += len(packed["params"])
+            packed_groups.append(packed)
+        packed_state: dict[int, dict[str, Any]] = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                entry = self._full_state(self._slot(p))
+                if entry:
+                    packed_state[param_mappings[id(p)]] = entry
+        state_dict: dict[str, Any] = {"state": packed_state, "param_groups": packed_groups}
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        return state_dict
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Loads a state dict of the wrapped class's format, each state onto its planned tier."""
+        state_dict = dict(state_dict)
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        groups = self.param_groups
+        saved_groups = deepcopy(state_dict["param_groups"])
+        if len(groups) != len(saved_groups):
+            raise ValueError("loaded state dict has a different number of parameter groups")
+        for group, saved in zip(groups, saved_groups):
+            if len(group["params"]) != len(saved["params"]):
+                raise ValueError(
+                    "loaded state dict contains a parameter group that doesn't match the size of "
+                    "optimizer's group"
+                )
+        saved_state: Mapping[Any, Any] = state_dict["state"]
+        for group, saved in zip(groups, saved_groups):
+            params = group["params"]
+            names = group.get("param_names")
+            # Updated in place, not replaced: the wrapped optimizer and LR schedulers hold these
+            # very dicts.
+            group.clear()
+            group.update({k: v for k, v in saved.items() if k != "params"})
+            group["params"] = params
+            if names is not None and "param_names" not in saved:
+                group["param_names"] = names
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+            for saved_id, p in zip(saved["params"], params):
+                slot = self._slot(p)
+                self._clear(slot)
+                self._place(slot, group, dict(saved_state.get(saved_id, {})))
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    # ------------------------------------------------------------------ accounting and cleanup
+
+    def state_bytes(self) -> dict[str, int]:
+        """Bytes of masters and optimizer states on each tier now."""
+        totals = {DEVICE: 0, HOST: 0, NVME: 0}
+        for slot in self._slots.values():
+            tier = slot.placement.states
+            if tier == NVME:
+                totals[NVME] += sum(record.nbytes for record in slot.files.values())
+                continue
+            tensors: Iterable[Any] = list(slot.state.values()) + [slot.master]
+            totals[tier] += sum(t.nbytes for t in tensors if isinstance(t, torch.Tensor))
+        return totals
+
+    @property
+    def swap_dir(self) -> Path | None:
+        """The directory of the NVMe state files (None when no state is placed on NVMe)."""
+        return self._swap_dir
+
+    def close(self) -> None:
+        """Removes the swap directory (and with it the NVMe states). Idempotent."""
+        self._closed = True
+        if self._finalizer is not None:
+            self._finalizer()
+        for slot in self._slots.values():
+            slot.files.clear()
