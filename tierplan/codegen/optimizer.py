@@ -32,6 +32,7 @@ new, never torn.
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 import shutil
@@ -45,6 +46,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
+from tierplan.codegen.runtime import _read_file, _write_file
 from tierplan.plans.plan import DEVICE, HOST, NVME
 
 __all__ = [
@@ -128,20 +130,17 @@ class _SwapFile:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
     @property
     def nbytes(self) -> int:
         return self.numel * self.dtype.itemsize
 
     def read(self) -> torch.Tensor:
-        if self.numel == 0:
-            return torch.empty(self.shape, dtype=self.dtype)
-        flat = torch.from_file(str(self.path), shared=False, size=self.numel, dtype=self.dtype)
-        return flat.reshape(self.shape)
+        out = torch.empty(self.shape, dtype=self.dtype)
+        if self.numel:  # the runtime's reader: it refuses a file shorter than the tensor
+            _read_file(self.path, out.view(-1).view(torch.uint8), None)
+        return out
 
 
 @dataclass(eq=False)
@@ -318,7 +317,7 @@ class TieredOptimizer(torch.optim.Optimizer):
             path = self._swap_path(slot, key)
             tmp = path.with_name(path.name + ".tmp")
             flat = t.detach().reshape(-1).contiguous().to(_CPU)
-            flat.view(torch.uint8).numpy().tofile(str(tmp))
+            _write_file(tmp, flat.view(torch.uint8), None)
             staged.append((key, tmp, path, _SwapFile(path, t.dtype, t.shape)))
         for key, tmp, path, record in staged:
             os.replace(tmp, path)
