@@ -19,7 +19,8 @@ def _setup(name, *, train_mode=False, budget=0.9, tiers=("host",), batch=2, seq=
     model, args, kwargs = load_model(name, batch_size=batch, seq_len=seq)
     model.train(train_mode)
     captured = capture(model, args, example_kwargs=kwargs)
-    plan = plan_graph(captured.graph, hardware=hardware, memory_budget=budget, tiers=tiers, time_limit=2)
+    plan = plan_graph(captured.graph, hardware=hardware, memory_budget=budget, tiers=tiers, time_limit=2,
+                      optimizer="none")
     return model, args, kwargs, captured, plan
 
 

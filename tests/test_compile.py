@@ -62,7 +62,7 @@ def _plan_at(name, captured, budget):
     """The plan at ``budget``; where the planner cannot meet it (mlp at 0.75: parameters dominate),
     the error must name the smallest budget it can meet, and the plan at that budget is returned."""
     try:
-        return plan_graph(captured.graph, hardware="cpu", memory_budget=budget, tiers=("host",), time_limit=2)
+        return plan_graph(captured.graph, hardware="cpu", memory_budget=budget, tiers=("host",), time_limit=2, optimizer="none")
     except InfeasibleBudget as exc:
         assert exc.min_feasible_bytes is not None and exc.min_feasible_bytes > exc.budget_bytes, exc
         warnings.warn(f"{name} at {budget}: {format_bytes(exc.budget_bytes)} is infeasible; the planner's "
@@ -70,7 +70,7 @@ def _plan_at(name, captured, budget):
                       f"{format_bytes(captured_peak(captured))}), tested at that budget instead")
         assert exc.min_feasible_bytes <= captured_peak(captured)
         return plan_graph(captured.graph, hardware="cpu", memory_budget=exc.min_feasible_bytes,
-                          tiers=("host",), time_limit=2)
+                          tiers=("host",), time_limit=2, optimizer="none")
 
 
 def _assert_peak_matches_plan(tracker, plan):
@@ -147,7 +147,7 @@ def test_recompute_that_discards_a_kept_output_matches_eager():
 def _nvme_compiled(tmp_path):
     model, args, kwargs = _build("gpt2-tiny")
     captured = _captured("gpt2-tiny")
-    plan = plan_graph(captured.graph, hardware="cpu", memory_budget=0.75, tiers=("nvme",), time_limit=2)
+    plan = plan_graph(captured.graph, hardware="cpu", memory_budget=0.75, tiers=("nvme",), time_limit=2, optimizer="none")
     if not any(s.kind == StepKind.START_TRANSFER and s.dst == "nvme" for s in plan.schedule):
         pytest.skip("the planner swapped nothing to nvme at this budget")
     return model, args, kwargs, compile_plan(model, captured, plan, debug_dir=tmp_path)

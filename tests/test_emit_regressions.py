@@ -197,7 +197,8 @@ def test_tiers_in_the_host_pool() -> None:
 def test_a_copy_between_two_offdevice_tiers_is_refused_by_name() -> None:
     model, args, kwargs = _gpt2_tiny()
     captured = capture(model, args, example_kwargs=kwargs)
-    plan = plan_graph(captured.graph, hardware="h100-sxm-cxl", memory_budget=0.5, tiers=(CXL,), time_limit=1)
+    plan = plan_graph(captured.graph, hardware="h100-sxm-cxl", memory_budget=0.5, tiers=(CXL,), time_limit=1,
+                      optimizer="none")
     index, step = next((i, s) for i, s in enumerate(plan.schedule)
                        if s.kind == StepKind.START_TRANSFER and s.src == CXL)
     # Plans copy between the device and one tier; a hand-edited plan file may not.

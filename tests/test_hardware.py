@@ -523,13 +523,13 @@ def test_plan_with_a_cxl_tier_validates() -> None:
     graph = capture(model, tuple(args), example_kwargs=kwargs, training=True).graph
     hw = load_hardware("h100-sxm-cxl")
     tiers = ("host", "cxl", "nvme")
-    plan = tierplan.plan_graph(graph, hardware=hw, memory_budget=0.5, tiers=tiers, time_limit=5)
+    plan = tierplan.plan_graph(graph, hardware=hw, memory_budget=0.5, tiers=tiers, time_limit=5, optimizer="none")
     assert set(plan.capacities) == {"device", *tiers}
     tierplan.validate(plan)
     # With host DRAM taken (a 4 KiB budget), what leaves the device goes to cxl, the next tier.
     squeezed = hw.with_tier_capacity("host", 4096)
     plan = tierplan.plan_graph(graph, hardware=squeezed, memory_budget=0.5, tiers=tiers,
-                               time_limit=5)  # fmt: skip
+                               time_limit=5, optimizer="none")  # fmt: skip
     replay = tierplan.validate(plan)
     assert replay.peak_bytes["device"] <= plan.budget_bytes
     assert replay.peak_bytes["cxl"] > 0 and replay.peak_bytes.get("nvme", 0) == 0

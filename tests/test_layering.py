@@ -113,7 +113,11 @@ def test_solvers_import_no_other_solver_and_no_front_end():
 
 @pytest.mark.parametrize("checker, allowed", [
     # The validator is the independent check: it shares no code with what it checks.
-    ("tierplan.plans.validate", ("tierplan.ir", "tierplan.units", "tierplan.plans.plan")),
+    ("tierplan.plans.validate", ("tierplan.ir", "tierplan.units", "tierplan.plans.plan",
+                                 "tierplan.plans.check_update")),
+    # Its check of the optimizer step reads the update's contract and the validator's replay.
+    ("tierplan.plans.check_update", ("tierplan.ir", "tierplan.units", "tierplan.plans.plan",
+                                     "tierplan.plans.update", "tierplan.plans.validate")),
     # The report reads Plans only.
     ("tierplan.report", ("tierplan.ir", "tierplan.units", "tierplan.plans", "tierplan.report")),
 ])

@@ -4,7 +4,7 @@
     print(plan.summary())
     tierplan.validate(plan)
 """
-from tierplan.api import plan, plan_graph
+from tierplan.api import Baselines, baselines, plan, plan_graph
 from tierplan.compile import compile
 from tierplan.cost_models.hardware import Hardware, HardwareError, load_hardware
 from tierplan.dynamo_backend import backend
@@ -14,6 +14,7 @@ from tierplan.plans.plan import InfeasibleBudget, Plan, PlanError
 from tierplan.plans.validate import validate
 
 __all__ = [
+    "Baselines",
     "CaptureError",
     "Graph",
     "Hardware",
@@ -22,6 +23,7 @@ __all__ = [
     "Plan",
     "PlanError",
     "backend",
+    "baselines",
     "capture",
     "compile",
     "load_hardware",

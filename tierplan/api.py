@@ -1,24 +1,33 @@
-"""The public entry points: ``tierplan.plan`` for a model, ``plan_graph`` for a captured graph."""
+"""The public entry points: ``tierplan.plan`` for a model, ``plan_graph`` for a captured graph,
+``baselines`` for the policies a plan is measured against."""
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
 from tierplan.cost_models.hardware import Hardware, load_hardware
-from tierplan.ir import Graph
+from tierplan.ir import Graph, TensorKind
 from tierplan.passes.blocks import detect_blocks
 from tierplan.passes.capture import capture
 from tierplan.passes.liveness import liveness
+from tierplan.placement.optimizer_step import plan_step, step_baselines
 from tierplan.placement.pricing import machine_pricing
 from tierplan.placement.reuse import plan_by_decisions
 from tierplan.placement.solve import solve
+from tierplan.placement.update import update_rates
 from tierplan.plans.plan import InfeasibleBudget, Plan, PlanError
+from tierplan.plans.update import check_choice
 from tierplan.plans.validate import validate
 from tierplan.units import format_bytes, parse_bytes
 
 Budget = int | float | str | None
+
+# The dtype the model computes in under each precision ("fp32" keeps the model's own).
+COMPUTE_DTYPE = {"bf16": torch.bfloat16, "bf16-mixed": torch.bfloat16, "fp16-mixed": torch.float16,
+                 "fp32": torch.float32}
 
 
 def plan(
@@ -31,6 +40,8 @@ def plan(
     training: bool = True,
     tiers: Sequence[str] = ("host",),
     time_limit: float | None = None,
+    optimizer: str | None = "adamw",
+    precision: str | None = None,
 ) -> Plan:
     """Capture ``model`` on ``example_inputs`` and plan it on ``hardware`` within ``memory_budget``.
 
@@ -38,14 +49,53 @@ def plan(
     meaning that fraction of the keep-all plan's device peak, or None for the whole device memory.
     With ``training=True`` the loss is the model's output, or the ``loss`` field of it. The model
     is captured with ``hardware``'s kernels (a GPU's fused attention; see ``capture``'s ``target``).
+
+    A training plan includes the optimizer step: ``optimizer`` is "adamw" (default), "adam",
+    "sgd", or "none"/None for forward and backward only; ``precision`` is "fp32", "bf16",
+    "bf16-mixed" (bf16 compute and gradients, fp32 master weights and states) or "fp16-mixed",
+    by default the one the model's parameters imply (bf16 weights: "bf16-mixed"). A precision
+    whose compute dtype differs from the model's is captured on a cast copy of the model.
     """
     hw = hardware if isinstance(hardware, Hardware) else load_hardware(hardware)
+    optimizer, precision = resolve_optimizer(optimizer, precision, model_dtype(model), training=training)
+    if precision is not None and COMPUTE_DTYPE[precision] != model_dtype(model) and precision != "fp32":
+        model, example_inputs, example_kwargs = cast_copy(model, example_inputs, example_kwargs,
+                                                           COMPUTE_DTYPE[precision])
     captured = capture(model, tuple(example_inputs), example_kwargs=example_kwargs, training=training,
                        target=hw)
     return plan_graph(
         captured.graph, hardware=hw, memory_budget=memory_budget, training=training,
-        tiers=tiers, time_limit=time_limit,
+        tiers=tiers, time_limit=time_limit, optimizer=optimizer or "none", precision=precision,
     )
+
+
+def resolve_optimizer(optimizer: str | None, precision: str | None, param_dtype: torch.dtype, *,
+                      training: bool) -> tuple[str | None, str | None]:
+    """(optimizer, precision) to plan with, None for no optimizer step; PlanError names a bad one."""
+    if optimizer is None or str(optimizer).lower() == "none" or not training:
+        return None, None
+    optimizer = str(optimizer).lower()
+    if precision is None:
+        precision = {torch.bfloat16: "bf16-mixed", torch.float16: "fp16-mixed"}.get(param_dtype, "fp32")
+    check_choice(optimizer, precision)
+    return optimizer, precision
+
+
+def model_dtype(model: torch.nn.Module) -> torch.dtype:
+    floating = [p.dtype for p in model.parameters() if p.is_floating_point()]
+    return floating[0] if floating else torch.float32
+
+
+def cast_copy(model: torch.nn.Module, args: Sequence[Any], kwargs: dict[str, Any] | None,
+               dtype: torch.dtype) -> tuple[torch.nn.Module, tuple[Any, ...], dict[str, Any] | None]:
+    """A copy of ``model`` and its floating inputs in ``dtype``: what it computes under that
+    precision. The caller's model is left as it is."""
+    def cast(value: Any) -> Any:
+        return value.to(dtype) if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+
+    copied = copy.deepcopy(model).to(dtype)
+    return copied, tuple(cast(a) for a in args), (
+        {k: cast(v) for k, v in kwargs.items()} if kwargs is not None else None)
 
 
 def plan_graph(
@@ -56,17 +106,59 @@ def plan_graph(
     training: bool = True,
     tiers: Sequence[str] = ("host",),
     time_limit: float | None = None,
+    optimizer: str | None = "adamw",
+    precision: str | None = None,
 ) -> Plan:
-    """Plan an already captured graph (see ``plan``); the plan is validated before it is returned."""
+    """Plan an already captured graph (see ``plan``); the plan is validated before it is returned.
+
+    The precision defaults to the one the graph's parameters imply; a precision whose compute
+    dtype differs from them is refused (``plan`` casts a copy of the model instead)."""
     hw = hardware if isinstance(hardware, Hardware) else load_hardware(hardware)
     if not graph.blocks:
         graph = detect_blocks(graph)
+    dtype = _graph_param_dtype(graph)
+    optimizer, precision = resolve_optimizer(optimizer, precision, dtype, training=training)
+    if precision is not None and precision != "fp32" and COMPUTE_DTYPE[precision] != dtype:
+        raise PlanError(f"precision={precision!r} computes in {COMPUTE_DTYPE[precision]}, but graph "
+                        f"{graph.name}'s parameters are {dtype}; capture the model in that dtype, or plan "
+                        f"the model with tierplan.plan, which casts a copy")
     pricing = machine_pricing(graph, hw, tiers=tiers, training=training)
     live = liveness(graph)
     budget = resolve_budget(memory_budget, keep_all_peak=live.peak, device_bytes=pricing.budget, hardware=hw.name)
-    plan = solve(graph, pricing.with_budget(budget), time_limit_s=time_limit, live=live)
+    if optimizer is None or not graph.meta.get("grad_of"):
+        plan = solve(graph, pricing.with_budget(budget), time_limit_s=time_limit, live=live)
+    else:
+        plan = plan_step(graph, pricing.with_budget(budget), update_rates(hw), optimizer=optimizer,
+                         precision=str(precision), time_limit_s=time_limit, live=live)
     validate(plan)  # every plan returned is checked by the independent replay
     return plan
+
+
+def _graph_param_dtype(graph: Graph) -> torch.dtype:
+    for name in graph.inputs:
+        t = graph.tensors[name]
+        if t.kind is TensorKind.PARAMETER and t.dtype in ("float32", "bfloat16", "float16", "float64"):
+            return getattr(torch, t.dtype)
+    return torch.float32
+
+
+class Baselines(dict):
+    """``{policy: Plan or None}``; ``reasons[policy]`` says why a None policy cannot run."""
+
+    def __init__(self, plans: dict[str, Plan | None], reasons: dict[str, str]) -> None:
+        super().__init__(plans)
+        self.reasons = reasons
+
+
+def baselines(plan: Plan) -> Baselines:
+    """The policies ``plan`` is measured against, priced by the same cost model and validated:
+    keep-all, checkpoint-blocks and swap-all with the states on the device, zero-offload and
+    zero-infinity (see ``placement.optimizer_step``). Needs a plan with an optimizer step."""
+    found = step_baselines(plan)
+    for candidate in found.plans.values():
+        if candidate is not None:
+            validate(candidate)
+    return Baselines(found.plans, found.reasons)
 
 
 def plan_graph_or_smallest(
@@ -77,6 +169,8 @@ def plan_graph_or_smallest(
     training: bool,
     tiers: Sequence[str],
     time_limit: float | None,
+    optimizer: str | None = None,
+    precision: str | None = None,
 ) -> tuple[Plan, str]:
     """``plan_graph``, except that a fractional budget the graph cannot meet plans it at the
     smallest budget the planner can meet; the note (else "") says so.
@@ -86,7 +180,8 @@ def plan_graph_or_smallest(
     asked for "this share of whatever it needs", so the nearest plan is better than a failure in
     the middle of a run. A budget in bytes is a hard limit and stays an error.
     """
-    kw = dict(hardware=hardware, training=training, tiers=tiers, time_limit=time_limit)
+    kw = dict(hardware=hardware, training=training, tiers=tiers, time_limit=time_limit, optimizer=optimizer,
+              precision=precision)
     try:
         return plan_graph(graph, memory_budget=memory_budget, **kw), ""
     except InfeasibleBudget as exc:

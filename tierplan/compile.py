@@ -39,8 +39,11 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from tierplan.api import Budget, plan_graph, plan_graph_like, plan_graph_or_smallest
+from tierplan.api import (
+    COMPUTE_DTYPE, Budget, model_dtype, plan_graph, plan_graph_like, plan_graph_or_smallest, resolve_optimizer,
+)
 from tierplan.codegen.emit import Program, emit, load
+from tierplan.codegen.optimizer import StatePlacement, TieredOptimizer, optimizer_name
 from tierplan.codegen.runtime import Context, Runtime, run_step
 from tierplan.cost_models.hardware import Hardware
 from tierplan.ir import TensorKind
@@ -102,6 +105,8 @@ class CompileSettings:
     time_limit: float | None
     dynamic: bool
     recompile_limit: int
+    optimizer: str | None = None  # the planned optimizer step's ("adamw", ...), None: not planned
+    precision: str | None = None
 
 
 @dataclass
@@ -195,6 +200,8 @@ class CompiledModule(nn.Module):
         # Called as on_transfer(ctx, storage) after every transfer is issued (tracing, tests).
         self.on_transfer: Callable[[Context, str], None] | None = None
         self._held: list[_HeldGrads] = []
+        # The optimizer to step: compile(..., optimizer=...)'s, with its states on the planned tiers.
+        self.optimizer: TieredOptimizer | None = None
 
     # -- the latest signature's program ---------------------------------------------------------
 
@@ -320,13 +327,15 @@ class CompiledModule(nn.Module):
                                    source=f"the plan for {like.signature.describe()}")
         if plan is None and not self.specializations:
             plan = plan_graph(captured.graph, hardware=s.hardware, memory_budget=s.memory_budget,
-                              training=signature.training, tiers=s.tiers, time_limit=s.time_limit)
+                              training=signature.training, tiers=s.tiers, time_limit=s.time_limit,
+                              optimizer=s.optimizer if signature.training else None, precision=s.precision)
         elif plan is None:
             # A later signature meets the budget as the backend's subgraphs do (see
             # plan_graph_or_smallest); the first one, planned in compile(), stays strict.
             plan, note = plan_graph_or_smallest(
                 captured.graph, hardware=s.hardware, memory_budget=s.memory_budget,
-                training=signature.training, tiers=s.tiers, time_limit=s.time_limit)
+                training=signature.training, tiers=s.tiers, time_limit=s.time_limit,
+                optimizer=s.optimizer if signature.training else None, precision=s.precision)
             if note:
                 warnings.warn(f"tierplan.compile: {note}", stacklevel=3)
         return self.add(signature, captured, plan)
@@ -436,6 +445,8 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile
     arena: bool = False,
     dynamic: bool = False,
     recompile_limit: int = DEFAULT_RECOMPILE_LIMIT,
+    optimizer: torch.optim.Optimizer | None = None,
+    precision: str | None = None,
 ) -> CompiledModule:
     """Plan ``model`` under ``memory_budget`` and return a module that runs the plan.
 
@@ -470,6 +481,16 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile
     the caller's tensors. A call that finds ``.grad`` still in the previous call's arena (gradient
     accumulation) first copies those gradients out, so the old arena is freed and only the
     gradients' own bytes stay, as in eager mode.
+
+    ``optimizer``: the ``torch.optim.AdamW``, ``Adam`` or ``SGD`` over the model's parameters that
+    the training loop steps. The plan then covers the whole step, its master weights and states
+    placed on the device, the host or NVMe and each update run where its states are, and
+    ``compiled.optimizer`` is the optimizer to step (a ``TieredOptimizer`` sharing the given one's
+    ``param_groups``: LR schedulers, ``clip_grad_norm_``, gradient accumulation and
+    ``state_dict`` work as with the plain one); step it instead of the one given. ``precision``:
+    "fp32", "bf16" or "bf16-mixed" (the model's own dtype by default; "bf16-mixed" needs a bf16
+    model and keeps fp32 master weights and states). Without an optimizer ``compiled.optimizer``
+    is None and the update is not planned.
     """
     args = example_inputs if isinstance(example_inputs, tuple) else (
         tuple(example_inputs) if isinstance(example_inputs, list) else (example_inputs,)
@@ -480,9 +501,11 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile
     device = _model_device(model, args, kwargs)
     if hardware is None:
         hardware = "cpu" if device.type == "cpu" else "h100-sxm"
+    optimizer_kind, precision = _optimizer_setting(model, optimizer, precision, training=training)
     settings = CompileSettings(
         hardware=hardware, memory_budget=memory_budget, training=training, tiers=tuple(tiers),
         time_limit=time_limit, dynamic=dynamic, recompile_limit=recompile_limit,
+        optimizer=optimizer_kind, precision=precision,
     )
     compiled = CompiledModule(model, device, settings, training=training,
                               debug_dir=Path(debug_dir) if debug_dir is not None else None, arena=arena)
@@ -493,15 +516,62 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile
             f"tierplan.compile: {type(model).__name__} returns "
             f"{', '.join(spec.captured.layout.dropped)}, not a tensor or a plain value: the compiled "
             f"module returns None there (for transformers models, pass use_cache=False)", stacklevel=2)
+    if optimizer is not None:
+        compiled.optimizer = tiered_optimizer(optimizer, spec, model, precision=precision,
+                                              swap_root=Path(debug_dir) / "swap" if debug_dir is not None else None)
     return compiled
+
+
+def _optimizer_setting(model: nn.Module, optimizer: torch.optim.Optimizer | None, precision: str | None, *,
+                       training: bool) -> tuple[str | None, str | None]:
+    """The optimizer's kind and the precision to plan with; errors name what is wrong."""
+    if optimizer is None:
+        return None, None
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer={optimizer!r}: give the torch.optim.Optimizer instance the training loop "
+                        f"steps (tierplan.plan takes a name such as 'adamw')")
+    if not training:
+        raise ValueError("optimizer= needs training=True: an inference module has no update to plan")
+    kind, precision = resolve_optimizer(optimizer_name(optimizer), precision, model_dtype(model), training=True)
+    if precision != "fp32" and COMPUTE_DTYPE[str(precision)] != model_dtype(model):
+        raise ValueError(
+            f"precision={precision!r} computes in {COMPUTE_DTYPE[str(precision)]}, the model's parameters "
+            f"are {model_dtype(model)}: compile runs the model in its own dtype, so cast it first "
+            f"(model.to(torch.bfloat16) for bf16-mixed, whose fp32 master weights the optimizer keeps)")
+    if precision == "fp16-mixed":
+        raise ValueError("precision='fp16-mixed' is planned by tierplan.plan but compile does not run it "
+                         "yet (it needs dynamic loss scaling); use bf16-mixed")
+    return kind, precision
+
+
+def tiered_optimizer(optimizer: torch.optim.Optimizer, spec: Specialization, model: nn.Module, *,
+                     precision: str | None, swap_root: Path | None) -> TieredOptimizer:
+    """``optimizer`` with every parameter's master and states where ``spec``'s plan put them."""
+    update = spec.plan.update
+    assert update is not None, "a plan made with an optimizer has its update"
+    named = dict(model.named_parameters())
+    placements: dict[torch.Tensor, StatePlacement] = {}
+    for inp in spec.captured.inputs:
+        storage = spec.plan.graph.tensors[inp.name].storage if inp.name in spec.plan.graph.tensors else None
+        if storage in update.states_tier and inp.source in named:
+            placements[named[inp.source]] = StatePlacement(states=update.states_tier[storage],
+                                                           update=update.update_on[storage])
+    master = torch.float32 if precision is not None and precision.endswith("-mixed") else None
+    return TieredOptimizer(optimizer, placements, master_dtype=master, swap_root=swap_root)
 
 
 def compile_plan(
     model: nn.Module, captured: Captured, plan: Plan, *, device: torch.device | str = "cpu",
-    debug_dir: str | Path | None = None, arena: bool = False,
+    debug_dir: str | Path | None = None, arena: bool = False, optimizer: torch.optim.Optimizer | None = None,
 ) -> CompiledModule:
     """A module that runs the program of an existing ``plan`` of ``captured`` (see ``compile``).
-    It has nothing to plan other calls with: calls with other shapes or dtypes are refused."""
+    It has nothing to plan other calls with: calls with other shapes or dtypes are refused.
+    ``optimizer``: as in ``compile``, placed by ``plan.update`` (the plan must have one)."""
+    if optimizer is not None and plan.update is None:
+        raise ValueError("compile_plan(optimizer=...) needs a plan made with an optimizer (plan.update is None)")
+    if optimizer is not None and optimizer_name(optimizer) != plan.update.optimizer:
+        raise ValueError(f"the plan's update is {plan.update.optimizer}'s, the optimizer given is "
+                         f"{optimizer_name(optimizer)}; plan with optimizer={optimizer_name(optimizer)!r}")
     device = torch.device(device)
     compiled = CompiledModule(model, device, None, training=captured.training,
                               debug_dir=Path(debug_dir) if debug_dir is not None else None, arena=arena)
@@ -510,7 +580,11 @@ def compile_plan(
         training=captured.training, module_training=model.training, structure="",
         shapes=tuple(tuple(s.shape) for s in leaves), dtypes=tuple(s.dtype for s in leaves),
     )
-    compiled.add(signature, captured, plan)
+    spec = compiled.add(signature, captured, plan)
+    if optimizer is not None:
+        compiled.optimizer = tiered_optimizer(
+            optimizer, spec, model, precision=plan.update.precision if plan.update else None,
+            swap_root=Path(debug_dir) / "swap" if debug_dir is not None else None)
     return compiled
 
 

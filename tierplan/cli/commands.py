@@ -93,7 +93,7 @@ class Progress:
 def cmd_plan(args: argparse.Namespace) -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # keep library chatter out of the report
     _check_outputs(args)
-    from tierplan.api import plan_graph
+    from tierplan.api import COMPUTE_DTYPE, cast_copy, model_dtype, plan_graph
     from tierplan.cost_models.hardware import load_hardware
     from tierplan.passes.capture import capture
     from tierplan.zoo import load_model
@@ -103,12 +103,23 @@ def cmd_plan(args: argparse.Namespace) -> None:
     budget = _budget_arg(args.budget)
     # Everything that can be checked without the model is checked before the long capture.
     hardware = load_hardware(args.hardware)
+    if getattr(args, "host_memory", None):
+        from tierplan.units import parse_bytes
+
+        try:
+            hardware = hardware.with_tier_capacity("host", parse_bytes(args.host_memory, setting="--host-memory"))
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
     _check_plan_settings(args, hardware, tiers, budget)
     mode = "training" if args.training else "inference"
     with progress.phase(f"capturing {args.model} ({mode}) on fake tensors") as done:
         model, example_args, example_kwargs = load_model(
             args.model, batch_size=args.batch_size, seq_len=args.seq_len, training=args.training, fake=True
         )
+        optimizer, precision = _optimizer_args(args, model)
+        if precision is not None and COMPUTE_DTYPE[precision] != model_dtype(model) and precision != "fp32":
+            model, example_args, example_kwargs = cast_copy(model, example_args, example_kwargs,
+                                                             COMPUTE_DTYPE[precision])
         try:
             captured = capture(model, example_args, example_kwargs=example_kwargs, training=args.training,
                                target=hardware)  # the hardware's kernels (a GPU's fused attention)
@@ -120,7 +131,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
     with progress.phase(f"planning on {hardware.name} (solver time limit {limit:g} s)") as done:
         result = plan_graph(
             captured.graph, hardware=hardware, memory_budget=budget, training=args.training,
-            tiers=tiers, time_limit=limit,
+            tiers=tiers, time_limit=limit, optimizer=optimizer or "none", precision=precision,
         )
         done.note = f"planned: {result.method.split(' (')[0]}"
     emitted = None
@@ -237,7 +248,17 @@ def _report(plan: Plan, args: argparse.Namespace, progress: Progress, *, hardwar
     width = _width()
     print(plan_report(plan, hardware_description=hardware_description, width=width))
     baselines: dict[str, Plan] = {}
-    if args.compare:
+    if args.compare and plan.update is not None:
+        from tierplan.api import baselines as step_baselines
+        from tierplan.report.text import step_compare_report
+
+        with progress.phase("pricing the baselines (keep-all, checkpoint-blocks, swap-all, zero-offload, "
+                            "zero-infinity)"):
+            found = step_baselines(plan)
+        baselines = {name: p for name, p in found.items() if p is not None}
+        print()
+        print(step_compare_report(plan, found, found.reasons, width=width))
+    elif args.compare:
         with progress.phase("pricing the baselines (keep-all, checkpoint-blocks, swap-all)"):
             baselines = _baselines(plan)
         print()
@@ -263,6 +284,17 @@ def _report(plan: Plan, args: argparse.Namespace, progress: Progress, *, hardwar
     if written:
         print()
         print("written: " + "; ".join(written))
+
+
+def _optimizer_args(args: argparse.Namespace, model: Any) -> tuple[str | None, str | None]:
+    from tierplan.api import model_dtype, resolve_optimizer
+    from tierplan.plans.plan import PlanError
+
+    try:
+        return resolve_optimizer(getattr(args, "optimizer", "none"), getattr(args, "precision", None),
+                                 model_dtype(model), training=args.training)
+    except PlanError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _keep_all(plan: Plan) -> Plan:
@@ -442,6 +474,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="plan a whole training step (the default)")
     mode.add_argument("--inference", dest="training", action="store_false", help="plan the forward only")
     p.add_argument("--tiers", default="host", help="slower tiers the plan may use, e.g. host,nvme")
+    p.add_argument("--optimizer", default="adamw", choices=["adamw", "adam", "sgd", "none"],
+                   help="the optimizer step planned with a training step (none: forward and backward only)")
+    p.add_argument("--precision", default=None, choices=["fp32", "bf16", "bf16-mixed", "fp16-mixed"],
+                   help="default: the model's (bf16 weights: bf16-mixed, fp32 master weights and states)")
+    p.add_argument("--host-memory", default=None, metavar="SIZE",
+                   help="host DRAM the plan may use instead of the hardware's, e.g. 128GiB")
     p.add_argument("--time-limit", type=float, default=None,
                    help=f"solver time limit in seconds (default {DEFAULT_TIME_LIMIT_S:g})")
     _add_outputs(p)

@@ -14,10 +14,13 @@ import enum
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from tierplan.ir import Graph, TensorKind
 from tierplan.units import format_bytes
+
+if TYPE_CHECKING:
+    from tierplan.plans.update import UpdatePlan
 
 DEVICE = "device"
 HOST = "host"
@@ -322,6 +325,18 @@ class Plan:
     method: str = ""
     solver: SolverReport | None = None  # None for plans no solver made (keep-all, baselines)
     decisions: dict[str, Decision] = field(default_factory=dict)
+    # The optimizer step planned after the schedule (a training plan made with an optimizer).
+    update: UpdatePlan | None = None
+
+    @property
+    def step_time_s(self) -> float:
+        """The whole step's predicted time: forward and backward, and the update when planned."""
+        return self.update.step_time_s if self.update is not None else self.predicted_time_s
+
+    @property
+    def step_peak_bytes(self) -> dict[str, int]:
+        """Peak bytes per tier over the whole step (with the model states when planned)."""
+        return dict(self.update.peak_bytes) if self.update is not None else dict(self.peak_bytes)
 
     @property
     def budget_bytes(self) -> int:
@@ -376,6 +391,16 @@ class Plan:
             f"exposed transfers {self.exposed_transfer_s * 1e3:.3f}); "
             f"overhead over keep-all {self.overhead_s * 1e3:.3f} ms"
         )
+        if self.update is not None:
+            u = self.update
+            counts = u.placement_counts()
+            where = ", ".join(f"{n} on {tier}" for tier, n in counts.items() if n)
+            lines.append(
+                f"  optimizer {u.optimizer} ({u.precision}): states of {len(u.params)} parameters: {where}; "
+                f"model state {format_bytes(u.model_state_bytes())} over all tiers")
+            lines.append(
+                "  whole step " + ", ".join(f"peak {tier} {format_bytes(b)}" for tier, b in u.peak_bytes.items())
+                + f"; step time {u.step_time_s * 1e3:.3f} ms (update exposed {u.update_exposed_s * 1e3:.3f} ms)")
         if self.solver is not None:
             lines.append("  solver " + ", ".join(f"{k} {_fmt_value(v)}" for k, v in self.solver.items()))
         params = self.graph.total_bytes(TensorKind.PARAMETER)
@@ -406,6 +431,7 @@ class Plan:
             "method": self.method,
             "solver": self.solver.to_dict() if self.solver is not None else {},
             "decisions": {k: asdict(d) for k, d in self.decisions.items()},
+            "update": self.update.to_dict() if self.update is not None else None,
         }
 
     @classmethod
@@ -437,6 +463,7 @@ class Plan:
                 method=data["method"],
                 solver=SolverReport.from_dict(data["solver"], keep_all_s=data["keep_all_time_s"]),
                 decisions={k: Decision(**d) for k, d in data["decisions"].items()},
+                update=_read_update(data.get("update")),
             )
         except (KeyError, IndexError, AttributeError, TypeError, ValueError) as exc:
             raise PlanError(f"malformed plan JSON: {type(exc).__name__}: {exc}") from None
@@ -451,6 +478,12 @@ class Plan:
             raise PlanError(f"plan file {path} holds a JSON {type(data).__name__}, not a plan object")
         return cls.from_dict(data)
 
+
+
+def _read_update(data: Mapping[str, Any] | None) -> UpdatePlan | None:
+    from tierplan.plans.update import UpdatePlan  # update.py builds on this module's tiers
+
+    return UpdatePlan.from_dict(data) if data else None
 
 
 def read_json(path: str | Path, what: str) -> Any:

@@ -46,6 +46,12 @@ class Replay:
     recompute_time_s: float
     exposed_transfer_s: float
     transferred_bytes: dict[str, int] = field(default_factory=dict)  # "src->dst" -> bytes
+    # What the optimizer step is checked against (tierplan.plans.check_update):
+    produced_s: dict[str, float] = field(default_factory=dict)  # storage -> end of its first writer
+    landed_s: dict[str, float] = field(default_factory=dict)  # storage -> end of its last copy off the device
+    last_use_s: dict[str, float] = field(default_factory=dict)  # storage -> end of its last reader
+    copies: list[tuple[str, str, str, float, float]] = field(default_factory=list)  # queue, src, dst, start, end
+    end_tiers: dict[str, list[str]] = field(default_factory=dict)  # storage -> tiers holding it at the end
 
 
 @dataclass
@@ -70,6 +76,10 @@ class _State:
         self.recompute_s = 0.0
         self.exposed_s = 0.0
         self.moved: dict[str, int] = {}
+        self.produced_s: dict[str, float] = {}
+        self.landed_s: dict[str, float] = {}
+        self.last_use_s: dict[str, float] = {}
+        self.copies: list[tuple[str, str, str, float, float]] = []
 
     # -- helpers --------------------------------------------------------------------------
 
@@ -167,6 +177,10 @@ class _State:
         else:
             self.compute_s += seconds
         self.computed.add(op.name)
+        for tensor in op.inputs:
+            self.last_use_s[self.graph.tensors[tensor].storage] = self.clock_s
+        for tensor in op.outputs:
+            self.produced_s.setdefault(self.graph.tensors[tensor].storage, self.clock_s)
 
     def start(self, index: int, step: Step) -> None:
         storage = self.storage(index, step, step.tensor)
@@ -181,13 +195,17 @@ class _State:
         seconds = channel.latency_s + self.nbytes(storage) / channel.bandwidth
         if channel.queue == COMPUTE_QUEUE:
             # Copied by the compute stream itself: it stalls now, whenever the copy is waited for.
-            end = self.clock_s + seconds
+            begin, end = self.clock_s, self.clock_s + seconds
             self.exposed_s += seconds
             self.clock_s = end
         else:
             begin = max(self.clock_s, self.queue_free_s.get(channel.queue, 0.0))
             end = begin + seconds
             self.queue_free_s[channel.queue] = end
+        self.copies.append((channel.queue, src, dst, begin, end))
+        self.last_use_s[storage] = max(self.last_use_s.get(storage, 0.0), end)
+        if dst != DEVICE:
+            self.landed_s[storage] = end
         self.pending[storage, dst] = _Transfer(src, end)
         key = f"{src}->{dst}"
         self.moved[key] = self.moved.get(key, 0) + self.nbytes(storage)
@@ -277,6 +295,12 @@ def replay(plan: Plan) -> Replay:
         recompute_time_s=state.recompute_s,
         exposed_transfer_s=state.exposed_s,
         transferred_bytes=state.moved,
+        produced_s=state.produced_s,
+        landed_s=state.landed_s,
+        last_use_s=state.last_use_s,
+        copies=state.copies,
+        end_tiers={storage: [t for t, held in state.held.items() if storage in held]
+                   for storage in {s for held in state.held.values() for s in held}},
     )
 
 
@@ -304,6 +328,10 @@ def validate(plan: Plan, *, rel_tol: float = 1e-6) -> Replay:
                 f"the plan predicts a {label} of {predicted:.9g} s, the replay measures {measured:.9g} s"
             )
     _check_keep_all(plan, result.time_s, rel_tol)
+    if plan.update is not None:
+        from tierplan.plans.check_update import check_update  # it reads this module's Replay
+
+        check_update(plan, result, rel_tol=rel_tol)
     return result
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 from collections import Counter, defaultdict
 from dataclasses import dataclass
+from typing import Mapping
 
 from rich import box
 from rich.console import Console
@@ -181,6 +182,8 @@ def plan_report(
             f"{', '.join(same)} and the device are one memory here (a CPU): a copy there frees device "
             f"budget, not memory, and runs on the compute thread, so its whole time is paid",
         ))
+    if plan.update is not None:
+        rows += _update_rows(plan)
     rows.append(("method", plan.method or "-"))
     if plan.solver is not None:
         rows += _solver_rows(plan)
@@ -313,6 +316,51 @@ def _decision_table(plan: Plan, in_block: dict[str, tuple[int, int, str]], large
         text += (f"\n(not listed: {skipped:,} temporaries, inputs and outputs that live on the device from "
                  "their producer to their last reader)")
     return text
+
+
+def _update_rows(plan: Plan) -> list[tuple[str, str]]:
+    """The optimizer step: where the states live, what the whole step costs and holds."""
+    u = plan.update
+    assert u is not None
+    where = "; ".join(f"{tier} {n} ({format_bytes(u.bytes_on(tier))})"
+                      for tier, n in u.placement_counts().items() if n)
+    per_param = u.model_state_bytes() / max(1, sum(ps.numel for ps in u.params))
+    peaks = "; ".join(f"{tier} {format_bytes(b)}" + (f" of {format_bytes(plan.capacities[tier])}"
+                                                    if tier in plan.capacities else "")
+                      for tier, b in u.peak_bytes.items())
+    return [
+        ("optimizer step", f"{u.optimizer}, {u.precision}: masters and states of {len(u.params):,} parameters "
+                           f"on {where}; updates on the host CPU where the states are off the device"),
+        ("  model state", f"{format_bytes(u.model_state_bytes())} over all tiers ({per_param:.1f} B/parameter: "
+                          f"weights, gradients, masters, states)"),
+        ("whole step", f"{_ms(u.step_time_s)} (the update adds {_ms(u.update_exposed_s)} after the backward); "
+                       f"placed in {u.solve_s:.1f} s"),
+        ("  peak per tier", peaks),
+    ]
+
+
+def step_compare_report(plan: Plan, baselines: Mapping[str, Plan | None], reasons: Mapping[str, str], *,
+                        width: int = 140) -> str:
+    """The whole step (forward, backward, optimizer) next to the offload policies' (same cost model)."""
+    table = Table(title="whole training step compared with the baselines (same cost model, same budget)",
+                  title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    tiers = list(plan.capacities)
+    for column in ("policy", "step time", "vs this plan", "update exposed", *(f"peak {t}" for t in tiers), "states"):
+        table.add_column(column, justify="left" if column in ("policy", "states") else "right", no_wrap=True)
+    rows = [(f"this plan ({plan.method.split(' ')[0] or 'tierplan'})", plan)] + list(baselines.items())
+    for name, p in rows:
+        if p is None or p.update is None:
+            table.add_row(name, "-", "-", "-", *("-" for _ in tiers), "cannot run (below)")
+            continue
+        u = p.update
+        counts = ", ".join(f"{n} {tier}" for tier, n in u.placement_counts().items() if n)
+        table.add_row(name, _ms(u.step_time_s), f"{u.step_time_s / plan.step_time_s:.2f}x", _ms(u.update_exposed_s),
+                      *(format_bytes(u.peak_bytes.get(t, 0)) for t in tiers), counts)
+    buffer = io.StringIO()
+    Console(file=buffer, width=width, no_color=True, highlight=False, emoji=False).print(table)
+    notes = [f"  {name} cannot run: {reasons.get(name, 'no reason recorded')}"
+             for name, p in baselines.items() if p is None]
+    return "\n".join([_strip(buffer.getvalue()), *notes])
 
 
 def compare_report(plan: Plan, baselines: dict[str, Plan], *, width: int = 140) -> str:

@@ -1,0 +1,179 @@
+"""The whole training step: the schedule of forward and backward, then the optimizer step.
+
+``plan_step`` plans both. The device memory the optimizer's states may take is what the schedule
+leaves: it first plans the schedule at the whole budget and places the states in the room left
+(CP-SAT, ``states_model``), then, when every parameter's states could live on the device, plans
+the schedule again at the budget less those states and keeps whichever whole step is faster.
+
+``step_baselines`` prices the policies of the systems tierplan is measured against, with the same
+simulator and list scheduler:
+
+- keep-all, checkpoint-blocks, swap-all: those schedules with the states on the device (what a
+  plain ``torch.optim`` optimizer does);
+- zero-offload (Ren et al. 2021): block checkpointing, parameters on the device, gradients
+  offloaded to the host as the backward produces them, states and the update on the host CPU;
+- zero-infinity (Rajbhandari et al. 2021): block checkpointing, parameters streamed from NVMe
+  at the fixed prefetch points of ``candidates``, gradients offloaded to the host, states on
+  NVMe and the update on the host CPU.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Iterable, Mapping, cast
+
+from tierplan.ir import Graph
+from tierplan.passes.liveness import Liveness
+from tierplan.placement.assemble import build_plan
+from tierplan.placement.baselines import checkpoint_blocks_fates, swap_all_fates
+from tierplan.placement.candidates import Option, Problem, Segment, analyze
+from tierplan.placement.solve import solve
+from tierplan.placement.states_model import choose_states
+from tierplan.placement.update import (
+    ActivationTimeline, activation_timeline, param_states, schedule_update,
+)
+from tierplan.plans.plan import DEVICE, HOST, NVME, InfeasibleBudget, Plan, PlanError, Pricing
+from tierplan.plans.update import ParamState, UpdatePlan, UpdateRates
+from tierplan.units import format_bytes
+
+# The states' placement is a small model; it gets this share of the caller's time limit.
+STATES_TIME_SHARE = 0.25
+DEFAULT_STATES_TIME_S = 10.0
+
+
+def allowed_tiers(ps: ParamState, timeline: ActivationTimeline, capacities: Mapping[str, int]) -> list[str]:
+    """Where ``ps``'s states may live: on the device only when its weight and gradient stay there
+    (a device update reads both), on a slower tier when the plan may use it."""
+    tiers = [t for t in (HOST, NVME) if t in capacities]
+    if timeline.home.get(ps.param, DEVICE) == DEVICE and timeline.end_tier.get(cast(str, ps.grad)) == DEVICE:
+        tiers.insert(0, DEVICE)
+    return tiers
+
+
+def plan_update(plan: Plan, rates: UpdateRates, *, optimizer: str, precision: str,
+                time_limit_s: float = DEFAULT_STATES_TIME_S, fixed: str | None = None,
+                method: str = "") -> UpdatePlan:
+    """The optimizer step of ``plan``: placements chosen by the CP-SAT model (or every
+    parameter's states on the ``fixed`` tier, as a baseline policy does), scheduled by
+    ``schedule_update``. Raises PlanError naming the tiers when the states fit nowhere."""
+    started = time.perf_counter()
+    if not plan.training:
+        raise PlanError("an optimizer step needs a training plan (training=True)")
+    params = param_states(plan.graph, optimizer, precision)
+    timeline = activation_timeline(plan)
+    capacities = dict(plan.capacities)
+    if fixed is not None:
+        if fixed not in capacities:
+            raise PlanError(f"the {method or fixed} policy keeps states on {fixed}, which the plan's tiers lack")
+        states_tier = {ps.param: fixed for ps in params}
+    else:
+        allowed = {ps.param: allowed_tiers(ps, timeline, capacities) for ps in params}
+        states_tier = choose_states(params, allowed, timeline, channels=plan.channels,
+                                    capacities=capacities, rates=rates, time_limit_s=time_limit_s)
+        method = method or "CP-SAT placement of masters and states, list-scheduled after the schedule"
+    scheduled = schedule_update(params, states_tier, timeline, channels=plan.channels,
+                                capacities=capacities, rates=rates)
+    if scheduled.overflow:
+        raise PlanError(
+            f"the {optimizer} states ({precision}) do not fit: {scheduled.overflow}; add a slower "
+            f"tier (tiers=host,nvme), lower the batch, or raise the tier's capacity")
+    return UpdatePlan(
+        optimizer=optimizer, precision=precision, params=params, states_tier=states_tier,
+        update_on={p: (DEVICE if t == DEVICE else HOST) for p, t in states_tier.items()},
+        tasks=scheduled.tasks, rates=rates, peak_bytes=scheduled.peak_bytes,
+        step_time_s=scheduled.step_time_s, update_exposed_s=scheduled.step_time_s - timeline.end_s,
+        method=method, solve_s=time.perf_counter() - started,
+    )
+
+
+def plan_step(graph: Graph, pricing: Pricing, rates: UpdateRates, *, optimizer: str, precision: str,
+              time_limit_s: float | None = None, live: Liveness | None = None) -> Plan:
+    """The fastest whole step found: the schedule and the optimizer step (module docstring)."""
+    states_limit = DEFAULT_STATES_TIME_S if time_limit_s is None else max(1.0, STATES_TIME_SHARE * time_limit_s)
+    plan = solve(graph, pricing, time_limit_s=time_limit_s, live=live)
+    plan.update = plan_update(plan, rates, optimizer=optimizer, precision=precision, time_limit_s=states_limit)
+    on_device = sum(ps.resident_bytes(DEVICE) for ps in plan.update.params)
+    if plan.update.bytes_on(DEVICE) == on_device or on_device >= pricing.budget:
+        return plan
+    try:
+        reserved = solve(graph, pricing.with_budget(pricing.budget - on_device), time_limit_s=time_limit_s,
+                         live=live)
+    except InfeasibleBudget:
+        return plan
+    reserved.capacities = {**reserved.capacities, DEVICE: pricing.budget}  # the states take the rest
+    try:
+        reserved.update = plan_update(reserved, rates, optimizer=optimizer, precision=precision,
+                                      time_limit_s=states_limit)
+    except PlanError:
+        return plan
+    return reserved if reserved.update.step_time_s < plan.update.step_time_s else plan
+
+
+@dataclass
+class StepBaselines:
+    """Each policy's plan (None where it cannot run) and, for those, why."""
+
+    plans: dict[str, Plan | None]
+    reasons: dict[str, str]
+
+
+def step_baselines(plan: Plan, *, live: Liveness | None = None) -> StepBaselines:
+    """The baseline policies of the module docstring, for ``plan``'s graph, setting and optimizer."""
+    if plan.update is None:
+        raise PlanError("step baselines need a plan with an optimizer step (plan it with optimizer=...)")
+    update = plan.update
+    pricing = plan.pricing
+    problem = analyze(plan.graph, pricing, live=live, offer_streams=True)
+    ckpt = checkpoint_blocks_fates(problem)
+    ckpt_fates, ckpt_segments = ckpt if ckpt is not None else ({}, {})
+    policies: dict[str, tuple[Mapping, Mapping[int, Segment] | None, str | None]] = {
+        "keep-all": ({}, None, DEVICE),
+        "checkpoint-blocks": (ckpt_fates, ckpt_segments, DEVICE),
+        "swap-all": (swap_all_fates(problem), None, DEVICE),
+        "zero-offload": ({**ckpt_fates, **_offloads(problem, HOST)}, ckpt_segments, HOST),
+        "zero-infinity": ({**ckpt_fates, **_offloads(problem, HOST),
+                           **_streams(problem, NVME, ckpt_segments.values())}, ckpt_segments, NVME),
+    }
+    plans: dict[str, Plan | None] = {}
+    reasons: dict[str, str] = {}
+    for name, (fates, segments, states) in policies.items():
+        missing = [t for t in (HOST, NVME) if t in _tiers_used(name) and t not in pricing.capacities]
+        if missing:
+            plans[name], reasons[name] = None, f"needs the {', '.join(missing)} tier"
+            continue
+        built = build_plan(problem, fates, segments=segments or None, method=name)
+        if not built.fits:
+            plans[name] = None
+            reasons[name] = (f"its schedule needs {format_bytes(built.plan.peak_bytes.get(DEVICE, 0))} of device "
+                             f"memory, over the {format_bytes(pricing.budget)} budget")
+            continue
+        candidate = built.plan
+        try:
+            candidate.update = plan_update(candidate, update.rates, optimizer=update.optimizer,
+                                           precision=update.precision, fixed=states, method=name)
+        except PlanError as exc:
+            plans[name], reasons[name] = None, str(exc).split("; add ")[0]
+            continue
+        plans[name] = candidate
+    return StepBaselines(plans=plans, reasons=reasons)
+
+
+def _tiers_used(policy: str) -> tuple[str, ...]:
+    return {"zero-offload": (HOST,), "zero-infinity": (HOST, NVME)}.get(policy, ())
+
+
+def _offloads(problem: Problem, tier: str) -> dict[object, Option]:
+    return {("offload", i): o.option for i, o in enumerate(problem.offloads) if o.tier == tier}
+
+
+def _streams(problem: Problem, tier: str, segments: Iterable[Segment]) -> dict[object, Option]:
+    """Every parameter streamed from ``tier``, except those a recompute of ``segments`` reads
+    where the stream has no copy on the device (those stay on the device)."""
+    params = set(problem.graph.meta.get("grad_of", {}).values())
+    segments = list(segments)
+    return {("stream", i): s.option for i, s in enumerate(problem.streams)
+            if s.tier == tier and s.storage in params
+            and all(s.present_at(seg.at) for seg in segments if s.storage in seg.persistent)}
+
+
+__all__ = ["StepBaselines", "allowed_tiers", "plan_step", "plan_update", "step_baselines"]

@@ -1,0 +1,154 @@
+"""The CP-SAT model that places each parameter's master weight and optimizer states.
+
+One boolean per (parameter, tier it may use); each parameter takes one. The step time T is
+bounded below by what every placement costs (docs/cost-model.md, "Optimizer step"):
+
+- each tier's room: the states placed there fit beside the schedule's own peak (on the host also
+  beside STAGING_SLOTS of the largest staging buffers);
+- each resource's load: T >= the earliest a task can use it + the time of every task placed on it
+  (the compute stream's device updates start at the schedule's end);
+- each parameter's own chain: T >= when its gradient is available + its chain's tasks.
+
+The model is a relaxation of the list scheduler (it ignores waiting between parameters), so its
+optimum is a lower bound and the scheduler's measure of the chosen placement is the prediction.
+The secondary objective prefers the device, then the host, then NVMe when T ties.
+"""
+from __future__ import annotations
+
+import os
+from typing import Mapping, Sequence, cast
+
+from ortools.sat.python import cp_model
+
+from tierplan.plans.plan import DEVICE, HOST, NVME, Channel, PlanError
+from tierplan.plans.update import NVME_READ, NVME_WRITE, STAGING_SLOTS, ParamState, UpdateRates
+from tierplan.placement.update import ActivationTimeline, nvme_seconds, update_seconds
+from tierplan.units import format_bytes
+
+_NS = 1e9  # the model's time unit is the nanosecond
+_PREFERENCE = {DEVICE: 0, HOST: 1, NVME: 2}
+
+
+def choose_states(
+    params: Sequence[ParamState],
+    allowed: Mapping[str, Sequence[str]],
+    timeline: ActivationTimeline,
+    *,
+    channels: Sequence[Channel],
+    capacities: Mapping[str, int],
+    rates: UpdateRates,
+    time_limit_s: float = 10.0,
+) -> dict[str, str]:
+    """The tier of every parameter's master and states that minimises the model's step time."""
+    if not params:
+        return {}
+    by_route = {(c.src, c.dst): c for c in channels}
+    down, up = by_route.get((DEVICE, HOST)), by_route.get((HOST, DEVICE))
+    model = cp_model.CpModel()
+    ns = lambda seconds: int(round(seconds * _NS))  # noqa: E731 - a unit, read as one
+    x: dict[tuple[str, str], cp_model.IntVar] = {}
+    for ps in params:
+        tiers = allowed[ps.param]
+        if not tiers:
+            raise PlanError(f"parameter {ps.param} has no tier its optimizer states may use; add tiers=host")
+        for tier in tiers:
+            x[ps.param, tier] = model.new_bool_var(f"{ps.param}@{tier}")
+        model.add_exactly_one(x[ps.param, tier] for tier in tiers)
+
+    # Rooms.
+    staging = sorted((4 * ps.numel + ps.resident_bytes(NVME) for ps in params), reverse=True)
+    reserve = {HOST: sum(staging[:STAGING_SLOTS])}
+    for tier in (DEVICE, HOST, NVME):
+        placed = [(x[ps.param, tier], ps.resident_bytes(tier)) for ps in params if (ps.param, tier) in x]
+        if not placed:
+            continue
+        room = capacities.get(tier, 0) - timeline.peak_bytes.get(tier, 0) - reserve.get(tier, 0)
+        model.add(sum(b * v for v, b in placed) <= max(room, 0))
+
+    # Loads per resource, from the first moment a gradient is available.
+    grad_at = {ps.param: timeline.end_tier.get(cast(str, ps.grad), DEVICE) for ps in params}
+    avail = {ps.param: _available(ps, timeline) for ps in params}
+    first = min(avail.values())
+    end = ns(timeline.end_s)
+    horizon = ns(timeline.end_s + sum(_chain_s(ps, tier, grad_at[ps.param], timeline, down, up, rates)
+                                      for ps in params for tier in allowed[ps.param]) + 1.0)
+    step = model.new_int_var(end, max(horizon, end), "step")
+    off = lambda ps: sum(x[ps.param, t] for t in (HOST, NVME) if (ps.param, t) in x)  # noqa: E731
+
+    device_updates = sum(ns(update_seconds(ps, DEVICE, rates)) * x[ps.param, DEVICE]
+                         for ps in params if (ps.param, DEVICE) in x)
+    host_updates = sum(ns(update_seconds(ps, HOST, rates)) * off(ps) for ps in params)
+    if rates.shared_cpu:  # one set of cores runs the schedule, then every update
+        model.add(step >= end + device_updates + host_updates)
+    else:
+        model.add(step >= end + device_updates)
+        model.add(step >= ns(first) + host_updates)
+    for resource in (NVME_READ, NVME_WRITE) if NVME in capacities else ():
+        model.add(step >= ns(first + _busy_after(timeline, resource, first)) + sum(
+            ns(nvme_seconds(ps.resident_bytes(NVME), resource, rates)) * x[ps.param, NVME]
+            for ps in params if (ps.param, NVME) in x))
+    if down is not None and not down.inline:
+        moved = [ps for ps in params if grad_at[ps.param] == DEVICE]
+        model.add(step >= ns(first + _busy_after(timeline, down.queue, first)) + sum(
+            ns(down.seconds(ps.grad_bytes)) * off(ps) for ps in moved))
+    if up is not None and not up.inline:
+        back = [ps for ps in params if timeline.home.get(ps.param, DEVICE) == DEVICE]
+        model.add(step >= ns(first + _busy_after(timeline, up.queue, first)) + sum(
+            ns(up.seconds(ps.weight_bytes)) * off(ps) for ps in back))
+    for ps in params:
+        model.add(step >= ns(avail[ps.param]) + sum(
+            ns(_chain_s(ps, tier, grad_at[ps.param], timeline, down, up, rates)) * x[ps.param, tier]
+            for tier in allowed[ps.param]))
+
+    weight = 2 * len(params) + 1  # one nanosecond of T outweighs every preference together
+    model.minimize(weight * step + sum(_PREFERENCE[t] * v for (_, t), v in x.items()))
+    solver = cp_model.CpSolver()
+    solver.parameters.max_time_in_seconds = time_limit_s
+    solver.parameters.num_workers = max(1, min(8, os.cpu_count() or 1))
+    status = solver.solve(model)
+    if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+        raise PlanError(_no_room(params, allowed, timeline, capacities, reserve, solver.status_name(status)))
+    return {ps.param: next(t for t in allowed[ps.param] if solver.value(x[ps.param, t]))
+            for ps in params}
+
+
+def _available(ps: ParamState, timeline: ActivationTimeline) -> float:
+    grad = cast(str, ps.grad)
+    return timeline.landed_s.get(grad, timeline.produced_s.get(grad, timeline.end_s))
+
+
+def _chain_s(ps: ParamState, tier: str, grad_at: str, timeline: ActivationTimeline,
+             down: Channel | None, up: Channel | None, rates: UpdateRates) -> float:
+    """One parameter's own chain on ``tier``, from its gradient's availability, alone on the machine."""
+    if tier == DEVICE:
+        return max(0.0, timeline.end_s - _available(ps, timeline)) + update_seconds(ps, DEVICE, rates)
+    grad_s = 0.0
+    if grad_at == DEVICE and down is not None:
+        grad_s = down.seconds(ps.grad_bytes)
+    elif grad_at == NVME:
+        grad_s = nvme_seconds(ps.grad_bytes, NVME_READ, rates)
+    tail = nvme_seconds(ps.resident_bytes(NVME), NVME_WRITE, rates) if tier == NVME else 0.0
+    home = timeline.home.get(ps.param, DEVICE)
+    if home == DEVICE and up is not None:
+        tail = max(tail, up.seconds(ps.weight_bytes))
+    elif home == NVME:
+        tail = max(tail, nvme_seconds(ps.weight_bytes, NVME_WRITE, rates))
+    return grad_s + update_seconds(ps, HOST, rates) + tail
+
+
+def _busy_after(timeline: ActivationTimeline, resource: str, t: float) -> float:
+    return sum(max(0.0, e - max(s, t)) for s, e in timeline.busy.get(resource, ()))
+
+
+def _no_room(params: Sequence[ParamState], allowed: Mapping[str, Sequence[str]], timeline: ActivationTimeline,
+             capacities: Mapping[str, int], reserve: Mapping[str, int], status: str) -> str:
+    need = sum(ps.resident_bytes(HOST) for ps in params)
+    rooms = ", ".join(
+        f"{tier} {format_bytes(max(0, capacities[tier] - timeline.peak_bytes.get(tier, 0) - reserve.get(tier, 0)))}"
+        for tier in (DEVICE, HOST, NVME) if tier in capacities)
+    return (f"the master weights and optimizer states ({format_bytes(need)}) fit in no placement "
+            f"(CP-SAT: {status}); free room beside the schedule: {rooms}. Add tiers (tiers=host,nvme), "
+            f"a larger tier, or a smaller model")
+
+
+__all__ = ["choose_states"]
