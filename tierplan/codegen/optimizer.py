@@ -38,6 +38,7 @@ import re
 import shutil
 import tempfile
 import weakref
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections import defaultdict
 from copy import deepcopy
 from dataclasses import dataclass, field
@@ -169,6 +170,57 @@ class _Slot:
     def pin(self) -> bool:
         # Pinned host memory only pays off (and only exists) for copies to and from a GPU.
         return self.param.is_cuda and torch.cuda.is_available()
+
+
+class _StepIO:
+    """The NVMe reads and writes of one step, pipelined with the updates (docs/cost-model.md,
+    "Optimizer step": the plan's STAGING_SLOTS): the states of the next NVMe parameters are read
+    ahead while one is updated, and each one's write-back runs behind the next updates. At most
+    ``ahead`` reads and ``behind`` writes are in flight, so the host holds a few parameters'
+    states at once. Leaving the block waits for every write and raises the first I/O error."""
+
+    def __init__(self, slots: list[_Slot], read: Callable[[_Slot], dict[str, torch.Tensor]], *,
+                 ahead: int = 1, behind: int = 1) -> None:
+        self._order = slots
+        self._read = read
+        self._ahead, self._behind = ahead, behind
+        self._next = 0  # the index in ``slots`` of the next read to issue
+        self._reads: dict[int, Future] = {}
+        self._writes: list[Future] = []
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tierplan-optim-io")
+
+    def __enter__(self) -> _StepIO:
+        self._top_up(0)
+        return self
+
+    def _top_up(self, current: int) -> None:
+        while self._next < len(self._order) and self._next <= current + self._ahead:
+            slot = self._order[self._next]
+            self._reads[id(slot)] = self._pool.submit(self._read, slot)
+            self._next += 1
+
+    def loaded(self, slot: _Slot) -> dict[str, torch.Tensor] | None:
+        """``slot``'s files, read ahead (None for a slot not on NVMe)."""
+        future = self._reads.pop(id(slot), None)
+        if future is None:
+            return None
+        self._top_up(self._order.index(slot))
+        return future.result()
+
+    def write_behind(self, write: Callable[[_Slot, Mapping[str, torch.Tensor]], None], slot: _Slot,
+                     tensors: Mapping[str, torch.Tensor]) -> None:
+        while len(self._writes) >= self._behind:
+            self._writes.pop(0).result()
+        self._writes.append(self._pool.submit(write, slot, tensors))
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            for future in self._writes:
+                future.result()  # every write lands (or raises) before the step returns
+        finally:
+            for future in self._reads.values():
+                future.cancel()
+            self._pool.shutdown(wait=True)
 
 
 def _remove_tree(path: str) -> None:
@@ -370,8 +422,10 @@ class TieredOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ the update
 
-    def _fetch(self, slot: _Slot, group: Mapping[str, Any]) -> tuple[dict[str, Any], torch.Tensor | None]:
-        """The state dict and master the update runs on, where the update runs."""
+    def _fetch(self, slot: _Slot, group: Mapping[str, Any], loaded: dict[str, torch.Tensor] | None = None,
+               ) -> tuple[dict[str, Any], torch.Tensor | None]:
+        """The state dict and master the update runs on, where the update runs (``loaded``: an
+        NVMe slot's files, already read ahead)."""
         tier, update = slot.placement.states, slot.placement.update
         if tier == DEVICE or (tier == HOST and update == HOST):
             return slot.state, slot.master
@@ -387,15 +441,21 @@ class TieredOptimizer(torch.optim.Optimizer):
                 master = slot.master.to(device, copy=True)
             return work, master
         work.update(slot.state)  # NVME: only non-tensor values are in memory
-        for key, record in slot.files.items():
+        for key, value in (loaded if loaded is not None else self._read_files(slot)).items():
             if key == "master":
-                master = record.read().to(device)
+                master = value.to(device)
             else:
-                work[key] = record.read().to(self._home(key, group, device))
+                work[key] = value.to(self._home(key, group, device))
         return work, master
 
-    def _store(self, slot: _Slot, work: dict[str, Any], master: torch.Tensor | None) -> None:
-        """Puts the updated state back on its tier (the inverse of ``_fetch``)."""
+    @staticmethod
+    def _read_files(slot: _Slot) -> dict[str, torch.Tensor]:
+        return {key: record.read() for key, record in slot.files.items()}
+
+    def _store(self, slot: _Slot, work: dict[str, Any], master: torch.Tensor | None,
+               io: _StepIO | None = None) -> None:
+        """Puts the updated state back on its tier (the inverse of ``_fetch``); an NVMe slot's
+        files are written behind by ``io`` when given."""
         tier, update = slot.placement.states, slot.placement.update
         if tier == DEVICE or (tier == HOST and update == HOST):
             return  # the update ran on the tier's own tensors
@@ -404,7 +464,10 @@ class TieredOptimizer(torch.optim.Optimizer):
             if master is not None:
                 tensors["master"] = master
             # Written first, dropped after: an interrupted write keeps the old files.
-            self._write_files(slot, tensors)
+            if io is not None:
+                io.write_behind(self._write_files, slot, tensors)
+            else:
+                self._write_files(slot, tensors)
             slot.state.clear()
             slot.state.update({k: v for k, v in work.items() if not isinstance(v, torch.Tensor)})
             return
@@ -474,9 +537,9 @@ class TieredOptimizer(torch.optim.Optimizer):
                 if slot.master is not None:
                     slot.master.grad = None
 
-    def _step_one(self, group: Mapping[str, Any], slot: _Slot) -> None:
+    def _step_one(self, group: Mapping[str, Any], slot: _Slot, io: _StepIO | None = None) -> None:
         """Fetches one parameter's states, updates it where planned, and stores them back."""
-        work, master = self._fetch(slot, group)
+        work, master = self._fetch(slot, group, io.loaded(slot) if io is not None else None)
         try:
             target = slot.param
             if master is not None:
@@ -485,7 +548,7 @@ class TieredOptimizer(torch.optim.Optimizer):
             self._run_update(group, [target], [work], host=slot.placement.update == HOST)
             if master is not None:
                 self._write_back(slot.param, master)
-            self._store(slot, work, master)
+            self._store(slot, work, master, io)
         finally:
             if master is not None:
                 master.grad = None
@@ -508,8 +571,14 @@ class TieredOptimizer(torch.optim.Optimizer):
                 (resident if slot.placement.states == DEVICE else placed).append(slot)
             if resident:
                 self._step_resident(group, resident)
-            for slot in placed:
-                self._step_one(group, slot)
+            swapped = [slot for slot in placed if slot.placement.states == NVME]
+            if not swapped:
+                for slot in placed:
+                    self._step_one(group, slot)
+                continue
+            with _StepIO(swapped, self._read_files) as io:
+                for slot in placed:
+                    self._step_one(group, slot, io)
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:

@@ -33,7 +33,7 @@ from tierplan.placement.update import (
     ActivationTimeline, activation_timeline, param_states, schedule_update,
 )
 from tierplan.plans.plan import DEVICE, HOST, NVME, InfeasibleBudget, Plan, PlanError, Pricing
-from tierplan.plans.update import ParamState, UpdatePlan, UpdateRates
+from tierplan.plans.update import STAGING_SLOTS, ParamState, UpdatePlan, UpdateRates
 from tierplan.units import format_bytes
 
 # The states' placement is a small model; it gets this share of the caller's time limit.
@@ -52,7 +52,7 @@ def allowed_tiers(ps: ParamState, timeline: ActivationTimeline, capacities: Mapp
 
 def plan_update(plan: Plan, rates: UpdateRates, *, optimizer: str, precision: str,
                 time_limit_s: float = DEFAULT_STATES_TIME_S, fixed: str | None = None,
-                method: str = "") -> UpdatePlan:
+                method: str = "", overlap_backward: bool = False, staging_slots: int = STAGING_SLOTS) -> UpdatePlan:
     """The optimizer step of ``plan``: placements chosen by the CP-SAT model (or every
     parameter's states on the ``fixed`` tier, as a baseline policy does), scheduled by
     ``schedule_update``. Raises PlanError naming the tiers when the states fit nowhere."""
@@ -68,11 +68,12 @@ def plan_update(plan: Plan, rates: UpdateRates, *, optimizer: str, precision: st
         states_tier = {ps.param: fixed for ps in params}
     else:
         allowed = {ps.param: allowed_tiers(ps, timeline, capacities) for ps in params}
-        states_tier = choose_states(params, allowed, timeline, channels=plan.channels,
-                                    capacities=capacities, rates=rates, time_limit_s=time_limit_s)
+        states_tier = choose_states(params, allowed, timeline, channels=plan.channels, capacities=capacities,
+                                    rates=rates, time_limit_s=time_limit_s, overlap_backward=overlap_backward,
+                                    staging_slots=staging_slots)
         method = method or "CP-SAT placement of masters and states, list-scheduled after the schedule"
-    scheduled = schedule_update(params, states_tier, timeline, channels=plan.channels,
-                                capacities=capacities, rates=rates)
+    scheduled = schedule_update(params, states_tier, timeline, channels=plan.channels, capacities=capacities,
+                                rates=rates, overlap_backward=overlap_backward, staging_slots=staging_slots)
     if scheduled.overflow:
         raise PlanError(
             f"the {optimizer} states ({precision}) do not fit: {scheduled.overflow}; add a slower "
@@ -82,7 +83,8 @@ def plan_update(plan: Plan, rates: UpdateRates, *, optimizer: str, precision: st
         update_on={p: (DEVICE if t == DEVICE else HOST) for p, t in states_tier.items()},
         tasks=scheduled.tasks, rates=rates, peak_bytes=scheduled.peak_bytes,
         step_time_s=scheduled.step_time_s, update_exposed_s=scheduled.step_time_s - timeline.end_s,
-        method=method, solve_s=time.perf_counter() - started,
+        method=method, solve_s=time.perf_counter() - started, overlap_backward=overlap_backward,
+        staging_slots=staging_slots,
     )
 
 
@@ -126,35 +128,53 @@ def step_baselines(plan: Plan, *, live: Liveness | None = None) -> StepBaselines
     problem = analyze(plan.graph, pricing, live=live, offer_streams=True)
     ckpt = checkpoint_blocks_fates(problem)
     ckpt_fates, ckpt_segments = ckpt if ckpt is not None else ({}, {})
-    policies: dict[str, tuple[Mapping, Mapping[int, Segment] | None, str | None]] = {
-        "keep-all": ({}, None, DEVICE),
-        "checkpoint-blocks": (ckpt_fates, ckpt_segments, DEVICE),
-        "swap-all": (swap_all_fates(problem), None, DEVICE),
-        "zero-offload": ({**ckpt_fates, **_offloads(problem, HOST)}, ckpt_segments, HOST),
-        "zero-infinity": ({**ckpt_fates, **_offloads(problem, HOST),
-                           **_streams(problem, NVME, ckpt_segments.values())}, ckpt_segments, NVME),
+    swap_fates = swap_all_fates(problem)
+    to_host = _offloads(problem, HOST)
+    # Each policy: the states' tier and its schedules (fates, recompute segments), the fastest
+    # that fits kept. ZeRO-Infinity checkpoints blocks and offloads the checkpoints to the host;
+    # the candidate space cannot stream a parameter that a recompute reads, so its swap-all
+    # variant (every saved activation to the host, every parameter streamed) stands beside it.
+    policies: dict[str, tuple[str, list[tuple[Mapping, Mapping[int, Segment] | None]]]] = {
+        "keep-all": (DEVICE, [({}, None)]),
+        "checkpoint-blocks": (DEVICE, [(ckpt_fates, ckpt_segments)]),
+        "swap-all": (DEVICE, [(swap_fates, None)]),
+        "zero-offload": (HOST, [({**ckpt_fates, **to_host}, ckpt_segments)]),
+        "zero-infinity": (NVME, [
+            ({**ckpt_fates, **to_host, **_streams(problem, NVME, ckpt_segments.values())}, ckpt_segments),
+            ({**swap_fates, **to_host, **_streams(problem, NVME, ())}, None),
+        ]),
     }
+    # ZeRO-Infinity's optimizer swapper reads, updates and writes one parameter group after
+    # another (DeepSpeed's pipeline_read and pipeline_write default to false): one staging slot.
+    slots = {"zero-infinity": 1}
     plans: dict[str, Plan | None] = {}
     reasons: dict[str, str] = {}
-    for name, (fates, segments, states) in policies.items():
+    for name, (states, schedules) in policies.items():
         missing = [t for t in (HOST, NVME) if t in _tiers_used(name) and t not in pricing.capacities]
         if missing:
             plans[name], reasons[name] = None, f"needs the {', '.join(missing)} tier"
             continue
-        built = build_plan(problem, fates, segments=segments or None, method=name)
-        if not built.fits:
-            plans[name] = None
-            reasons[name] = (f"its schedule needs {format_bytes(built.plan.peak_bytes.get(DEVICE, 0))} of device "
-                             f"memory, over the {format_bytes(pricing.budget)} budget")
-            continue
-        candidate = built.plan
-        try:
-            candidate.update = plan_update(candidate, update.rates, optimizer=update.optimizer,
-                                           precision=update.precision, fixed=states, method=name)
-        except PlanError as exc:
-            plans[name], reasons[name] = None, str(exc).split("; add ")[0]
-            continue
-        plans[name] = candidate
+        plans[name], best_peak, why = None, None, ""
+        for fates, segments in schedules:
+            built = build_plan(problem, fates, segments=segments or None, method=name)
+            peak = built.plan.peak_bytes.get(DEVICE, 0)
+            if not built.fits:
+                best_peak = peak if best_peak is None else min(best_peak, peak)
+                continue
+            candidate = built.plan
+            try:
+                candidate.update = plan_update(candidate, update.rates, optimizer=update.optimizer,
+                                               precision=update.precision, fixed=states, method=name,
+                                               staging_slots=slots.get(name, STAGING_SLOTS))
+            except PlanError as exc:
+                why = str(exc).split("; add ")[0]
+                continue
+            best = plans[name]
+            if best is None or candidate.step_time_s < best.step_time_s:
+                plans[name] = candidate
+        if plans[name] is None:
+            reasons[name] = why or (f"its schedule needs {format_bytes(best_peak or 0)} of device memory, "
+                                    f"over the {format_bytes(pricing.budget)} budget")
     return StepBaselines(plans=plans, reasons=reasons)
 
 

@@ -38,6 +38,8 @@ def choose_states(
     capacities: Mapping[str, int],
     rates: UpdateRates,
     time_limit_s: float = 10.0,
+    overlap_backward: bool = False,
+    staging_slots: int = STAGING_SLOTS,
 ) -> dict[str, str]:
     """The tier of every parameter's master and states that minimises the model's step time."""
     if not params:
@@ -57,7 +59,7 @@ def choose_states(
 
     # Rooms.
     staging = sorted((4 * ps.numel + ps.resident_bytes(NVME) for ps in params), reverse=True)
-    reserve = {HOST: sum(staging[:STAGING_SLOTS])}
+    reserve = {HOST: sum(staging[:staging_slots])}
     for tier in (DEVICE, HOST, NVME):
         placed = [(x[ps.param, tier], ps.resident_bytes(tier)) for ps in params if (ps.param, tier) in x]
         if not placed:
@@ -67,7 +69,8 @@ def choose_states(
 
     # Loads per resource, from the first moment a gradient is available.
     grad_at = {ps.param: timeline.end_tier.get(cast(str, ps.grad), DEVICE) for ps in params}
-    avail = {ps.param: _available(ps, timeline) for ps in params}
+    floor = 0.0 if overlap_backward else timeline.end_s
+    avail = {ps.param: max(floor, _available(ps, timeline)) for ps in params}
     first = min(avail.values())
     end = ns(timeline.end_s)
     horizon = ns(timeline.end_s + sum(_chain_s(ps, tier, grad_at[ps.param], timeline, down, up, rates)
@@ -120,8 +123,8 @@ def _available(ps: ParamState, timeline: ActivationTimeline) -> float:
 def _chain_s(ps: ParamState, tier: str, grad_at: str, timeline: ActivationTimeline,
              down: Channel | None, up: Channel | None, rates: UpdateRates) -> float:
     """One parameter's own chain on ``tier``, from its gradient's availability, alone on the machine."""
-    if tier == DEVICE:
-        return max(0.0, timeline.end_s - _available(ps, timeline)) + update_seconds(ps, DEVICE, rates)
+    if tier == DEVICE:  # after the schedule, on the compute stream (its load bound covers the wait)
+        return update_seconds(ps, DEVICE, rates)
     grad_s = 0.0
     if grad_at == DEVICE and down is not None:
         grad_s = down.seconds(ps.grad_bytes)

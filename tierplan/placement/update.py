@@ -29,7 +29,7 @@ from tierplan.ir import Graph, OpInfo, TensorKind
 from tierplan.passes.optimizer import optimizer_spec
 from tierplan.plans.plan import COMPUTE_QUEUE, DEVICE, HOST, NVME, Channel, Plan, PlanError, Step
 from tierplan.plans.update import (
-    GRAD_OUT, GRAD_READ, HOST_CPU, NVME_READ, STAGING_SLOTS, NVME_WRITE, READ_STATES, UPDATE, WEIGHT_IN, WEIGHT_OUT,
+    GRAD_OUT, GRAD_READ, NVME_READ, NVME_WRITE, STAGING_SLOTS, READ_STATES, UPDATE, WEIGHT_IN, WEIGHT_OUT,
     WRITE_STATES, ParamState, UpdateRates, UpdateTask, check_choice,
 )
 from tierplan.plans.walk import ScheduleWalker
@@ -206,16 +206,21 @@ def schedule_update(
     channels: Sequence[Channel],
     capacities: Mapping[str, int],
     rates: UpdateRates,
+    overlap_backward: bool = False,
+    staging_slots: int = STAGING_SLOTS,
 ) -> Scheduled:
-    """Every parameter's chain of tasks at its earliest time (see the module docstring)."""
+    """Every parameter's chain of tasks at its earliest time (see the module docstring); with
+    ``overlap_backward`` False no task starts before the schedule ends."""
     by_route = {(c.src, c.dst): c for c in channels}
     down, up = by_route.get((DEVICE, HOST)), by_route.get((HOST, DEVICE))
     resources: dict[str, _Resource] = {q: _Resource(iv) for q, iv in timeline.busy.items()}
     resources[COMPUTE_QUEUE] = _Resource([(0.0, timeline.end_s)])
 
+    floor = 0.0 if overlap_backward else timeline.end_s
+
     def run(ps: ParamState, kind: str, resource: str, ready: float, seconds: float, *,
             nbytes: int = 0, flops: int = 0) -> float:
-        start = resources.setdefault(resource, _Resource()).place(ready, seconds)
+        start = resources.setdefault(resource, _Resource()).place(max(ready, floor), seconds)
         tasks.append(UpdateTask(ps.param, kind, resource, start, start + seconds, nbytes, flops))
         return start + seconds
 
@@ -225,7 +230,7 @@ def schedule_update(
         return run(ps, kind, channel.queue, ready, channel.seconds(nbytes), nbytes=nbytes)
 
     tasks: list[UpdateTask] = []
-    slot_free: list[float] = [0.0] * STAGING_SLOTS
+    slot_free: list[float] = [0.0] * staging_slots
     order = sorted(params, key=lambda ps: _grad_available(ps, timeline))
     for ps in order:
         tier = states_tier[ps.param]
@@ -237,7 +242,7 @@ def schedule_update(
                 nbytes=ps.update_bytes(DEVICE), flops=ps.flops)
             continue
         first = len(tasks)
-        slot = min(range(STAGING_SLOTS), key=slot_free.__getitem__)
+        slot = min(range(staging_slots), key=slot_free.__getitem__)
         ready = slot_free[slot]
         if grad_at == DEVICE:
             grad_ready = copy(ps, GRAD_OUT, down, max(ready, timeline.produced_s[cast(str, ps.grad)]),

@@ -22,7 +22,7 @@ from typing import Sequence
 from tierplan.ir import TensorKind
 from tierplan.plans.plan import COMPUTE_QUEUE, DEVICE, HOST, NVME, Plan, PlanError
 from tierplan.plans.update import (
-    GRAD_OUT, GRAD_READ, NVME_READ, NVME_WRITE, READ_STATES, STAGING_SLOTS, UPDATE,
+    GRAD_OUT, GRAD_READ, NVME_READ, NVME_WRITE, READ_STATES, UPDATE,
     WEIGHT_IN, WEIGHT_OUT, WRITE_STATES, ParamState, UpdatePlan, UpdateTask,
 )
 from tierplan.plans.validate import Replay
@@ -138,6 +138,8 @@ def _check_chain(plan: Plan, update: UpdatePlan, replay: Replay, ps: ParamState,
         if abs((t.end_s - t.start_s) - seconds) > tol:
             raise PlanError(f"parameter {name}: {kind} takes {t.end_s - t.start_s:.9g} s, "
                             f"its bytes and the rates give {seconds:.9g} s")
+        if not update.overlap_backward:
+            ready = max(ready, replay.time_s)  # the runtime steps the optimizer after the backward
         if t.start_s < ready - tol:
             raise PlanError(f"parameter {name}: {kind} starts at {t.start_s:.9g} s, before its inputs "
                             f"are ready at {ready:.9g} s")
@@ -216,8 +218,8 @@ def _check_totals(plan: Plan, update: UpdatePlan, replay: Replay, by_param: dict
         used += delta
         slots += slot
         most = max(most, used)
-        if slots > STAGING_SLOTS:
-            raise PlanError(f"more than {STAGING_SLOTS} parameters hold host staging buffers at once")
+        if slots > update.staging_slots:
+            raise PlanError(f"more than {update.staging_slots} parameters hold host staging buffers at once")
     if update.tasks:
         peaks[HOST] = peaks.get(HOST, 0) + most
     for tier, peak in peaks.items():

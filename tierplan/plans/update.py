@@ -138,6 +138,12 @@ class UpdatePlan:
     update_exposed_s: float = 0.0  # step_time_s minus the schedule's own time
     method: str = ""
     solve_s: float = 0.0
+    # How the runtime runs it: updates only after the schedule ends (tierplan's TieredOptimizer,
+    # stepped after loss.backward(), as ZeRO-Offload's and ZeRO-Infinity's are), or overlapped
+    # with the backward as gradients arrive; and how many parameters may hold host staging at
+    # once (1: read, update and write one parameter after another).
+    overlap_backward: bool = False
+    staging_slots: int = STAGING_SLOTS
 
     def param(self, name: str) -> ParamState:
         for ps in self.params:
@@ -169,6 +175,7 @@ class UpdatePlan:
             "rates": asdict(self.rates), "peak_bytes": self.peak_bytes,
             "step_time_s": self.step_time_s, "update_exposed_s": self.update_exposed_s,
             "method": self.method, "solve_s": self.solve_s,
+            "overlap_backward": self.overlap_backward, "staging_slots": self.staging_slots,
         }
 
     @classmethod
@@ -182,6 +189,7 @@ class UpdatePlan:
             peak_bytes={k: int(v) for k, v in data["peak_bytes"].items()},
             step_time_s=float(data["step_time_s"]), update_exposed_s=float(data["update_exposed_s"]),
             method=data["method"], solve_s=float(data["solve_s"]),
+            overlap_backward=bool(data["overlap_backward"]), staging_slots=int(data["staging_slots"]),
         )
 
 
