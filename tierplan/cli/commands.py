@@ -479,7 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default=None, choices=["fp32", "bf16", "bf16-mixed", "fp16-mixed"],
                    help="default: the model's (bf16 weights: bf16-mixed, fp32 master weights and states)")
     p.add_argument("--host-memory", default=None, metavar="SIZE",
-                   help="host DRAM the plan may use instead of the hardware's, e.g. 128GiB")
+                   help="host DRAM the plan may use, at most the hardware's (a bigger host: a hardware TOML)")
     p.add_argument("--time-limit", type=float, default=None,
                    help=f"solver time limit in seconds (default {DEFAULT_TIME_LIMIT_S:g})")
     _add_outputs(p)

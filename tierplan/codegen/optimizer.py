@@ -335,6 +335,8 @@ class TieredOptimizer(torch.optim.Optimizer):
         if self._closed:
             raise RuntimeError("TieredOptimizer is closed: its NVMe states were removed")
         if self._swap_dir is None:
+            if self._swap_root is not None:
+                Path(self._swap_root).mkdir(parents=True, exist_ok=True)  # compile's debug_dir/swap
             path = tempfile.mkdtemp(prefix="tierplan-optim-", dir=self._swap_root)
             self._swap_dir = Path(path)
             # Holds the path, not ``self``: collecting the optimizer (or exiting) removes it.

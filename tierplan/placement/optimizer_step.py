@@ -18,6 +18,7 @@ simulator and list scheduler:
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Iterable, Mapping, cast
@@ -62,19 +63,20 @@ def plan_update(plan: Plan, rates: UpdateRates, *, optimizer: str, precision: st
     params = param_states(plan.graph, optimizer, precision)
     timeline = activation_timeline(plan)
     capacities = dict(plan.capacities)
-    if fixed is not None:
-        if fixed not in capacities:
-            raise PlanError(f"the {method or fixed} policy keeps states on {fixed}, which the plan's tiers lack")
-        states_tier = {ps.param: fixed for ps in params}
-    else:
-        allowed = {ps.param: allowed_tiers(ps, timeline, capacities) for ps in params}
+    if fixed is not None and fixed not in capacities:
+        raise PlanError(f"the {method or fixed} policy keeps states on {fixed}, which the plan's tiers lack")
+    allowed = {ps.param: [fixed] if fixed is not None else allowed_tiers(ps, timeline, capacities) for ps in params}
+    method = method or "CP-SAT placement of masters and states, list-scheduled after the schedule"
+    # Fewer parameters staged at once when the host cannot stage that many (down to one).
+    for slots in range(staging_slots, 0, -1):
         states_tier = choose_states(params, allowed, timeline, channels=plan.channels, capacities=capacities,
                                     rates=rates, time_limit_s=time_limit_s, overlap_backward=overlap_backward,
-                                    staging_slots=staging_slots)
-        method = method or "CP-SAT placement of masters and states, list-scheduled after the schedule"
-    scheduled = schedule_update(params, states_tier, timeline, channels=plan.channels, capacities=capacities,
-                                rates=rates, overlap_backward=overlap_backward, staging_slots=staging_slots)
-    if scheduled.overflow:
+                                    staging_slots=slots) if fixed is None else {ps.param: fixed for ps in params}
+        scheduled = schedule_update(params, states_tier, timeline, channels=plan.channels, capacities=capacities,
+                                    rates=rates, overlap_backward=overlap_backward, staging_slots=slots)
+        if not scheduled.overflow:
+            break
+    else:
         raise PlanError(
             f"the {optimizer} states ({precision}) do not fit: {scheduled.overflow}; add a slower "
             f"tier (tiers=host,nvme), lower the batch, or raise the tier's capacity")
@@ -84,30 +86,45 @@ def plan_update(plan: Plan, rates: UpdateRates, *, optimizer: str, precision: st
         tasks=scheduled.tasks, rates=rates, peak_bytes=scheduled.peak_bytes,
         step_time_s=scheduled.step_time_s, update_exposed_s=scheduled.step_time_s - timeline.end_s,
         method=method, solve_s=time.perf_counter() - started, overlap_backward=overlap_backward,
-        staging_slots=staging_slots,
+        staging_slots=slots,
     )
 
 
 def plan_step(graph: Graph, pricing: Pricing, rates: UpdateRates, *, optimizer: str, precision: str,
               time_limit_s: float | None = None, live: Liveness | None = None) -> Plan:
-    """The fastest whole step found: the schedule and the optimizer step (module docstring)."""
+    """The fastest whole step found: the schedule and the optimizer step (module docstring).
+
+    The schedule is planned with the host's room for the update's staging buffers held back (the
+    largest STAGING_SLOTS parameters' gradients and states), so that the update can run beside
+    whatever the schedule leaves on the host; without that room, with none held back."""
     states_limit = DEFAULT_STATES_TIME_S if time_limit_s is None else max(1.0, STATES_TIME_SHARE * time_limit_s)
-    plan = solve(graph, pricing, time_limit_s=time_limit_s, live=live)
-    plan.update = plan_update(plan, rates, optimizer=optimizer, precision=precision, time_limit_s=states_limit)
+    params = param_states(graph, optimizer, precision)
+    staging = sum(sorted((4 * ps.numel + ps.resident_bytes(NVME) for ps in params), reverse=True)[:STAGING_SLOTS])
+
+    def attempt(device_reserve: int, host_reserve: int) -> Plan:
+        held = dict(pricing.capacities)
+        held[DEVICE] -= device_reserve
+        if HOST in held:
+            held[HOST] = max(0, held[HOST] - host_reserve)
+        plan = solve(graph, dataclasses.replace(pricing, capacities=held), time_limit_s=time_limit_s, live=live)
+        plan.capacities = {**plan.capacities, **pricing.capacities}  # the update takes what was held back
+        plan.update = plan_update(plan, rates, optimizer=optimizer, precision=precision, time_limit_s=states_limit)
+        return plan
+
+    try:
+        plan = attempt(0, staging)
+    except (InfeasibleBudget, PlanError):
+        plan = attempt(0, 0)  # raises what keeps the step from fitting at all
+    assert plan.update is not None
     on_device = sum(ps.resident_bytes(DEVICE) for ps in plan.update.params)
     if plan.update.bytes_on(DEVICE) == on_device or on_device >= pricing.budget:
         return plan
+    # Every parameter's states could live on the device: plan the schedule in what they leave.
     try:
-        reserved = solve(graph, pricing.with_budget(pricing.budget - on_device), time_limit_s=time_limit_s,
-                         live=live)
-    except InfeasibleBudget:
+        reserved = attempt(on_device, staging)
+    except PlanError:  # InfeasibleBudget included
         return plan
-    reserved.capacities = {**reserved.capacities, DEVICE: pricing.budget}  # the states take the rest
-    try:
-        reserved.update = plan_update(reserved, rates, optimizer=optimizer, precision=precision,
-                                      time_limit_s=states_limit)
-    except PlanError:
-        return plan
+    assert reserved.update is not None
     return reserved if reserved.update.step_time_s < plan.update.step_time_s else plan
 
 
@@ -173,8 +190,9 @@ def step_baselines(plan: Plan, *, live: Liveness | None = None) -> StepBaselines
             if best is None or candidate.step_time_s < best.step_time_s:
                 plans[name] = candidate
         if plans[name] is None:
+            over = (best_peak or 0) - pricing.budget
             reasons[name] = why or (f"its schedule needs {format_bytes(best_peak or 0)} of device memory, "
-                                    f"over the {format_bytes(pricing.budget)} budget")
+                                    f"{format_bytes(over)} over the {format_bytes(pricing.budget)} budget")
     return StepBaselines(plans=plans, reasons=reasons)
 
 

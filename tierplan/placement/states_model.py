@@ -110,6 +110,8 @@ def choose_states(
     solver.parameters.num_workers = max(1, min(8, os.cpu_count() or 1))
     status = solver.solve(model)
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+        if staging_slots > 1:  # the caller retries with fewer parameters staged at once
+            return {ps.param: next(iter(allowed[ps.param])) for ps in params}
         raise PlanError(_no_room(params, allowed, timeline, capacities, reserve, solver.status_name(status)))
     return {ps.param: next(t for t in allowed[ps.param] if solver.value(x[ps.param, t]))
             for ps in params}

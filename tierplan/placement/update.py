@@ -39,12 +39,16 @@ _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 
 
 def param_states(graph: Graph, optimizer: str, precision: str, *, momentum: float = 0.9,
-                 weight_decay: float = 0.01) -> list[ParamState]:
+                 weight_decay: float | None = None) -> list[ParamState]:
     """The model state of every parameter of ``graph`` that has a gradient, in graph order.
 
+    ``weight_decay`` defaults to torch's for the optimizer (AdamW 0.01, Adam and SGD 0); "sgd"
+    means SGD with momentum (0.9 unless given), which keeps one state per parameter.
     Mixed precision keeps an fp32 master and fp32 states; "fp32" keeps fp32 states; "bf16" keeps
     the states in the parameters' dtype (torch.optim's states take the parameter's dtype)."""
     check_choice(optimizer, precision)
+    if weight_decay is None:
+        weight_decay = 0.01 if optimizer == "adamw" else 0.0
     spec = optimizer_spec(optimizer, momentum=momentum, weight_decay=weight_decay)
     grad_for = {param: grad for grad, param in graph.meta.get("grad_of", {}).items()}
     mixed = precision.endswith("-mixed")
