@@ -24,7 +24,8 @@ from tierplan.cost_models.hardware import (
 
 MACHINES = [
     "a100-40gb-pcie", "a100-80gb-sxm", "a10g", "b200", "cpu", "gb200", "gh200", "h100-pcie",
-    "h100-sxm", "h100-sxm-cxl", "h200", "l4", "l40s", "mi250x", "mi300x", "rtx4090", "t4", "v100",
+    "h100-sxm", "h100-sxm-cxl", "h200", "l4", "l40s", "mi250x", "mi300x", "rtx4090", "rtx4090-host128", "t4",
+    "v100",
 ]  # fmt: skip
 GiB = 2**30
 

@@ -191,6 +191,7 @@ class RuntimeCosts:
     thread_copy_s: float = 0.0  # per copy handed to a worker thread: hand-off, wake-up, wait
     stream_copy_s: float = 0.0  # per copy on a CUDA copy stream: issue, event record and wait
     file_copy_s: float = 0.0  # per swap-file write or read on a worker thread: hand-off, open, close
+    param_update_s: float = 0.0  # per parameter the placed optimizer updates: its step call and bookkeeping
 
 
 @dataclass(frozen=True)
@@ -909,7 +910,7 @@ def describe_hardware(hw: Hardware) -> str:
         f"  runtime  per op {format_seconds(r.op_issue_s)}, per step {format_seconds(r.step_s)} + "
         f"{format_seconds(r.input_s)} per input; per copy: inline {format_seconds(r.inline_copy_s)}, "
         f"thread {format_seconds(r.thread_copy_s)}, stream {format_seconds(r.stream_copy_s)}, "
-        f"file {format_seconds(r.file_copy_s)}"
+        f"file {format_seconds(r.file_copy_s)}; per parameter update {format_seconds(r.param_update_s)}"
     )
     c = hw.cluster
     lines.append(

@@ -31,7 +31,7 @@ from tierplan.placement.candidates import Option, Problem, Segment, analyze
 from tierplan.placement.solve import solve
 from tierplan.placement.states_model import choose_states
 from tierplan.placement.update import (
-    ActivationTimeline, activation_timeline, param_states, schedule_update,
+    ActivationTimeline, Scheduled, activation_timeline, param_states, schedule_update,
 )
 from tierplan.plans.plan import DEVICE, HOST, NVME, InfeasibleBudget, Plan, PlanError, Pricing
 from tierplan.plans.update import STAGING_SLOTS, ParamState, UpdatePlan, UpdateRates
@@ -68,12 +68,26 @@ def plan_update(plan: Plan, rates: UpdateRates, *, optimizer: str, precision: st
     allowed = {ps.param: [fixed] if fixed is not None else allowed_tiers(ps, timeline, capacities) for ps in params}
     method = method or "CP-SAT placement of masters and states, list-scheduled after the schedule"
     # Fewer parameters staged at once when the host cannot stage that many (down to one).
+    def measure(states_tier: dict[str, str], slots: int) -> Scheduled:
+        return schedule_update(params, states_tier, timeline, channels=plan.channels, capacities=capacities,
+                               rates=rates, overlap_backward=overlap_backward, staging_slots=slots)
+
     for slots in range(staging_slots, 0, -1):
-        states_tier = choose_states(params, allowed, timeline, channels=plan.channels, capacities=capacities,
-                                    rates=rates, time_limit_s=time_limit_s, overlap_backward=overlap_backward,
-                                    staging_slots=slots) if fixed is None else {ps.param: fixed for ps in params}
-        scheduled = schedule_update(params, states_tier, timeline, channels=plan.channels, capacities=capacities,
-                                    rates=rates, overlap_backward=overlap_backward, staging_slots=slots)
+        if fixed is not None:
+            states_tier = {ps.param: fixed for ps in params}
+            scheduled = measure(states_tier, slots)
+        else:
+            states_tier = choose_states(params, allowed, timeline, channels=plan.channels, capacities=capacities,
+                                        rates=rates, time_limit_s=time_limit_s, overlap_backward=overlap_backward,
+                                        staging_slots=slots)
+            scheduled = measure(states_tier, slots)
+            # The model is a relaxation: keep a uniform placement the scheduler measures faster.
+            for tier in (DEVICE, HOST, NVME):
+                if all(tier in allowed[ps.param] for ps in params):
+                    uniform = {ps.param: tier for ps in params}
+                    other = measure(uniform, slots)
+                    if not other.overflow and (scheduled.overflow or other.step_time_s < scheduled.step_time_s):
+                        states_tier, scheduled = uniform, other
         if not scheduled.overflow:
             break
     else:

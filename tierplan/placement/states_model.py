@@ -81,14 +81,19 @@ def choose_states(
     device_updates = sum(ns(update_seconds(ps, DEVICE, rates)) * x[ps.param, DEVICE]
                          for ps in params if (ps.param, DEVICE) in x)
     host_updates = sum(ns(update_seconds(ps, HOST, rates)) * off(ps) for ps in params)
+    # Copies on the compute stream itself (a CPU device's) run between the updates there.
+    inline = sum(ns((down.seconds(ps.grad_bytes) if down is not None and down.inline and grad_at[ps.param] == DEVICE
+                     else 0.0)
+                    + (up.seconds(ps.weight_bytes) if up is not None and up.inline
+                       and timeline.home.get(ps.param, DEVICE) == DEVICE else 0.0)) * off(ps) for ps in params)
     if rates.shared_cpu:  # one set of cores runs the schedule, then every update
-        model.add(step >= end + device_updates + host_updates)
+        model.add(step >= end + device_updates + host_updates + inline)
     else:
         model.add(step >= end + device_updates)
         model.add(step >= ns(first) + host_updates)
     for resource in (NVME_READ, NVME_WRITE) if NVME in capacities else ():
         model.add(step >= ns(first + _busy_after(timeline, resource, first)) + sum(
-            ns(nvme_seconds(ps.resident_bytes(NVME), resource, rates)) * x[ps.param, NVME]
+            ns(nvme_seconds(ps.resident_bytes(NVME), resource, rates, ps.state_files)) * x[ps.param, NVME]
             for ps in params if (ps.param, NVME) in x))
     if down is not None and not down.inline:
         moved = [ps for ps in params if grad_at[ps.param] == DEVICE]
@@ -132,7 +137,7 @@ def _chain_s(ps: ParamState, tier: str, grad_at: str, timeline: ActivationTimeli
         grad_s = down.seconds(ps.grad_bytes)
     elif grad_at == NVME:
         grad_s = nvme_seconds(ps.grad_bytes, NVME_READ, rates)
-    tail = nvme_seconds(ps.resident_bytes(NVME), NVME_WRITE, rates) if tier == NVME else 0.0
+    tail = nvme_seconds(ps.resident_bytes(NVME), NVME_WRITE, rates, ps.state_files) if tier == NVME else 0.0
     home = timeline.home.get(ps.param, DEVICE)
     if home == DEVICE and up is not None:
         tail = max(tail, up.seconds(ps.weight_bytes))

@@ -66,6 +66,8 @@ def param_states(graph: Graph, optimizer: str, precision: str, *, momentum: floa
             param=t.storage, grad=grad.storage, numel=numel, weight_bytes=t.nbytes,
             grad_bytes=graph.tensors[grad.storage].nbytes, master_bytes=4 * numel if mixed else 0,
             state_bytes=len(spec.states) * numel * state_size, flops=spec.flops_per_element * numel,
+            # One file per state, Adam's step counter and the host master (TieredOptimizer's files).
+            state_files=len(spec.states) + (1 if optimizer in ("adam", "adamw") else 0) + 1,
         ))
     return out
 
@@ -81,6 +83,8 @@ def update_rates(hardware: Hardware) -> UpdateRates:
         nvme_read_bandwidth=nvme.read_bandwidth if nvme else 0.0,
         nvme_write_bandwidth=nvme.write_bandwidth if nvme else 0.0,
         nvme_latency_s=nvme.latency_s if nvme else 0.0,
+        file_s=hardware.runtime.file_copy_s,
+        param_update_s=hardware.runtime.param_update_s,
         shared_cpu=device.kind == "cpu",
     )
 
@@ -89,13 +93,14 @@ def update_seconds(ps: ParamState, where: str, rates: UpdateRates) -> float:
     """One update of ``ps`` on the device (memory-bound, fused) or the host CPU (the slower of
     its arithmetic and its memory traffic); docs/cost-model.md, "Optimizer step"."""
     if where == DEVICE:
-        return rates.device_launch_s + ps.update_bytes(DEVICE) / rates.device_bandwidth
-    return max(ps.flops / rates.cpu_flops, ps.update_bytes(HOST) / rates.dram_bandwidth)
+        return rates.param_update_s + rates.device_launch_s + ps.update_bytes(DEVICE) / rates.device_bandwidth
+    return rates.param_update_s + max(ps.flops / rates.cpu_flops, ps.update_bytes(HOST) / rates.dram_bandwidth)
 
 
-def nvme_seconds(nbytes: int, resource: str, rates: UpdateRates) -> float:
+def nvme_seconds(nbytes: int, resource: str, rates: UpdateRates, files: int = 1) -> float:
+    """A read or write of ``nbytes`` in ``files`` swap files on the drive."""
     bandwidth = rates.nvme_read_bandwidth if resource == NVME_READ else rates.nvme_write_bandwidth
-    return rates.nvme_latency_s + nbytes / bandwidth
+    return rates.nvme_latency_s + files * rates.file_s + nbytes / bandwidth
 
 
 # -- what the update is planned against ---------------------------------------------------------
@@ -259,15 +264,15 @@ def schedule_update(
         states_ready = 0.0
         if tier == NVME:
             nbytes = ps.resident_bytes(NVME)
-            states_ready = run(ps, READ_STATES, NVME_READ, ready, nvme_seconds(nbytes, NVME_READ, rates),
-                               nbytes=nbytes)
+            states_ready = run(ps, READ_STATES, NVME_READ, ready,
+                               nvme_seconds(nbytes, NVME_READ, rates, ps.state_files), nbytes=nbytes)
         done = run(ps, UPDATE, rates.host_update_resource, max(grad_ready, states_ready), update_seconds(ps, HOST, rates),
                    nbytes=ps.update_bytes(HOST), flops=ps.flops)
         released = done
         if tier == NVME:
             nbytes = ps.resident_bytes(NVME)
-            released = run(ps, WRITE_STATES, NVME_WRITE, done, nvme_seconds(nbytes, NVME_WRITE, rates),
-                           nbytes=nbytes)
+            released = run(ps, WRITE_STATES, NVME_WRITE, done,
+                           nvme_seconds(nbytes, NVME_WRITE, rates, ps.state_files), nbytes=nbytes)
         if home == DEVICE:
             copy(ps, WEIGHT_IN, up, max(done, weight_free), ps.weight_bytes)
         elif home == NVME:

@@ -74,6 +74,9 @@ def _check_params(plan: Plan, update: UpdatePlan) -> None:
             if getattr(ps, name) != value:
                 raise PlanError(f"parameter {ps.param}: the update records {name}={getattr(ps, name)}, "
                                 f"the graph and precision give {value}")
+        files = ps.state_bytes // max(1, numel * size) + (1 if update.optimizer != "sgd" else 0) + 1
+        if ps.state_files != files:
+            raise PlanError(f"parameter {ps.param}: {ps.state_files} swap files recorded, its states take {files}")
         if ps.state_bytes not in [k * numel * size for k in _STATE_COUNT[update.optimizer]]:
             raise PlanError(f"parameter {ps.param}: {ps.state_bytes} bytes of {update.optimizer} states "
                             f"is not a whole number of {update.precision} states of {numel} elements")
@@ -144,11 +147,13 @@ def _check_chain(plan: Plan, update: UpdatePlan, replay: Replay, ps: ParamState,
             raise PlanError(f"parameter {name}: {kind} starts at {t.start_s:.9g} s, before its inputs "
                             f"are ready at {ready:.9g} s")
 
-    def nvme(nbytes: int, read: bool) -> float:
-        return rates.nvme_latency_s + nbytes / (rates.nvme_read_bandwidth if read else rates.nvme_write_bandwidth)
+    def nvme(nbytes: int, read: bool, files: int = 1) -> float:
+        bandwidth = rates.nvme_read_bandwidth if read else rates.nvme_write_bandwidth
+        return rates.nvme_latency_s + files * rates.file_s + nbytes / bandwidth
 
     if tier == DEVICE:
-        need(UPDATE, COMPUTE_QUEUE, rates.device_launch_s + touched / rates.device_bandwidth, replay.time_s, touched)
+        need(UPDATE, COMPUTE_QUEUE, rates.param_update_s + rates.device_launch_s + touched / rates.device_bandwidth,
+             replay.time_s, touched)
         return
     grad_ready = replay.landed_s.get(grad, replay.time_s)
     if GRAD_OUT in task:
@@ -161,15 +166,16 @@ def _check_chain(plan: Plan, update: UpdatePlan, replay: Replay, ps: ParamState,
         grad_ready = task[GRAD_READ].end_s
     states_ready = 0.0
     if READ_STATES in task:
-        need(READ_STATES, NVME_READ, nvme(resident, True), 0.0, resident)
+        need(READ_STATES, NVME_READ, nvme(resident, True, ps.state_files), 0.0, resident)
         states_ready = task[READ_STATES].end_s
-    need(UPDATE, rates.host_update_resource, max(ps.flops / rates.cpu_flops, touched / rates.dram_bandwidth),
+    need(UPDATE, rates.host_update_resource,
+         rates.param_update_s + max(ps.flops / rates.cpu_flops, touched / rates.dram_bandwidth),
          max(grad_ready, states_ready), touched)
     if task[UPDATE].flops != ps.flops:
         raise PlanError(f"parameter {name}: the update counts {task[UPDATE].flops} FLOPs, the parameter {ps.flops}")
     done = task[UPDATE].end_s
     if WRITE_STATES in task:
-        need(WRITE_STATES, NVME_WRITE, nvme(resident, False), done, resident)
+        need(WRITE_STATES, NVME_WRITE, nvme(resident, False, ps.state_files), done, resident)
     weight_free = max(done, replay.last_use_s.get(name, 0.0))
     if WEIGHT_IN in task:
         up = channels[HOST, DEVICE]

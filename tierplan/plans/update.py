@@ -64,6 +64,7 @@ class ParamState:
     master_bytes: int
     state_bytes: int
     flops: int  # one update's arithmetic
+    state_files: int = 0  # tensors written per parameter when its states live on NVMe (one file each)
 
     @property
     def host_master_bytes(self) -> int:
@@ -96,6 +97,8 @@ class UpdateRates:
     nvme_read_bandwidth: float = 0.0
     nvme_write_bandwidth: float = 0.0
     nvme_latency_s: float = 0.0
+    file_s: float = 0.0  # per swap file read or written (open, hand-off, close)
+    param_update_s: float = 0.0  # per parameter updated: the optimizer's step call and bookkeeping
     # A CPU-only machine: the "device" is the host's cores, so a host update runs on the compute
     # stream (after the schedule), not beside it.
     shared_cpu: bool = False
