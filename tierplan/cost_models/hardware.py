@@ -192,6 +192,7 @@ class RuntimeCosts:
     stream_copy_s: float = 0.0  # per copy on a CUDA copy stream: issue, event record and wait
     file_copy_s: float = 0.0  # per swap-file write or read on a worker thread: hand-off, open, close
     param_update_s: float = 0.0  # per parameter the placed optimizer updates: its step call and bookkeeping
+    state_file_s: float = 0.0  # per optimizer-state swap file read or written (open, rename, bookkeeping)
 
 
 @dataclass(frozen=True)
@@ -910,7 +911,8 @@ def describe_hardware(hw: Hardware) -> str:
         f"  runtime  per op {format_seconds(r.op_issue_s)}, per step {format_seconds(r.step_s)} + "
         f"{format_seconds(r.input_s)} per input; per copy: inline {format_seconds(r.inline_copy_s)}, "
         f"thread {format_seconds(r.thread_copy_s)}, stream {format_seconds(r.stream_copy_s)}, "
-        f"file {format_seconds(r.file_copy_s)}; per parameter update {format_seconds(r.param_update_s)}"
+        f"file {format_seconds(r.file_copy_s)}; optimizer: per parameter {format_seconds(r.param_update_s)}, "
+        f"per state file {format_seconds(r.state_file_s)}"
     )
     c = hw.cluster
     lines.append(

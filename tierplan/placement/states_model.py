@@ -91,10 +91,12 @@ def choose_states(
     else:
         model.add(step >= end + device_updates)
         model.add(step >= ns(first) + host_updates)
-    for resource in (NVME_READ, NVME_WRITE) if NVME in capacities else ():
-        model.add(step >= ns(first + _busy_after(timeline, resource, first)) + sum(
-            ns(nvme_seconds(ps.resident_bytes(NVME), resource, rates, ps.state_files)) * x[ps.param, NVME]
-            for ps in params if (ps.param, NVME) in x))
+    # The drive's queues: reads and writes apart, or one queue for both on a half-duplex link.
+    directions = [(NVME_READ,), (NVME_WRITE,)] if rates.nvme_duplex else [(NVME_READ, NVME_WRITE)]
+    for queue in directions if NVME in capacities else ():
+        model.add(step >= ns(first + sum(_busy_after(timeline, d, first) for d in queue)) + sum(
+            ns(sum(nvme_seconds(ps.resident_bytes(NVME), d, rates, ps.state_files) for d in queue))
+            * x[ps.param, NVME] for ps in params if (ps.param, NVME) in x))
     if down is not None and not down.inline:
         moved = [ps for ps in params if grad_at[ps.param] == DEVICE]
         model.add(step >= ns(first + _busy_after(timeline, down.queue, first)) + sum(

@@ -83,10 +83,16 @@ def update_rates(hardware: Hardware) -> UpdateRates:
         nvme_read_bandwidth=nvme.read_bandwidth if nvme else 0.0,
         nvme_write_bandwidth=nvme.write_bandwidth if nvme else 0.0,
         nvme_latency_s=nvme.latency_s if nvme else 0.0,
-        file_s=hardware.runtime.file_copy_s,
+        file_s=hardware.runtime.state_file_s,
         param_update_s=hardware.runtime.param_update_s,
         shared_cpu=device.kind == "cpu",
+        nvme_duplex=_nvme_duplex(hardware),
     )
+
+
+def _nvme_duplex(hardware: Hardware) -> bool:
+    link = next((link for link in hardware.links.values() if NVME in (link.src, link.dst)), None)
+    return link.duplex if link is not None else True
 
 
 def update_seconds(ps: ParamState, where: str, rates: UpdateRates) -> float:
@@ -176,8 +182,14 @@ class _Resource:
     """A queue's busy intervals, sorted; a task takes the earliest gap that fits it."""
 
     def __init__(self, intervals: Sequence[tuple[float, float]] = ()) -> None:
-        self.starts = [s for s, _ in intervals]
-        self.ends = [e for _, e in intervals]
+        merged: list[list[float]] = []  # overlapping intervals (two queues on one drive) as one
+        for start, end in sorted(intervals):
+            if merged and start <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], end)
+            else:
+                merged.append([start, end])
+        self.starts = [s for s, _ in merged]
+        self.ends = [e for _, e in merged]
 
     def place(self, ready: float, seconds: float) -> float:
         """The start of the earliest gap of ``seconds`` at or after ``ready``; the gap is taken."""
@@ -222,7 +234,11 @@ def schedule_update(
     ``overlap_backward`` False no task starts before the schedule ends."""
     by_route = {(c.src, c.dst): c for c in channels}
     down, up = by_route.get((DEVICE, HOST)), by_route.get((HOST, DEVICE))
-    resources: dict[str, _Resource] = {q: _Resource(iv) for q, iv in timeline.busy.items()}
+    busy: dict[str, list[tuple[float, float]]] = {}
+    for queue, intervals in timeline.busy.items():
+        key = rates.nvme_resource(queue) if queue in (NVME_READ, NVME_WRITE) else queue
+        busy.setdefault(key, []).extend(intervals)
+    resources: dict[str, _Resource] = {q: _Resource(iv) for q, iv in busy.items()}
     resources[COMPUTE_QUEUE] = _Resource([(0.0, timeline.end_s)])
 
     floor = 0.0 if overlap_backward else timeline.end_s
@@ -257,26 +273,26 @@ def schedule_update(
             grad_ready = copy(ps, GRAD_OUT, down, max(ready, timeline.produced_s[cast(str, ps.grad)]),
                               ps.grad_bytes)
         elif grad_at == NVME:
-            grad_ready = run(ps, GRAD_READ, NVME_READ, max(ready, timeline.landed_s[cast(str, ps.grad)]),
+            grad_ready = run(ps, GRAD_READ, rates.nvme_resource(NVME_READ), max(ready, timeline.landed_s[cast(str, ps.grad)]),
                              nvme_seconds(ps.grad_bytes, NVME_READ, rates), nbytes=ps.grad_bytes)
         else:
             grad_ready = timeline.landed_s.get(cast(str, ps.grad), timeline.end_s)
         states_ready = 0.0
         if tier == NVME:
             nbytes = ps.resident_bytes(NVME)
-            states_ready = run(ps, READ_STATES, NVME_READ, ready,
+            states_ready = run(ps, READ_STATES, rates.nvme_resource(NVME_READ), ready,
                                nvme_seconds(nbytes, NVME_READ, rates, ps.state_files), nbytes=nbytes)
         done = run(ps, UPDATE, rates.host_update_resource, max(grad_ready, states_ready), update_seconds(ps, HOST, rates),
                    nbytes=ps.update_bytes(HOST), flops=ps.flops)
         released = done
         if tier == NVME:
             nbytes = ps.resident_bytes(NVME)
-            released = run(ps, WRITE_STATES, NVME_WRITE, done,
+            released = run(ps, WRITE_STATES, rates.nvme_resource(NVME_WRITE), done,
                            nvme_seconds(nbytes, NVME_WRITE, rates, ps.state_files), nbytes=nbytes)
         if home == DEVICE:
             copy(ps, WEIGHT_IN, up, max(done, weight_free), ps.weight_bytes)
         elif home == NVME:
-            run(ps, WEIGHT_OUT, NVME_WRITE, max(done, weight_free),
+            run(ps, WEIGHT_OUT, rates.nvme_resource(NVME_WRITE), max(done, weight_free),
                 nvme_seconds(ps.weight_bytes, NVME_WRITE, rates), nbytes=ps.weight_bytes)
         if staging_bytes(ps, {t.kind for t in tasks[first:]}, tier):
             slot_free[slot] = released

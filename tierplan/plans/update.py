@@ -28,6 +28,7 @@ from tierplan.plans.plan import COMPUTE_QUEUE, DEVICE, HOST, NVME, PlanError
 HOST_CPU = "host-cpu"  # the host CPU's cores, one queue: updates run one parameter at a time
 NVME_READ = "nvme:read"  # the NVMe drive's reads (the activation schedule's nvme->device copies too)
 NVME_WRITE = "nvme:write"  # its writes (and the schedule's device->nvme copies)
+NVME_QUEUE = "nvme"  # both, on a drive whose link is not full duplex
 
 # Parameters that may hold host staging buffers (a gradient landed from the device, states read
 # from NVMe) at once: one being read, one being updated, one being written back.
@@ -97,6 +98,7 @@ class UpdateRates:
     nvme_read_bandwidth: float = 0.0
     nvme_write_bandwidth: float = 0.0
     nvme_latency_s: float = 0.0
+    nvme_duplex: bool = True  # reads and writes run at once (else one queue, NVME_QUEUE)
     file_s: float = 0.0  # per swap file read or written (open, hand-off, close)
     param_update_s: float = 0.0  # per parameter updated: the optimizer's step call and bookkeeping
     # A CPU-only machine: the "device" is the host's cores, so a host update runs on the compute
@@ -106,6 +108,10 @@ class UpdateRates:
     @property
     def host_update_resource(self) -> str:
         return COMPUTE_QUEUE if self.shared_cpu else HOST_CPU
+
+    def nvme_resource(self, direction: str) -> str:
+        """The queue of an NVMe read (NVME_READ) or write (NVME_WRITE) on this drive."""
+        return direction if self.nvme_duplex else NVME_QUEUE
 
 
 @dataclass(frozen=True)
