@@ -378,6 +378,30 @@ def test_nvme_directory_removed_at_interpreter_exit(tmp_path: Path) -> None:
     assert not Path(swap_dir).exists()
 
 
+@pytest.mark.parametrize("error", ["RuntimeError('the training script failed')", "KeyboardInterrupt"])
+def test_nvme_directory_removed_when_the_script_dies(error: str, tmp_path: Path) -> None:
+    # An uncaught error or Ctrl-C (KeyboardInterrupt) ends the interpreter: the files go with it.
+    script = textwrap.dedent(
+        f"""
+        import torch
+        from tierplan.codegen.optimizer import NVME, HOST, StatePlacement, TieredOptimizer
+        model = torch.nn.Linear(4, 4)
+        opt = TieredOptimizer(torch.optim.AdamW(model.parameters()),
+                              {{p: StatePlacement(NVME, HOST) for p in model.parameters()}},
+                              swap_root={str(tmp_path)!r})
+        model(torch.randn(2, 4)).sum().backward()
+        opt.step()
+        print(opt.swap_dir, len(list(opt.swap_dir.iterdir())), flush=True)
+        raise {error}
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0
+    swap_dir, count = out.stdout.split()
+    assert int(count) > 0
+    assert not Path(swap_dir).exists() and not list(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
 def test_step_raising_midway_keeps_files_consistent(
     error: type[BaseException], tmp_path: Path, monkeypatch: pytest.MonkeyPatch

@@ -898,6 +898,88 @@ def _read_file(path: Path, landed: torch.Tensor) -> None:
         torch.cuda.current_stream(landed.device).synchronize()
 
 
+# The optimizer probe: as many parameters as a small model has, each of a few thousand elements.
+_PROBE_PARAMS, _PROBE_PARAM_NUMEL = 16, 4096
+_PROBE_STATE_FILES = 4  # AdamW's on NVMe: exp_avg, exp_avg_sq, step and the host master
+
+
+def _optimizer_costs(budget_s: float, scratch_dir: str | Path | None) -> tuple[float, float]:
+    """(param_update_s, state_file_s) of the placed optimizer's runtime, on the host CPU.
+
+    ``TieredOptimizer`` (codegen, which this module cannot import) steps a scratch optimizer once
+    per off-device parameter: the probe steps one AdamW per parameter of a small set and keeps
+    the time per call less the arithmetic's DRAM time (32 bytes per element touched). Its NVMe
+    states are one raw file per tensor, written to a temporary name and renamed over the old one,
+    read ahead and written behind on worker threads: the probe updates its parameters the same
+    way from 16 KiB files, and the time beyond the step calls is per file written or read.
+    """
+    params = [torch.zeros(_PROBE_PARAM_NUMEL, requires_grad=True) for _ in range(_PROBE_PARAMS)]
+    for p in params:
+        p.grad = torch.full_like(p, 1e-3)
+    optimizers = [torch.optim.AdamW([p], lr=1e-3, foreach=False) for p in params]
+
+    def step_each() -> None:
+        for opt in optimizers:
+            opt.step()
+
+    per_call = _median_seconds(step_each, lambda: None, budget_s) / _PROBE_PARAMS
+    streaming = 32 * _PROBE_PARAM_NUMEL / _dram_bandwidth_estimate()
+    param_update_s = max(0.0, per_call - streaming)
+    root = Path(tempfile.mkdtemp(prefix="tierplan-calibrate-optim-", dir=scratch_dir))
+    try:
+        # Every parameter's states in files, updated as TieredOptimizer does: the next parameter's
+        # files read ahead and the last one's written behind on a 2-thread pool.
+        names = [[root / f"p{i}.s{j}.bin" for j in range(_PROBE_STATE_FILES)] for i in range(_PROBE_PARAMS)]
+        values = [torch.zeros(_PROBE_PARAM_NUMEL) for _ in range(_PROBE_STATE_FILES)]
+        for paths in names:
+            _write_state_files(paths, values)
+
+        def swap_each() -> None:
+            with ThreadPoolExecutor(max_workers=2) as pool:
+                reads = [pool.submit(_read_state_files, names[0])]
+                write = None
+                for i, opt in enumerate(optimizers):
+                    states = reads.pop().result()
+                    if i + 1 < len(names):
+                        reads.append(pool.submit(_read_state_files, names[i + 1]))
+                    opt.step()
+                    if write is not None:
+                        write.result()
+                    write = pool.submit(_write_state_files, names[i], states)
+                if write is not None:
+                    write.result()
+
+        per_swap = _median_seconds(swap_each, lambda: None, budget_s) / _PROBE_PARAMS
+        state_file_s = max(0.0, per_swap - per_call) / (2 * _PROBE_STATE_FILES)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return param_update_s, state_file_s
+
+
+def _write_state_files(paths: list[Path], tensors: list[torch.Tensor]) -> None:
+    for path, t in zip(paths, tensors):
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            f.write(memoryview(t.detach().reshape(-1).contiguous().numpy()))
+        os.replace(tmp, path)
+
+
+def _read_state_files(paths: list[Path]) -> list[torch.Tensor]:
+    out = []
+    for path in paths:
+        t = torch.empty(_PROBE_PARAM_NUMEL)
+        with open(path, "rb") as f:
+            f.readinto(memoryview(t.numpy()))
+        out.append(t)
+    return out
+
+
+def _dram_bandwidth_estimate() -> float:
+    """A DRAM bandwidth to take the probe's arithmetic off with (its tensors are cache-sized, so
+    any realistic figure makes that term small)."""
+    return 20e9
+
+
 def _runtime_costs(device: torch.device, dev: Device, sizes: _Sizes,
                    scratch_dir: str | Path | None, note: Callable[[str, str], None]) -> RuntimeCosts:  # fmt: skip
     """The RuntimeCosts of this machine: see the probes above."""
@@ -939,8 +1021,15 @@ def _runtime_costs(device: torch.device, dev: Device, sizes: _Sizes,
                       ("file", "a swap file written and read back by a worker thread")):  # fmt: skip
         if kind in copies:
             note(f"runtime.{kind}_copy_s", f"{what}, {why}")
+    param_update_s, state_file_s = _optimizer_costs(budget, scratch_dir)
+    note("runtime.param_update_s", f"one AdamW step call per parameter over {_PROBE_PARAMS} parameters of "
+                                   f"{_PROBE_PARAM_NUMEL} elements (as TieredOptimizer steps its off-device "
+                                   f"parameters), less the arithmetic's memory time, per parameter")
+    note("runtime.state_file_s", f"{_PROBE_STATE_FILES} optimizer-state files written under a temporary name, "
+                                 f"renamed, and read back, per file written or read")
     return RuntimeCosts(
         op_issue_s=issue, step_s=step_s, input_s=per_input,
         inline_copy_s=copies.get("inline", 0.0), thread_copy_s=copies.get("thread", 0.0),
         stream_copy_s=copies.get("stream", 0.0), file_copy_s=copies.get("file", 0.0),
+        param_update_s=param_update_s, state_file_s=state_file_s,
     )

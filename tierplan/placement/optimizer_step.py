@@ -31,9 +31,21 @@ from tierplan.placement.candidates import Option, Problem, Segment, analyze
 from tierplan.placement.solve import solve
 from tierplan.placement.states_model import choose_states
 from tierplan.placement.update import (
-    ActivationTimeline, Scheduled, activation_timeline, param_states, schedule_update,
+    ActivationTimeline,
+    Scheduled,
+    activation_timeline,
+    param_states,
+    schedule_update,
 )
-from tierplan.plans.plan import DEVICE, HOST, NVME, InfeasibleBudget, Plan, PlanError, Pricing
+from tierplan.plans.plan import (
+    DEVICE,
+    HOST,
+    NVME,
+    InfeasibleBudget,
+    Plan,
+    PlanError,
+    Pricing,
+)
 from tierplan.plans.update import STAGING_SLOTS, ParamState, UpdatePlan, UpdateRates
 from tierplan.units import format_bytes
 

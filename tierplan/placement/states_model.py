@@ -20,9 +20,15 @@ from typing import Mapping, Sequence, cast
 
 from ortools.sat.python import cp_model
 
-from tierplan.plans.plan import DEVICE, HOST, NVME, Channel, PlanError
-from tierplan.plans.update import NVME_READ, NVME_WRITE, STAGING_SLOTS, ParamState, UpdateRates
 from tierplan.placement.update import ActivationTimeline, nvme_seconds, update_seconds
+from tierplan.plans.plan import DEVICE, HOST, NVME, Channel, PlanError
+from tierplan.plans.update import (
+    NVME_READ,
+    NVME_WRITE,
+    STAGING_SLOTS,
+    ParamState,
+    UpdateRates,
+)
 from tierplan.units import format_bytes
 
 _NS = 1e9  # the model's time unit is the nanosecond

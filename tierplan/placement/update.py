@@ -14,9 +14,10 @@ Three steps, as pure functions:
   buffers at once, and returns the tasks, the whole step's peaks and its time.
 
 ``placement.optimizer_step.plan_update`` chooses the placements with the CP-SAT model of
-``placement.states_model`` and measures the choice by ``schedule_update``. The model is a relaxation (resource loads and each
-parameter's own chain, no queueing between parameters), so the scheduled step is what the plan
-predicts and what the validator checks; the model's optimum is only a lower bound of it.
+``placement.states_model`` and measures the choice by ``schedule_update``. The model is a
+relaxation (resource loads and each parameter's own chain, no queueing between parameters), so
+the scheduled step is what the plan predicts and what the validator checks; the model's optimum
+is only a lower bound of it.
 """
 from __future__ import annotations
 
@@ -27,10 +28,31 @@ from typing import Mapping, Sequence, cast
 from tierplan.cost_models.hardware import Hardware
 from tierplan.ir import Graph, OpInfo, TensorKind
 from tierplan.passes.optimizer import optimizer_spec
-from tierplan.plans.plan import COMPUTE_QUEUE, DEVICE, HOST, NVME, Channel, Plan, PlanError, Step
+from tierplan.plans.plan import (
+    COMPUTE_QUEUE,
+    DEVICE,
+    HOST,
+    NVME,
+    Channel,
+    Plan,
+    PlanError,
+    Step,
+)
 from tierplan.plans.update import (
-    GRAD_OUT, GRAD_READ, NVME_READ, NVME_WRITE, STAGING_SLOTS, READ_STATES, UPDATE, WEIGHT_IN, WEIGHT_OUT,
-    WRITE_STATES, ParamState, UpdateRates, UpdateTask, check_choice,
+    GRAD_OUT,
+    GRAD_READ,
+    NVME_READ,
+    NVME_WRITE,
+    READ_STATES,
+    STAGING_SLOTS,
+    UPDATE,
+    WEIGHT_IN,
+    WEIGHT_OUT,
+    WRITE_STATES,
+    ParamState,
+    UpdateRates,
+    UpdateTask,
+    check_choice,
 )
 from tierplan.plans.walk import ScheduleWalker
 from tierplan.units import format_bytes
@@ -273,7 +295,8 @@ def schedule_update(
             grad_ready = copy(ps, GRAD_OUT, down, max(ready, timeline.produced_s[cast(str, ps.grad)]),
                               ps.grad_bytes)
         elif grad_at == NVME:
-            grad_ready = run(ps, GRAD_READ, rates.nvme_resource(NVME_READ), max(ready, timeline.landed_s[cast(str, ps.grad)]),
+            grad_ready = run(ps, GRAD_READ, rates.nvme_resource(NVME_READ),
+                             max(ready, timeline.landed_s[cast(str, ps.grad)]),
                              nvme_seconds(ps.grad_bytes, NVME_READ, rates), nbytes=ps.grad_bytes)
         else:
             grad_ready = timeline.landed_s.get(cast(str, ps.grad), timeline.end_s)
@@ -282,8 +305,8 @@ def schedule_update(
             nbytes = ps.resident_bytes(NVME)
             states_ready = run(ps, READ_STATES, rates.nvme_resource(NVME_READ), ready,
                                nvme_seconds(nbytes, NVME_READ, rates, ps.state_files), nbytes=nbytes)
-        done = run(ps, UPDATE, rates.host_update_resource, max(grad_ready, states_ready), update_seconds(ps, HOST, rates),
-                   nbytes=ps.update_bytes(HOST), flops=ps.flops)
+        done = run(ps, UPDATE, rates.host_update_resource, max(grad_ready, states_ready),
+                   update_seconds(ps, HOST, rates), nbytes=ps.update_bytes(HOST), flops=ps.flops)
         released = done
         if tier == NVME:
             nbytes = ps.resident_bytes(NVME)

@@ -22,8 +22,18 @@ from typing import Sequence
 from tierplan.ir import TensorKind
 from tierplan.plans.plan import COMPUTE_QUEUE, DEVICE, HOST, NVME, Plan, PlanError
 from tierplan.plans.update import (
-    GRAD_OUT, GRAD_READ, NVME_READ, NVME_WRITE, READ_STATES, UPDATE,
-    WEIGHT_IN, WEIGHT_OUT, WRITE_STATES, ParamState, UpdatePlan, UpdateTask,
+    GRAD_OUT,
+    GRAD_READ,
+    NVME_READ,
+    NVME_WRITE,
+    READ_STATES,
+    UPDATE,
+    WEIGHT_IN,
+    WEIGHT_OUT,
+    WRITE_STATES,
+    ParamState,
+    UpdatePlan,
+    UpdateTask,
 )
 from tierplan.plans.validate import Replay
 
@@ -162,7 +172,8 @@ def _check_chain(plan: Plan, update: UpdatePlan, replay: Replay, ps: ParamState,
              replay.produced_s.get(grad, replay.time_s), ps.grad_bytes)
         grad_ready = task[GRAD_OUT].end_s
     if GRAD_READ in task:
-        need(GRAD_READ, rates.nvme_resource(NVME_READ), nvme(ps.grad_bytes, True), replay.landed_s.get(grad, replay.time_s), ps.grad_bytes)
+        need(GRAD_READ, rates.nvme_resource(NVME_READ), nvme(ps.grad_bytes, True),
+             replay.landed_s.get(grad, replay.time_s), ps.grad_bytes)
         grad_ready = task[GRAD_READ].end_s
     states_ready = 0.0
     if READ_STATES in task:
