@@ -357,31 +357,10 @@ def test_nvme_directory_removed_when_collected(tmp_path: Path) -> None:
     assert not list(tmp_path.iterdir())
 
 
-def test_nvme_directory_removed_at_interpreter_exit(tmp_path: Path) -> None:
-    script = textwrap.dedent(
-        f"""
-        import torch
-        from tierplan.codegen.optimizer import NVME, HOST, StatePlacement, TieredOptimizer
-        model = torch.nn.Linear(4, 4)
-        opt = TieredOptimizer(torch.optim.AdamW(model.parameters()),
-                              {{p: StatePlacement(NVME, HOST) for p in model.parameters()}},
-                              swap_root={str(tmp_path)!r})
-        model(torch.randn(2, 4)).sum().backward()
-        opt.step()
-        keep = [opt]  # still referenced at exit
-        print(opt.swap_dir, len(list(opt.swap_dir.iterdir())))
-        """
-    )
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
-    swap_dir, count = out.stdout.split()
-    assert int(count) > 0
-    assert not Path(swap_dir).exists()
-
-
-@pytest.mark.parametrize("error", ["RuntimeError('the training script failed')", "KeyboardInterrupt"])
-def test_nvme_directory_removed_when_the_script_dies(error: str, tmp_path: Path) -> None:
-    # An uncaught error or Ctrl-C (KeyboardInterrupt) ends the interpreter: the files go with it.
-    script = textwrap.dedent(
+def _nvme_script(tmp_path: Path, ending: str) -> str:
+    """A script that steps a TieredOptimizer with NVMe states once, prints its swap directory and
+    file count, then runs ``ending``."""
+    return textwrap.dedent(
         f"""
         import torch
         from tierplan.codegen.optimizer import NVME, HOST, StatePlacement, TieredOptimizer
@@ -392,9 +371,22 @@ def test_nvme_directory_removed_when_the_script_dies(error: str, tmp_path: Path)
         model(torch.randn(2, 4)).sum().backward()
         opt.step()
         print(opt.swap_dir, len(list(opt.swap_dir.iterdir())), flush=True)
-        raise {error}
         """
-    )
+    ) + ending + "\n"
+
+
+def test_nvme_directory_removed_at_interpreter_exit(tmp_path: Path) -> None:
+    script = _nvme_script(tmp_path, "keep = [opt]  # still referenced at exit")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
+    swap_dir, count = out.stdout.split()
+    assert int(count) > 0
+    assert not Path(swap_dir).exists()
+
+
+@pytest.mark.parametrize("error", ["RuntimeError('the training script failed')", "KeyboardInterrupt"])
+def test_nvme_directory_removed_when_the_script_dies(error: str, tmp_path: Path) -> None:
+    # An uncaught error or Ctrl-C (KeyboardInterrupt) ends the interpreter: the files go with it.
+    script = _nvme_script(tmp_path, f"raise {error}")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert out.returncode != 0
     swap_dir, count = out.stdout.split()
