@@ -197,12 +197,11 @@ def step_baselines(plan: Plan, *, live: Liveness | None = None) -> StepBaselines
         if missing:
             plans[name], reasons[name] = None, f"needs the {', '.join(missing)} tier"
             continue
-        plans[name], best_peak, why = None, None, ""
+        plans[name], why = None, []
         for fates, segments in schedules:
             built = build_plan(problem, fates, segments=segments or None, method=name)
-            peak = built.plan.peak_bytes.get(DEVICE, 0)
             if not built.fits:
-                best_peak = peak if best_peak is None else min(best_peak, peak)
+                why.append(_over_capacity(built.plan))
                 continue
             candidate = built.plan
             try:
@@ -210,16 +209,25 @@ def step_baselines(plan: Plan, *, live: Liveness | None = None) -> StepBaselines
                                                precision=update.precision, fixed=states, method=name,
                                                staging_slots=slots.get(name, STAGING_SLOTS))
             except PlanError as exc:
-                why = str(exc).split("; add ")[0]
+                why.append(str(exc).split("; add ")[0])
                 continue
             best = plans[name]
             if best is None or candidate.step_time_s < best.step_time_s:
                 plans[name] = candidate
         if plans[name] is None:
-            over = (best_peak or 0) - pricing.budget
-            reasons[name] = why or (f"its schedule needs {format_bytes(best_peak or 0)} of device memory, "
-                                    f"{format_bytes(over)} over the {format_bytes(pricing.budget)} budget")
+            reasons[name] = "; with its other schedule, ".join(why)
     return StepBaselines(plans=plans, reasons=reasons)
+
+
+def _over_capacity(plan: Plan) -> str:
+    """What keeps a schedule from fitting: the first tier over its capacity."""
+    for tier, capacity in plan.capacities.items():
+        peak = plan.peak_bytes.get(tier, 0)
+        if peak > capacity:
+            what = "device memory" if tier == DEVICE else f"the {tier} tier"
+            return (f"its schedule needs {format_bytes(peak)} of {what}, {format_bytes(peak - capacity)} over "
+                    f"its {format_bytes(capacity)}")
+    return "its schedule does not fit"
 
 
 def _tiers_used(policy: str) -> tuple[str, ...]:
