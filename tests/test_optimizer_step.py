@@ -404,3 +404,29 @@ def test_one_billion_parameter_finetune_with_states_on_the_host_fits_its_budget(
           f"(predicted {update.peak_bytes[DEVICE] / 2**30:.2f} GiB)")
     assert peak <= budget * 1.02  # the allocator rounds each block up
     compiled.optimizer.close()
+
+
+def test_torch_compile_backend_places_the_states_and_trains_as_eager():
+    torch._dynamo.reset()
+    model, args, kwargs = _build("gpt2-tiny")
+    model.eval()  # nothing random: eager and compiled must agree
+    eager = copy.deepcopy(model)
+    tp = tierplan.backend(memory_budget=0.9, tiers=(HOST,), time_limit=2,
+                          optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1))
+    with pytest.raises(RuntimeError, match="run a training step"):
+        tp.optimizer  # noqa: B018 - the graphs are planned at the first call
+    compiled = torch.compile(model, backend=tp)
+    ref = torch.optim.AdamW(eager.parameters(), lr=1e-2, weight_decay=0.1)
+    for _ in range(3):
+        compiled(*args, **kwargs).loss.backward()
+        tp.optimizer.step()
+        tp.optimizer.zero_grad()
+        eager(*args, **kwargs).loss.backward()
+        ref.step()
+        ref.zero_grad()
+    plans = [p for p in tp.plans if p.update is not None]
+    assert plans and sum(p.update.placement_counts()[HOST] for p in plans) > 0
+    assert tp.optimizer.state_bytes()[HOST] > 0
+    for p, q in zip(model.parameters(), eager.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    torch._dynamo.reset()

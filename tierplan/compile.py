@@ -501,7 +501,8 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile
     device = _model_device(model, args, kwargs)
     if hardware is None:
         hardware = "cpu" if device.type == "cpu" else "h100-sxm"
-    optimizer_kind, precision = _optimizer_setting(model, optimizer, precision, training=training)
+    optimizer_kind, precision = optimizer_setting(optimizer, precision, training=training,
+                                                  param_dtype=model_dtype(model))
     settings = CompileSettings(
         hardware=hardware, memory_budget=memory_budget, training=training, tiers=tuple(tiers),
         time_limit=time_limit, dynamic=dynamic, recompile_limit=recompile_limit,
@@ -522,9 +523,10 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile
     return compiled
 
 
-def _optimizer_setting(model: nn.Module, optimizer: torch.optim.Optimizer | None, precision: str | None, *,
-                       training: bool) -> tuple[str | None, str | None]:
-    """The optimizer's kind and the precision to plan with; errors name what is wrong."""
+def optimizer_setting(optimizer: torch.optim.Optimizer | None, precision: str | None, *, training: bool,
+                      param_dtype: torch.dtype | None = None) -> tuple[str | None, str | None]:
+    """The optimizer's kind and the precision to plan with (the default precision from
+    ``param_dtype``, else from the optimizer's first parameter); errors name what is wrong."""
     if optimizer is None:
         return None, None
     if not isinstance(optimizer, torch.optim.Optimizer):
@@ -532,11 +534,14 @@ def _optimizer_setting(model: nn.Module, optimizer: torch.optim.Optimizer | None
                         f"steps (tierplan.plan takes a name such as 'adamw')")
     if not training:
         raise ValueError("optimizer= needs training=True: an inference module has no update to plan")
-    kind, precision = resolve_optimizer(optimizer_name(optimizer), precision, model_dtype(model), training=True)
-    if precision != "fp32" and COMPUTE_DTYPE[str(precision)] != model_dtype(model):
+    if param_dtype is None:
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.is_floating_point()]
+        param_dtype = params[0].dtype if params else torch.float32
+    kind, precision = resolve_optimizer(optimizer_name(optimizer), precision, param_dtype, training=True)
+    if precision != "fp32" and COMPUTE_DTYPE[str(precision)] != param_dtype:
         raise ValueError(
             f"precision={precision!r} computes in {COMPUTE_DTYPE[str(precision)]}, the model's parameters "
-            f"are {model_dtype(model)}: compile runs the model in its own dtype, so cast it first "
+            f"are {param_dtype}: tierplan runs the model in its own dtype, so cast it first "
             f"(model.to(torch.bfloat16) for bf16-mixed, whose fp32 master weights the optimizer keeps)")
     if precision == "fp16-mixed":
         raise ValueError("precision='fp16-mixed' is planned by tierplan.plan but compile does not run it "
@@ -547,17 +552,24 @@ def _optimizer_setting(model: nn.Module, optimizer: torch.optim.Optimizer | None
 def tiered_optimizer(optimizer: torch.optim.Optimizer, spec: Specialization, model: nn.Module, *,
                      precision: str | None, swap_root: Path | None) -> TieredOptimizer:
     """``optimizer`` with every parameter's master and states where ``spec``'s plan put them."""
-    update = spec.plan.update
-    assert update is not None, "a plan made with an optimizer has its update"
     named = dict(model.named_parameters())
-    placements: dict[torch.Tensor, StatePlacement] = {}
-    for inp in spec.captured.inputs:
-        storage = spec.plan.graph.tensors[inp.name].storage if inp.name in spec.plan.graph.tensors else None
-        if storage in update.states_tier and inp.source in named:
-            placements[named[inp.source]] = StatePlacement(states=update.states_tier[storage],
-                                                           update=update.update_on[storage])
+    inputs = {inp.name: named[inp.source] for inp in spec.captured.inputs if inp.source in named}
     master = torch.float32 if precision is not None and precision.endswith("-mixed") else None
-    return TieredOptimizer(optimizer, placements, master_dtype=master, swap_root=swap_root)
+    return TieredOptimizer(optimizer, state_placements(spec.plan, inputs), master_dtype=master,
+                           swap_root=swap_root)
+
+
+def state_placements(plan: Plan, inputs: dict[str, torch.Tensor]) -> dict[torch.Tensor, StatePlacement]:
+    """Where ``plan.update`` puts each parameter's states, for ``inputs`` (the parameter tensor
+    of each graph input name)."""
+    update = plan.update
+    assert update is not None, "a plan made with an optimizer has its update"
+    placements: dict[torch.Tensor, StatePlacement] = {}
+    for name, param in inputs.items():
+        storage = plan.graph.tensors[name].storage if name in plan.graph.tensors else None
+        if storage in update.states_tier:
+            placements[param] = StatePlacement(states=update.states_tier[storage], update=update.update_on[storage])
+    return placements
 
 
 def compile_plan(
@@ -615,5 +627,5 @@ def slug(name: str) -> str:
 
 __all__ = [
     "CompiledModule", "RecompileLimitExceeded", "Signature", "Specialization", "compile", "compile_plan",
-    "load_program",
+    "load_program", "optimizer_setting", "state_placements",
 ]

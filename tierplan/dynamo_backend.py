@@ -29,7 +29,8 @@ from tierplan.codegen.runtime import (
     run_step,
     shutdown_workers,
 )
-from tierplan.compile import load_program, slug
+from tierplan.codegen.optimizer import StatePlacement, TieredOptimizer
+from tierplan.compile import load_program, optimizer_setting, slug, state_placements
 from tierplan.cost_models.hardware import Hardware
 from tierplan.ir import TensorKind
 from tierplan.passes.capture import annotate_aot_joint
@@ -59,6 +60,7 @@ class Backend:
     def __init__(
         self, *, hardware: str | Path | Hardware | None, memory_budget: Budget, training: bool,
         tiers: Sequence[str], time_limit: float | None, debug_dir: str | Path | None,
+        optimizer: torch.optim.Optimizer | None = None, precision: str | None = None,
     ) -> None:
         self.hardware = hardware
         self.memory_budget = memory_budget
@@ -71,6 +73,28 @@ class Backend:
         self._count = 0
         self._runners: weakref.WeakSet[_Runner] = weakref.WeakSet()
         self._source_root: Path | None = None  # generated sources without a debug_dir
+        self._optimizer_kind, self._precision = optimizer_setting(optimizer, precision, training=training)
+        self._user_optimizer = optimizer
+        self._placements: dict[torch.Tensor, StatePlacement] = {}  # from every training graph's plan
+        self._tiered: TieredOptimizer | None = None
+
+    @property
+    def optimizer(self) -> TieredOptimizer:
+        """The optimizer to step (given ``optimizer=``): its states where the plans of the graphs
+        planned so far put them. Made at its first use, which must follow the first training
+        call (the graphs are planned then); parameters of graphs planned later keep their states
+        on the device."""
+        if self._user_optimizer is None:
+            raise RuntimeError("tierplan.backend(...) was made without optimizer=: there is no placed optimizer")
+        if self._tiered is None:
+            if not self._placements:
+                raise RuntimeError("run a training step through the compiled model first: the backend plans "
+                                   "the optimizer's states with the first training graph")
+            master = torch.float32 if self._precision is not None and self._precision.endswith("-mixed") else None
+            swap_root = self.debug_dir / "swap" if self.debug_dir is not None else None
+            self._tiered = TieredOptimizer(self._user_optimizer, self._placements, master_dtype=master,
+                                           swap_root=swap_root)
+        return self._tiered
 
     def pending_runs(self) -> int:
         """Forward runs whose backward has not run yet (each holds its paused program)."""
@@ -102,6 +126,10 @@ class Backend:
             graph, specs = annotate_aot_joint(
                 joint, kinds, num_fwd_outputs=num_fwd, forward_names=forward_names, name=f"{name}.train")
             plan, note = self._plan(graph, hardware, training=True)
+            if plan.update is not None:
+                primals = [sp.name for sp in specs if sp.source != "tangent"]
+                self._placements.update(state_placements(plan, {
+                    n: v for n, v in zip(primals, example_inputs) if isinstance(v, nn.Parameter)}))
             late = [sp.name for sp in specs if sp.source == "tangent"]
             program = emit(plan, joint, title=f"{graph.name}: {plan.method}", split=(late, num_fwd))
             step, source_path = self._load(program, plan, device)
@@ -127,7 +155,8 @@ class Backend:
     def _plan(self, graph: Any, hardware: Any, *, training: bool) -> tuple[Plan, str]:
         plan, note = plan_graph_or_smallest(
             graph, hardware=hardware, memory_budget=self.memory_budget, training=training,
-            tiers=self.tiers, time_limit=self.time_limit)
+            tiers=self.tiers, time_limit=self.time_limit,
+            optimizer=self._optimizer_kind if training else None, precision=self._precision)
         if note:
             warnings.warn(f"tierplan.backend: {note}", stacklevel=2)
         return plan, note
@@ -315,6 +344,8 @@ def backend(
     tiers: Sequence[str] = ("host",),
     time_limit: float | None = None,
     debug_dir: str | Path | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    precision: str | None = None,
 ) -> Backend:
     """A ``torch.compile`` backend that plans every graph it is given and runs the plan.
 
@@ -351,9 +382,14 @@ def backend(
     partition, unplanned. ``hardware`` defaults to "cpu" for graphs on the CPU, else "h100-sxm";
     the other options are as in ``tierplan.compile``. The returned object keeps ``graphs`` and
     ``plans``.
+
+    ``optimizer``: the ``torch.optim`` AdamW, Adam or SGD the loop steps. Every training graph's
+    plan then places its parameters' states (within that graph's budget), and the loop steps
+    ``tp.optimizer`` instead, after the first training call (a ``TieredOptimizer`` sharing the
+    given one's param groups, as ``compile``'s ``compiled.optimizer``).
     """
     return Backend(hardware=hardware, memory_budget=memory_budget, training=training, tiers=tiers,
-                   time_limit=time_limit, debug_dir=debug_dir)
+                   time_limit=time_limit, debug_dir=debug_dir, optimizer=optimizer, precision=precision)
 
 
 __all__ = ["Backend", "CompiledGraph", "backend"]
