@@ -306,6 +306,10 @@ def test_bf16_mixed_plan_of_an_fp32_model_plans_a_bf16_copy():
     assert update is not None and update.precision == "bf16-mixed"
     assert all(ps.weight_bytes == 2 * ps.numel and ps.master_bytes == 4 * ps.numel for ps in update.params)
     assert update.model_state_bytes() == sum(16 * ps.numel for ps in update.params)
+    # And back: fp32 asked of a bf16 model plans an fp32 copy (4-byte weights, no master).
+    fp32 = tierplan.plan(model.to(torch.bfloat16), args, example_kwargs=kwargs, hardware="rtx4090",
+                         precision="fp32", time_limit=2).update
+    assert fp32 is not None and all(ps.weight_bytes == 4 * ps.numel and ps.master_bytes == 0 for ps in fp32.params)
 
 
 @pytest.mark.parametrize("name", ["gpt2-tiny", "bert-tiny"])

@@ -58,7 +58,7 @@ def plan(
     """
     hw = hardware if isinstance(hardware, Hardware) else load_hardware(hardware)
     optimizer, precision = resolve_optimizer(optimizer, precision, model_dtype(model), training=training)
-    if precision is not None and COMPUTE_DTYPE[precision] != model_dtype(model) and precision != "fp32":
+    if precision is not None and COMPUTE_DTYPE[precision] != model_dtype(model):
         model, example_inputs, example_kwargs = cast_copy(model, example_inputs, example_kwargs,
                                                            COMPUTE_DTYPE[precision])
     captured = capture(model, tuple(example_inputs), example_kwargs=example_kwargs, training=training,
@@ -117,15 +117,16 @@ def plan_graph(
     if not graph.blocks:
         graph = detect_blocks(graph)
     dtype = _graph_param_dtype(graph)
-    optimizer, precision = resolve_optimizer(optimizer, precision, dtype, training=training)
-    if precision is not None and precision != "fp32" and COMPUTE_DTYPE[precision] != dtype:
+    optimizer, precision = resolve_optimizer(optimizer, precision, dtype, training=training and
+                                             bool(graph.meta.get("grad_of")))
+    if precision is not None and COMPUTE_DTYPE[precision] != dtype:
         raise PlanError(f"precision={precision!r} computes in {COMPUTE_DTYPE[precision]}, but graph "
                         f"{graph.name}'s parameters are {dtype}; capture the model in that dtype, or plan "
                         f"the model with tierplan.plan, which casts a copy")
     pricing = machine_pricing(graph, hw, tiers=tiers, training=training)
     live = liveness(graph)
     budget = resolve_budget(memory_budget, keep_all_peak=live.peak, device_bytes=pricing.budget, hardware=hw.name)
-    if optimizer is None or not graph.meta.get("grad_of"):
+    if optimizer is None:  # no optimizer asked for, or no gradients to update
         plan = solve(graph, pricing.with_budget(budget), time_limit_s=time_limit, live=live)
     else:
         plan = plan_step(graph, pricing.with_budget(budget), update_rates(hw), optimizer=optimizer,

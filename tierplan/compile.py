@@ -538,7 +538,7 @@ def optimizer_setting(optimizer: torch.optim.Optimizer | None, precision: str | 
         params = [p for group in optimizer.param_groups for p in group["params"] if p.is_floating_point()]
         param_dtype = params[0].dtype if params else torch.float32
     kind, precision = resolve_optimizer(optimizer_name(optimizer), precision, param_dtype, training=True)
-    if precision != "fp32" and COMPUTE_DTYPE[str(precision)] != param_dtype:
+    if COMPUTE_DTYPE[str(precision)] != param_dtype:
         raise ValueError(
             f"precision={precision!r} computes in {COMPUTE_DTYPE[str(precision)]}, the model's parameters "
             f"are {param_dtype}: tierplan runs the model in its own dtype, so cast it first "

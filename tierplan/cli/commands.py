@@ -117,7 +117,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
             args.model, batch_size=args.batch_size, seq_len=args.seq_len, training=args.training, fake=True
         )
         optimizer, precision = _optimizer_args(args, model)
-        if precision is not None and COMPUTE_DTYPE[precision] != model_dtype(model) and precision != "fp32":
+        if precision is not None and COMPUTE_DTYPE[precision] != model_dtype(model):
             model, example_args, example_kwargs = cast_copy(model, example_args, example_kwargs,
                                                              COMPUTE_DTYPE[precision])
         try:
