@@ -123,3 +123,17 @@ def test_report_summarizes_blocks_and_decisions(plans) -> None:
     table = compare_report(plan, baselines)
     for name in ("keep-all", "swap-all", "this plan"):
         assert name in table
+
+
+def test_trace_shows_the_optimizer_step_on_its_resources(plans, tmp_path) -> None:
+    plan = plans[0]
+    assert plan.update is not None and plan.update.tasks
+    events = json.loads(write_trace(plan, tmp_path / "t.json").read_text())["traceEvents"]
+    tasks = [e for e in events if e.get("cat", "").startswith("optimizer.")]
+    assert len(tasks) == len(plan.update.tasks)
+    tracks = {e["tid"]: e["args"]["name"] for e in events if e["name"] == "thread_name"}
+    for e, task in zip(tasks, plan.update.tasks):
+        assert tracks[e["tid"]] == f"optimizer step: {task.resource}"
+        assert e["ts"] == pytest.approx(task.start_s * 1e6) and e["dur"] == pytest.approx((task.end_s - task.start_s) * 1e6)
+    end = max(e["ts"] + e["dur"] for e in tasks)
+    assert end <= plan.step_time_s * 1e6 * (1 + 1e-9)

@@ -2,7 +2,9 @@
 
 Tracks (threads of one process): the compute stream (compute and recompute ops, and waits that
 stall it), then one track per transfer channel (device->host, host->device, device->nvme, ...);
-channels that share a queue (both cross the device's PCIe link) say so in their name. Counter
+channels that share a queue (both cross the device's PCIe link) say so in their name; a plan with
+an optimizer step adds its tasks (gradient and weight copies, state reads and writes, updates)
+on one track per resource, after the schedule's tracks. Counter
 tracks give the bytes each tier holds, by tensor kind. Times are the plan's predicted times
 (``report.timeline``: the validator's semantics), in microseconds as the format wants.
 
@@ -77,6 +79,8 @@ def trace_events(plan: Plan) -> list[dict[str, Any]]:
                      "issued_step": t.step, "issued_at_us": t.issued_s * _US,
                      "waited_step": t.waited_step},
         })
+    if plan.update is not None:
+        events += _update_events(plan, first_tid=COMPUTE_TID + 1 + len(ordered))
     for tier in plan.capacities:
         if tier != DEVICE and tl.peak(tier) == 0:
             continue
@@ -90,6 +94,25 @@ def trace_events(plan: Plan) -> list[dict[str, Any]]:
                 "name": f"{tier} memory (bytes)", "ph": "C", "ts": at * _US, "pid": PID, "tid": 0,
                 "args": dict(zip(GROUPS, values)),
             })
+    return events
+
+
+def _update_events(plan: Plan, *, first_tid: int) -> list[dict[str, Any]]:
+    """The optimizer step's tasks, one track per resource they use."""
+    assert plan.update is not None
+    tids: dict[str, int] = {}
+    events: list[dict[str, Any]] = []
+    for task in plan.update.tasks:
+        if task.resource not in tids:
+            tid = tids[task.resource] = first_tid + len(tids)
+            events.append(_meta("thread_name", tid, {"name": f"optimizer step: {task.resource}"}))
+            events.append(_meta("thread_sort_index", tid, {"sort_index": tid}))
+        events.append({
+            "name": f"{task.kind} {task.param}", "cat": f"optimizer.{task.kind}", "ph": "X",
+            "ts": task.start_s * _US, "dur": (task.end_s - task.start_s) * _US, "pid": PID,
+            "tid": tids[task.resource], "args": {"bytes": task.nbytes, "flops": task.flops,
+                                                 "states_on": plan.update.states_tier[task.param]},
+        })
     return events
 
 
