@@ -34,6 +34,7 @@ from tierplan.placement.update import (
     ActivationTimeline,
     Scheduled,
     activation_timeline,
+    most_staging_bytes,
     param_states,
     schedule_update,
 )
@@ -125,7 +126,7 @@ def plan_step(graph: Graph, pricing: Pricing, rates: UpdateRates, *, optimizer: 
     whatever the schedule leaves on the host; without that room, with none held back."""
     states_limit = DEFAULT_STATES_TIME_S if time_limit_s is None else max(1.0, STATES_TIME_SHARE * time_limit_s)
     params = param_states(graph, optimizer, precision)
-    staging = sum(sorted((4 * ps.numel + ps.resident_bytes(NVME) for ps in params), reverse=True)[:STAGING_SLOTS])
+    staging = most_staging_bytes(params, STAGING_SLOTS)
 
     def attempt(device_reserve: int, host_reserve: int) -> Plan:
         held = dict(pricing.capacities)

@@ -20,7 +20,13 @@ from typing import Mapping, Sequence, cast
 
 from ortools.sat.python import cp_model
 
-from tierplan.placement.update import ActivationTimeline, nvme_seconds, update_seconds
+from tierplan.placement.update import (
+    ActivationTimeline,
+    grad_available,
+    most_staging_bytes,
+    nvme_seconds,
+    update_seconds,
+)
 from tierplan.plans.plan import DEVICE, HOST, NVME, Channel, PlanError
 from tierplan.plans.update import (
     NVME_READ,
@@ -64,8 +70,7 @@ def choose_states(
         model.add_exactly_one(x[ps.param, tier] for tier in tiers)
 
     # Rooms.
-    staging = sorted((4 * ps.numel + ps.resident_bytes(NVME) for ps in params), reverse=True)
-    reserve = {HOST: sum(staging[:staging_slots])}
+    reserve = {HOST: most_staging_bytes(params, staging_slots)}
     for tier in (DEVICE, HOST, NVME):
         placed = [(x[ps.param, tier], ps.resident_bytes(tier)) for ps in params if (ps.param, tier) in x]
         if not placed:
@@ -76,7 +81,7 @@ def choose_states(
     # Loads per resource, from the first moment a gradient is available.
     grad_at = {ps.param: timeline.end_tier.get(cast(str, ps.grad), DEVICE) for ps in params}
     floor = 0.0 if overlap_backward else timeline.end_s
-    avail = {ps.param: max(floor, _available(ps, timeline)) for ps in params}
+    avail = {ps.param: max(floor, grad_available(ps, timeline)) for ps in params}
     first = min(avail.values())
     end = ns(timeline.end_s)
     horizon = ns(timeline.end_s + sum(_chain_s(ps, tier, grad_at[ps.param], timeline, down, up, rates)
@@ -128,11 +133,6 @@ def choose_states(
         raise PlanError(_no_room(params, allowed, timeline, capacities, reserve, solver.status_name(status)))
     return {ps.param: next(t for t in allowed[ps.param] if solver.value(x[ps.param, t]))
             for ps in params}
-
-
-def _available(ps: ParamState, timeline: ActivationTimeline) -> float:
-    grad = cast(str, ps.grad)
-    return timeline.landed_s.get(grad, timeline.produced_s.get(grad, timeline.end_s))
 
 
 def _chain_s(ps: ParamState, tier: str, grad_at: str, timeline: ActivationTimeline,

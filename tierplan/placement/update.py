@@ -234,6 +234,12 @@ class Scheduled:
     overflow: str = ""  # the tier over its capacity, and by how much; "" when everything fits
 
 
+def most_staging_bytes(params: Sequence[ParamState], slots: int) -> int:
+    """The host staging ``slots`` parameters can hold at most: the largest gradients in fp32 with
+    their states read from NVMe."""
+    return sum(sorted((4 * ps.numel + ps.resident_bytes(NVME) for ps in params), reverse=True)[:slots])
+
+
 def staging_bytes(ps: ParamState, kinds: set[str], states_tier: str) -> int:
     """Host staging a parameter's chain holds: its gradient in fp32 when it arrives from the
     device or NVMe, its master and states when they come from NVMe."""
@@ -278,7 +284,7 @@ def schedule_update(
 
     tasks: list[UpdateTask] = []
     slot_free: list[float] = [0.0] * staging_slots
-    order = sorted(params, key=lambda ps: _grad_available(ps, timeline))
+    order = sorted(params, key=lambda ps: grad_available(ps, timeline))
     for ps in order:
         tier = states_tier[ps.param]
         grad_at = timeline.end_tier.get(cast(str, ps.grad), DEVICE)
@@ -324,7 +330,9 @@ def schedule_update(
     return Scheduled(tasks=tasks, peak_bytes=peaks, step_time_s=end, overflow=overflow)
 
 
-def _grad_available(ps: ParamState, timeline: ActivationTimeline) -> float:
+def grad_available(ps: ParamState, timeline: ActivationTimeline) -> float:
+    """When ``ps``'s gradient can first be used: produced on the device, or landed where the
+    schedule offloaded it."""
     grad = cast(str, ps.grad)
     return timeline.landed_s.get(grad, timeline.produced_s.get(grad, timeline.end_s))
 
@@ -368,7 +376,8 @@ def max_staging(params: Sequence[ParamState], states_tier: Mapping[str, str],
 
 
 __all__ = [
-    "ActivationTimeline", "STAGING_SLOTS", "Scheduled", "activation_timeline", "max_staging",
+    "ActivationTimeline", "STAGING_SLOTS", "Scheduled", "activation_timeline", "grad_available", "max_staging",
+    "most_staging_bytes",
     "nvme_seconds", "param_states", "schedule_update", "staging_bytes", "step_peaks", "update_rates",
     "update_seconds",
 ]
