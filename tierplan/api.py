@@ -57,16 +57,26 @@ def plan(
     whose compute dtype differs from the model's is captured on a cast copy of the model.
     """
     hw = hardware if isinstance(hardware, Hardware) else load_hardware(hardware)
-    optimizer, precision = resolve_optimizer(optimizer, precision, model_dtype(model), training=training)
-    if precision is not None and COMPUTE_DTYPE[precision] != model_dtype(model):
-        model, example_inputs, example_kwargs = cast_copy(model, example_inputs, example_kwargs,
-                                                           COMPUTE_DTYPE[precision])
+    model, example_inputs, example_kwargs, optimizer, precision = in_precision(
+        model, example_inputs, example_kwargs, optimizer=optimizer, precision=precision, training=training)
     captured = capture(model, tuple(example_inputs), example_kwargs=example_kwargs, training=training,
                        target=hw)
     return plan_graph(
         captured.graph, hardware=hw, memory_budget=memory_budget, training=training,
         tiers=tiers, time_limit=time_limit, optimizer=optimizer or "none", precision=precision,
     )
+
+
+def in_precision(
+    model: torch.nn.Module, args: Sequence[Any], kwargs: dict[str, Any] | None, *, optimizer: str | None,
+    precision: str | None, training: bool,
+) -> tuple[torch.nn.Module, tuple[Any, ...], dict[str, Any] | None, str | None, str | None]:
+    """The model and inputs to capture for ``precision`` (a cast copy when it computes in another
+    dtype than the model), with the resolved optimizer and precision (``resolve_optimizer``)."""
+    optimizer, precision = resolve_optimizer(optimizer, precision, model_dtype(model), training=training)
+    if precision is not None and COMPUTE_DTYPE[precision] != model_dtype(model):
+        return (*cast_copy(model, args, kwargs, COMPUTE_DTYPE[precision]), optimizer, precision)
+    return model, tuple(args), kwargs, optimizer, precision
 
 
 def resolve_optimizer(optimizer: str | None, precision: str | None, param_dtype: torch.dtype, *,

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from tierplan.placement.solve import DEFAULT_TIME_LIMIT_S
+from tierplan.plans.update import OPTIMIZERS, PRECISIONS
 
 if TYPE_CHECKING:
     from tierplan.plans.plan import Plan
@@ -93,7 +94,8 @@ class Progress:
 def cmd_plan(args: argparse.Namespace) -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # keep library chatter out of the report
     _check_outputs(args)
-    from tierplan.api import COMPUTE_DTYPE, cast_copy, model_dtype, plan_graph
+    from tierplan.api import in_precision, plan_graph
+    from tierplan.plans.plan import PlanError
     from tierplan.cost_models.hardware import load_hardware
     from tierplan.passes.capture import capture
     from tierplan.zoo import load_model
@@ -116,10 +118,12 @@ def cmd_plan(args: argparse.Namespace) -> None:
         model, example_args, example_kwargs = load_model(
             args.model, batch_size=args.batch_size, seq_len=args.seq_len, training=args.training, fake=True
         )
-        optimizer, precision = _optimizer_args(args, model)
-        if precision is not None and COMPUTE_DTYPE[precision] != model_dtype(model):
-            model, example_args, example_kwargs = cast_copy(model, example_args, example_kwargs,
-                                                             COMPUTE_DTYPE[precision])
+        try:
+            model, example_args, example_kwargs, optimizer, precision = in_precision(
+                model, example_args, example_kwargs, optimizer=args.optimizer, precision=args.precision,
+                training=args.training)
+        except PlanError as exc:
+            raise UsageError(str(exc)) from None
         try:
             captured = capture(model, example_args, example_kwargs=example_kwargs, training=args.training,
                                target=hardware)  # the hardware's kernels (a GPU's fused attention)
@@ -284,17 +288,6 @@ def _report(plan: Plan, args: argparse.Namespace, progress: Progress, *, hardwar
     if written:
         print()
         print("written: " + "; ".join(written))
-
-
-def _optimizer_args(args: argparse.Namespace, model: Any) -> tuple[str | None, str | None]:
-    from tierplan.api import model_dtype, resolve_optimizer
-    from tierplan.plans.plan import PlanError
-
-    try:
-        return resolve_optimizer(getattr(args, "optimizer", "none"), getattr(args, "precision", None),
-                                 model_dtype(model), training=args.training)
-    except PlanError as exc:
-        raise UsageError(str(exc)) from None
 
 
 def _keep_all(plan: Plan) -> Plan:
@@ -474,9 +467,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="plan a whole training step (the default)")
     mode.add_argument("--inference", dest="training", action="store_false", help="plan the forward only")
     p.add_argument("--tiers", default="host", help="slower tiers the plan may use, e.g. host,nvme")
-    p.add_argument("--optimizer", default="adamw", choices=["adamw", "adam", "sgd", "none"],
+    p.add_argument("--optimizer", default="adamw", choices=[*OPTIMIZERS, "none"],
                    help="the optimizer step planned with a training step (none: forward and backward only)")
-    p.add_argument("--precision", default=None, choices=["fp32", "bf16", "bf16-mixed", "fp16-mixed"],
+    p.add_argument("--precision", default=None, choices=PRECISIONS,
                    help="default: the model's (bf16 weights: bf16-mixed, fp32 master weights and states)")
     p.add_argument("--host-memory", default=None, metavar="SIZE",
                    help="host DRAM the plan may use, at most the hardware's (a bigger host: a hardware TOML)")

@@ -22,6 +22,7 @@ is only a lower bound of it.
 from __future__ import annotations
 
 import bisect
+import math
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence, cast
 
@@ -57,8 +58,6 @@ from tierplan.plans.update import (
 from tierplan.plans.walk import ScheduleWalker
 from tierplan.units import format_bytes
 
-_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
-
 
 def param_states(graph: Graph, optimizer: str, precision: str, *, momentum: float = 0.9,
                  weight_decay: float | None = None) -> list[ParamState]:
@@ -80,10 +79,9 @@ def param_states(graph: Graph, optimizer: str, precision: str, *, momentum: floa
         if t.kind is not TensorKind.PARAMETER or name not in grad_for or t.is_view:
             continue
         grad = graph.tensors[grad_for[name]]
-        numel = 1
-        for d in t.shape:
-            numel *= int(d)
-        state_size = 4 if mixed or precision == "fp32" else _DTYPE_BYTES.get(t.dtype, 4)
+        numel = math.prod(int(d) for d in t.shape)
+        # "bf16" keeps the states in the parameter's own dtype: its bytes per element.
+        state_size = 4 if mixed or precision == "fp32" else t.nbytes // max(1, numel)
         out.append(ParamState(
             param=t.storage, grad=grad.storage, numel=numel, weight_bytes=t.nbytes,
             grad_bytes=graph.tensors[grad.storage].nbytes, master_bytes=4 * numel if mixed else 0,

@@ -17,6 +17,7 @@ validator's own replay of the schedule, and checks that
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 from tierplan.ir import TensorKind
@@ -38,7 +39,6 @@ from tierplan.plans.update import (
 from tierplan.plans.validate import Replay
 
 _STATE_COUNT = {"adamw": (2,), "adam": (2,), "sgd": (0, 1)}
-_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 
 
 def check_update(plan: Plan, replay: Replay, *, rel_tol: float = 1e-6) -> None:
@@ -73,10 +73,8 @@ def _check_params(plan: Plan, update: UpdatePlan) -> None:
     mixed = update.precision.endswith("-mixed")
     for ps in update.params:
         t = graph.tensors[ps.param]
-        numel = 1
-        for d in t.shape:
-            numel *= int(d)
-        size = 4 if mixed or update.precision == "fp32" else _ITEMSIZE.get(t.dtype, 4)
+        numel = math.prod(int(d) for d in t.shape)
+        size = 4 if mixed or update.precision == "fp32" else t.nbytes // max(1, numel)
         grad = graph.tensors[grad_of[ps.param]].storage
         expected = dict(numel=numel, weight_bytes=t.nbytes, grad=grad, grad_bytes=graph.tensors[grad].nbytes,
                         master_bytes=4 * numel if mixed else 0)
