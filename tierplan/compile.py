@@ -554,9 +554,15 @@ def tiered_optimizer(optimizer: torch.optim.Optimizer, spec: Specialization, mod
     """``optimizer`` with every parameter's master and states where ``spec``'s plan put them."""
     named = dict(model.named_parameters())
     inputs = {inp.name: named[inp.source] for inp in spec.captured.inputs if inp.source in named}
+    return placed_optimizer(optimizer, state_placements(spec.plan, inputs), precision=precision,
+                            swap_root=swap_root)
+
+
+def placed_optimizer(optimizer: torch.optim.Optimizer, placements: dict[torch.Tensor, StatePlacement], *,
+                     precision: str | None, swap_root: Path | None) -> TieredOptimizer:
+    """``optimizer`` with its states at ``placements``, on fp32 masters under mixed precision."""
     master = torch.float32 if precision is not None and precision.endswith("-mixed") else None
-    return TieredOptimizer(optimizer, state_placements(spec.plan, inputs), master_dtype=master,
-                           swap_root=swap_root)
+    return TieredOptimizer(optimizer, placements, master_dtype=master, swap_root=swap_root)
 
 
 def state_placements(plan: Plan, inputs: dict[str, torch.Tensor]) -> dict[torch.Tensor, StatePlacement]:
@@ -627,5 +633,5 @@ def slug(name: str) -> str:
 
 __all__ = [
     "CompiledModule", "RecompileLimitExceeded", "Signature", "Specialization", "compile", "compile_plan",
-    "load_program", "optimizer_setting", "state_placements",
+    "load_program", "optimizer_setting", "placed_optimizer", "state_placements",
 ]

@@ -30,7 +30,7 @@ from tierplan.codegen.runtime import (
     shutdown_workers,
 )
 from tierplan.codegen.optimizer import StatePlacement, TieredOptimizer
-from tierplan.compile import load_program, optimizer_setting, slug, state_placements
+from tierplan.compile import load_program, optimizer_setting, placed_optimizer, slug, state_placements
 from tierplan.cost_models.hardware import Hardware
 from tierplan.ir import TensorKind
 from tierplan.passes.capture import annotate_aot_joint
@@ -90,10 +90,9 @@ class Backend:
             if not self._placements:
                 raise RuntimeError("run a training step through the compiled model first: the backend plans "
                                    "the optimizer's states with the first training graph")
-            master = torch.float32 if self._precision is not None and self._precision.endswith("-mixed") else None
             swap_root = self.debug_dir / "swap" if self.debug_dir is not None else None
-            self._tiered = TieredOptimizer(self._user_optimizer, self._placements, master_dtype=master,
-                                           swap_root=swap_root)
+            self._tiered = placed_optimizer(self._user_optimizer, self._placements, precision=self._precision,
+                                            swap_root=swap_root)
         return self._tiered
 
     def pending_runs(self) -> int:
