@@ -81,6 +81,7 @@ def test_plan_has_a_validated_update_that_round_trips():
     assert update is not None and update.optimizer == "adamw" and update.precision == "fp32"
     assert set(update.states_tier) == {ps.param for ps in update.params}
     assert plan.step_time_s >= plan.predicted_time_s
+    assert plan.step_peak_bytes == update.peak_bytes and plan.step_peak_bytes[DEVICE] >= plan.peak_bytes[DEVICE]
     assert all(t.start_s >= plan.predicted_time_s - 1e-12 for t in update.tasks)  # after the backward
     again = _copy(plan)
     assert again.update is not None and again.update.to_dict() == update.to_dict()
