@@ -27,6 +27,7 @@ LAYERS: dict[str, int] = {
     "tierplan.placement": 3,
     "tierplan.packing": 3,
     "tierplan.parallel": 3,
+    "tierplan.generation": 3,
     "tierplan.formats": 3,
     "tierplan.codegen": 4,
     "tierplan.report": 4,
@@ -37,9 +38,10 @@ LAYERS: dict[str, int] = {
     "tierplan.cli": 5,
     "tierplan.zoo": 5,
     "tierplan.profiling": 5,
+    "tierplan.generate": 5,
     "tierplan": 5,
 }
-SOLVERS = ("tierplan.placement", "tierplan.packing", "tierplan.parallel")
+SOLVERS = ("tierplan.placement", "tierplan.packing", "tierplan.parallel", "tierplan.generation")
 
 
 def _layer_key(module: str) -> str:
@@ -114,7 +116,10 @@ def test_solvers_import_no_other_solver_and_no_front_end():
 @pytest.mark.parametrize("checker, allowed", [
     # The validator is the independent check: it shares no code with what it checks.
     ("tierplan.plans.validate", ("tierplan.ir", "tierplan.units", "tierplan.plans.plan",
-                                 "tierplan.plans.check_update")),
+                                 "tierplan.plans.check_update", "tierplan.plans.check_generation",
+                                 "tierplan.plans.generation")),
+    # The check of a generation plan reads its contract only.
+    ("tierplan.plans.check_generation", ("tierplan.units", "tierplan.plans.plan", "tierplan.plans.generation")),
     # Its check of the optimizer step reads the update's contract and the validator's replay.
     ("tierplan.plans.check_update", ("tierplan.ir", "tierplan.units", "tierplan.plans.plan",
                                      "tierplan.plans.update", "tierplan.plans.validate")),

@@ -14,9 +14,10 @@ from tierplan.zoo import ZOO, TransformersConfig, ZooError, list_models, load_mo
 
 EXPECTED = [
     "mlp", "cnn", "tiny-transformer", "gpt2", "gpt2-medium", "gpt2-large", "llama-7b",
-    "llama-13b", "llama-70b", "gpt3-13b", "gpt3-175b", "bert-base", "bert-large", "gpt2-tiny", "llama-tiny", "bert-tiny",
+    "llama-13b", "llama-70b", "gpt3-13b", "gpt3-175b", "opt-30b", "opt-66b", "opt-175b", "bert-base", "bert-large",
+    "gpt2-tiny", "llama-tiny", "opt-tiny", "bert-tiny",
 ]
-SMALL = ["mlp", "cnn", "tiny-transformer", "gpt2-tiny", "llama-tiny", "bert-tiny"]
+SMALL = ["mlp", "cnn", "tiny-transformer", "gpt2-tiny", "llama-tiny", "opt-tiny", "bert-tiny"]
 # Parameter counts of the published shapes (tied embeddings counted once).
 PARAMS = {
     "gpt2": 124_439_808,
@@ -28,6 +29,10 @@ PARAMS = {
     # 12 L h^2 + 13 L h + (V + 2048) h + 2 h, GPT-2 layout with GPT-3 shapes
     "gpt3-13b": 12 * 40 * 5120**2 + 13 * 40 * 5120 + (50257 + 2048) * 5120 + 2 * 5120,
     "gpt3-175b": 12 * 96 * 12288**2 + 13 * 96 * 12288 + (50257 + 2048) * 12288 + 2 * 12288,
+    # 12 L h^2 + 13 L h + (V + 2048 + 2) h + 2 h: OPT's positions are offset by 2, its head tied
+    "opt-30b": 12 * 48 * 7168**2 + 13 * 48 * 7168 + (50272 + 2050) * 7168 + 2 * 7168,
+    "opt-66b": 12 * 64 * 9216**2 + 13 * 64 * 9216 + (50272 + 2050) * 9216 + 2 * 9216,
+    "opt-175b": 12 * 96 * 12288**2 + 13 * 96 * 12288 + (50272 + 2050) * 12288 + 2 * 12288,
 }
 
 

@@ -18,6 +18,7 @@ from tierplan.placement.pricing import machine_pricing
 from tierplan.placement.reuse import plan_by_decisions
 from tierplan.placement.solve import solve
 from tierplan.placement.update import update_rates
+from tierplan.plans.generation import GenerationPlan
 from tierplan.plans.plan import InfeasibleBudget, Plan, PlanError
 from tierplan.plans.update import check_choice
 from tierplan.plans.validate import validate
@@ -42,7 +43,8 @@ def plan(
     time_limit: float | None = None,
     optimizer: str | None = "adamw",
     precision: str | None = None,
-) -> Plan:
+    generate: int | None = None,
+) -> Plan | GenerationPlan:
     """Capture ``model`` on ``example_inputs`` and plan it on ``hardware`` within ``memory_budget``.
 
     ``memory_budget``: bytes (int), a string with a unit ("6GiB", "500MB"), a float in (0, 1]
@@ -55,7 +57,23 @@ def plan(
     "bf16-mixed" (bf16 compute and gradients, fp32 master weights and states) or "fp16-mixed",
     by default the one the model's parameters imply (bf16 weights: "bf16-mixed"). A precision
     whose compute dtype differs from the model's is captured on a cast copy of the model.
+
+    With ``generate=N`` (and ``training=False``) the plan is a GenerationPlan for greedy
+    generation of N tokens after the example's token ids (batch x prompt length): where every
+    weight and every block of the KV cache lives over the prefill and the N - 1 decode steps, how
+    the batch is split into micro-batches, and where attention runs (``tierplan.generate``). The
+    model is read, not captured; a float budget is a fraction of the all-on-device peak.
     """
+    if generate is not None:
+        from tierplan.generate import generation_shape, job_of, plan_for
+
+        if training:
+            raise PlanError("generate= plans inference: pass training=False")
+        if generate < 1:
+            raise PlanError(f"generate={generate}: give the number of new tokens, at least 1")
+        batch, prompt = job_of(example_inputs, example_kwargs)
+        shape = generation_shape(model, batch=batch, prompt_len=prompt, new_tokens=generate)
+        return plan_for(shape, hardware=hardware, memory_budget=memory_budget, tiers=tiers, time_limit=time_limit)
     hw = hardware if isinstance(hardware, Hardware) else load_hardware(hardware)
     model, example_inputs, example_kwargs, optimizer, precision = in_precision(
         model, example_inputs, example_kwargs, optimizer=optimizer, precision=precision, training=training)
@@ -161,10 +179,18 @@ class Baselines(dict):
         self.reasons = reasons
 
 
-def baselines(plan: Plan) -> Baselines:
+def baselines(plan: Plan | GenerationPlan) -> Baselines:
     """The policies ``plan`` is measured against, priced by the same cost model and validated:
     keep-all, checkpoint-blocks and swap-all with the states on the device, zero-offload and
-    zero-infinity (see ``placement.optimizer_step``). Needs a plan with an optimizer step."""
+    zero-infinity (see ``placement.optimizer_step``) for a plan with an optimizer step;
+    all-on-device, layer-streaming and FlexGen's policy for a GenerationPlan
+    (``generation.baselines``)."""
+    if isinstance(plan, GenerationPlan):
+        from tierplan.generate import generation_baselines
+
+        found_generation = generation_baselines(plan)
+        return Baselines({k: v if isinstance(v, GenerationPlan) else None for k, v in found_generation.items()},
+                         {k: v for k, v in found_generation.items() if isinstance(v, str)})
     found = step_baselines(plan)
     for candidate in found.plans.values():
         if candidate is not None:

@@ -33,7 +33,7 @@ import warnings
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -49,6 +49,9 @@ from tierplan.cost_models.hardware import Hardware
 from tierplan.ir import TensorKind
 from tierplan.passes.capture import Captured, CaptureError, capture
 from tierplan.plans.plan import Plan
+
+if TYPE_CHECKING:  # the front end of generation imports this module's siblings
+    from tierplan.generate import GenerationModule
 
 # As torch._dynamo.config.recompile_limit: signatures planned per compiled module before a call
 # with yet another one is refused.
@@ -447,8 +450,16 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile
     recompile_limit: int = DEFAULT_RECOMPILE_LIMIT,
     optimizer: torch.optim.Optimizer | None = None,
     precision: str | None = None,
-) -> CompiledModule:
+    generate: bool = False,
+) -> CompiledModule | GenerationModule:
     """Plan ``model`` under ``memory_budget`` and return a module that runs the plan.
+
+    ``generate=True`` (a transformers ``*ForCausalLM``): a ``GenerationModule`` whose
+    ``generate(input_ids, max_new_tokens)`` returns greedy tokens (those of
+    ``model.generate(do_sample=False)``) with every weight and KV-cache block where a generation
+    plan for that batch, prompt and length puts them (``tierplan.plan(..., generate=N)``, planned
+    on the first call of each job shape; ``compiled.plan`` is the latest). NVMe swap files go to
+    ``debug_dir/swap`` (or the system temporary directory) and are removed when a call ends.
 
     The model is planned now for the example inputs, as the first call with them would be; a
     call with other shapes, dtypes, train/eval mode or grad mode is planned on first sight (see
@@ -496,6 +507,13 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile
         tuple(example_inputs) if isinstance(example_inputs, list) else (example_inputs,)
     )
     kwargs = dict(example_kwargs or {})
+    if generate:
+        from tierplan.generate import GenerationModule
+
+        device = _model_device(model, args, kwargs)
+        return GenerationModule(model, hardware=hardware or ("cpu" if device.type == "cpu" else "h100-sxm"),
+                                memory_budget=memory_budget, tiers=tiers, time_limit=time_limit,
+                                swap_root=Path(debug_dir) / "swap" if debug_dir is not None else None, device=device)
     if isinstance(recompile_limit, bool) or not isinstance(recompile_limit, int) or recompile_limit < 1:
         raise ValueError(f"recompile_limit={recompile_limit!r}: give a positive number of signatures")
     device = _model_device(model, args, kwargs)

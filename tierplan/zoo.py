@@ -286,6 +286,14 @@ def _llama(dtype: torch.dtype = torch.bfloat16, **fields: Any) -> TransformersCo
     return TransformersConfig("LlamaConfig", "LlamaForCausalLM", "ForCausalLM", dtype, {**base, **fields})
 
 
+def _opt(dtype: torch.dtype = torch.float16, **fields: Any) -> TransformersConfig:
+    """OPT (Zhang et al. 2022, Table 1), fp16 as released; the learned positions cover 2048 tokens."""
+    base = dict(vocab_size=50272, max_position_embeddings=2048, do_layer_norm_before=True)
+    hidden = fields.get("hidden_size", 768)
+    return TransformersConfig("OPTConfig", "OPTForCausalLM", "ForCausalLM", dtype,
+                              {**base, "word_embed_proj_dim": hidden, "ffn_dim": 4 * hidden, **fields})
+
+
 def _bert(**fields: Any) -> TransformersConfig:
     return TransformersConfig("BertConfig", "BertForMaskedLM", "ForMaskedLM", torch.float32, fields)
 
@@ -393,6 +401,27 @@ ZOO: dict[str, ZooEntry] = {
             1,
             2048,
         ),
+        ZooEntry(
+            "opt-30b",
+            "OPT-30B shape (Zhang et al. 2022, Table 1: 48 layers, 56 heads, hidden 7168), fp16 (30B params)",
+            _opt(hidden_size=7168, num_hidden_layers=48, num_attention_heads=56),
+            1,
+            2048,
+        ),
+        ZooEntry(
+            "opt-66b",
+            "OPT-66B shape (Zhang et al. 2022, Table 1: 64 layers, 72 heads, hidden 9216), fp16 (66B params)",
+            _opt(hidden_size=9216, num_hidden_layers=64, num_attention_heads=72),
+            1,
+            2048,
+        ),
+        ZooEntry(
+            "opt-175b",
+            "OPT-175B shape (Zhang et al. 2022, Table 1: 96 layers, 96 heads, hidden 12288), fp16 (175B params)",
+            _opt(hidden_size=12288, num_hidden_layers=96, num_attention_heads=96),
+            1,
+            2048,
+        ),
         ZooEntry("bert-base", "BERT-base masked LM, 12 layers, 768 hidden (110M params)",
                  _bert(), 32, 512),
         ZooEntry(
@@ -417,6 +446,14 @@ ZOO: dict[str, ZooEntry] = {
             _llama(dtype=torch.float32, hidden_size=64, num_hidden_layers=2,
                    num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
                    vocab_size=1000, max_position_embeddings=128),
+            2,
+            32,
+        ),
+        ZooEntry(
+            "opt-tiny",
+            "OPT test config, 2 layers, 64 hidden",
+            _opt(dtype=torch.float32, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 ffn_dim=128, vocab_size=1000, max_position_embeddings=128),
             2,
             32,
         ),

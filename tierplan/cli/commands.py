@@ -112,6 +112,11 @@ def cmd_plan(args: argparse.Namespace) -> None:
             hardware = hardware.with_tier_capacity("host", parse_bytes(args.host_memory, setting="--host-memory"))
         except ValueError as exc:
             raise UsageError(str(exc)) from None
+    if args.generate is not None:
+        _plan_generation(args, hardware, tiers, budget, progress)
+        return
+    if args.prompt_len is not None or args.attention is not None:
+        raise UsageError("--prompt-len and --attention are for generation: give --generate N too")
     _check_plan_settings(args, hardware, tiers, budget)
     mode = "training" if args.training else "inference"
     with progress.phase(f"capturing {args.model} ({mode}) on fake tensors") as done:
@@ -149,6 +154,69 @@ def cmd_plan(args: argparse.Namespace) -> None:
             emitted.write_text(program.source)
             done.note = f"wrote {emitted}"
     _report(result, args, progress, hardware_description=hardware.description, emitted=emitted)
+
+
+def _plan_generation(args: argparse.Namespace, hardware: Any, tiers: tuple[str, ...], budget: Any,
+                     progress: Progress) -> None:
+    """``tierplan plan MODEL --generate N --prompt-len P --batch-size B``: the generation plan,
+    why, and (``--compare``) the baselines beside it."""
+    from tierplan.generate import generation_baselines, generation_shape, plan_for
+    from tierplan.units import format_bytes
+    from tierplan.passes.decoder import DecoderError
+    from tierplan.plans.plan import PlanError
+    from tierplan.zoo import load_model
+
+    for option in ("generate", "prompt_len", "batch_size"):
+        value = getattr(args, option)
+        if value is not None and value < 1:
+            raise UsageError(f"--{option.replace('_', '-')} {value}: give a positive number")
+    if args.seq_len is not None:
+        raise UsageError("--seq-len is for training and inference plans; generation takes --prompt-len")
+    if args.emit is not None:
+        raise UsageError("--emit writes a training or inference program; a generation plan runs with "
+                         "tierplan.compile(model, example_inputs, generate=True)")
+    prompt, batch = args.prompt_len or 512, args.batch_size or 1
+    with progress.phase(f"reading {args.model} on the meta device") as done:
+        try:
+            model, _, _ = load_model(args.model, batch_size=1, seq_len=1, training=False, fake=True)
+            shape = generation_shape(model, batch=batch, prompt_len=prompt, new_tokens=args.generate,
+                                     name=args.model)
+        except (DecoderError, PlanError) as exc:
+            raise UsageError(str(exc)) from None
+        except Exception as exc:
+            _blame_user_model(exc, args.model)
+            raise
+        done.note = f"{shape.layers} layers, {format_bytes(shape.weight_bytes)} of weights"
+    limit = DEFAULT_TIME_LIMIT_S if args.time_limit is None else args.time_limit
+    with progress.phase(f"planning generation on {hardware.name} (time limit {limit:g} s)") as done:
+        try:
+            plan = plan_for(shape, hardware=hardware, memory_budget=budget, tiers=tiers, time_limit=limit,
+                            attention=args.attention)
+        except PlanError as exc:
+            raise UsageError(str(exc)) from None
+        done.note = f"{plan.candidates} policies priced in {plan.solve_s:.1f} s"
+    print(plan.explain())
+    if args.compare:
+        from tierplan.report.generation import generation_compare_report
+
+        with progress.phase("pricing the baselines (all-on-device, layer-streaming, flexgen)"):
+            found = generation_baselines(plan)
+        print()
+        print(generation_compare_report(plan, found, width=_width()))
+    if args.json:
+        plan.save(args.json)
+    if args.trace:
+        from tierplan.report.generation import write_generation_trace
+
+        write_generation_trace(plan, args.trace)
+    if args.plot:
+        from tierplan.report.generation import plot_generation
+
+        plot_generation(plan, args.plot)
+    written = [f"{what} {path}" for what, path in (("plan", args.json), ("trace", args.trace), ("plot", args.plot))
+               if path]
+    if written:
+        print("\nwrote " + ", ".join(written))
 
 
 def cmd_show(args: argparse.Namespace) -> None:
@@ -475,6 +543,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="host DRAM the plan may use, at most the hardware's (a bigger host: a hardware TOML)")
     p.add_argument("--time-limit", type=float, default=None,
                    help=f"solver time limit in seconds (default {DEFAULT_TIME_LIMIT_S:g})")
+    p.add_argument("--generate", type=int, default=None, metavar="N",
+                   help="plan greedy generation of N new tokens (weights and KV cache across tiers)")
+    p.add_argument("--prompt-len", type=int, default=None, metavar="P",
+                   help="with --generate: prompt tokens per sequence (default 512)")
+    p.add_argument("--attention", choices=["device", "host"], default=None,
+                   help="with --generate: where attention runs (default: the faster, searched)")
     _add_outputs(p)
     p.add_argument("--emit", type=Path, metavar="DIR",
                    help="write the generated Python module that runs the plan into this directory")
