@@ -85,7 +85,7 @@ def predicted_table(jobs: list[tuple]) -> None:
 
 
 def measured_table() -> None:
-    header = ["model", "tiers of weights d/h/n", "cache d/h/n", "attn", "tokens equal", "device peak measured",
+    header = ["model", "host", "weights d/h/n", "cache d/h/n", "attn", "tokens equal", "device peak measured",
               "predicted", "budget", "time measured", "predicted"]
     rows = []
     hw = load_hardware("cpu")
@@ -101,7 +101,9 @@ def measured_table() -> None:
         ids = kwargs["input_ids"]
         expected = model.generate(ids, max_new_tokens=32, min_new_tokens=32, do_sample=False, eos_token_id=None,
                                   use_cache=True)
-        for host in (None, 600_000):
+        # The host as the cpu preset has it, then too small for the weights (they go to NVMe),
+        # then too small for them and the cache (both go to NVMe).
+        for host in (None, 600_000, 400_000):
             machine = hw if host is None else hw.with_tier_capacity(HOST, host)
             compiled = tierplan.compile(model, (ids,), generate=True, hardware=machine, memory_budget=0.5,
                                         tiers=("host", "nvme"), training=False)
@@ -114,7 +116,7 @@ def measured_table() -> None:
             compiled.generate(ids, 32, measure=True)
             plan = compiled.plan
             rows.append([
-                name, " / ".join(f"{plan.weight_share(t):.0%}" for t in (DEVICE, HOST, NVME)),
+                name, "preset" if host is None else format_bytes(host), " / ".join(f"{plan.weight_share(t):.0%}" for t in (DEVICE, HOST, NVME)),
                 " / ".join(f"{plan.kv_share(t):.0%}" for t in (DEVICE, HOST, NVME)), plan.policy.attention,
                 str(torch.equal(tokens, expected)), format_bytes(compiled.last_device_peak),
                 format_bytes(plan.peak_bytes[DEVICE]), format_bytes(plan.capacities[DEVICE]),

@@ -9,10 +9,13 @@ plans without memory. The plan is made for one job, batch x prompt x new tokens;
 """
 from __future__ import annotations
 
+import copy
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from tierplan.api import Budget, resolve_budget
 from tierplan.codegen.generate import TieredGenerator
@@ -25,6 +28,7 @@ from tierplan.passes.decoder import DecoderError, check_cache_capture, decoder_l
 from tierplan.plans.generation import GenerationPlan, GenerationShape
 from tierplan.plans.plan import DEVICE, PlanError
 from tierplan.plans.validate import validate
+from tierplan.zoo import with_layers
 
 DEFAULT_TIME_LIMIT_S = 60.0
 
@@ -71,8 +75,57 @@ def generation_shape(model: torch.nn.Module, *, batch: int, prompt_len: int, new
         intermediate=_config_int(config, "intermediate_size", "ffn_dim", "n_inner", default=4 * hidden),
         vocab=_config_int(config, "vocab_size"), dtype_bytes=first.element_size(), layers_prefix=prefix,
         layer_params=tuple(per_layer[0]), other_params=tuple(other), prompt_len=prompt_len,
-        new_tokens=new_tokens, batch=batch,
+        new_tokens=new_tokens, batch=batch, ops_per_layer=ops_per_layer(model),
     )
+
+
+# A small copy of the model's config: the same layer code at sizes that run in milliseconds.
+_SMALL_SIZES = {"hidden_size": 64, "n_embd": 64, "d_model": 64, "word_embed_proj_dim": 64, "intermediate_size": 128,
+                "ffn_dim": 128, "n_inner": 128, "num_attention_heads": 4, "n_head": 4, "head_dim": 16, "vocab_size": 128,
+                "bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
+
+
+class _OpCounter(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+def ops_per_layer(model: torch.nn.Module) -> int:
+    """The aten ops one decoder layer dispatches in a decode step (what each costs the runtime
+    beyond its roofline): a decode step of a small copy of the model's config with 2 layers less
+    one with 1. 0 when the model cannot be rebuilt from its config (then an assumed count prices it)."""
+    from transformers import DynamicCache
+
+    config = copy.deepcopy(model.config)
+    heads = getattr(config, "num_attention_heads", None)
+    for name, value in _SMALL_SIZES.items():
+        if hasattr(config, name):
+            setattr(config, name, value)
+    if getattr(config, "num_key_value_heads", None) and heads:
+        config.num_key_value_heads = 4 if model.config.num_key_value_heads == heads else 2
+    counts = []
+    try:
+        for layers in (1, 2):
+            small = with_layers(config, layers)
+            small.use_cache = True
+            copy_model = type(model)(small).to(next(model.parameters()).dtype).eval()
+            ids = torch.zeros(1, 4, dtype=torch.long)
+            cache = DynamicCache()
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                copy_model(input_ids=ids, past_key_values=cache, use_cache=True)
+                counter = _OpCounter()
+                with counter:
+                    copy_model(input_ids=ids[:, :1], past_key_values=cache, use_cache=True)
+            counts.append(counter.ops)
+    except Exception:  # a model that cannot be rebuilt small: priced with the assumed count
+        return 0
+    return max(0, counts[1] - counts[0])
 
 
 def capacities_for(hardware: Hardware, budget: int, tiers: Sequence[str]) -> dict[str, int]:
@@ -97,7 +150,7 @@ def plan_for(shape: GenerationShape, *, hardware: str | Path | Hardware = "h100-
     if attention not in (None, "device", "host"):
         raise PlanError(f"attention={attention!r}: give 'device', 'host' or None (search both)")
     hw = hardware if isinstance(hardware, Hardware) else load_hardware(hardware)
-    rates = generation_rates(hw, shape.dtype_bytes)
+    rates = generation_rates(hw, shape.dtype_bytes, shape.ops_per_layer)
     everything = peak_bytes(shape, uniform_policy(shape, DEVICE, DEVICE), rates)[DEVICE]
     budget = resolve_budget(memory_budget, keep_all_peak=everything, device_bytes=hw.tier(DEVICE).capacity_bytes,
                             hardware=hw.name)

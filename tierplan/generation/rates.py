@@ -6,14 +6,16 @@ from tierplan.cost_models.transfer import tier_route
 from tierplan.plans.generation import GenerationRates
 from tierplan.plans.plan import DEVICE, HOST, NVME
 
-# Kernels one decoder layer launches per micro-batch: two norms, the Q/K/V and output
-# projections, attention, two or three MLP matmuls, the activation and two residual adds. An
-# assumption about the model's eager code, not a measurement.
+# Kernels one decoder layer launches per micro-batch when the model's own count is unknown: two
+# norms, the Q/K/V and output projections, attention, two or three MLP matmuls, the activation and
+# two residual adds. The front end counts the model's real ops (GenerationShape.ops_per_layer:
+# 37 for GPT-2, 40 for OPT, 72 to 76 for Llama in transformers 5.25's eager code).
 KERNELS_PER_LAYER = 12
 
 
-def generation_rates(hardware: Hardware, dtype_bytes: int) -> GenerationRates:
-    """The rates a model with ``dtype_bytes``-byte weights is priced at on ``hardware``."""
+def generation_rates(hardware: Hardware, dtype_bytes: int, kernels_per_layer: int = 0) -> GenerationRates:
+    """The rates a model with ``dtype_bytes``-byte weights and ``kernels_per_layer`` ops per
+    decoder layer (0: KERNELS_PER_LAYER) is priced at on ``hardware``."""
     precision = compute_precision(hardware, dtype_bytes)
     device = precision.device
     key = precision.dtype if dtype_bytes == 2 else "float32"
@@ -33,7 +35,7 @@ def generation_rates(hardware: Hardware, dtype_bytes: int) -> GenerationRates:
         device_flops=device.peak_flops[key] * device.compute_efficiency,
         device_bandwidth=device.memory_bandwidth * device.memory_efficiency,
         kernel_s=device.launch_overhead_s + runtime.op_issue_s,
-        kernels_per_layer=KERNELS_PER_LAYER,
+        kernels_per_layer=kernels_per_layer or KERNELS_PER_LAYER,
         h2d_bandwidth=to_device.bandwidth, d2h_bandwidth=to_host.bandwidth,
         pcie_latency_s=to_device.latency_s + issue,
         pcie_duplex=link.duplex if link is not None else True,

@@ -136,6 +136,7 @@ class GenerationShape:
     prompt_len: int
     new_tokens: int
     batch: int
+    ops_per_layer: int = 0  # aten ops one decoder layer dispatches per decode step (0: not counted)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layer_params", tuple((n, int(b)) for n, b in self.layer_params))
