@@ -15,7 +15,8 @@
 from __future__ import annotations
 
 from tierplan.generation.policy_model import CacheOption, PolicyModel, WeightUnit, step_groups
-from tierplan.generation.search import attention_places, block_tokens, divisors, price
+from tierplan.generation.search import attention_places, block_tokens, divisors, over_tier, price
+from tierplan.generation.simulate import peak_bytes
 from tierplan.plans.generation import GenerationPlan, GenerationPolicy, GenerationRates, GenerationShape
 from tierplan.plans.plan import DEVICE, HOST, NVME
 
@@ -120,19 +121,15 @@ def baseline_plans(shape: GenerationShape, rates: GenerationRates, capacities: d
     if isinstance(policy, str):
         out["flexgen"] = policy
         return out
-    plan = price(shape, policy, rates, capacities, hardware, baseline="flexgen")
     order = [t for t in (DEVICE, HOST, NVME) if t in capacities]
     for _ in range(REPAIR_STEPS):
-        if not isinstance(plan, str):
-            break
-        over = plan.split()[0]  # "<tier> needs ..."
+        over = over_tier(peak_bytes(shape, policy, rates), capacities)
         below = order[order.index(over) + 1] if over in order and order.index(over) + 1 < len(order) else None
         repaired = _demote(policy, shape, over, below) if below else None
         if repaired is None:
             break
         policy = repaired
-        plan = price(shape, policy, rates, capacities, hardware, baseline="flexgen")
-    out["flexgen"] = plan
+    out["flexgen"] = price(shape, policy, rates, capacities, hardware, baseline="flexgen")
     return out
 
 

@@ -47,15 +47,19 @@ def make_policy(shape: GenerationShape, *, gpu_batch: int, layer_tiers: dict[str
                             kv_block_tokens=cache.block_tokens, kv_tiers=cache.blocks, attention=attention)
 
 
+def over_tier(peaks: dict[str, int], capacities: dict[str, int]) -> str | None:
+    """The first tier whose peak is over its capacity (a tier the plan lacks has none)."""
+    return next((tier for tier, need in peaks.items() if need > capacities.get(tier, 0)), None)
+
+
 def price(shape: GenerationShape, policy: GenerationPolicy, rates: GenerationRates, capacities: dict[str, int],
           hardware: str, *, record: bool = True, **fields: object) -> GenerationPlan | str:
     """The plan of ``policy``, or why it does not fit (the first tier over its capacity); its
     tasks only when ``record`` (the search prices candidates without them)."""
     peaks = peak_bytes(shape, policy, rates)
-    for tier, need in peaks.items():
-        if need > capacities.get(tier, 0) and (need or tier in capacities):
-            return (f"{tier} needs {format_bytes(need)}, more than its "
-                    f"{format_bytes(capacities.get(tier, 0))}")
+    tier = over_tier(peaks, capacities)
+    if tier is not None:
+        return f"{tier} needs {format_bytes(peaks[tier])}, more than its {format_bytes(capacities.get(tier, 0))}"
     tasks, step_end = simulate(shape, policy, rates, record=record)
     return GenerationPlan(shape=shape, policy=policy, rates=rates, hardware=hardware, capacities=dict(capacities),
                           tasks=tasks, step_end_s=step_end, peak_bytes=peaks, **fields)  # type: ignore[arg-type]
@@ -156,5 +160,5 @@ def explain_choice(plan: GenerationPlan, tried: list[tuple[float, str]]) -> list
     return reasons
 
 
-__all__ = ["CACHE_BLOCKS", "attention_places", "block_tokens", "divisors", "least_device_bytes", "make_policy",
+__all__ = ["CACHE_BLOCKS", "attention_places", "block_tokens", "divisors", "least_device_bytes", "make_policy", "over_tier",
            "plan_generation", "price"]
