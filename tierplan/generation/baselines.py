@@ -14,8 +14,10 @@
 """
 from __future__ import annotations
 
+import dataclasses
+
 from tierplan.generation.policy_model import CacheOption, PolicyModel, WeightUnit, step_groups
-from tierplan.generation.search import attention_places, block_tokens, divisors, over_tier, price
+from tierplan.generation.search import attention_places, block_tokens, divisors, make_policy, over_tier, price
 from tierplan.generation.simulate import peak_bytes
 from tierplan.plans.generation import GenerationPlan, GenerationPolicy, GenerationRates, GenerationShape
 from tierplan.plans.plan import DEVICE, HOST, NVME
@@ -26,12 +28,10 @@ REPAIR_STEPS = 256
 
 def uniform_policy(shape: GenerationShape, layer_tier: str, kv_tier: str) -> GenerationPolicy:
     """Every layer's weights on ``layer_tier``, the rest on the device, the cache on ``kv_tier``; one batch."""
-    tiers = {shape.param_name(i, n): layer_tier for i in range(shape.layers) for n, _ in shape.layer_params}
-    tiers.update((n, DEVICE) for n, _ in shape.other_params)
     tokens = block_tokens(shape)
-    blocks = -(-shape.max_positions // tokens)
-    return GenerationPolicy(gpu_batch=shape.batch, num_gpu_batches=1, weight_tiers=tiers, kv_block_tokens=tokens,
-                            kv_tiers=(kv_tier,) * blocks, attention=DEVICE)
+    cache = CacheOption(kv_tier, (kv_tier,) * -(-shape.max_positions // tokens), tokens)
+    return make_policy(shape, gpu_batch=shape.batch, layer_tiers={n: layer_tier for n, _ in shape.layer_params},
+                       cache=cache, attention=DEVICE)
 
 
 def midpoint_tiers(sizes: list[tuple[str, int]], shares: dict[str, float]) -> dict[str, str]:
@@ -63,7 +63,7 @@ def _demote(policy: GenerationPolicy, shape: GenerationShape, tier: str, below: 
     kv = list(policy.kv_tiers)
     if tier in kv:
         kv[len(kv) - 1 - kv[::-1].index(tier)] = below
-        return GenerationPolicy(**{**policy.to_dict(), "kv_tiers": tuple(sorted(kv, key=(DEVICE, HOST, NVME).index))})
+        return dataclasses.replace(policy, kv_tiers=tuple(sorted(kv, key=(DEVICE, HOST, NVME).index)))
     names = [(b, n) for n, b in shape.layer_params if policy.weight_tiers[shape.param_name(0, n)] == tier]
     if not names:
         return None
@@ -71,7 +71,7 @@ def _demote(policy: GenerationPolicy, shape: GenerationShape, tier: str, below: 
     tiers = dict(policy.weight_tiers)
     for i in range(shape.layers):
         tiers[shape.param_name(i, moved)] = below
-    return GenerationPolicy(**{**policy.to_dict(), "weight_tiers": tiers})
+    return dataclasses.replace(policy, weight_tiers=tiers)
 
 
 def flexgen_policy(shape: GenerationShape, rates: GenerationRates, capacities: dict[str, int]) -> GenerationPolicy | str:
@@ -94,12 +94,9 @@ def flexgen_policy(shape: GenerationShape, rates: GenerationRates, capacities: d
             shares, kv_shares, value = answer
             if best is not None and value >= best[0]:
                 continue
-            layer_tiers = midpoint_tiers(list(shape.layer_params), shares["layer"])
-            tiers = {shape.param_name(i, n): layer_tiers[n] for i in range(shape.layers) for n, _ in shape.layer_params}
-            tiers.update((n, DEVICE) for n, _ in shape.other_params)
-            best = (value, GenerationPolicy(gpu_batch=g, num_gpu_batches=shape.batch // g, weight_tiers=tiers,
-                                            kv_block_tokens=tokens, kv_tiers=rounded_blocks(blocks, kv_shares),
-                                            attention=attention))
+            cache = CacheOption("rounded", rounded_blocks(blocks, kv_shares), tokens)
+            best = (value, make_policy(shape, gpu_batch=g, cache=cache, attention=attention,
+                                       layer_tiers=midpoint_tiers(list(shape.layer_params), shares["layer"])))
     if best is None:
         return "FlexGen's LP finds no fractions that fit any batching"
     return best[1]

@@ -120,9 +120,9 @@ def _step_costs(shape: GenerationShape, policy: GenerationPolicy, rates: Generat
     new_off = sum(b - a for a, b in pos.values())
     if on_host:
         flops, nbytes = work.flops - work.attention_flops, work.nbytes - work.attention_bytes
+        dense_s = rates.device_seconds(flops, nbytes, rates.kernels_per_layer)
         return _StepCosts(
-            compute_s=rates.device_seconds(flops, nbytes, rates.kernels_per_layer),
-            project_s=rates.device_seconds(flops, nbytes, rates.kernels_per_layer) * work.project_share,
+            compute_s=dense_s, project_s=dense_s * work.project_share,
             compute_flops=flops, compute_bytes=int(nbytes),
             attention_s=rates.cpu_seconds(work.attention_flops, work.attention_bytes),
             attention_flops=work.attention_flops, attention_bytes=int(work.attention_bytes),

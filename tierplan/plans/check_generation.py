@@ -183,15 +183,14 @@ def check_generation(plan: GenerationPlan) -> None:
     if layers_at_once > 2:
         raise PlanError(f"{layers_at_once} layers' streamed weights are on the device at once; the runtime holds two")
     cache_peak = most_at_once(live_cache)[1]
-    resident = sum(b for n, b in [*((s.param_name(i, n), b) for i in range(s.layers) for n, b in s.layer_params),
-                                  *s.other_params] if pol.weight_tiers[n] == DEVICE)
-    resident += sum(b for n, b in s.other_params if pol.weight_tiers[n] != DEVICE)  # held for the whole job
-    resident += s.batch * s.layers * kvb * positions(DEVICE, s.max_positions)
-    replayed = {DEVICE: resident + streamed_peak + cache_peak}
-    for tier in (HOST, NVME):
-        replayed[tier] = (sum(b for n, b in [*((s.param_name(i, n), b) for i in range(s.layers) for n, b in s.layer_params),
-                                             *s.other_params] if pol.weight_tiers[n] == tier)
-                          + s.batch * s.layers * kvb * positions(tier, s.max_positions))
+    home = {DEVICE: 0, HOST: 0, NVME: 0}  # each tier's weights and cache, where they live
+    for name, nbytes in [*((s.param_name(i, n), b) for i in range(s.layers) for n, b in s.layer_params),
+                         *s.other_params]:
+        home[pol.weight_tiers[name]] += nbytes
+    for tier in home:
+        home[tier] += s.batch * s.layers * kvb * positions(tier, s.max_positions)
+    held = sum(b for n, b in s.other_params if pol.weight_tiers[n] != DEVICE)  # on the device for the whole job
+    replayed = {DEVICE: home[DEVICE] + held + streamed_peak + cache_peak, HOST: home[HOST], NVME: home[NVME]}
     for tier, need in replayed.items():
         claimed = plan.peak_bytes.get(tier, 0)
         if need > claimed:
