@@ -85,7 +85,7 @@ def packing_rows(instances, time_limit_s: float) -> list[list[str]]:
 
 def ordering_rows(graphs) -> tuple[list[list[str]], dict[str, list[str]]]:
     from tierplan.passes.liveness import peak_bytes
-    from tierplan.packing.ordering import best_order, orders
+    from tierplan.passes.ordering import best_order, orders
 
     rows, best = [], {}
     for name, graph in graphs:

@@ -1,5 +1,5 @@
 """Operator orders: every order is checked to be a topological order of the graph by
-``check_topological`` below (independent of tierplan.packing.ordering and liveness)."""
+``check_topological`` below (independent of tierplan.passes.ordering and liveness)."""
 from __future__ import annotations
 
 import pytest
@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from tierplan.ir import Graph, OpInfo, Phase, TensorInfo, TensorKind, link_users
 from tierplan.passes.liveness import peak_bytes
-from tierplan.packing.ordering import (
+from tierplan.passes.ordering import (
     best_order,
     order_bfs,
     order_dfs,

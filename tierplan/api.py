@@ -15,6 +15,7 @@ from tierplan.passes.capture import capture
 from tierplan.passes.liveness import liveness
 from tierplan.placement.optimizer_step import plan_step, step_baselines
 from tierplan.placement.pricing import machine_pricing
+from tierplan.placement.reorder import plan_in_orders
 from tierplan.placement.reuse import plan_by_decisions
 from tierplan.placement.solve import solve
 from tierplan.placement.update import update_rates
@@ -44,6 +45,7 @@ def plan(
     optimizer: str | None = "adamw",
     precision: str | None = None,
     generate: int | None = None,
+    reorder: bool = False,
 ) -> Plan | GenerationPlan:
     """Capture ``model`` on ``example_inputs`` and plan it on ``hardware`` within ``memory_budget``.
 
@@ -63,12 +65,20 @@ def plan(
     weight and every block of the KV cache lives over the prefill and the N - 1 decode steps, how
     the batch is split into micro-batches, and where attention runs (``tierplan.generate``). The
     model is read, not captured; a float budget is a fraction of the all-on-device peak.
+
+    With ``reorder=True`` the op order is chosen too: the capture order and up to three orders
+    with a lower keep-all peak (within data dependencies, the phases and the order of random draws
+    and in-place writes) are each planned in a share of the time limit, and the fastest plan is
+    kept (``placement.reorder``); its graph runs the ops in that order.
     """
     if generate is not None:
         from tierplan.generate import generation_shape, job_of, plan_for
 
         if training:
             raise PlanError("generate= plans inference: pass training=False")
+        if reorder:
+            raise PlanError("reorder=True orders a captured graph's ops; generate= plans a decoder's layers: "
+                            "drop one of them")
         if generate < 1:
             raise PlanError(f"generate={generate}: give the number of new tokens, at least 1")
         batch, prompt = job_of(example_inputs, example_kwargs)
@@ -82,6 +92,7 @@ def plan(
     return plan_graph(
         captured.graph, hardware=hw, memory_budget=memory_budget, training=training,
         tiers=tiers, time_limit=time_limit, optimizer=optimizer or "none", precision=precision,
+        reorder=reorder,
     )
 
 
@@ -136,6 +147,7 @@ def plan_graph(
     time_limit: float | None = None,
     optimizer: str | None = "adamw",
     precision: str | None = None,
+    reorder: bool = False,
 ) -> Plan:
     """Plan an already captured graph (see ``plan``); the plan is validated before it is returned.
 
@@ -154,11 +166,17 @@ def plan_graph(
     pricing = machine_pricing(graph, hw, tiers=tiers, training=training)
     live = liveness(graph)
     budget = resolve_budget(memory_budget, keep_all_peak=live.peak, device_bytes=pricing.budget, hardware=hw.name)
-    if optimizer is None:  # no optimizer asked for, or no gradients to update
-        plan = solve(graph, pricing.with_budget(budget), time_limit_s=time_limit, live=live)
-    else:
-        plan = plan_step(graph, pricing.with_budget(budget), update_rates(hw), optimizer=optimizer,
-                         precision=str(precision), time_limit_s=time_limit, live=live)
+    priced = pricing.with_budget(budget)
+
+    def plan_in(ordered: Graph, seconds: float | None) -> Plan:
+        known = live if ordered is graph else None  # the liveness computed above is capture order's
+        if optimizer is None:  # no optimizer asked for, or no gradients to update
+            return solve(ordered, priced, time_limit_s=seconds, live=known)
+        return plan_step(ordered, priced, update_rates(hw), optimizer=optimizer, precision=str(precision),
+                         time_limit_s=seconds, live=known)
+
+    plan = (plan_in_orders(graph, plan_in, budget=budget, time_limit_s=time_limit) if reorder
+            else plan_in(graph, time_limit))
     validate(plan)  # every plan returned is checked by the independent replay
     return plan
 
@@ -208,6 +226,7 @@ def plan_graph_or_smallest(
     time_limit: float | None,
     optimizer: str | None = None,
     precision: str | None = None,
+    reorder: bool = False,
 ) -> tuple[Plan, str]:
     """``plan_graph``, except that a fractional budget the graph cannot meet plans it at the
     smallest budget the planner can meet; the note (else "") says so.
@@ -218,7 +237,7 @@ def plan_graph_or_smallest(
     the middle of a run. A budget in bytes is a hard limit and stays an error.
     """
     kw = dict(hardware=hardware, training=training, tiers=tiers, time_limit=time_limit, optimizer=optimizer,
-              precision=precision)
+              precision=precision, reorder=reorder)
     try:
         return plan_graph(graph, memory_budget=memory_budget, **kw), ""
     except InfeasibleBudget as exc:

@@ -110,6 +110,7 @@ class CompileSettings:
     recompile_limit: int
     optimizer: str | None = None  # the planned optimizer step's ("adamw", ...), None: not planned
     precision: str | None = None
+    reorder: bool = False  # choose the op order too (placement.reorder)
 
 
 @dataclass
@@ -331,14 +332,16 @@ class CompiledModule(nn.Module):
         if plan is None and not self.specializations:
             plan = plan_graph(captured.graph, hardware=s.hardware, memory_budget=s.memory_budget,
                               training=signature.training, tiers=s.tiers, time_limit=s.time_limit,
-                              optimizer=s.optimizer if signature.training else None, precision=s.precision)
+                              optimizer=s.optimizer if signature.training else None, precision=s.precision,
+                              reorder=s.reorder)
         elif plan is None:
             # A later signature meets the budget as the backend's subgraphs do (see
             # plan_graph_or_smallest); the first one, planned in compile(), stays strict.
             plan, note = plan_graph_or_smallest(
                 captured.graph, hardware=s.hardware, memory_budget=s.memory_budget,
                 training=signature.training, tiers=s.tiers, time_limit=s.time_limit,
-                optimizer=s.optimizer if signature.training else None, precision=s.precision)
+                optimizer=s.optimizer if signature.training else None, precision=s.precision,
+                reorder=s.reorder)
             if note:
                 warnings.warn(f"tierplan.compile: {note}", stacklevel=3)
         return self.add(signature, captured, plan)
@@ -451,6 +454,7 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile
     optimizer: torch.optim.Optimizer | None = None,
     precision: str | None = None,
     generate: bool = False,
+    reorder: bool = False,
 ) -> CompiledModule | GenerationModule:
     """Plan ``model`` under ``memory_budget`` and return a module that runs the plan.
 
@@ -502,6 +506,10 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile
     "fp32", "bf16" or "bf16-mixed" (the model's own dtype by default; "bf16-mixed" needs a bf16
     model and keeps fp32 master weights and states). Without an optimizer ``compiled.optimizer``
     is None and the update is not planned.
+
+    ``reorder=True``: the op order is chosen with the plan (``tierplan.plan``'s ``reorder``); the
+    program runs the ops in that order, random draws in their capture order, so it computes what
+    eager does.
     """
     args = example_inputs if isinstance(example_inputs, tuple) else (
         tuple(example_inputs) if isinstance(example_inputs, list) else (example_inputs,)
@@ -510,6 +518,9 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile
     if generate:
         from tierplan.generate import GenerationModule
 
+        if reorder:
+            raise ValueError("reorder=True orders a captured graph's ops; generate=True runs a decoder layer by "
+                             "layer: drop one of them")
         device = _model_device(model, args, kwargs)
         return GenerationModule(model, hardware=hardware or ("cpu" if device.type == "cpu" else "h100-sxm"),
                                 memory_budget=memory_budget, tiers=tiers, time_limit=time_limit,
@@ -524,7 +535,7 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile
     settings = CompileSettings(
         hardware=hardware, memory_budget=memory_budget, training=training, tiers=tuple(tiers),
         time_limit=time_limit, dynamic=dynamic, recompile_limit=recompile_limit,
-        optimizer=optimizer_kind, precision=precision,
+        optimizer=optimizer_kind, precision=precision, reorder=reorder,
     )
     compiled = CompiledModule(model, device, settings, training=training,
                               debug_dir=Path(debug_dir) if debug_dir is not None else None, arena=arena)

@@ -60,9 +60,10 @@ class Backend:
     def __init__(
         self, *, hardware: str | Path | Hardware | None, memory_budget: Budget, training: bool,
         tiers: Sequence[str], time_limit: float | None, debug_dir: str | Path | None,
-        optimizer: torch.optim.Optimizer | None = None, precision: str | None = None,
+        optimizer: torch.optim.Optimizer | None = None, precision: str | None = None, reorder: bool = False,
     ) -> None:
         self.hardware = hardware
+        self.reorder = reorder
         self.memory_budget = memory_budget
         self.training = training
         self.tiers = tuple(tiers)
@@ -155,7 +156,8 @@ class Backend:
         plan, note = plan_graph_or_smallest(
             graph, hardware=hardware, memory_budget=self.memory_budget, training=training,
             tiers=self.tiers, time_limit=self.time_limit,
-            optimizer=self._optimizer_kind if training else None, precision=self._precision)
+            optimizer=self._optimizer_kind if training else None, precision=self._precision,
+            reorder=self.reorder)
         if note:
             warnings.warn(f"tierplan.backend: {note}", stacklevel=2)
         return plan, note
@@ -345,6 +347,7 @@ def backend(
     debug_dir: str | Path | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     precision: str | None = None,
+    reorder: bool = False,
 ) -> Backend:
     """A ``torch.compile`` backend that plans every graph it is given and runs the plan.
 
@@ -386,9 +389,13 @@ def backend(
     plan then places its parameters' states (within that graph's budget), and the loop steps
     ``tp.optimizer`` instead, after the first training call (a ``TieredOptimizer`` sharing the
     given one's param groups, as ``compile``'s ``compiled.optimizer``).
+
+    ``reorder=True``: each graph's op order is chosen with its plan (``tierplan.plan``'s
+    ``reorder``); the forward's ops still all run before the backward's.
     """
     return Backend(hardware=hardware, memory_budget=memory_budget, training=training, tiers=tiers,
-                   time_limit=time_limit, debug_dir=debug_dir, optimizer=optimizer, precision=precision)
+                   time_limit=time_limit, debug_dir=debug_dir, optimizer=optimizer, precision=precision,
+                   reorder=reorder)
 
 
 __all__ = ["Backend", "CompiledGraph", "backend"]

@@ -113,6 +113,9 @@ def cmd_plan(args: argparse.Namespace) -> None:
         except ValueError as exc:
             raise UsageError(str(exc)) from None
     if args.generate is not None:
+        if args.reorder:
+            raise UsageError("--reorder orders the ops of a captured graph; --generate plans a decoder's layers, "
+                             "not a graph: drop one of them")
         _plan_generation(args, hardware, tiers, budget, progress)
         return
     if args.prompt_len is not None or args.attention is not None:
@@ -141,6 +144,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
         result = plan_graph(
             captured.graph, hardware=hardware, memory_budget=budget, training=args.training,
             tiers=tiers, time_limit=limit, optimizer=optimizer or "none", precision=precision,
+            reorder=args.reorder,
         )
         done.note = f"planned: {result.method.split(' (')[0]}"
     emitted = None
@@ -307,7 +311,7 @@ def cmd_remat(args: argparse.Namespace) -> None:
         budget = parse_bytes(args.budget, setting="--budget")
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    print(remat_command(args.graph, budget, args.time_limit, args.json))
+    print(remat_command(args.graph, budget, args.time_limit, args.json, reorder=args.reorder))
 
 
 # -- shared by plan and show ---------------------------------------------------------------------
@@ -516,6 +520,10 @@ def _add_outputs(p: argparse.ArgumentParser) -> None:
                    help="also price keep-all, checkpoint-blocks and swap-all with the same cost model")
 
 
+REORDER_HELP = ("choose the op order too: plan the capture order and up to 3 memory-lowering orders "
+                "(within data dependencies, phases and the order of random draws), keep the fastest plan")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="tierplan",
@@ -549,6 +557,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --generate: prompt tokens per sequence (default 512)")
     p.add_argument("--attention", choices=["device", "host"], default=None,
                    help="with --generate: where attention runs (default: the faster, searched)")
+    p.add_argument("--reorder", action="store_true", help=REORDER_HELP)
     _add_outputs(p)
     p.add_argument("--emit", type=Path, metavar="DIR",
                    help="write the generated Python module that runs the plan into this directory")
@@ -607,6 +616,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", required=True, help="memory budget in bytes (or a size such as 64MiB)")
     p.add_argument("--time-limit", type=float, default=None)
     p.add_argument("--json", type=Path, help="write the schedule and figures here")
+    p.add_argument("--reorder", action="store_true", help=REORDER_HELP)
     p.set_defaults(run=cmd_remat)
     return parser
 

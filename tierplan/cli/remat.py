@@ -10,6 +10,7 @@ from typing import Any
 from tierplan.formats.node_link import load_abstract
 from tierplan.ir import Graph
 from tierplan.placement.keep_all import keep_all_plan
+from tierplan.placement.reorder import plan_in_orders
 from tierplan.placement.solve import solve
 from tierplan.plans.plan import DEVICE, Plan, PlanError, Pricing, StepKind
 from tierplan.plans.validate import validate
@@ -20,9 +21,18 @@ def abstract_pricing(times: dict[str, float], budget: int) -> Pricing:
     return Pricing(capacities={DEVICE: budget}, channels=(), op_time_s=times, hardware="abstract", training=True)
 
 
-def plan_abstract(graph: Graph, times: dict[str, float], budget: int, time_limit_s: float | None) -> Plan:
-    # ``tierplan remat`` has no --tiers: an infeasible budget's message must not suggest it.
-    plan = solve(graph, abstract_pricing(times, budget), time_limit_s=time_limit_s, suggest_tiers=False)
+def plan_abstract(graph: Graph, times: dict[str, float], budget: int, time_limit_s: float | None,
+                  *, reorder: bool = False) -> Plan:
+    """The plan of ``graph`` in its own order, or with ``reorder`` in the best of several orders
+    (``placement.reorder``)."""
+    pricing = abstract_pricing(times, budget)
+
+    def plan_in(ordered: Graph, seconds: float | None) -> Plan:
+        # ``tierplan remat`` has no --tiers: an infeasible budget's message must not suggest it.
+        return solve(ordered, pricing, time_limit_s=seconds, suggest_tiers=False)
+
+    plan = (plan_in_orders(graph, plan_in, budget=budget, time_limit_s=time_limit_s) if reorder
+            else plan_in(graph, time_limit_s))
     validate(plan)
     return plan
 
@@ -41,12 +51,12 @@ def schedule_of(plan: Plan, ids: dict[str, Any]) -> list[list[Any]]:
 
 
 def remat_command(path: str | Path, budget: int, time_limit: float | None = None,
-                  json_out: str | Path | None = None) -> str:
+                  json_out: str | Path | None = None, reorder: bool = False) -> str:
     """Plan ``path`` within ``budget`` bytes; return the text to print (and write ``json_out``)."""
     started = time.perf_counter()
     graph, times, ids = load_abstract(path)
     reference = keep_all_plan(graph, abstract_pricing(times, budget))
-    plan = plan_abstract(graph, times, budget, time_limit)
+    plan = plan_abstract(graph, times, budget, time_limit, reorder=reorder)
     solve_s = time.perf_counter() - started
     recomputed = sum(1 for s in plan.schedule if s.kind == StepKind.RECOMPUTE)
     result = {

@@ -88,6 +88,9 @@ class _Builder:
         self.value_of: dict[str, str] = {}  # fx node name -> tensor name (getitem -> element)
         self.owner_of_storage: dict[int, str] = {}  # fake storage id -> owning tensor
         self.constants: dict[str, str] = {}
+        # Ops that draw random numbers or have side effects: an op order must keep theirs
+        # (graph.meta["ordered_ops"], read by passes.ordering).
+        self.ordered: list[str] = []
 
     # values without a producer ------------------------------------------------------------
 
@@ -147,6 +150,8 @@ class _Builder:
         if not is_view_op:
             written = sum(self._logical_bytes(t) for t in outputs)
         read = 0 if is_view_op else sum(self._logical_bytes(t) for t in inputs)
+        if torch.Tag.nondeterministic_seeded in getattr(node.target, "tags", ()) or node.is_impure():
+            self.ordered.append(node.name)
         self.ops.append(
             OpInfo(
                 name=node.name,
@@ -282,6 +287,8 @@ class _Builder:
         }
         if self.constants:
             meta["constants"] = dict(self.constants)
+        if self.ordered:
+            meta["ordered_ops"] = list(self.ordered)
         return Graph(
             name=name,
             tensors=self.tensors,

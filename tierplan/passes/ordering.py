@@ -15,17 +15,25 @@ of the capture order and three topological sorts; they are re-implemented here o
 hill climbing: each op is moved as early or as late as its dependencies allow when that lowers
 (peak, total live bytes over time).
 
-Dependencies are data edges (producer -> reader) plus, for ops writing a storage in place (the
-optimizer's updates, aten ``op_`` variants), edges from the earlier readers of that storage.
+Dependencies are data edges (producer -> reader) plus
+- for ops writing a storage in place (the optimizer's updates, aten ``op_`` variants), edges from
+  the earlier readers of that storage;
+- the phases: every forward op before every backward op, every backward op before every optimizer
+  op. The backward starts from the loss's gradient, and a split program (``tierplan.backend``)
+  hands the forward's outputs back before that gradient arrives;
+- a chain through ``graph.meta["ordered_ops"]`` (ops that draw random numbers or have side
+  effects, recorded at capture) in capture order, so the program draws the same random numbers
+  as eager.
 """
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import time
 from dataclasses import dataclass
 from typing import Sequence
 
-from tierplan.ir import PERSISTENT_KINDS, Graph, OpInfo, Phase
+from tierplan.ir import PERSISTENT_KINDS, Graph, GraphError, OpInfo, Phase
 from tierplan.passes.liveness import check_schedule, live_bytes
 
 
@@ -76,6 +84,10 @@ def dependencies(graph: Graph) -> Dependencies:
                 if t.storage in last_writer:
                     preds[i].add(last_writer[t.storage])
                 last_writer[t.storage] = i
+    _order_phases(graph, preds)
+    ordered = [index[name] for name in graph.meta.get("ordered_ops", ()) if name in index]
+    for earlier, later in zip(ordered, ordered[1:]):
+        preds[later].add(earlier)
     succs: list[set[int]] = [set() for _ in names]
     for i, ps in enumerate(preds):
         for p in ps:
@@ -90,6 +102,29 @@ def dependencies(graph: Graph) -> Dependencies:
         readers={s: frozenset(r) for s, r in readers.items()},
         kept=kept,
     )
+
+
+_PHASE_RANK = {Phase.FORWARD: 0, Phase.BACKWARD: 1, Phase.OPTIMIZER: 2}
+
+
+def _order_phases(graph: Graph, preds: list[set[int]]) -> None:
+    """Edges from the last ops of each phase (no reader in the same phase) to the first ops of the
+    next phase present (no producer in their own phase): each phase starts after the one before
+    ends, with few edges (barrier edges through the sinks and sources suffice)."""
+    rank = [_PHASE_RANK[op.phase] for op in graph.ops]
+    present = sorted(set(rank))
+    if len(present) < 2 or any(rank[p] > rank[i] for i, ps in enumerate(preds) for p in ps):
+        return  # one phase, or phases that are not stages (an op reads a later phase's result)
+    has_same_phase_succ = [False] * len(rank)
+    for i, ps in enumerate(preds):
+        for p in ps:
+            if rank[p] == rank[i]:
+                has_same_phase_succ[p] = True
+    for before, after in zip(present, present[1:]):
+        sinks = [i for i, r in enumerate(rank) if r == before and not has_same_phase_succ[i]]
+        sources = [i for i, r in enumerate(rank) if r == after and not any(rank[p] == after for p in preds[i])]
+        for i in sources:
+            preds[i].update(sinks)
 
 
 def _writes_in_place(op: OpInfo) -> bool:
@@ -274,3 +309,33 @@ def best_order(graph: Graph, time_limit_s: float = 2.0) -> tuple[list[str], int,
         check_schedule(graph, better)
         return better, better_peak, f"{method}+climb"
     return order, peak, method
+
+
+def check_order(graph: Graph, order: Sequence[str]) -> None:
+    """Raise GraphError unless ``order`` runs every op of ``graph`` once after everything
+    ``dependencies`` puts before it (data, in-place writes, phases, ordered ops)."""
+    check_schedule(graph, order)
+    d = dependencies(graph)
+    position = {name: i for i, name in enumerate(order)}
+    for i, name in enumerate(d.names):
+        for p in d.preds[i]:
+            if position[d.names[p]] > position[name]:
+                raise GraphError(f"op order runs {name!r} before {d.names[p]!r}, which must come first "
+                                 f"(a phase, an in-place write or a random draw keeps their capture order)")
+
+
+def reorder_graph(graph: Graph, order: Sequence[str], method: str) -> Graph:
+    """``graph`` with its ops run in ``order`` (checked by ``check_order``): the same tensors and
+    ops, every tensor's users listed in the new order, ``meta["op_order"]`` = ``method``. Blocks
+    keep their op lists, which pair ops across repeated blocks by position in the list."""
+    check_order(graph, order)
+    position = {name: i for i, name in enumerate(order)}
+    tensors = {
+        name: dataclasses.replace(t, users=sorted(t.users, key=position.__getitem__))
+        for name, t in graph.tensors.items()
+    }
+    return Graph(
+        name=graph.name, tensors=tensors, ops=[dataclasses.replace(graph.op(n)) for n in order],
+        inputs=list(graph.inputs), outputs=list(graph.outputs), blocks=list(graph.blocks),
+        meta={**graph.meta, "op_order": method},
+    )
