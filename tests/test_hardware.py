@@ -218,7 +218,7 @@ bfloat16 = 3e12
     d = hw.device
     assert d.memory_bytes == 1_500_000_000 and d.memory_bandwidth == 50e9
     assert d.launch_overhead_s == pytest.approx(2.5e-6)
-    assert d.peak_flops == {"float32": 1.5e12, "bfloat16": 3e12}
+    assert d.peak_flops["float32"] == 1.5e12 and d.peak_flops["bfloat16"] == 3e12
 
 
 def test_asymmetric_link_declared_per_direction(tmp_path: Path) -> None:

@@ -43,7 +43,7 @@ from tierplan.api import (
     COMPUTE_DTYPE, Budget, model_dtype, plan_graph, plan_graph_like, plan_graph_or_smallest, resolve_optimizer,
 )
 from tierplan.codegen.emit import Program, emit, load
-from tierplan.codegen.optimizer import StatePlacement, TieredOptimizer, optimizer_name
+from tierplan.codegen.optimizer import DynamicLossScale, StatePlacement, TieredOptimizer, optimizer_name
 from tierplan.codegen.runtime import Context, Runtime, run_step
 from tierplan.cost_models.hardware import Hardware
 from tierplan.ir import TensorKind
@@ -134,11 +134,12 @@ class Specialization:
         return len(self.program.outputs) - n_primals
 
     def flat_inputs(self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
-                    device: torch.device) -> list[torch.Tensor]:
+                    device: torch.device, seed: float = 1.0) -> list[torch.Tensor]:
         """Parameters, buffers, the call's tensors and the loss seed, in placeholder order.
 
         Parameters are passed as themselves (not detached), so the autograd Function links the
-        gradients it returns to them.
+        gradients it returns to them. ``seed``: the loss gradient the backward starts from (fp16
+        mixed precision's loss scale; the gradients come out multiplied by it).
         """
         params = dict(model.named_parameters())
         buffers = dict(model.named_buffers())
@@ -150,7 +151,7 @@ class Specialization:
             elif spec.kind is TensorKind.BUFFER:
                 t = buffers[spec.source]
             elif spec.source == "tangent":
-                t = torch.ones(spec.shape, dtype=getattr(torch, spec.dtype), device=device)
+                t = torch.full(spec.shape, seed, dtype=getattr(torch, spec.dtype), device=device)
             else:
                 if spec.index >= len(leaves):
                     raise CaptureError(
@@ -257,7 +258,8 @@ class CompiledModule(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         spec = self.specialize(args, kwargs)
-        flat = spec.flat_inputs(self.model, args, kwargs, self._device)
+        scale = self.optimizer.loss_scale if self.optimizer is not None else None
+        flat = spec.flat_inputs(self.model, args, kwargs, self._device, seed=scale.scale if scale else 1.0)
         if spec.captured.training:
             values = _PlannedStep.apply(self, spec, *flat)
         else:
@@ -503,8 +505,13 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile
     ``compiled.optimizer`` is the optimizer to step (a ``TieredOptimizer`` sharing the given one's
     ``param_groups``: LR schedulers, ``clip_grad_norm_``, gradient accumulation and
     ``state_dict`` work as with the plain one); step it instead of the one given. ``precision``:
-    "fp32", "bf16" or "bf16-mixed" (the model's own dtype by default; "bf16-mixed" needs a bf16
-    model and keeps fp32 master weights and states). Without an optimizer ``compiled.optimizer``
+    "fp32", "bf16", "bf16-mixed" or "fp16-mixed" (the model's own dtype by default; a mixed
+    precision needs a model in that dtype and keeps fp32 master weights and states). Under
+    "fp16-mixed" the planned backward starts from the loss scale, ``compiled.optimizer.loss_scale``
+    (dynamic: a step whose gradients overflow is skipped and the scale halves; it doubles after
+    2,000 clean steps), and ``compiled.optimizer.step`` divides it out in fp32: clip with
+    ``compiled.optimizer.clip_grad_norm_(max_norm)``, which clips the true gradients
+    (``torch.nn.utils.clip_grad_norm_`` would see the scaled ones). Without an optimizer ``compiled.optimizer``
     is None and the update is not planned.
 
     ``reorder=True``: the op order is chosen with the plan (``tierplan.plan``'s ``reorder``); the
@@ -557,6 +564,9 @@ def optimizer_setting(optimizer: torch.optim.Optimizer | None, precision: str | 
     """The optimizer's kind and the precision to plan with (the default precision from
     ``param_dtype``, else from the optimizer's first parameter); errors name what is wrong."""
     if optimizer is None:
+        if precision == "fp16-mixed":
+            raise ValueError("precision='fp16-mixed' needs optimizer=: its loss scale is kept and stepped by "
+                             "compiled.optimizer, which unscales the gradients into fp32 masters")
         return None, None
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer={optimizer!r}: give the torch.optim.Optimizer instance the training loop "
@@ -572,9 +582,6 @@ def optimizer_setting(optimizer: torch.optim.Optimizer | None, precision: str | 
             f"precision={precision!r} computes in {COMPUTE_DTYPE[str(precision)]}, the model's parameters "
             f"are {param_dtype}: tierplan runs the model in its own dtype, so cast it first "
             f"(model.to(torch.bfloat16) for bf16-mixed, whose fp32 master weights the optimizer keeps)")
-    if precision == "fp16-mixed":
-        raise ValueError("precision='fp16-mixed' is planned by tierplan.plan but compile does not run it "
-                         "yet (it needs dynamic loss scaling); use bf16-mixed")
     return kind, precision
 
 
@@ -589,9 +596,11 @@ def tiered_optimizer(optimizer: torch.optim.Optimizer, spec: Specialization, mod
 
 def placed_optimizer(optimizer: torch.optim.Optimizer, placements: dict[torch.Tensor, StatePlacement], *,
                      precision: str | None, swap_root: Path | None) -> TieredOptimizer:
-    """``optimizer`` with its states at ``placements``, on fp32 masters under mixed precision."""
+    """``optimizer`` with its states at ``placements``, on fp32 masters under mixed precision,
+    with a dynamic loss scale under fp16-mixed (the program's backward is seeded with it)."""
     master = torch.float32 if precision is not None and precision.endswith("-mixed") else None
-    return TieredOptimizer(optimizer, placements, master_dtype=master, swap_root=swap_root)
+    scale = DynamicLossScale() if precision == "fp16-mixed" else None
+    return TieredOptimizer(optimizer, placements, master_dtype=master, swap_root=swap_root, loss_scale=scale)
 
 
 def state_placements(plan: Plan, inputs: dict[str, torch.Tensor]) -> dict[torch.Tensor, StatePlacement]:

@@ -74,6 +74,10 @@ class Backend:
         self._count = 0
         self._runners: weakref.WeakSet[_Runner] = weakref.WeakSet()
         self._source_root: Path | None = None  # generated sources without a debug_dir
+        if precision == "fp16-mixed":
+            raise ValueError("tierplan.backend does not run precision='fp16-mixed': autograd starts each graph's "
+                             "backward from an unscaled gradient, so the loss scale cannot be applied inside the "
+                             "plan; use tierplan.compile(..., precision='fp16-mixed', optimizer=...) or bf16-mixed")
         self._optimizer_kind, self._precision = optimizer_setting(optimizer, precision, training=training)
         self._user_optimizer = optimizer
         self._placements: dict[torch.Tensor, StatePlacement] = {}  # from every training graph's plan

@@ -23,9 +23,19 @@ group's at once so that ``foreach``/``fused`` batch them as the user asked) with
 owning group's live hyper-parameters and that parameter's state dict, and stepped. Results are
 therefore those of the plain optimizer: on the CPU, bitwise equal.
 
+fp16 mixed precision (``loss_scale=DynamicLossScale()``): fp16 gradients of small values underflow,
+so the loss is scaled before the backward (``tierplan.compile`` seeds its planned backward with
+``loss_scale.scale``) and the gradients arrive multiplied by it. ``step`` first checks every
+gradient: with an inf or a NaN among them it skips the update and lowers the scale; otherwise it
+divides each gradient by the scale in fp32, on its way into the master, and after
+``growth_interval`` clean steps in a row raises the scale (Micikevicius et al., "Mixed Precision
+Training", ICLR 2018; the defaults are ``torch.amp.GradScaler``'s). ``clip_grad_norm_`` clips the
+true gradients: it returns their norm and folds the clip factor into the next step's division
+(``torch.nn.utils.clip_grad_norm_`` on ``p.grad`` would clip the scaled values).
+
 ``state_dict`` writes the wrapped class's standard format (a plain optimizer of the same class can
 load it and vice versa), adding a ``"master"`` entry for masters of another dtype than their
-parameter; ``load_state_dict`` puts every state back on its planned tier. The swap directory is
+parameter, and ``"loss_scale"`` under fp16 mixed precision; ``load_state_dict`` puts every state back on its planned tier. The swap directory is
 removed by ``close()``, by a ``weakref.finalize`` when the optimizer is collected, and at interpreter
 exit; files are replaced atomically, so a step that raises midway leaves every file either old or
 new, never torn.
@@ -52,6 +62,7 @@ from tierplan.plans.plan import DEVICE, HOST, NVME
 
 __all__ = [
     "DEVICE",
+    "DynamicLossScale",
     "HOST",
     "NVME",
     "SUPPORTED_OPTIMIZERS",
@@ -74,6 +85,43 @@ _CPU = torch.device("cpu")
 # Flags that only make sense for device kernels: a host update runs the single-tensor CPU path,
 # which is also what an eager CPU optimizer runs, so host results match a CPU reference bitwise.
 _HOST_FLAGS = {"foreach": False, "fused": False, "capturable": False}
+
+
+@dataclass
+class DynamicLossScale:
+    """The loss scale of fp16 mixed precision and its schedule (the module docstring)."""
+
+    scale: float = 2.0**16
+    growth_factor: float = 2.0
+    backoff_factor: float = 0.5
+    growth_interval: int = 2000  # clean steps in a row before the scale grows
+    clean_steps: int = 0  # since the last change of the scale
+    skipped_steps: int = 0  # steps skipped for an inf or NaN gradient, in all
+
+    def __post_init__(self) -> None:
+        if not (self.scale > 0 and math.isfinite(self.scale)):
+            raise ValueError(f"loss scale {self.scale!r}: give a finite positive number")
+        if not (self.growth_factor > 1 and 0 < self.backoff_factor < 1 and self.growth_interval >= 1):
+            raise ValueError("need growth_factor > 1, 0 < backoff_factor < 1 and growth_interval >= 1")
+
+    def update(self, found_inf: bool) -> None:
+        """After a step: back off on an inf or NaN gradient, grow after enough clean steps."""
+        if found_inf:
+            self.scale *= self.backoff_factor
+            self.clean_steps = 0
+            self.skipped_steps += 1
+            return
+        self.clean_steps += 1
+        if self.clean_steps == self.growth_interval:
+            self.scale *= self.growth_factor
+            self.clean_steps = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
 
 
 class UnsupportedOptimizer(ValueError):
@@ -223,6 +271,14 @@ class _StepIO:
             self._pool.shutdown(wait=True)
 
 
+def _all_finite(tensors: list[torch.Tensor]) -> bool:
+    """No inf or NaN in any of ``tensors`` (one host sync in all)."""
+    if not tensors:
+        return True
+    flags = [torch.isfinite(t).all().to(_CPU) for t in tensors]
+    return bool(torch.stack(flags).all())
+
+
 def _remove_tree(path: str) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
@@ -241,6 +297,8 @@ class TieredOptimizer(torch.optim.Optimizer):
             host master, of this dtype or else of the parameter's dtype promoted to at least fp32.
         swap_root: where to make the swap directory for NVME states (default: the system's
             temporary directory).
+        loss_scale: fp16 mixed precision's dynamic loss scale (the gradients arrive scaled by
+            it); needs ``master_dtype``, so that every update runs on an unscaled master.
     """
 
     def __init__(
@@ -250,8 +308,12 @@ class TieredOptimizer(torch.optim.Optimizer):
         *,
         master_dtype: torch.dtype | None = None,
         swap_root: str | Path | None = None,
+        loss_scale: DynamicLossScale | None = None,
     ) -> None:
         cls = SUPPORTED_OPTIMIZERS[optimizer_name(optimizer)]
+        if loss_scale is not None and master_dtype is None:
+            raise ValueError("a loss scale needs master weights (master_dtype=torch.float32): the gradients "
+                             "are unscaled on their way into the masters")
         # Optimizer.__init__ sets up the hook dicts and the profiled ``step``; its own parameter
         # group is a placeholder, replaced by the wrapped optimizer's list right after.
         super().__init__([torch.zeros(0)], dict(optimizer.defaults))
@@ -265,6 +327,9 @@ class TieredOptimizer(torch.optim.Optimizer):
         self._finalizer: weakref.finalize | None = None
         self._closed = False
         self._slots: dict[int, _Slot] = {}
+        self.loss_scale = loss_scale
+        self._clip = 1.0  # clip_grad_norm_'s factor, applied by the next step
+        self._grad_factor = 1.0  # what each gradient is multiplied by on its way into its master
         # The scratch instance whose ``step`` is the wrapped class's update. Built without the
         # class's __init__ (whose signature may not take every key of ``defaults``, e.g. AdamW and
         # ``decoupled_weight_decay``) over a placeholder that is never stepped.
@@ -305,7 +370,8 @@ class TieredOptimizer(torch.optim.Optimizer):
                 master_dtype = torch.promote_types(p.dtype, torch.float32)
             else:
                 master_dtype = p.dtype
-        elif self._master_dtype is not None and self._master_dtype != p.dtype:
+        elif self._master_dtype is not None and (self._master_dtype != p.dtype or self.loss_scale is not None):
+            # Under a loss scale every update runs on a master, which gets the unscaled gradient.
             master_dtype = self._master_dtype
         else:
             master_dtype = None
@@ -507,13 +573,14 @@ class TieredOptimizer(torch.optim.Optimizer):
             scratch.param_groups = self._scratch_groups
             scratch.state = defaultdict(dict)
 
-    @staticmethod
-    def _set_master_grad(p: torch.Tensor, master: torch.Tensor) -> None:
+    def _set_master_grad(self, p: torch.Tensor, master: torch.Tensor) -> None:
         grad = p.grad
         assert grad is not None
         # No copy when the gradient already has the master's dtype and device: torch's updates
-        # never write into a gradient, so the master may share it.
-        master.grad = grad.to(device=master.device, dtype=master.dtype)
+        # never write into a gradient, so the master may share it. The loss scale and a clip
+        # are divided out in the master's dtype (an fp16 gradient divided in fp16 underflows).
+        grad = grad.to(device=master.device, dtype=master.dtype)
+        master.grad = grad if self._grad_factor == 1.0 else grad * self._grad_factor
 
     @staticmethod
     def _write_back(p: torch.Tensor, master: torch.Tensor) -> None:
@@ -563,6 +630,41 @@ class TieredOptimizer(torch.optim.Optimizer):
                 loss = closure()
         if self._closed and any(s.placement.states == NVME for s in self._slots.values()):
             raise RuntimeError("TieredOptimizer is closed: its NVMe states were removed")
+        scale = self.loss_scale
+        if scale is not None and not _all_finite(self._grads()):
+            scale.update(found_inf=True)  # skipped: the next backward runs at a smaller scale
+            self._clip = 1.0
+            return loss
+        self._grad_factor = self._clip / (scale.scale if scale is not None else 1.0)
+        try:
+            self._step_groups()
+        finally:
+            self._grad_factor, self._clip = 1.0, 1.0
+        if scale is not None:
+            scale.update(found_inf=False)
+        return loss
+
+    def _grads(self) -> list[torch.Tensor]:
+        return [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+        """``torch.nn.utils.clip_grad_norm_`` over the parameters' gradients, loss scale or not:
+        returns the total norm of the true gradients (inf or NaN when a scaled gradient
+        overflowed; that step is skipped anyway). With a loss scale the gradients are not
+        touched: the clip is folded into the next ``step``'s unscale."""
+        if self.loss_scale is None:
+            params = [p for group in self.param_groups for p in group["params"]]
+            return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type)
+        grads = self._grads()
+        if not grads:
+            return torch.tensor(0.0)
+        norms = [torch.linalg.vector_norm(g.float(), norm_type).to(_CPU) for g in grads]
+        total = torch.linalg.vector_norm(torch.stack(norms), norm_type) / self.loss_scale.scale
+        if bool(torch.isfinite(total)):
+            self._clip = min(1.0, float(max_norm) / (float(total) + 1e-6))  # torch's own epsilon
+        return total
+
+    def _step_groups(self) -> None:
         for group in self.param_groups:
             resident: list[_Slot] = []
             placed: list[_Slot] = []
@@ -581,7 +683,6 @@ class TieredOptimizer(torch.optim.Optimizer):
             with _StepIO(swapped, self._read_files) as io:
                 for slot in placed:
                     self._step_one(group, slot, io)
-        return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self._optimizer.zero_grad(set_to_none=set_to_none)
@@ -628,6 +729,8 @@ class TieredOptimizer(torch.optim.Optimizer):
                 if entry:
                     packed_state[param_mappings[id(p)]] = entry
         state_dict: dict[str, Any] = {"state": packed_state, "param_groups": packed_groups}
+        if self.loss_scale is not None:
+            state_dict["loss_scale"] = self.loss_scale.state_dict()
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             result = post_hook(self, state_dict)
             if result is not None:
@@ -652,6 +755,8 @@ class TieredOptimizer(torch.optim.Optimizer):
                     "optimizer's group"
                 )
         saved_state: Mapping[Any, Any] = state_dict["state"]
+        if self.loss_scale is not None and "loss_scale" in state_dict:
+            self.loss_scale.load_state_dict(state_dict["loss_scale"])
         for group, saved in zip(groups, saved_groups):
             params = group["params"]
             names = group.get("param_names")
