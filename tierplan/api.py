@@ -57,8 +57,10 @@ def plan(
     A training plan includes the optimizer step: ``optimizer`` is "adamw" (default), "adam",
     "sgd", or "none"/None for forward and backward only; ``precision`` is "fp32", "bf16",
     "bf16-mixed" (bf16 compute and gradients, fp32 master weights and states) or "fp16-mixed",
-    by default the one the model's parameters imply (bf16 weights: "bf16-mixed"). A precision
-    whose compute dtype differs from the model's is captured on a cast copy of the model.
+    by default the one the model's parameters imply (bf16 weights: "bf16-mixed"). "bf16-mixed" of
+    an fp32 model is captured under ``torch.autocast(bfloat16)`` (torch AMP: the fp32 weights are
+    the masters); any other precision whose compute dtype differs from the model's is captured on
+    a cast copy of the model (bf16 or fp16 weights with fp32 masters beside them, as ZeRO).
 
     With ``generate=N`` (and ``training=False``) the plan is a GenerationPlan for greedy
     generation of N tokens after the example's token ids (batch x prompt length): where every
@@ -88,7 +90,7 @@ def plan(
     model, example_inputs, example_kwargs, optimizer, precision = in_precision(
         model, example_inputs, example_kwargs, optimizer=optimizer, precision=precision, training=training)
     captured = capture(model, tuple(example_inputs), example_kwargs=example_kwargs, training=training,
-                       target=hw)
+                       target=hw, autocast=autocast_dtype(precision, model_dtype(model)))
     return plan_graph(
         captured.graph, hardware=hw, memory_budget=memory_budget, training=training,
         tiers=tiers, time_limit=time_limit, optimizer=optimizer or "none", precision=precision,
@@ -101,11 +103,21 @@ def in_precision(
     precision: str | None, training: bool,
 ) -> tuple[torch.nn.Module, tuple[Any, ...], dict[str, Any] | None, str | None, str | None]:
     """The model and inputs to capture for ``precision`` (a cast copy when it computes in another
-    dtype than the model), with the resolved optimizer and precision (``resolve_optimizer``)."""
+    dtype than the model, unless it runs under autocast: ``autocast_dtype``), with the resolved
+    optimizer and precision (``resolve_optimizer``)."""
     optimizer, precision = resolve_optimizer(optimizer, precision, model_dtype(model), training=training)
-    if precision is not None and COMPUTE_DTYPE[precision] != model_dtype(model):
+    if (precision is not None and COMPUTE_DTYPE[precision] != model_dtype(model)
+            and autocast_dtype(precision, model_dtype(model)) is None):
         return (*cast_copy(model, args, kwargs, COMPUTE_DTYPE[precision]), optimizer, precision)
     return model, tuple(args), kwargs, optimizer, precision
+
+
+def autocast_dtype(precision: str | None, param_dtype: torch.dtype) -> torch.dtype | None:
+    """bf16 when an fp32 model runs ``precision="bf16-mixed"``: under ``torch.autocast``, its fp32
+    weights being the master weights (torch AMP); None otherwise. A bf16 model runs bf16-mixed
+    ZeRO's way instead: bf16 weights, fp32 masters beside them. fp16-mixed of an fp32 model runs
+    on a cast copy (its loss scale is applied to fp16 gradients)."""
+    return torch.bfloat16 if precision == "bf16-mixed" and param_dtype == torch.float32 else None
 
 
 def resolve_optimizer(optimizer: str | None, precision: str | None, param_dtype: torch.dtype, *,
@@ -156,13 +168,14 @@ def plan_graph(
     hw = hardware if isinstance(hardware, Hardware) else load_hardware(hardware)
     if not graph.blocks:
         graph = detect_blocks(graph)
-    dtype = _graph_param_dtype(graph)
+    # The dtype the graph computes in: its autocast dtype when captured under autocast.
+    dtype = getattr(torch, graph.meta["autocast"]) if "autocast" in graph.meta else _graph_param_dtype(graph)
     optimizer, precision = resolve_optimizer(optimizer, precision, dtype, training=training and
                                              bool(graph.meta.get("grad_of")))
     if precision is not None and COMPUTE_DTYPE[precision] != dtype:
         raise PlanError(f"precision={precision!r} computes in {COMPUTE_DTYPE[precision]}, but graph "
-                        f"{graph.name}'s parameters are {dtype}; capture the model in that dtype, or plan "
-                        f"the model with tierplan.plan, which casts a copy")
+                        f"{graph.name} computes in {dtype}; capture the model in that dtype, or plan "
+                        f"the model with tierplan.plan, which casts a copy (or captures under autocast)")
     pricing = machine_pricing(graph, hw, tiers=tiers, training=training)
     live = liveness(graph)
     budget = resolve_budget(memory_budget, keep_all_peak=live.peak, device_bytes=pricing.budget, hardware=hw.name)

@@ -40,7 +40,8 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from tierplan.api import (
-    COMPUTE_DTYPE, Budget, model_dtype, plan_graph, plan_graph_like, plan_graph_or_smallest, resolve_optimizer,
+    COMPUTE_DTYPE, Budget, autocast_dtype, model_dtype, plan_graph, plan_graph_like, plan_graph_or_smallest,
+    resolve_optimizer,
 )
 from tierplan.codegen.emit import Program, emit, load
 from tierplan.codegen.optimizer import DynamicLossScale, StatePlacement, TieredOptimizer, optimizer_name
@@ -326,7 +327,7 @@ class CompiledModule(nn.Module):
             warnings.warn(f"tierplan.compile: planning {name} for a new signature, "
                           f"{signature.describe()} ({how})", stacklevel=3)
         captured = capture(self.model, args, example_kwargs=kwargs, training=signature.training,
-                           keep_outputs=True)
+                           keep_outputs=True, autocast=autocast_dtype(s.precision, model_dtype(self.model)))
         plan = None
         if like is not None:
             plan = plan_graph_like(captured.graph, like.plan, hardware=s.hardware, tiers=s.tiers,
@@ -505,8 +506,11 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile
     ``compiled.optimizer`` is the optimizer to step (a ``TieredOptimizer`` sharing the given one's
     ``param_groups``: LR schedulers, ``clip_grad_norm_``, gradient accumulation and
     ``state_dict`` work as with the plain one); step it instead of the one given. ``precision``:
-    "fp32", "bf16", "bf16-mixed" or "fp16-mixed" (the model's own dtype by default; a mixed
-    precision needs a model in that dtype and keeps fp32 master weights and states). Under
+    "fp32", "bf16", "bf16-mixed" or "fp16-mixed" (the model's own dtype by default). A mixed
+    precision keeps fp32 master weights and states; "bf16-mixed" of an fp32 model runs it under
+    ``torch.autocast(bfloat16)`` (torch AMP: the planned program holds autocast's casts, the fp32
+    weights are the masters), of a bf16 model with fp32 masters beside its weights (ZeRO's);
+    "fp16-mixed" needs an fp16 model. Under
     "fp16-mixed" the planned backward starts from the loss scale, ``compiled.optimizer.loss_scale``
     (dynamic: a step whose gradients overflow is skipped and the scale halves; it doubles after
     2,000 clean steps), and ``compiled.optimizer.step`` divides it out in fp32: clip with
@@ -538,7 +542,7 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile
     if hardware is None:
         hardware = "cpu" if device.type == "cpu" else "h100-sxm"
     optimizer_kind, precision = optimizer_setting(optimizer, precision, training=training,
-                                                  param_dtype=model_dtype(model))
+                                                  param_dtype=model_dtype(model), autocast=True)
     settings = CompileSettings(
         hardware=hardware, memory_budget=memory_budget, training=training, tiers=tuple(tiers),
         time_limit=time_limit, dynamic=dynamic, recompile_limit=recompile_limit,
@@ -560,9 +564,11 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile
 
 
 def optimizer_setting(optimizer: torch.optim.Optimizer | None, precision: str | None, *, training: bool,
-                      param_dtype: torch.dtype | None = None) -> tuple[str | None, str | None]:
+                      param_dtype: torch.dtype | None = None,
+                      autocast: bool = False) -> tuple[str | None, str | None]:
     """The optimizer's kind and the precision to plan with (the default precision from
-    ``param_dtype``, else from the optimizer's first parameter); errors name what is wrong."""
+    ``param_dtype``, else from the optimizer's first parameter); errors name what is wrong.
+    ``autocast``: the caller runs bf16-mixed of an fp32 model under autocast (``compile``)."""
     if optimizer is None:
         if precision == "fp16-mixed":
             raise ValueError("precision='fp16-mixed' needs optimizer=: its loss scale is kept and stepped by "
@@ -577,6 +583,8 @@ def optimizer_setting(optimizer: torch.optim.Optimizer | None, precision: str | 
         params = [p for group in optimizer.param_groups for p in group["params"] if p.is_floating_point()]
         param_dtype = params[0].dtype if params else torch.float32
     kind, precision = resolve_optimizer(optimizer_name(optimizer), precision, param_dtype, training=True)
+    if autocast and autocast_dtype(precision, param_dtype) is not None:
+        return kind, precision  # an fp32 model run under autocast, its weights the masters
     if COMPUTE_DTYPE[str(precision)] != param_dtype:
         raise ValueError(
             f"precision={precision!r} computes in {COMPUTE_DTYPE[str(precision)]}, the model's parameters "

@@ -94,7 +94,7 @@ class Progress:
 def cmd_plan(args: argparse.Namespace) -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # keep library chatter out of the report
     _check_outputs(args)
-    from tierplan.api import in_precision, plan_graph
+    from tierplan.api import autocast_dtype, in_precision, model_dtype, plan_graph
     from tierplan.plans.plan import PlanError
     from tierplan.cost_models.hardware import load_hardware
     from tierplan.passes.capture import capture
@@ -134,7 +134,8 @@ def cmd_plan(args: argparse.Namespace) -> None:
             raise UsageError(str(exc)) from None
         try:
             captured = capture(model, example_args, example_kwargs=example_kwargs, training=args.training,
-                               target=hardware)  # the hardware's kernels (a GPU's fused attention)
+                               target=hardware,  # the hardware's kernels (a GPU's fused attention)
+                               autocast=autocast_dtype(precision, model_dtype(model)))
         except Exception as exc:
             _blame_user_model(exc, args.model)
             raise

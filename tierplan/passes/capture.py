@@ -186,6 +186,7 @@ def capture(
     name: str | None = None,
     keep_outputs: bool = False,
     target: str | Path | Hardware | TargetKernels | None = None,
+    autocast: torch.dtype | None = None,
 ) -> Captured:
     """Trace ``model(*example_inputs, **example_kwargs)`` into a Captured graph.
 
@@ -206,6 +207,10 @@ def capture(
     ``tierplan.passes.target_kernels``); None or a CPU keeps the kernels of the device traced on.
     Tensors stay on ``fake_device`` (the CPU) either way: only kernels and shapes change, and a
     graph with a GPU's kernels runs on that GPU only (``Captured.run`` on CPU tensors fails).
+
+    ``autocast`` (``torch.bfloat16``): trace under ``torch.autocast`` of the traced tensors' device
+    type: the graph holds its casts (fp32 weights, bf16 copies for the ops autocast lowers), so it
+    runs as eager autocast does without a context; ``graph.meta["autocast"]`` names the dtype.
     """
     kernels = None if target is None else TargetKernels.of(target)
     flat = _flatten_call(model, example_inputs, example_kwargs)
@@ -226,7 +231,9 @@ def capture(
         # no log handler is listening.
         enable_log=False,
     )
-    seconds = _run_trace(model, compiled, trace_inputs, training)
+    device_type = trace_inputs[0].device.type if trace_inputs else fake_device
+    with torch.autocast(device_type, dtype=autocast) if autocast is not None else contextlib.nullcontext():
+        seconds = _run_trace(model, compiled, trace_inputs, training)
     gm = _recorded_graph(recorder, training, type(model).__name__)
     _use_flat_calling_convention(gm)
     signature = _capture_signature(gm, recorder, flat, training)
@@ -234,6 +241,8 @@ def capture(
     graph = annotate_graph(gm, signature, name=name or type(model).__name__)
     graph.meta["training"] = training
     graph.meta["capture_seconds"] = round(seconds, 3)
+    if autocast is not None:
+        graph.meta["autocast"] = str(autocast).removeprefix("torch.")
     if kernels is not None:
         graph.meta["kernels"] = _kernels_meta(kernels, graph, record)
     return Captured(

@@ -65,8 +65,9 @@ def param_states(graph: Graph, optimizer: str, precision: str, *, momentum: floa
 
     ``weight_decay`` defaults to torch's for the optimizer (AdamW 0.01, Adam and SGD 0); "sgd"
     means SGD with momentum (0.9 unless given), which keeps one state per parameter.
-    Mixed precision keeps an fp32 master and fp32 states; "fp32" keeps fp32 states; "bf16" keeps
-    the states in the parameters' dtype (torch.optim's states take the parameter's dtype)."""
+    Mixed precision keeps fp32 states and an fp32 master beside a bf16/fp16 parameter (an fp32
+    parameter under autocast is its own master); "fp32" keeps fp32 states; "bf16" keeps the states
+    in the parameters' dtype (torch.optim's states take the parameter's dtype)."""
     check_choice(optimizer, precision)
     if weight_decay is None:
         weight_decay = 0.01 if optimizer == "adamw" else 0.0
@@ -84,7 +85,8 @@ def param_states(graph: Graph, optimizer: str, precision: str, *, momentum: floa
         state_size = 4 if mixed or precision == "fp32" else t.nbytes // max(1, numel)
         out.append(ParamState(
             param=t.storage, grad=grad.storage, numel=numel, weight_bytes=t.nbytes,
-            grad_bytes=graph.tensors[grad.storage].nbytes, master_bytes=4 * numel if mixed else 0,
+            grad_bytes=graph.tensors[grad.storage].nbytes,
+            master_bytes=4 * numel if mixed and t.dtype != "float32" else 0,
             state_bytes=len(spec.states) * numel * state_size, flops=spec.flops_per_element * numel,
             # One file per state, Adam's step counter and the host master (TieredOptimizer's files).
             state_files=len(spec.states) + (1 if optimizer in ("adam", "adamw") else 0) + 1,

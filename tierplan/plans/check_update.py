@@ -76,8 +76,9 @@ def _check_params(plan: Plan, update: UpdatePlan) -> None:
         numel = math.prod(int(d) for d in t.shape)
         size = 4 if mixed or update.precision == "fp32" else t.nbytes // max(1, numel)
         grad = graph.tensors[grad_of[ps.param]].storage
+        # An fp32 parameter under mixed precision (autocast) is its own master.
         expected = dict(numel=numel, weight_bytes=t.nbytes, grad=grad, grad_bytes=graph.tensors[grad].nbytes,
-                        master_bytes=4 * numel if mixed else 0)
+                        master_bytes=4 * numel if mixed and t.dtype != "float32" else 0)
         for name, value in expected.items():
             if getattr(ps, name) != value:
                 raise PlanError(f"parameter {ps.param}: the update records {name}={getattr(ps, name)}, "
