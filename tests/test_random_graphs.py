@@ -154,3 +154,46 @@ def test_bench_rows_today() -> None:
     assert {row.status for row in rows} <= {"ok", "infeasible", "n/a", "error"}
     assert any(row.method == "greedy" and row.status == "ok" for row in rows)  # at "min", by construction
     assert len(lines) == 2 + 1 + len(rows)
+
+
+@pytest.mark.parametrize("spec", [standard_spec(n) for n in (100, 250, 500, 1000)]
+                         + [standard_spec(300, seed) for seed in (1, 2, 3)])
+def test_no_op_footprint_over_the_cap(spec) -> None:
+    """No op's inputs and output exceed MAX_FOOTPRINT_SHARE of the keep-all peak, so 0.8 of it
+    leaves room to run every op (standard_spec(500) was at 0.86 before the repair)."""
+    from tierplan.formats.random_graphs import MAX_FOOTPRINT_SHARE
+
+    data = layered_graph(spec)
+    assert lower_bound_peak(instance(data)) <= MAX_FOOTPRINT_SHARE * keep_all_peak(data)
+
+
+def test_the_repair_acts_only_on_a_violation(monkeypatch) -> None:
+    """standard_spec(500) as drawn has an op at 0.86 of the keep-all peak; the repair shrinks
+    sizes only (same links and order, whole units within the spec's range) to about
+    FOOTPRINT_REPAIR_SHARE. An instance within the cap is left as it is (the fixture's 20- and
+    100-node instances are also checked byte for byte in test_fixture)."""
+    import copy
+
+    from tierplan.formats import random_graphs
+
+    spec = standard_spec(500)
+    data = layered_graph(spec)
+    with monkeypatch.context() as patch:
+        patch.setattr(random_graphs, "MAX_FOOTPRINT_SHARE", 1.0)
+        drawn = layered_graph(spec)
+    assert lower_bound_peak(instance(drawn)) > 0.85 * keep_all_peak(drawn)
+    assert lower_bound_peak(instance(data)) <= (random_graphs.FOOTPRINT_REPAIR_SHARE + 0.01) * keep_all_peak(data)
+    assert data["links"] == drawn["links"] and data["graph"] == drawn["graph"]
+    shrunk = [(a["cost_ram"], b["cost_ram"]) for a, b in zip(data["nodes"], drawn["nodes"]) if a != b]
+    assert shrunk and all(after < before for after, before in shrunk)
+    lo, hi = spec.ram
+    assert all(lo <= node["cost_ram"] // spec.ram_unit <= hi and node["cost_ram"] % spec.ram_unit == 0
+               for node in data["nodes"])
+    again = copy.deepcopy(data)
+    random_graphs._cap_footprints(again, spec.ram_unit)  # within the cap now: untouched
+    assert again == data
+    small = layered_graph(standard_spec(20))
+    assert lower_bound_peak(instance(small)) > random_graphs.FOOTPRINT_REPAIR_SHARE * keep_all_peak(small)
+    within = copy.deepcopy(small)
+    random_graphs._cap_footprints(within, spec.ram_unit)  # 0.72: over the target, within the cap
+    assert within == small

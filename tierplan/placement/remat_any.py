@@ -23,13 +23,19 @@ Objective: the recompute time (the first computes are a constant). The model is 
 ``solve_remat_any`` and read back in ``_read``.
 
 The start: the budget is soft in the model (each byte over it costs more than all recomputes
-together), so any schedule, keep-all included, is a solution to start from: CP-SAT drives the
-overshoot to zero, then the recompute time down. ``plan_remat_any`` walks the budget down from
-keep-all's peak in a few steps, each answer the next one's start (a lazy-recompute greedy was
-tried first: its re-creation chains outgrew the budget on layered graphs with skip links). An
-answer still over the budget is no plan. CP-SAT's bound covers this model's plans only (C
-intervals per node, slot accounting): the solve reports it as the model's bound, never the proven
-one (docs/cost-model.md, "Recompute anywhere (Moccasin)").
+together), so any schedule, keep-all included, is a solution to start from. But the overshoot
+is one maximum over the order: while one place stays over, an LNS move that clears another
+gains nothing, and from keep-all CP-SAT stalls a few MiB over a tight budget with the overshoot
+in a dozen places (250 nodes at 0.8 of keep-all's peak: 84 MiB against 82.4 after 49 s). So
+``search_remat_any`` starts CP-SAT from spans within the budget: a greedy sweep's (``_Sweep``:
+slot by slot, free a held node and re-run it before its next use, its inputs held on or re-run
+too), else those of a ladder of budgets walked down from keep-all's peak in small steps, each
+step repaired by the sweep when it can and else solved for the overshoot alone (CP-SAT stops as
+soon as it is zero). The last solve then spends what is left on the recompute time. An answer
+still over the budget is no plan; the sweep's own spans are the answer when CP-SAT has none
+within it. CP-SAT's bound covers this model's plans only (C intervals per node, slot
+accounting): the solve reports it as the model's bound, never the proven one
+(docs/cost-model.md, "Recompute anywhere (Moccasin)").
 
 Which ops may be re-run: forward-phase ops whose outputs are all fresh storages (no views, so
 re-running never writes into another op's storage) and neither caller-owned nor graph outputs.
@@ -38,6 +44,7 @@ Views cost no bytes: reading one needs its base's storage, i.e. the base's produ
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from dataclasses import dataclass
 from typing import Mapping
@@ -58,6 +65,16 @@ REMAT_ANY_CPSAT = "remat-any-cpsat"  # marks a solver report as this model's (it
 DEFAULT_INTERVALS = 2
 SMALL_GRAPH_INTERVALS = 3
 SMALL_GRAPH_NODES = 150
+
+_LADDER_STEP = 0.015  # of keep-all's peak: the ladder's step down
+_LADDER_ROUNDS = 20  # solves per ladder step, at most
+_ROUND_S = 6.0  # the longest one of them
+_LADDER_SHARE = 0.8  # of the time left, spread over the ladder's steps left (the rest: the last solve)
+_SWEEP_SHARE = 0.1  # of a ladder step's time, at most, for its repair by the sweep
+# The first sweep (from keep-all) may take more: it is the likeliest start within the budget and
+# ends when it fits or gets stuck (500 nodes at 0.9: 2 s, which 0.1 of a 17 s limit cut short).
+_FIRST_SWEEP_SHARE = 0.4
+GREEDY = "GREEDY"  # the status of the sweep's answer, when CP-SAT has none within the budget
 _OVER_STEPS = 10_000  # the overshoot's resolution in the objective: this many steps up to keep-all's peak
 _TIME_UNITS = 1_000_000  # the keep-all step time in the model's integer time units
 
@@ -148,16 +165,27 @@ def keep_all_spans(problem: RematProblem) -> Spans:
 
 def spans_peak(problem: RematProblem, spans: Spans) -> int:
     """The model's own accounting: the fullest slot's bytes held (graph inputs excluded)."""
+    return max(spans_held(problem, spans), default=0)
+
+
+def spans_recompute_s(problem: RematProblem, spans: Spans) -> float:
+    """The seconds the recomputes of ``spans`` take (each interval after a node's first)."""
+    return sum(problem.seconds[i] * (len(mine) - 1) for i, mine in enumerate(spans))
+
+
+def spans_held(problem: RematProblem, spans: Spans) -> list[int]:
+    """The bytes held in each slot, in the model's accounting (graph inputs excluded)."""
     delta = [0] * (2 * problem.n + 1)
     for nd, mine in zip(problem.nodes, spans):
         for s, e in mine:
             delta[s] += nd.nbytes
             delta[e + 1] -= nd.nbytes
-    peak = used = 0
+    held = []
+    used = 0
     for d in delta[:-1]:
         used += d
-        peak = max(peak, used)
-    return peak
+        held.append(used)
+    return held
 
 
 # -- the CP-SAT model: built in solve_remat_any, read back in _read ----------------------------
@@ -173,9 +201,10 @@ class RematSolved:
 
 
 def solve_remat_any(problem: RematProblem, *, deadline: float, hint: Spans | None = None,
-                    intervals: int = DEFAULT_INTERVALS, workers: int = 2) -> RematSolved:
+                    intervals: int = DEFAULT_INTERVALS, workers: int = 2, first_fit: bool = False,
+                    seed: int = 0) -> RematSolved:
     """Minimize recompute time over the interval model within ``problem.room``, from ``hint``
-    (keep-all when None)."""
+    (keep-all when None); ``first_fit``: minimize the overshoot alone (a start for another solve)."""
     started = time.perf_counter()
     nodes, n = problem.nodes, problem.n
     if problem.room < problem.floor():
@@ -184,8 +213,7 @@ def solve_remat_any(problem: RematProblem, *, deadline: float, hint: Spans | Non
     cost = [round(c / unit_s) for c in problem.seconds]
     hint = hint if hint is not None else keep_all_spans(problem)
     model = cp_model.CpModel()
-    # A node nothing can read after its own stage keeps one interval (no recompute can pay).
-    count = [intervals if nd.recomputable and nd.last > nd.index else 1 for nd in nodes]
+    count = interval_counts(problem, intervals)
     start: list[list] = []
     end: list[list] = []
     active: list[list] = []
@@ -256,8 +284,14 @@ def solve_remat_any(problem: RematProblem, *, deadline: float, hint: Spans | Non
     model.AddCumulative(spans, demands, capacity)
     again = [(active[i][k], cost[i]) for i in range(n) for k in range(1, count[i])]
     penalty = sum(c for _, c in again) + 1
-    model.Minimize(cp_model.LinearExpr.WeightedSum([v for v, _ in again] + [over],
-                                                   [c for _, c in again] + [penalty]))
+    if first_fit:
+        # The overshoot alone: CP-SAT stops at the first answer within the room (proven optimal),
+        # and no LNS move is spent on recompute time while over (with both, a ladder step at
+        # 250 nodes and 0.8 stalled 1 MiB over for 20 s; alone it reached the room in 3 s).
+        model.Minimize(over)
+    else:
+        model.Minimize(cp_model.LinearExpr.WeightedSum([v for v, _ in again] + [over],
+                                                       [c for _, c in again] + [penalty]))
     for i in range(n):
         mine = hint[i]
         if len(mine) > count[i]:
@@ -275,7 +309,12 @@ def solve_remat_any(problem: RematProblem, *, deadline: float, hint: Spans | Non
     solver = cp_model.CpSolver()
     solver.parameters.max_time_in_seconds = limit
     solver.parameters.num_workers = workers
-    solver.parameters.random_seed = 0
+    solver.parameters.random_seed = seed
+    if first_fit:
+        # No LP: it only bounds the recompute time, which a step's first answer does not need
+        # (measured: from a ladder step at 85.6 MiB of 250 nodes' 0.8, 82 MiB in 21 s against
+        # none in 30 s with it).
+        solver.parameters.linearization_level = 0
     status = solver.Solve(model)
     return _read(solver, status, start, end, active, over, unit_s, time.perf_counter() - started)
 
@@ -298,29 +337,434 @@ def _read(solver: cp_model.CpSolver, status: int, start: list, end: list, active
                        elapsed)
 
 
-def search_remat_any(problem: RematProblem, keep_all_peak: int, *, deadline: float, steps: int = 3,
+def search_remat_any(problem: RematProblem, keep_all_peak: int, *, deadline: float,
                      intervals: int | None = None, workers: int = 2) -> RematSolved:
-    """The model at ``problem.room``, started from its answers at a few budgets between keep-all's
-    peak and it (each a quarter of the time left): from keep-all, a budget far below its peak
-    leaves CP-SAT a long way to a first plan; a step down from a plan is a short one."""
+    """The model at ``problem.room``, started from spans within it: the greedy sweep's, else the
+    first answers of a ladder of budgets from keep-all's peak down to it. From spans over the
+    budget, CP-SAT may spend the whole limit on the overshoot (its soft budget is one maximum:
+    while one place stays over, clearing another gains nothing); from spans within it, the time
+    goes to the recompute time. When CP-SAT ends with nothing within the budget, the sweep's spans
+    (if any) are the answer."""
     if intervals is None:
         intervals = SMALL_GRAPH_INTERVALS if problem.n <= SMALL_GRAPH_NODES else DEFAULT_INTERVALS
-    room = problem.room
-    ka_room = keep_all_peak - problem.fixed_bytes
-    hint: Spans | None = None
-    for k in range(1, steps):
-        mid = dataclasses.replace(problem, room=int(ka_room - (ka_room - room) * k / steps))
-        now = time.perf_counter()
-        found = solve_remat_any(mid, deadline=now + 0.25 * (deadline - now), hint=hint, intervals=intervals,
-                                workers=workers)
-        if found.spans is not None:
-            hint = found.spans
+    now = time.perf_counter()
+    greedy = greedy_spans(problem, intervals, deadline=now + _FIRST_SWEEP_SHARE * (deadline - now))
+    hint = greedy if greedy is not None else _ladder(problem, keep_all_peak, deadline, intervals, workers)
     found = solve_remat_any(problem, deadline=deadline, hint=hint, intervals=intervals, workers=workers)
     if found.status == "INFEASIBLE" and found.spans is not None and deadline - time.perf_counter() > 1.0:
         # Proven over the budget with this many intervals per node: one more may fit it.
         found = solve_remat_any(problem, deadline=deadline, hint=found.spans, intervals=intervals + 1,
                                 workers=workers)
+    if not found.fits and greedy is not None:
+        return RematSolved(greedy, GREEDY, spans_recompute_s(problem, greedy), None, found.solve_s)
     return found
+
+
+def _ladder(problem: RematProblem, keep_all_peak: int, deadline: float, intervals: int,
+            workers: int) -> Spans | None:
+    """Spans for ``problem.room`` (within it when the walk gets there): the room walked down from
+    keep-all's peak in steps of _LADDER_STEP of it, each step started from the last one's
+    spans, repaired by the sweep when it can, else solved for the overshoot alone until it is
+    zero (a step from spans within the last one is short; the optimum at a step is not needed)."""
+    ka_room = keep_all_peak - problem.fixed_bytes
+    steps = max(1, math.ceil((ka_room - problem.room) / (_LADDER_STEP * keep_all_peak)))
+    hint: Spans | None = None
+    for k in range(1, steps + 1):
+        room = problem.room if k == steps else int(ka_room - (ka_room - problem.room) * k / steps)
+        step = dataclasses.replace(problem, room=room)
+        # The last step gets most of what is left: a plan within the budget comes first.
+        step_end = time.perf_counter() + _LADDER_SHARE * (deadline - time.perf_counter()) / (steps - k + 1)
+        for attempt in range(_LADDER_ROUNDS):
+            now = time.perf_counter()
+            if hint is not None:
+                repaired = greedy_spans(step, intervals, start=hint, deadline=now + _SWEEP_SHARE * (step_end - now))
+                if repaired is not None:
+                    hint = repaired
+                    break
+            if step_end - time.perf_counter() < 0.1:
+                break
+            # Rounds of at most _ROUND_S, each from the last answer with a fresh seed: another
+            # chance for the sweep in between, and a restart for an LNS stuck over the room.
+            found = solve_remat_any(step, deadline=min(step_end, now + _ROUND_S), hint=hint, intervals=intervals,
+                                    workers=workers, first_fit=True, seed=attempt)
+            if found.spans is not None:
+                # The overshoot alone leaves holds past their last use and re-runs nothing
+                # reads: trimmed, they leave the next step room.
+                hint = tidy_spans(step, found.spans)
+            if found.fits:
+                break
+    return hint
+
+
+# -- a constructive start: the greedy sweep ----------------------------------------------------
+
+SPLIT, MOVE, TRIM, EXTEND, PULL, ADD = "split", "move", "trim", "extend", "pull", "add"
+_RERUNS = (SPLIT, MOVE, PULL, ADD)  # the changes that compute a node in their slot
+_SWEEP_SLOTS = 24  # re-run slots the sweep tries per cut, from the next use back
+_SWEEP_BANS = 2_000  # the sweep's step-backs before it gives up
+_SWEEP_DEPTHS = (0, 1, 1_000_000)  # levels of inputs re-run (rather than held on) that a cut tries
+_RIDERS = -1  # the depth of a cut that only holds on inputs already held at its slot
+
+
+@dataclass(frozen=True)
+class _Change:
+    """One edit of node ``node``'s interval ``k``: SPLIT (held to ``end``, re-run at ``slot``),
+    MOVE (its re-run, unread before, goes to ``slot``), TRIM (held to ``slot`` only), EXTEND (held
+    on to ``slot``), PULL (its later re-run moves up to ``slot``), ADD (a re-run held in ``slot``
+    alone)."""
+
+    kind: str
+    node: int
+    k: int
+    slot: int
+    end: int = -1
+
+
+@dataclass
+class _Cut:
+    """The changes that free nodes at a slot x, and what they cost."""
+
+    changes: list[_Change] = dataclasses.field(default_factory=list)
+    seconds: float = 0.0  # re-run
+    freed: int = 0  # bytes of the nodes freed at x
+    at_x: int = 0  # bytes of inputs held on over x instead
+    behind: dict[int, int] = dataclasses.field(default_factory=dict)  # bytes it adds (frees: < 0) before x
+    had: set[tuple[int, int]] = dataclasses.field(default_factory=set)  # (input, slot) held or re-run there
+    reach: dict[tuple[int, int], int] = dataclasses.field(default_factory=dict)  # (node, k) -> held to
+    added: dict[int, int] = dataclasses.field(default_factory=dict)  # node -> its intervals added
+
+    def copy(self) -> _Cut:
+        return _Cut(list(self.changes), self.seconds, self.freed, self.at_x, dict(self.behind), set(self.had),
+                    dict(self.reach), dict(self.added))
+
+    def shift(self, first: int, x: int, nbytes: int) -> None:
+        """Count ``nbytes`` more in the slots from ``first`` up to x (not included)."""
+        for slot in range(first, x):
+            self.behind[slot] = self.behind.get(slot, 0) + nbytes
+
+    def score(self) -> tuple[float, int]:
+        """Bytes freed at x per second re-run; among equals, the latest re-run (freed longest)."""
+        net = self.freed - self.at_x
+        return (net / self.seconds if self.seconds > 0 else math.inf * net, self.changes[0].slot)
+
+
+def interval_counts(problem: RematProblem, intervals: int) -> list[int]:
+    """Intervals per node in the model: one for a node nothing can read after its own stage (no
+    recompute can pay)."""
+    return [intervals if nd.recomputable and nd.last > nd.index else 1 for nd in problem.nodes]
+
+
+def greedy_spans(problem: RematProblem, intervals: int = DEFAULT_INTERVALS, *, start: Spans | None = None,
+                 deadline: float | None = None) -> Spans | None:
+    """Spans within ``problem.room`` (the model's accounting) and ``intervals`` per node, built by
+    a sweep from ``start`` (keep-all when None), or None when the sweep gets stuck."""
+    if problem.room < problem.floor():
+        return None
+    start = keep_all_spans(problem) if start is None else start
+    counts = [max(c, len(mine)) for c, mine in zip(interval_counts(problem, intervals), start)]
+    sweep = _Sweep(problem, start, counts)
+    if not sweep.fit(problem.room, math.inf if deadline is None else deadline):
+        return None
+    spans = sweep.tidy()
+    return spans if spans_peak(problem, spans) <= problem.room and not spans_faults(problem, spans) else None
+
+
+def tidy_spans(problem: RematProblem, spans: Spans) -> Spans:
+    """``spans`` without re-runs nothing reads and with each interval held only to its last use."""
+    return _Sweep(problem, spans, [len(mine) for mine in spans]).tidy()
+
+
+def spans_faults(problem: RematProblem, spans: Spans) -> list[str]:
+    """What makes ``spans`` no answer of the model (any interval count): a misplaced interval, or
+    a compute whose input is not held in its slot."""
+    faults = []
+    n = problem.n
+    for nd, mine in zip(problem.nodes, spans):
+        i = nd.index
+        if not mine or mine[0][0] != 2 * i + 1 or (nd.to_end and mine[0][1] != 2 * n - 1):
+            faults.append(f"node {i}: first interval {mine[:1]}")
+        for k, (s, e) in enumerate(mine):
+            if e < s or e > 2 * nd.last + 1 or (k and (s % 2 or s <= mine[k - 1][1] or not nd.recomputable)):
+                faults.append(f"node {i}: interval {k} {(s, e)}")
+            for p in nd.reads:
+                if not _covers(spans[p], s):
+                    faults.append(f"node {i} computes in slot {s} without node {p}")
+    return faults
+
+
+def _covers(mine: list[tuple[int, int]], slot: int) -> bool:
+    return any(s <= slot <= e for s, e in mine)
+
+
+class _Sweep:
+    """Spans cut down to the room slot by slot, the model's bytes per slot kept in ``used``.
+
+    At a slot x over the room, a cut frees a held node after its last use before x and re-runs it
+    before its next use, where its inputs are had: held on when they are held at x anyway (bytes
+    after x only), else held on from their last use (bytes at x: a cut of a big node that reads
+    small ones) or re-run there too (a few levels deep). Nodes that then need nothing more are
+    freed with it (two big nodes reading one small one). The cut with the most bytes freed at x
+    per second re-run is made. Every change lands after x, or before it only within the room, so
+    the slots behind stay within it. Stuck (nothing left to free at x), the sweep goes back to the
+    latest cut that added bytes at x and bans its choice.
+    """
+
+    def __init__(self, problem: RematProblem, spans: Spans, counts: list[int]) -> None:
+        self.problem = problem
+        self.nodes = problem.nodes
+        self.counts = counts
+        self.readers: list[list[int]] = [[] for _ in range(problem.n)]
+        for nd in self.nodes:
+            for i in nd.reads:
+                self.readers[i].append(nd.index)
+        self.reset(spans)
+        slots = 2 * problem.n
+        self.pinned = [0] * slots  # bytes of the outputs held to the end, by slot
+        for nd in self.nodes:
+            if nd.to_end:
+                for slot in range(2 * nd.index + 1, slots):
+                    self.pinned[slot] += nd.nbytes
+
+    def reset(self, spans: Spans) -> None:
+        self.spans = [list(mine) for mine in spans]
+        self.used = [0] * (2 * self.problem.n)
+        self.starts: list[set[int]] = [set() for _ in self.used]  # the nodes computed in each slot
+        for i, mine in enumerate(self.spans):
+            for s, e in mine:
+                self._hold(i, s, e, 1)
+
+    def _hold(self, i: int, s: int, e: int, sign: int) -> None:
+        for slot in range(s, e + 1):
+            self.used[slot] += sign * self.nodes[i].nbytes
+        if sign > 0:
+            self.starts[s].add(i)
+        else:
+            self.starts[s].discard(i)
+
+    def covering(self, i: int, slot: int) -> int | None:
+        return next((k for k, (s, e) in enumerate(self.spans[i]) if s <= slot <= e), None)
+
+    def uses(self, i: int) -> list[int]:
+        """The slots at which a compute of a reader (first or again) reads node i, in order."""
+        return sorted(s for j in self.readers[i] for s, _ in self.spans[j])
+
+    def busy(self, slot: int, also: set[int] = frozenset()) -> set[int]:
+        """What no cut frees at ``slot``: the nodes computed there (and ``also``) and their inputs."""
+        computed = self.starts[slot] | also
+        return computed | {i for j in computed for i in self.nodes[j].reads}
+
+    def floor(self, r: int, also: set[int]) -> int:
+        """The bytes no cut frees at re-run slot r (with ``also`` re-run there too): the busy
+        nodes, the inputs of the op in the next slot, the outputs held to the end."""
+        held = self.busy(r, also) | set(self.nodes[r // 2].reads)
+        return sum(self.nodes[j].nbytes for j in held if not self.nodes[j].to_end) + self.pinned[r]
+
+    def fit(self, room: int, deadline: float) -> bool:
+        trail: list[tuple[int, _Cut, Spans]] = []  # (slot, cut made there, the spans before it)
+        bans: set[tuple[int, int, int]] = set()  # (slot, node cut, re-run slot) not to choose again
+        x = 0
+        while x < len(self.used):
+            if self.used[x] <= room:
+                x += 1
+                continue
+            if time.perf_counter() > deadline:
+                return False
+            cut = self.best_cut(x, room, bans)
+            if cut is not None:
+                trail.append((x, cut, [list(mine) for mine in self.spans]))
+                self.apply(cut)
+                continue
+            if len(bans) >= _SWEEP_BANS:
+                return False
+            after = self.spans
+            for j in reversed(range(len(trail))):
+                slot, culprit, before = trail[j]
+                if any(_covers(after[c.node], x) and not _covers(before[c.node], x) for c in culprit.changes):
+                    break
+                after = before
+            else:
+                return False  # over the room with no cut's doing
+            first = culprit.changes[0]
+            bans.add((slot, first.node, first.slot))
+            del trail[j:]
+            self.reset(before)
+            x = slot
+        return True
+
+    def best_cut(self, x: int, room: int, bans: set[tuple[int, int, int]]) -> _Cut | None:
+        busy = self.busy(x)
+        best: _Cut | None = None
+        for nd in self.nodes:
+            if nd.index in busy or not nd.nbytes or nd.to_end or self.covering(nd.index, x) is None:
+                continue
+            for depth in _SWEEP_DEPTHS:
+                cut = self.free(_Cut(), nd.index, x, room, bans, depth)
+                if cut is not None and depth == 0 and cut.at_x:
+                    cut = self.riders(cut, nd.index, x, room, bans, busy)
+                    if any(self.used[slot] + more > room for slot, more in cut.behind.items() if more > 0):
+                        cut = None
+                if cut is not None and cut.freed > cut.at_x and (best is None or cut.score() > best.score()):
+                    best = cut
+                if cut is not None and cut.changes[0].kind == TRIM:
+                    break
+        return best
+
+    def riders(self, cut: _Cut, i: int, x: int, room: int, bans: set[tuple[int, int, int]],
+               busy: set[int]) -> _Cut:
+        """``cut`` with the other nodes held at x freed too whose inputs it holds on anyway."""
+        held = {c.node for c in cut.changes if c.kind == EXTEND}
+        for j in sorted({j for p in held for j in self.readers[p]} - busy - {i}):
+            if self.nodes[j].nbytes and not self.nodes[j].to_end and self.covering(j, x) is not None:
+                cut = self.free(cut, j, x, room, bans, _RIDERS) or cut
+        return cut
+
+    def free(self, cut: _Cut, i: int, x: int, room: int, bans: set[tuple[int, int, int]],
+             depth: int) -> _Cut | None:
+        """``cut`` with node i freed at slot x too: trimmed when nothing reads it later in its
+        interval, else re-run before its next use (the latest slot where its inputs cost the
+        least: it holds i the shortest), its inputs had there ``depth`` levels deep."""
+        k = self.covering(i, x)
+        assert k is not None
+        s, e = self.spans[i][k]
+        uses = self.uses(i)
+        before = [u for u in uses if s <= u < x]
+        after = [u for u in uses if x < u <= e]
+        if not after:
+            out = cut.copy()
+            out.changes.append(_Change(TRIM, i, k, before[-1] if before else s))
+            out.freed += self.nodes[i].nbytes
+            out.shift(before[-1] + 1 if before else s + 1, x, -self.nodes[i].nbytes)
+            return out
+        split = bool(before) or k == 0  # else a re-run nothing read before x: it moves
+        if not self.nodes[i].recomputable or (split and len(self.spans[i]) >= self.counts[i]):
+            return None
+        latest = after[0] - after[0] % 2  # a re-run happens in a stage's first slot
+        best: _Cut | None = None
+        for r in range(latest, x, -2)[:_SWEEP_SLOTS]:
+            if (x, i, r) in bans:
+                continue
+            trial = cut.copy()
+            trial.changes.append(_Change(SPLIT, i, k, r, before[-1] if before else s) if split
+                                 else _Change(MOVE, i, k, r))
+            trial.seconds += self.problem.seconds[i] if split else 0.0
+            trial.freed += self.nodes[i].nbytes
+            trial.shift(before[-1] + 1 if before else s + int(split), x, -self.nodes[i].nbytes)
+            if not self.cone(i, r, x, room, trial, depth):
+                continue
+            if best is not None and (trial.seconds, trial.at_x) >= (best.seconds, best.at_x):
+                continue
+            # A re-run whose slot could never fit would only move the overshoot there.
+            if self.floor(r, {c.node for c in trial.changes if c.kind in _RERUNS and c.slot == r}) > room:
+                continue
+            best = trial
+            if (best.seconds, best.at_x) == (cut.seconds + (self.problem.seconds[i] if split else 0.0), cut.at_x):
+                break  # nothing cheaper at an earlier slot
+        return best
+
+    def cone(self, i: int, r: int, x: int, room: int, cut: _Cut, depth: int) -> bool:
+        """Have node i's inputs held at slot r, where it re-runs, adding to ``cut``: an input held
+        at x is held on (bytes after x only); else, ``depth`` levels down from the cut's node, it
+        is re-run there too (and its inputs had), below that held on from its last use (bytes at
+        and behind x, where they must fit); either way round when the first cannot be. False
+        when an input cannot be had."""
+        for p in self.nodes[i].reads:
+            if (p, r) in cut.had or self.covering(p, r) is not None:
+                continue
+            cut.had.add((p, r))
+            mine = self.spans[p]
+            prev = max(k for k, (s, _) in enumerate(mine) if s <= r)  # its first compute is before i's
+            if cut.reach.get((p, prev), -1) >= r:
+                continue
+            if (p, prev) in cut.reach or mine[prev][1] >= x:
+                cut.changes.append(_Change(EXTEND, p, prev, r))
+                cut.reach[(p, prev)] = r
+                continue
+            if depth == _RIDERS:
+                return False
+            ways = (self._rerun, self._hold_on) if depth > 0 else (self._hold_on, self._rerun)
+            if not any(way(p, prev, r, x, room, cut, depth) for way in ways):
+                return False
+        return True
+
+    def _hold_on(self, p: int, prev: int, r: int, x: int, room: int, cut: _Cut, depth: int) -> bool:
+        end = self.spans[p][prev][1]
+        nbytes = self.nodes[p].nbytes
+        # At depth 0 the nodes freed with this one (riders) may make room behind x: the whole
+        # cut is checked once they are in.
+        if depth and any(self.used[slot] + cut.behind.get(slot, 0) + nbytes > room for slot in range(end + 1, x)):
+            return False
+        cut.shift(end + 1, x, nbytes)
+        cut.at_x += nbytes
+        cut.changes.append(_Change(EXTEND, p, prev, r))
+        cut.reach[(p, prev)] = r
+        return True
+
+    def _rerun(self, p: int, prev: int, r: int, x: int, room: int, cut: _Cut, depth: int) -> bool:
+        mine = self.spans[p]
+        if not self.nodes[p].recomputable:
+            return False
+        later = next((k for k, (s, _) in enumerate(mine) if s > r), None)
+        if later is not None:
+            change = _Change(PULL, p, later, r)  # its re-run, earlier
+        elif len(mine) + cut.added.get(p, 0) < self.counts[p]:
+            change = _Change(ADD, p, len(mine), r)
+        else:
+            return False
+        trial = cut.copy()
+        trial.changes.append(change)
+        if change.kind == ADD:
+            trial.seconds += self.problem.seconds[p]
+            trial.added[p] = trial.added.get(p, 0) + 1
+        if not self.cone(p, r, x, room, trial, depth - 1):
+            return False
+        cut.__dict__.update(trial.__dict__)
+        return True
+
+    def apply(self, cut: _Cut) -> None:
+        for change in cut.changes:
+            i, k, slot, mine = change.node, change.k, change.slot, self.spans[change.node]
+            if change.kind == ADD:
+                mine.append((slot, slot))
+                mine.sort()
+                self._hold(i, slot, slot, 1)
+                continue
+            s, e = mine[k]
+            self._hold(i, s, e, -1)
+            if change.kind == SPLIT:
+                mine[k:k + 1] = [(s, change.end), (slot, e)]
+            elif change.kind in (MOVE, PULL):
+                mine[k] = (slot, e)
+            elif change.kind == EXTEND:
+                mine[k] = (s, max(e, slot))
+            else:  # TRIM
+                mine[k] = (s, slot)
+            for a, b in mine[k:k + 2] if change.kind == SPLIT else mine[k:k + 1]:
+                self._hold(i, a, b, 1)
+
+    def tidy(self) -> Spans:
+        """Drop re-runs nothing reads (a re-run moved later leaves its inputs' re-runs behind) and
+        hold each interval only to its last use, until nothing changes: both only free bytes."""
+        changed = True
+        while changed:
+            changed = False
+            for i, mine in enumerate(self.spans):
+                if self.nodes[i].to_end:
+                    continue
+                uses = self.uses(i)
+                for k in reversed(range(len(mine))):
+                    s, e = mine[k]
+                    last = max((u for u in uses if s <= u <= e), default=None)
+                    if last is None and k:
+                        self._hold(i, s, e, -1)
+                        del mine[k]
+                        changed = True
+                    elif (s if last is None else last) < e:
+                        end = s if last is None else last
+                        self._hold(i, s, e, -1)
+                        mine[k] = (s, end)
+                        self._hold(i, s, end, 1)
+                        changed = True
+        return [list(mine) for mine in self.spans]
 
 
 # -- spans to a Plan --------------------------------------------------------------------------
