@@ -7,7 +7,11 @@
                              [--repeats 9] [--warmup 3] [--arena] [--baselines]
 
 Every case is planned on ``--hardware`` (a preset or a calibrated TOML; default: the ``cpu``
-preset on a CPU, ``h100-sxm`` on a GPU) and compiled (``compile_plan``). Its row compares:
+preset on a CPU, ``h100-sxm`` on a GPU) and compiled (``compile_plan``). Ops are priced by their
+times measured here (``--op-times measured``, the default: each op of the captured graph timed in
+place, ``tierplan.cost_models.measured``, as ``compile(op_times="measured")`` plans), the
+hardware's runtime costs and links by ``--hardware``; ``--op-times roofline`` prices ops by the
+hardware's roofline instead, as a plan for a machine tierplan does not run on. Its row compares:
 
 - step time: the plan's ``predicted_time_s`` against the measured time of one training step of
   the compiled module, ``compiled(*args, **kwargs)`` and ``loss.backward()`` (gradients set to None
@@ -64,6 +68,7 @@ import torch
 from tierplan.api import plan_graph
 from tierplan.codegen.measure import StorageTracker
 from tierplan.compile import compile_plan
+from tierplan.cost_models.measured import measure_op_times
 from tierplan.passes.capture import capture
 from tierplan.plans.plan import DEVICE, InfeasibleBudget
 from tierplan.units import format_bytes
@@ -208,6 +213,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--time-limit", type=float, default=2.0, help="planner time limit per case, s")
     ap.add_argument("--stat", choices=("median", "fast"), default="median",
                     help="step time: the median, or the median of the fastest quarter (a shared machine)")
+    ap.add_argument("--op-times", choices=("roofline", "measured"), default="measured",
+                    help="price ops by timing each op of the graph here (tierplan.cost_models.measured, as "
+                         "compile(op_times='measured')), or by the hardware's roofline")
     ap.add_argument("--keep-denormals", action="store_true", help="CPU: do not flush denormals to zero")
     ap.add_argument("--arena", action="store_true", help="also run every plan as an arena program")
     ap.add_argument("--baselines", action="store_true", help="GPU: eager and checkpoint rows, @ckpt budgets")
@@ -220,7 +228,7 @@ def main(argv: list[str] | None = None) -> None:
     if flush:
         torch.set_flush_denormal(True)
     what = "median" if a.stat == "median" else "median of the fastest quarter"
-    print(f"device {device}, hardware {hardware}, tiers {tiers or '(none)'}, torch threads "
+    print(f"device {device}, hardware {hardware}, op times {a.op_times}, tiers {tiers or '(none)'}, torch threads "
           f"{torch.get_num_threads()}{', denormals flushed' if flush else ''}; step time = {what} of "
           f"{a.repeats} after {a.warmup} warm-up steps")
     print(HEADER)
@@ -235,6 +243,10 @@ def main(argv: list[str] | None = None) -> None:
         kwargs = {k: v.to(device) for k, v in kwargs.items()}
         captured = capture(model, args, example_kwargs=kwargs)
         zero = functools.partial(model.zero_grad, set_to_none=True)
+        op_times = None
+        if a.op_times == "measured":
+            inputs = [x.to(device) for x in captured.real_inputs(model, args, kwargs)]
+            op_times = measure_op_times(captured.joint, inputs)
 
         def eager():
             _loss(model(*args, **kwargs)).backward()
@@ -254,7 +266,7 @@ def main(argv: list[str] | None = None) -> None:
                 # The program's forward and backward, as before the optimizer step was planned
                 # (bench/offload.py measures the step with its update).
                 plan = plan_graph(captured.graph, hardware=hardware, memory_budget=budget, tiers=tiers,
-                                  time_limit=a.time_limit, optimizer="none")
+                                  time_limit=a.time_limit, optimizer="none", op_times=op_times)
             except InfeasibleBudget as exc:
                 print(f"{name:17} {label:>6} infeasible (smallest feasible "
                       f"{format_bytes(exc.min_feasible_bytes or 0)})", flush=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -46,6 +46,7 @@ def plan(
     precision: str | None = None,
     generate: int | None = None,
     reorder: bool = False,
+    update_in_backward: bool = False,
 ) -> Plan | GenerationPlan:
     """Capture ``model`` on ``example_inputs`` and plan it on ``hardware`` within ``memory_budget``.
 
@@ -72,6 +73,10 @@ def plan(
     with a lower keep-all peak (within data dependencies, the phases and the order of random draws
     and in-place writes) are each planned in a share of the time limit, and the fastest plan is
     kept (``placement.reorder``); its graph runs the ops in that order.
+
+    ``update_in_backward=True`` plans host updates that start as the backward makes their
+    gradients (ZeRO-Offload's overlap), as ``tierplan.compile(..., update_in_backward=True)`` runs
+    them; by default the update starts when the backward ends, as a plain ``optimizer.step()``.
     """
     if generate is not None:
         from tierplan.generate import generation_shape, job_of, plan_for
@@ -94,7 +99,7 @@ def plan(
     return plan_graph(
         captured.graph, hardware=hw, memory_budget=memory_budget, training=training,
         tiers=tiers, time_limit=time_limit, optimizer=optimizer or "none", precision=precision,
-        reorder=reorder,
+        reorder=reorder, update_in_backward=update_in_backward,
     )
 
 
@@ -160,8 +165,13 @@ def plan_graph(
     optimizer: str | None = "adamw",
     precision: str | None = None,
     reorder: bool = False,
+    update_in_backward: bool = False,
+    op_times: Mapping[str, float] | None = None,
 ) -> Plan:
     """Plan an already captured graph (see ``plan``); the plan is validated before it is returned.
+
+    ``op_times``: seconds per op name measured on the machine the plan is for
+    (``tierplan.cost_models.measured.measure_op_times``); they replace the roofline for those ops.
 
     The precision defaults to the one the graph's parameters imply; a precision whose compute
     dtype differs from them is refused (``plan`` casts a copy of the model instead)."""
@@ -176,7 +186,7 @@ def plan_graph(
         raise PlanError(f"precision={precision!r} computes in {COMPUTE_DTYPE[precision]}, but graph "
                         f"{graph.name} computes in {dtype}; capture the model in that dtype, or plan "
                         f"the model with tierplan.plan, which casts a copy (or captures under autocast)")
-    pricing = machine_pricing(graph, hw, tiers=tiers, training=training)
+    pricing = machine_pricing(graph, hw, tiers=tiers, training=training, measured_op_s=op_times)
     live = liveness(graph)
     budget = resolve_budget(memory_budget, keep_all_peak=live.peak, device_bytes=pricing.budget, hardware=hw.name)
     priced = pricing.with_budget(budget)
@@ -186,7 +196,7 @@ def plan_graph(
         if optimizer is None:  # no optimizer asked for, or no gradients to update
             return solve(ordered, priced, time_limit_s=seconds, live=known)
         return plan_step(ordered, priced, update_rates(hw), optimizer=optimizer, precision=str(precision),
-                         time_limit_s=seconds, live=known)
+                         time_limit_s=seconds, live=known, overlap_backward=update_in_backward)
 
     plan = (plan_in_orders(graph, plan_in, budget=budget, time_limit_s=time_limit) if reorder
             else plan_in(graph, time_limit))
@@ -240,6 +250,8 @@ def plan_graph_or_smallest(
     optimizer: str | None = None,
     precision: str | None = None,
     reorder: bool = False,
+    update_in_backward: bool = False,
+    op_times: Mapping[str, float] | None = None,
 ) -> tuple[Plan, str]:
     """``plan_graph``, except that a fractional budget the graph cannot meet plans it at the
     smallest budget the planner can meet; the note (else "") says so.
@@ -250,7 +262,7 @@ def plan_graph_or_smallest(
     the middle of a run. A budget in bytes is a hard limit and stays an error.
     """
     kw = dict(hardware=hardware, training=training, tiers=tiers, time_limit=time_limit, optimizer=optimizer,
-              precision=precision, reorder=reorder)
+              precision=precision, reorder=reorder, update_in_backward=update_in_backward, op_times=op_times)
     try:
         return plan_graph(graph, memory_budget=memory_budget, **kw), ""
     except InfeasibleBudget as exc:

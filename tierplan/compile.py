@@ -47,9 +47,10 @@ from tierplan.codegen.emit import Program, emit, load
 from tierplan.codegen.optimizer import DynamicLossScale, StatePlacement, TieredOptimizer, optimizer_name
 from tierplan.codegen.runtime import Context, Runtime, run_step
 from tierplan.cost_models.hardware import Hardware
+from tierplan.cost_models.measured import measure_op_times
 from tierplan.ir import TensorKind
 from tierplan.passes.capture import Captured, CaptureError, capture
-from tierplan.plans.plan import Plan
+from tierplan.plans.plan import HOST, Plan
 
 if TYPE_CHECKING:  # the front end of generation imports this module's siblings
     from tierplan.generate import GenerationModule
@@ -57,6 +58,7 @@ if TYPE_CHECKING:  # the front end of generation imports this module's siblings
 # As torch._dynamo.config.recompile_limit: signatures planned per compiled module before a call
 # with yet another one is refused.
 DEFAULT_RECOMPILE_LIMIT = 8
+OP_TIMES = ("roofline", "measured")  # how compile prices ops: the hardware's roofline, or timed on the device
 
 
 class RecompileLimitExceeded(RuntimeError):
@@ -112,6 +114,8 @@ class CompileSettings:
     optimizer: str | None = None  # the planned optimizer step's ("adamw", ...), None: not planned
     precision: str | None = None
     reorder: bool = False  # choose the op order too (placement.reorder)
+    update_in_backward: bool = False  # host updates start as the backward makes their gradients
+    op_times: str = "roofline"  # or "measured": each op timed on the device first (cost_models.measured)
 
 
 @dataclass
@@ -192,10 +196,14 @@ class CompiledModule(nn.Module):
     """
 
     def __init__(self, model: nn.Module, device: torch.device, settings: CompileSettings | None,
-                 *, training: bool, debug_dir: Path | None = None, arena: bool = False) -> None:
+                 *, training: bool, debug_dir: Path | None = None, arena: bool = False,
+                 update_in_backward: bool = False) -> None:
         super().__init__()
         self.model = model
         self._debug_dir, self._arena = debug_dir, arena
+        # Programs report the gradients of host-updated parameters (emit's ``gradients``) and
+        # the optimizer's host updates start from them during the backward.
+        self._update_in_backward = update_in_backward
         self.specializations: dict[Signature, Specialization] = {}
         self._settings = settings
         self._trains = training
@@ -301,10 +309,19 @@ class CompiledModule(nn.Module):
                     p.grad = p.grad.clone()
         del arena
         self._last_run = spec
-        ctx = Context(spec.runtime, on_transfer=self.on_transfer)
+        ctx = Context(spec.runtime, on_transfer=self.on_transfer, on_gradient=self._gradient_listener())
         outs = run_step(spec.step, ctx, list(flat), source_path=str(spec.source_path),
                         line_steps=spec.program.line_steps)
         return list(outs)
+
+    def _gradient_listener(self) -> Callable[[str, torch.Tensor], None] | None:
+        """What a run's reported gradients go to: the optimizer's ``gradient_ready``, by parameter
+        name (None unless the optimizer updates during the backward)."""
+        optimizer = self.optimizer
+        if optimizer is None or not optimizer.update_in_backward:
+            return None
+        params = dict(self.model.named_parameters())
+        return lambda name, grad: optimizer.gradient_ready(params[name], grad)
 
     # -- planning -----------------------------------------------------------------------------
 
@@ -328,6 +345,10 @@ class CompiledModule(nn.Module):
                           f"{signature.describe()} ({how})", stacklevel=3)
         captured = capture(self.model, args, example_kwargs=kwargs, training=signature.training,
                            keep_outputs=True, autocast=autocast_dtype(s.precision, model_dtype(self.model)))
+        op_times = None
+        if s.op_times == "measured":
+            inputs = [x.to(self._device) for x in captured.real_inputs(self.model, args, kwargs)]
+            op_times = measure_op_times(captured.joint, inputs)
         plan = None
         if like is not None:
             plan = plan_graph_like(captured.graph, like.plan, hardware=s.hardware, tiers=s.tiers,
@@ -336,7 +357,7 @@ class CompiledModule(nn.Module):
             plan = plan_graph(captured.graph, hardware=s.hardware, memory_budget=s.memory_budget,
                               training=signature.training, tiers=s.tiers, time_limit=s.time_limit,
                               optimizer=s.optimizer if signature.training else None, precision=s.precision,
-                              reorder=s.reorder)
+                              reorder=s.reorder, update_in_backward=s.update_in_backward, op_times=op_times)
         elif plan is None:
             # A later signature meets the budget as the backend's subgraphs do (see
             # plan_graph_or_smallest); the first one, planned in compile(), stays strict.
@@ -344,7 +365,7 @@ class CompiledModule(nn.Module):
                 captured.graph, hardware=s.hardware, memory_budget=s.memory_budget,
                 training=signature.training, tiers=s.tiers, time_limit=s.time_limit,
                 optimizer=s.optimizer if signature.training else None, precision=s.precision,
-                reorder=s.reorder)
+                reorder=s.reorder, update_in_backward=s.update_in_backward, op_times=op_times)
             if note:
                 warnings.warn(f"tierplan.compile: {note}", stacklevel=3)
         return self.add(signature, captured, plan)
@@ -352,7 +373,9 @@ class CompiledModule(nn.Module):
     def add(self, signature: Signature, captured: Captured, plan: Plan) -> Specialization:
         """Emit and load the program of ``plan`` and run calls of ``signature`` on it."""
         debug_dir = self._debug_dir
-        program = emit(plan, captured.joint, title=f"{plan.graph.name}: {plan.method}", arena=self._arena)
+        gradients = host_update_gradients(captured, plan) if self._update_in_backward else None
+        program = emit(plan, captured.joint, title=f"{plan.graph.name}: {plan.method}", arena=self._arena,
+                       gradients=gradients or None)
         runtime = Runtime(program.layout, self._device,
                           swap_root=debug_dir / "swap" if debug_dir is not None else None)
         weakref.finalize(self, runtime.close)
@@ -458,6 +481,8 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile
     precision: str | None = None,
     generate: bool = False,
     reorder: bool = False,
+    update_in_backward: bool = False,
+    op_times: str = "roofline",
 ) -> CompiledModule | GenerationModule:
     """Plan ``model`` under ``memory_budget`` and return a module that runs the plan.
 
@@ -521,6 +546,21 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile
     ``reorder=True``: the op order is chosen with the plan (``tierplan.plan``'s ``reorder``); the
     program runs the ops in that order, random draws in their capture order, so it computes what
     eager does.
+
+    ``update_in_backward=True`` (ZeRO-Offload's overlap; see ``tierplan.codegen.optimizer``): the
+    program reports each host-updated parameter's gradient as soon as its backward makes it, and
+    ``compiled.optimizer`` copies it to the host and runs that update on a background thread while
+    the rest of the backward runs; ``step()`` commits those updates (checking each ``p.grad`` is the
+    reported gradient, else updating from ``p.grad`` as without the option) and runs the others.
+    Refused: "fp16-mixed" (the loss scale's finite check needs every gradient first),
+    ``compiled.optimizer.clip_grad_norm_``, and gradient accumulation (a second backward before
+    ``step()`` raises).
+
+    ``op_times="measured"``: before planning, every op of the captured graph is timed on
+    ``device`` (``tierplan.cost_models.measured``: the graph run a few times, each op timed in
+    place) and the plan prices ops by those times instead of ``hardware``'s roofline; the plan is
+    then a plan for this machine (on the CPU, ``bench/fidelity.py`` measures its step within 10%
+    median). "roofline" (default) prices by ``hardware``, the machine named, wherever it runs.
     """
     args = example_inputs if isinstance(example_inputs, tuple) else (
         tuple(example_inputs) if isinstance(example_inputs, list) else (example_inputs,)
@@ -543,13 +583,18 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile
         hardware = "cpu" if device.type == "cpu" else "h100-sxm"
     optimizer_kind, precision = optimizer_setting(optimizer, precision, training=training,
                                                   param_dtype=model_dtype(model), autocast=True)
+    check_update_in_backward(update_in_backward, optimizer, precision)
+    if op_times not in OP_TIMES:
+        raise ValueError(f"op_times={op_times!r}: one of {', '.join(map(repr, OP_TIMES))}")
     settings = CompileSettings(
         hardware=hardware, memory_budget=memory_budget, training=training, tiers=tuple(tiers),
         time_limit=time_limit, dynamic=dynamic, recompile_limit=recompile_limit,
-        optimizer=optimizer_kind, precision=precision, reorder=reorder,
+        optimizer=optimizer_kind, precision=precision, reorder=reorder, update_in_backward=update_in_backward,
+        op_times=op_times,
     )
     compiled = CompiledModule(model, device, settings, training=training,
-                              debug_dir=Path(debug_dir) if debug_dir is not None else None, arena=arena)
+                              debug_dir=Path(debug_dir) if debug_dir is not None else None, arena=arena,
+                              update_in_backward=update_in_backward)
     signature = Signature.of(args, kwargs, training=training, module_training=model.training)
     spec = compiled._plan_new(signature, args, kwargs)
     if spec.captured.layout is not None and spec.captured.layout.dropped:
@@ -559,8 +604,46 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile
             f"module returns None there (for transformers models, pass use_cache=False)", stacklevel=2)
     if optimizer is not None:
         compiled.optimizer = tiered_optimizer(optimizer, spec, model, precision=precision,
-                                              swap_root=Path(debug_dir) / "swap" if debug_dir is not None else None)
+                                              swap_root=Path(debug_dir) / "swap" if debug_dir is not None else None,
+                                              update_in_backward=update_in_backward)
     return compiled
+
+
+def check_update_in_backward(update_in_backward: bool, optimizer: torch.optim.Optimizer | None,
+                             precision: str | None) -> None:
+    """Refuse ``update_in_backward=True`` where it cannot be right (before anything is planned)."""
+    if not update_in_backward:
+        return
+    if optimizer is None:
+        raise ValueError("update_in_backward=True needs optimizer=: it runs that optimizer's host updates "
+                         "during the backward")
+    if precision == "fp16-mixed":
+        raise ValueError("update_in_backward=True cannot run with precision='fp16-mixed': its loss scale skips a "
+                         "step when any gradient is inf or NaN, known only after the whole backward; use "
+                         "update_in_backward=False")
+
+
+def host_update_gradients(captured: Captured, plan: Plan) -> dict[int, str]:
+    """Flat output index -> parameter name of every gradient of a parameter that ``plan.update``
+    updates on the host (the gradients follow the forward outputs, one per primal input)."""
+    update = plan.update
+    if update is None or not captured.training:
+        return {}
+    primals = [spec for spec in captured.inputs if spec.source != "tangent"]
+    n_outputs = len(_flat_outputs(captured.joint))
+    first = n_outputs - len(primals)
+    found: dict[int, str] = {}
+    for i, spec in enumerate(primals):
+        if spec.kind is not TensorKind.PARAMETER or spec.name not in plan.graph.tensors:
+            continue
+        if update.update_on.get(plan.graph.tensors[spec.name].storage) == HOST:
+            found[first + i] = spec.source
+    return found
+
+
+def _flat_outputs(gm: torch.fx.GraphModule) -> list[Any]:
+    outputs = gm.graph.output_node().args[0]
+    return list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
 
 
 def optimizer_setting(optimizer: torch.optim.Optimizer | None, precision: str | None, *, training: bool,
@@ -594,21 +677,24 @@ def optimizer_setting(optimizer: torch.optim.Optimizer | None, precision: str | 
 
 
 def tiered_optimizer(optimizer: torch.optim.Optimizer, spec: Specialization, model: nn.Module, *,
-                     precision: str | None, swap_root: Path | None) -> TieredOptimizer:
+                     precision: str | None, swap_root: Path | None,
+                     update_in_backward: bool = False) -> TieredOptimizer:
     """``optimizer`` with every parameter's master and states where ``spec``'s plan put them."""
     named = dict(model.named_parameters())
     inputs = {inp.name: named[inp.source] for inp in spec.captured.inputs if inp.source in named}
     return placed_optimizer(optimizer, state_placements(spec.plan, inputs), precision=precision,
-                            swap_root=swap_root)
+                            swap_root=swap_root, update_in_backward=update_in_backward)
 
 
 def placed_optimizer(optimizer: torch.optim.Optimizer, placements: dict[torch.Tensor, StatePlacement], *,
-                     precision: str | None, swap_root: Path | None) -> TieredOptimizer:
+                     precision: str | None, swap_root: Path | None,
+                     update_in_backward: bool = False) -> TieredOptimizer:
     """``optimizer`` with its states at ``placements``, on fp32 masters under mixed precision,
     with a dynamic loss scale under fp16-mixed (the program's backward is seeded with it)."""
     master = torch.float32 if precision is not None and precision.endswith("-mixed") else None
     scale = DynamicLossScale() if precision == "fp16-mixed" else None
-    return TieredOptimizer(optimizer, placements, master_dtype=master, swap_root=swap_root, loss_scale=scale)
+    return TieredOptimizer(optimizer, placements, master_dtype=master, swap_root=swap_root, loss_scale=scale,
+                           update_in_backward=update_in_backward)
 
 
 def state_placements(plan: Plan, inputs: dict[str, torch.Tensor]) -> dict[torch.Tensor, StatePlacement]:
@@ -627,18 +713,22 @@ def state_placements(plan: Plan, inputs: dict[str, torch.Tensor]) -> dict[torch.
 def compile_plan(
     model: nn.Module, captured: Captured, plan: Plan, *, device: torch.device | str = "cpu",
     debug_dir: str | Path | None = None, arena: bool = False, optimizer: torch.optim.Optimizer | None = None,
+    update_in_backward: bool = False,
 ) -> CompiledModule:
     """A module that runs the program of an existing ``plan`` of ``captured`` (see ``compile``).
     It has nothing to plan other calls with: calls with other shapes or dtypes are refused.
-    ``optimizer``: as in ``compile``, placed by ``plan.update`` (the plan must have one)."""
+    ``optimizer`` and ``update_in_backward``: as in ``compile``, placed by ``plan.update`` (the
+    plan must have one)."""
     if optimizer is not None and plan.update is None:
         raise ValueError("compile_plan(optimizer=...) needs a plan made with an optimizer (plan.update is None)")
     if optimizer is not None and optimizer_name(optimizer) != plan.update.optimizer:
         raise ValueError(f"the plan's update is {plan.update.optimizer}'s, the optimizer given is "
                          f"{optimizer_name(optimizer)}; plan with optimizer={optimizer_name(optimizer)!r}")
+    check_update_in_backward(update_in_backward, optimizer, plan.update.precision if plan.update else None)
     device = torch.device(device)
     compiled = CompiledModule(model, device, None, training=captured.training,
-                              debug_dir=Path(debug_dir) if debug_dir is not None else None, arena=arena)
+                              debug_dir=Path(debug_dir) if debug_dir is not None else None, arena=arena,
+                              update_in_backward=update_in_backward)
     leaves = [s for s in captured.inputs if s.kind is TensorKind.INPUT and s.source != "tangent"]
     signature = Signature(
         training=captured.training, module_training=model.training, structure="",
@@ -648,7 +738,8 @@ def compile_plan(
     if optimizer is not None:
         compiled.optimizer = tiered_optimizer(
             optimizer, spec, model, precision=plan.update.precision if plan.update else None,
-            swap_root=Path(debug_dir) / "swap" if debug_dir is not None else None)
+            swap_root=Path(debug_dir) / "swap" if debug_dir is not None else None,
+            update_in_backward=update_in_backward)
     return compiled
 
 

@@ -38,6 +38,11 @@ arena alive until the caller drops them. Ops without a usable out overload, the 
 outputs (the loss, logits: the caller may keep them across runs) and caller-owned tensors stay
 outside the arena (``Program.arena`` lists every allocation and where it went).
 
+Gradient reports (``emit(..., gradients={output index: key})``, used by ``tierplan.compile`` with
+``update_in_backward=True``): right after the step that computes one of those graph outputs (a
+parameter's final gradient) the program calls ``ctx.gradient_ready(key, grad)``, so a host update
+can start while the rest of the backward runs. Without ``gradients`` the source is unchanged.
+
 The source is rendered by the jinja2 template ``templates/program.py.j2``.
 """
 from __future__ import annotations
@@ -104,6 +109,7 @@ class _Geometry:
 def emit(
     plan: Plan, gm: torch.fx.GraphModule, *, title: str | None = None,
     split: tuple[list[str], int] | None = None, arena: bool = False,
+    gradients: dict[int, Any] | None = None,
 ) -> Program:
     """The program of ``plan`` over ``gm``, the fx graph the plan's graph was captured from
     (``Captured.joint``: each IR op is one of its nodes, by name).
@@ -111,16 +117,20 @@ def emit(
     ``split=(late_inputs, num_fwd_outputs)`` renders a generator (see the module docstring):
     ``late_inputs`` are placeholders (the tangents) that arrive at the yield, and the first
     ``num_fwd_outputs`` graph outputs are yielded there. ``arena=True`` places the device
-    allocations in one arena (see the module docstring and ``arena.py``)."""
-    return _Emitter(plan, gm, split, arena=arena).render(title or f"plan for {plan.graph.name}")
+    allocations in one arena (see the module docstring and ``arena.py``). ``gradients`` maps flat
+    graph output indices to the keys of their ``ctx.gradient_ready`` reports."""
+    return _Emitter(plan, gm, split, arena=arena, gradients=gradients).render(
+        title or f"plan for {plan.graph.name}")
 
 
 class _Emitter:
     def __init__(
         self, plan: Plan, gm: torch.fx.GraphModule, split: tuple[list[str], int] | None = None,
-        *, arena: bool = False,
+        *, arena: bool = False, gradients: dict[int, Any] | None = None,
     ) -> None:
         self.plan = plan
+        self.gradients = dict(gradients or {})
+        self.reports: dict[str, Any] = {}  # tensor name -> its report's key, until it is computed
         self.use_arena = arena
         self.arena: ArenaLayout | None = None
         self.late: list[str] = list(split[0]) if split else []
@@ -293,6 +303,7 @@ class _Emitter:
             self.line(f"del {self.var(storage)}", "prologue")
             self.bound.discard(storage)
         self.body = early_body
+        self.reports = self.gradient_reports()
         split_at = self.split_step() if self.split else None
         if self.use_arena:
             self.arena = self.plan_arena()
@@ -371,6 +382,19 @@ class _Emitter:
             arena=self.arena,
         )
 
+    def gradient_reports(self) -> dict[str, Any]:
+        """Tensor name -> report key of the graph outputs in ``gradients`` that an op computes (a
+        gradient that is a graph input is not reported: its update runs in step())."""
+        flat = _flat(self.gm.graph.output_node().args[0])
+        reports: dict[str, Any] = {}
+        for index, key in self.gradients.items():
+            if not 0 <= index < len(flat):
+                raise EmitError(f"gradient report of output {index}: the graph has {len(flat)} outputs")
+            v = flat[index]
+            if v is not None and v.op == "call_function" and v.name in self.value_of:
+                reports.setdefault(self.value_of[v.name], key)
+        return reports
+
     def check_symbolic_inputs(self) -> None:
         """A graph traced with dynamic shapes takes its sizes as inputs (SymInt placeholders),
         but the plan (tensor sizes, transfer bytes, host slots, the views rebuilt after a
@@ -419,6 +443,10 @@ class _Emitter:
             self.line("del _  # a discarded output: `_` would hold it until its next use", label)
         produced = [n for n in slots if n]
         self.bound.update(produced)
+        for t in produced:
+            if s.kind == StepKind.COMPUTE and t in self.reports:
+                self.line(f"ctx.gradient_ready({self.reports.pop(t)!r}, {self.var(t)})  # final: its update may start",
+                          label)
         for t in produced:
             if t in self.to_stash and t not in self.stashed:
                 # Yielded to the caller at the split, whatever the plan does with it later.

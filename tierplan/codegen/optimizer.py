@@ -39,6 +39,32 @@ parameter, and ``"loss_scale"`` under fp16 mixed precision; ``load_state_dict`` 
 removed by ``close()``, by a ``weakref.finalize`` when the optimizer is collected, and at interpreter
 exit; files are replaced atomically, so a step that raises midway leaves every file either old or
 new, never torn.
+
+Updates during the backward (``update_in_backward=True``; ``tierplan.compile(...,
+update_in_backward=True)``). ZeRO-Offload (Ren et al., "ZeRO-Offload: Democratizing Billion-Scale
+Model Training", USENIX ATC 2021) hides most of a host update behind the backward: each gradient is
+copied to the host as soon as the backward produces it and the CPU Adam runs while the rest of the
+backward computes. In this mode the compiled program reports each host-updated parameter's final
+gradient (``gradient_ready``, called by ``Context.gradient_ready``) the moment it exists; the
+gradient is copied to the host (on a GPU: into pinned memory on a side stream, after an event on
+the compute stream) and that parameter's update is handed to one background thread (torch's CPU
+kernels release the GIL). The update is *speculative*: it runs on private copies of the master and
+the states (NVMe states are staged to temporary files), because nothing is final before ``step()``:
+the caller may still scale, accumulate or edit ``p.grad``, or drop the step with ``zero_grad()``.
+``step()`` waits for the background updates (re-raising a worker's exception, with nothing
+committed), checks each parameter's ``p.grad`` against the reported gradient (the same storage at
+the same ``_version``, else equal values), and commits the updated master and states (swapping
+the tensors in, renaming staged files over the old ones) and writes the master into the
+parameter; the master is never written during the backward, which may still read the weight. A
+parameter whose gradient was not reported, was already there before the report (it would be
+accumulated into), changed after it, or whose group's hyper-parameters changed meanwhile, is
+updated in ``step()`` as without the mode: the overlap never changes results. The price: until
+``step()``, a second copy of every reported host parameter's master and states (host memory, not
+device memory). Refused: a loss scale (fp16-mixed: whether to step at all depends on every
+gradient being finite), ``clip_grad_norm_`` (the clip factor needs the norm of all gradients),
+and a second report of one parameter's gradient before ``step()`` (gradient accumulation: the
+update would see one micro-batch's gradient). On the CPU the update shares the cores with the
+backward, so the mode is for a GPU; the CPU runs it for tests.
 """
 from __future__ import annotations
 
@@ -271,6 +297,65 @@ class _StepIO:
             self._pool.shutdown(wait=True)
 
 
+@dataclass(eq=False)
+class _HostGrad:
+    """A gradient on its way to the host: the copy (on a GPU, still in flight until ``done``) and
+    the dtype of the master it feeds."""
+
+    copy: torch.Tensor
+    dtype: torch.dtype
+    done: Any = None  # the CUDA event recorded after the copy on the side stream
+
+    def result(self) -> torch.Tensor:
+        if self.done is not None:
+            self.done.synchronize()
+        return self.copy.to(dtype=self.dtype)  # no copy when the dtype is the master's
+
+
+@dataclass(eq=False)
+class _Speculated:
+    """A host update run during the backward on private copies, waiting for ``step()`` to
+    commit or discard it."""
+
+    grad: torch.Tensor  # the gradient it ran on, in the master's dtype, on the host
+    state: dict[str, Any]  # the updated state dict (NVMe: its non-tensor values only)
+    master: torch.Tensor | None  # the updated master (None on NVMe: it is in ``staged``)
+    staged: list[tuple[str, Path, Path, _SwapFile]] = field(default_factory=list)  # NVMe files
+
+
+@dataclass(eq=False)
+class _Reported:
+    """What the program reported of one parameter's gradient, and the update it started."""
+
+    slot: _Slot
+    storage: Callable[[], Any]  # weak reference to the reported gradient's storage
+    version: int  # the gradient's ``_version`` when reported
+    geometry: tuple[int, tuple[int, ...], tuple[int, ...]]  # storage offset, shape, stride
+    hyper: dict[str, Any]  # the group's hyper-parameters the update ran with
+    future: Future | None  # resolves to a _Speculated; None: not updated (p.grad already set)
+
+    def same_tensor(self, grad: torch.Tensor) -> bool:
+        """Whether ``grad`` is the reported gradient untouched: the same storage (autograd hands
+        a detached alias of it to ``p.grad``, sharing its version counter) at the same version."""
+        storage = self.storage()
+        return (storage is not None and grad.untyped_storage() is storage and grad._version == self.version
+                and (grad.storage_offset(), tuple(grad.shape), tuple(grad.stride())) == self.geometry)
+
+
+def _same_values(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and bool(
+            torch.equal(a.detach().cpu(), b.detach().cpu()))
+    return bool(a == b)
+
+
+def _hyperparameters(group: Mapping[str, Any]) -> dict[str, Any]:
+    """A snapshot of a group's hyper-parameters (tensor values copied: schedulers may write them in
+    place)."""
+    return {k: (v.detach().clone() if isinstance(v, torch.Tensor) else v)
+            for k, v in group.items() if k not in ("params", "param_names")}
+
+
 def _all_finite(tensors: list[torch.Tensor]) -> bool:
     """No inf or NaN in any of ``tensors`` (one host sync in all)."""
     if not tensors:
@@ -309,11 +394,16 @@ class TieredOptimizer(torch.optim.Optimizer):
         master_dtype: torch.dtype | None = None,
         swap_root: str | Path | None = None,
         loss_scale: DynamicLossScale | None = None,
+        update_in_backward: bool = False,
     ) -> None:
-        cls = SUPPORTED_OPTIMIZERS[optimizer_name(optimizer)]
+        optimizer_name(optimizer)  # refuses an optimizer whose update tierplan cannot place
         if loss_scale is not None and master_dtype is None:
             raise ValueError("a loss scale needs master weights (master_dtype=torch.float32): the gradients "
                              "are unscaled on their way into the masters")
+        if loss_scale is not None and update_in_backward:
+            raise ValueError("update_in_backward=True cannot run with a loss scale (fp16-mixed): whether a step "
+                             "runs at all depends on every gradient being finite, known only after the backward; "
+                             "use update_in_backward=False")
         # Optimizer.__init__ sets up the hook dicts and the profiled ``step``; its own parameter
         # group is a placeholder, replaced by the wrapped optimizer's list right after.
         super().__init__([torch.zeros(0)], dict(optimizer.defaults))
@@ -333,9 +423,16 @@ class TieredOptimizer(torch.optim.Optimizer):
         # The scratch instance whose ``step`` is the wrapped class's update. Built without the
         # class's __init__ (whose signature may not take every key of ``defaults``, e.g. AdamW and
         # ``decoupled_weight_decay``) over a placeholder that is never stepped.
-        self._scratch: torch.optim.Optimizer = cls.__new__(cls)
-        torch.optim.Optimizer.__init__(self._scratch, [torch.zeros(0)], dict(optimizer.defaults))
-        self._scratch_groups = self._scratch.param_groups
+        self._scratch = self._new_scratch()
+        # update_in_backward (the module docstring): the background thread, its own scratch
+        # instance (the main thread's may run device updates meanwhile), the side stream of the
+        # gradient copies on a GPU, and each reported gradient since the last step by slot index.
+        self._update_in_backward = bool(update_in_backward)
+        self._worker: ThreadPoolExecutor | None = None
+        self._worker_scratch: torch.optim.Optimizer | None = None
+        self._copy_streams: dict[torch.device, Any] = {}
+        self._reported: dict[int, _Reported] = {}
+        self._group_of: dict[int, Mapping[str, Any]] | None = None
 
         params = [p for group in self.param_groups for p in group["params"]]
         by_id = {id(p): i for i, p in enumerate(params)}
@@ -352,6 +449,13 @@ class TieredOptimizer(torch.optim.Optimizer):
                 slot = self._new_slot(p, chosen.get(id(p), StatePlacement()))
                 existing = optimizer.state.pop(p, None)
                 self._place(slot, group, dict(existing or {}))
+
+    def _new_scratch(self) -> torch.optim.Optimizer:
+        """A scratch instance of the wrapped class (see ``__init__``)."""
+        cls = SUPPORTED_OPTIMIZERS[optimizer_name(self._optimizer)]
+        scratch: torch.optim.Optimizer = cls.__new__(cls)
+        torch.optim.Optimizer.__init__(scratch, [torch.zeros(0)], dict(self._optimizer.defaults))
+        return scratch
 
     # ------------------------------------------------------------------ placement book-keeping
 
@@ -432,13 +536,22 @@ class TieredOptimizer(torch.optim.Optimizer):
         A step interrupted while writing leaves the old files untouched; the rename is atomic,
         so each file always holds a whole tensor.
         """
+        self._commit_files(slot, self._stage_files(slot, tensors, ".tmp"))
+
+    def _stage_files(self, slot: _Slot, tensors: Mapping[str, torch.Tensor], suffix: str,
+                     ) -> list[tuple[str, Path, Path, _SwapFile]]:
+        """Writes every tensor to its file's name plus ``suffix``, leaving the old files as they are."""
         staged: list[tuple[str, Path, Path, _SwapFile]] = []
         for key, t in tensors.items():
             path = self._swap_path(slot, key)
-            tmp = path.with_name(path.name + ".tmp")
+            tmp = path.with_name(path.name + suffix)
             flat = t.detach().reshape(-1).contiguous().to(_CPU)
             _write_file(tmp, flat.view(torch.uint8), None)
             staged.append((key, tmp, path, _SwapFile(path, t.dtype, t.shape)))
+        return staged
+
+    @staticmethod
+    def _commit_files(slot: _Slot, staged: list[tuple[str, Path, Path, _SwapFile]]) -> None:
         for key, tmp, path, record in staged:
             os.replace(tmp, path)
             slot.files[key] = record
@@ -556,21 +669,24 @@ class TieredOptimizer(torch.optim.Optimizer):
             slot.master.copy_(master)
 
     def _run_update(
-        self, group: Mapping[str, Any], tensors: list[torch.Tensor], states: list[dict[str, Any]], *, host: bool
+        self, group: Mapping[str, Any], tensors: list[torch.Tensor], states: list[dict[str, Any]], *, host: bool,
+        scratch: torch.optim.Optimizer | None = None,
     ) -> None:
-        """Runs the wrapped class's ``step`` over ``tensors`` (their ``.grad`` set) and ``states``."""
+        """Runs the wrapped class's ``step`` over ``tensors`` (their ``.grad`` set) and ``states``
+        (on ``scratch``, default the main thread's scratch instance)."""
         scratch_group = {k: v for k, v in group.items() if k not in ("params", "param_names")}
         if host:
             scratch_group.update({k: v for k, v in _HOST_FLAGS.items() if k in scratch_group})
         scratch_group["params"] = tensors
-        scratch = self._scratch
+        scratch = scratch if scratch is not None else self._scratch
+        idle_groups = scratch.param_groups
         scratch.param_groups = [scratch_group]
         scratch.state = defaultdict(dict, zip(tensors, states))
         try:
             scratch.step()
         finally:
             # Drop every reference to this update's tensors, even when the step raised.
-            scratch.param_groups = self._scratch_groups
+            scratch.param_groups = idle_groups
             scratch.state = defaultdict(dict)
 
     def _set_master_grad(self, p: torch.Tensor, master: torch.Tensor) -> None:
@@ -637,7 +753,10 @@ class TieredOptimizer(torch.optim.Optimizer):
             return loss
         self._grad_factor = self._clip / (scale.scale if scale is not None else 1.0)
         try:
-            self._step_groups()
+            # Updates run during the backward first: waiting for them re-raises a worker's error
+            # before anything else of this step is written.
+            committed = self._commit_reported() if self._reported else set()
+            self._step_groups(skip=committed)
         finally:
             self._grad_factor, self._clip = 1.0, 1.0
         if scale is not None:
@@ -652,6 +771,10 @@ class TieredOptimizer(torch.optim.Optimizer):
         returns the total norm of the true gradients (inf or NaN when a scaled gradient
         overflowed; that step is skipped anyway). With a loss scale the gradients are not
         touched: the clip is folded into the next ``step``'s unscale."""
+        if self._update_in_backward:
+            raise ValueError("clip_grad_norm_ with update_in_backward=True: the host updates already ran during the "
+                             "backward, before the norm of all gradients was known; use update_in_backward=False "
+                             "to clip")
         if self.loss_scale is None:
             params = [p for group in self.param_groups for p in group["params"]]
             return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type)
@@ -664,12 +787,14 @@ class TieredOptimizer(torch.optim.Optimizer):
             self._clip = min(1.0, float(max_norm) / (float(total) + 1e-6))  # torch's own epsilon
         return total
 
-    def _step_groups(self) -> None:
+    def _step_groups(self, skip: set[int] | frozenset[int] = frozenset()) -> None:
+        """The updates of every parameter with a gradient, but those in ``skip`` (by ``id``: their
+        update ran during the backward and is committed)."""
         for group in self.param_groups:
             resident: list[_Slot] = []
             placed: list[_Slot] = []
             for p in group["params"]:
-                if p.grad is None:
+                if p.grad is None or id(p) in skip:
                     continue
                 slot = self._slot(p)
                 (resident if slot.placement.states == DEVICE else placed).append(slot)
@@ -685,7 +810,185 @@ class TieredOptimizer(torch.optim.Optimizer):
                     self._step_one(group, slot, io)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        self._discard_reported()  # the step is dropped: so are the updates it started
         self._optimizer.zero_grad(set_to_none=set_to_none)
+
+    # ------------------------------------------------------------------ updates during the backward
+
+    @property
+    def update_in_backward(self) -> bool:
+        """Whether host updates start as the backward reports their gradients (module docstring)."""
+        return self._update_in_backward
+
+    @property
+    def pending_updates(self) -> int:
+        """Host updates started during the backward since the last ``step`` or ``zero_grad``."""
+        return sum(1 for r in self._reported.values() if r.future is not None)
+
+    def gradient_ready(self, p: torch.Tensor, grad: torch.Tensor) -> None:
+        """The program's listener: ``grad`` is parameter ``p``'s final gradient of this backward.
+
+        With ``update_in_backward`` and a host update, copies it to the host and starts the
+        update on the background thread (a no-op otherwise). Raises ValueError when ``p``'s
+        gradient was already reported since the last ``step`` (gradient accumulation)."""
+        if not self._update_in_backward:
+            return
+        slot = self._slots.get(id(p))
+        if slot is None or slot.placement.update != HOST:
+            return
+        if slot.index in self._reported:
+            raise ValueError(
+                f"update_in_backward=True: the gradient of parameter {slot.index} (shape {tuple(p.shape)}) came "
+                f"twice before step(), as in gradient accumulation; its update already started from the first "
+                f"one. Use update_in_backward=False to accumulate gradients over several backwards")
+        geometry = (grad.storage_offset(), tuple(grad.shape), tuple(grad.stride()))
+        if self._group_of is None:
+            self._group_of = {id(q): g for g in self.param_groups for q in g["params"]}
+        hyper = _hyperparameters(self._group_of[id(p)])
+        future = None
+        if p.grad is None:
+            # Else the new gradient is added to the one in p.grad, which step() updates from.
+            host = self._offload_grad(slot, grad)
+            future = self._background().submit(self._speculate, slot, hyper, host)
+        self._reported[slot.index] = _Reported(slot, weakref.ref(grad.untyped_storage()), grad._version,
+                                               geometry, hyper, future)
+
+    def _background(self) -> ThreadPoolExecutor:
+        if self._closed:
+            raise RuntimeError("TieredOptimizer is closed")
+        if self._worker is None:
+            # One thread: the updates run one after another, in the order the backward reports them.
+            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tierplan-host-update")
+            self._worker_scratch = self._new_scratch()
+        return self._worker
+
+    def _offload_grad(self, slot: _Slot, grad: torch.Tensor) -> _HostGrad:
+        """Starts the copy of ``grad`` to the host. The program may reuse or free its storage
+        once it goes on, so the copy is made now: on the CPU a plain copy (and cast to the
+        master's dtype); on a GPU into pinned memory on a side stream, after the compute stream's
+        work so far (which made ``grad``)."""
+        dtype = slot.master_dtype or grad.dtype
+        if not grad.is_cuda:
+            return _HostGrad(grad.detach().to(dtype=dtype, copy=True), dtype)
+        stream = self._copy_streams.get(grad.device)
+        if stream is None:
+            stream = self._copy_streams[grad.device] = torch.cuda.Stream(device=grad.device)
+        host = torch.empty(grad.shape, dtype=grad.dtype, pin_memory=True)
+        ready = torch.cuda.Event()
+        ready.record(torch.cuda.current_stream(grad.device))
+        stream.wait_event(ready)
+        with torch.cuda.stream(stream):
+            host.copy_(grad.detach(), non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(stream)
+        # The caching allocator keeps the gradient's block until the copy ran, without a
+        # reference here (which would stop autograd handing this very tensor to p.grad).
+        grad.record_stream(stream)
+        return _HostGrad(host, dtype, done)
+
+    def _speculate(self, slot: _Slot, hyper: dict[str, Any], host: _HostGrad) -> _Speculated:
+        """The background job: ``slot``'s host update on private copies of its master and states."""
+        grad = host.result()
+        if slot.placement.states == NVME:
+            work, master = self._fetch(slot, hyper)  # read from the files: already private
+        else:
+            work = {k: (self._host_copy(slot, v) if isinstance(v, torch.Tensor) else v)
+                    for k, v in slot.state.items()}
+            master = self._host_copy(slot, slot.master) if slot.master is not None else None
+        assert master is not None, "a host update runs on a host master"
+        master.grad = grad
+        try:
+            self._run_update(hyper, [master], [work], host=True, scratch=self._worker_scratch)
+        finally:
+            master.grad = None
+        if slot.placement.states != NVME:
+            return _Speculated(grad, work, master)
+        tensors = {k: v for k, v in work.items() if isinstance(v, torch.Tensor)}
+        tensors["master"] = master
+        # Staged beside the current files; step() renames them over, zero_grad() removes them.
+        staged = self._stage_files(slot, tensors, ".next")
+        return _Speculated(grad, {k: v for k, v in work.items() if not isinstance(v, torch.Tensor)}, None, staged)
+
+    def _wait_reported(self) -> tuple[dict[int, _Speculated], BaseException | None]:
+        """Every background update's result by slot index, and the first error among them."""
+        results: dict[int, _Speculated] = {}
+        error: BaseException | None = None
+        for index, reported in self._reported.items():
+            if reported.future is None:
+                continue
+            try:
+                results[index] = reported.future.result()
+            except BaseException as exc:  # noqa: BLE001 - re-raised by the caller, after the clean-up
+                error = error or exc
+        return results, error
+
+    def _commit_reported(self) -> set[int]:
+        """Waits for the updates run during the backward and commits each one whose gradient is
+        the one in ``p.grad`` now; returns the committed parameters' ids. A worker's error is
+        re-raised with nothing committed."""
+        results, error = self._wait_reported()
+        reported, self._reported, self._group_of = self._reported, {}, None
+        if error is not None:
+            for result in results.values():
+                self._drop(result)
+            raise error
+        committed: set[int] = set()
+        group_of = {id(q): g for g in self.param_groups for q in g["params"]}
+        for index, result in results.items():
+            slot = reported[index].slot
+            if self._still_valid(reported[index], result, group_of[id(slot.param)]):
+                self._commit(slot, result)
+                committed.add(id(slot.param))
+            else:
+                self._drop(result)  # step() updates it from p.grad as it is now
+        return committed
+
+    @staticmethod
+    def _still_valid(reported: _Reported, result: _Speculated, group: Mapping[str, Any]) -> bool:
+        """Whether the update that ran is the one step() would run now: the same gradient (the
+        reported tensor untouched, else equal values) and the same hyper-parameters."""
+        grad = reported.slot.param.grad
+        if grad is None:
+            return False
+        now = _hyperparameters(group)
+        if now.keys() != reported.hyper.keys() or not all(_same_values(now[k], reported.hyper[k]) for k in now):
+            return False
+        if reported.same_tensor(grad):
+            return True
+        # Another tensor (autograd copied it, or the caller replaced it): compare the values.
+        return grad.shape == result.grad.shape and bool(
+            torch.equal(grad.detach().to(device=_CPU, dtype=result.grad.dtype), result.grad))
+
+    def _commit(self, slot: _Slot, result: _Speculated) -> None:
+        """Makes a background update the slot's state, then writes its master into the parameter
+        (not earlier: the backward may still have read the weight)."""
+        if result.staged:
+            self._commit_files(slot, result.staged)
+            slot.state.clear()
+            slot.state.update(result.state)
+            master = slot.files["master"].read()  # not kept in memory since the update: NVMe's point
+        else:
+            # The updated tensors replace the old ones (no copy); the dict is the one self.state shows.
+            slot.state.clear()
+            slot.state.update(result.state)
+            slot.master = master = result.master
+        assert master is not None
+        self._write_back(slot.param, master)
+
+    @staticmethod
+    def _drop(result: _Speculated) -> None:
+        for _, tmp, _, _ in result.staged:
+            tmp.unlink(missing_ok=True)
+
+    def _discard_reported(self) -> None:
+        """Waits for the background updates and throws them away (errors included: nothing of
+        them is kept)."""
+        if not self._reported:
+            return
+        results, _ = self._wait_reported()
+        for result in results.values():
+            self._drop(result)
+        self._reported, self._group_of = {}, None
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -740,6 +1043,7 @@ class TieredOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Loads a state dict of the wrapped class's format, each state onto its planned tier."""
         state_dict = dict(state_dict)
+        self._discard_reported()  # updates of the old states must not land on the loaded ones
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = pre_hook(self, state_dict)
             if result is not None:
@@ -796,7 +1100,12 @@ class TieredOptimizer(torch.optim.Optimizer):
         return self._swap_dir
 
     def close(self) -> None:
-        """Removes the swap directory (and with it the NVMe states). Idempotent."""
+        """Stops the background update thread and removes the swap directory (and with it the
+        NVMe states). Idempotent."""
+        self._discard_reported()
+        if self._worker is not None:
+            self._worker.shutdown(wait=True)
+            self._worker = None
         self._closed = True
         if self._finalizer is not None:
             self._finalizer()

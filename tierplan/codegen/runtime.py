@@ -222,13 +222,17 @@ class Context:
     """One run of a generated program: pending transfers and the swap directory.
 
     ``on_transfer`` (debugging, tests) is called with the Context and the storage name after
-    every transfer is issued.
+    every transfer is issued. ``on_gradient`` is called as ``on_gradient(key, grad)`` by programs
+    emitted with gradient reports (``emit(..., gradients=...)``) as soon as each reported final
+    gradient exists: a TieredOptimizer starts that parameter's host update there.
     """
 
-    def __init__(self, runtime: Runtime, on_transfer: Callable[[Context, str], None] | None = None) -> None:
+    def __init__(self, runtime: Runtime, on_transfer: Callable[[Context, str], None] | None = None,
+                 on_gradient: Callable[[Any, torch.Tensor], None] | None = None) -> None:
         self.rt = runtime
         self.device = runtime.device
         self.on_transfer = on_transfer
+        self.on_gradient = on_gradient
         self._swap_dir: Path | None = None
         self._pending: list[Transfer] = []
         # GPU copies into host memory that the compute stream has waited for: the stream wait
@@ -303,6 +307,11 @@ class Context:
         """What a split program yields: its forward outputs as new tensor objects over the same
         storages (no copy), so the caller's references and the program's are distinct."""
         return tuple(o.detach() if isinstance(o, torch.Tensor) else o for o in outputs)
+
+    def gradient_ready(self, key: Any, grad: torch.Tensor) -> None:
+        """The program made ``grad``, the final gradient reported as ``key``: tell the listener."""
+        if self.on_gradient is not None:
+            self.on_gradient(key, grad)
 
     # -- random ops that are recomputed -----------------------------------------------------------
 

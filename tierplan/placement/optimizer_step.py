@@ -118,8 +118,11 @@ def plan_update(plan: Plan, rates: UpdateRates, *, optimizer: str, precision: st
 
 
 def plan_step(graph: Graph, pricing: Pricing, rates: UpdateRates, *, optimizer: str, precision: str,
-              time_limit_s: float | None = None, live: Liveness | None = None) -> Plan:
+              time_limit_s: float | None = None, live: Liveness | None = None,
+              overlap_backward: bool = False) -> Plan:
     """The fastest whole step found: the schedule and the optimizer step (module docstring).
+    ``overlap_backward``: host updates may start as the backward makes their gradients (the
+    runtime's ``update_in_backward``); else the update starts when the schedule ends.
 
     The schedule is planned with the host's room for the update's staging buffers held back (the
     largest STAGING_SLOTS parameters' gradients and states), so that the update can run beside
@@ -135,7 +138,8 @@ def plan_step(graph: Graph, pricing: Pricing, rates: UpdateRates, *, optimizer: 
             held[HOST] = max(0, held[HOST] - host_reserve)
         plan = solve(graph, dataclasses.replace(pricing, capacities=held), time_limit_s=time_limit_s, live=live)
         plan.capacities = {**plan.capacities, **pricing.capacities}  # the update takes what was held back
-        plan.update = plan_update(plan, rates, optimizer=optimizer, precision=precision, time_limit_s=states_limit)
+        plan.update = plan_update(plan, rates, optimizer=optimizer, precision=precision, time_limit_s=states_limit,
+                                  overlap_backward=overlap_backward)
         return plan
 
     try:

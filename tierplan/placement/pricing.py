@@ -22,7 +22,7 @@ same two currencies, so that the simulator and the validator price it unchanged:
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from tierplan.cost_models.compute import graph_op_times
 from tierplan.cost_models.hardware import Hardware
@@ -83,24 +83,28 @@ def transfer_channels(hardware: Hardware, tiers: Sequence[str]) -> list[Channel]
     return channels
 
 
-def op_times(graph: Graph, hardware: Hardware) -> dict[str, float]:
+def op_times(graph: Graph, hardware: Hardware, measured: Mapping[str, float] | None = None) -> dict[str, float]:
     """Seconds per op of ``graph`` as a generated program runs it on ``hardware``: the roofline
     (``compute.graph_op_times``) plus the runtime's issue cost per op, and the per-step cost on the
-    last op (see the module docstring)."""
+    last op (see the module docstring). ``measured``: seconds per op name timed on the machine
+    (``cost_models.measured``), which replace roofline and issue cost for those ops (a timed
+    call is the program's call: dispatch and allocation included)."""
     runtime = hardware.runtime
-    times = {name: t + runtime.op_issue_s for name, t in graph_op_times(graph, hardware).items()}
+    measured = measured or {}
+    times = {name: measured[name] if name in measured else t + runtime.op_issue_s
+             for name, t in graph_op_times(graph, hardware).items()}
     if graph.ops:
         times[graph.ops[-1].name] += runtime.step_s + runtime.input_s * len(graph.inputs)
     return times
 
 
 def machine_pricing(graph: Graph, hardware: Hardware, *, tiers: Sequence[str], training: bool,
-                    budget: int | None = None) -> Pricing:
-    """``graph`` priced on ``hardware`` with the slower ``tiers``: each op's time (``op_times``),
-    the tiers' capacities and the copy channels. ``budget`` (bytes) defaults to the device
-    memory."""
+                    budget: int | None = None, measured_op_s: Mapping[str, float] | None = None) -> Pricing:
+    """``graph`` priced on ``hardware`` with the slower ``tiers``: each op's time (``op_times``,
+    ``measured_op_s`` where given), the tiers' capacities and the copy channels. ``budget``
+    (bytes) defaults to the device memory."""
     capacities = tier_capacities(hardware, tiers)
     if budget is not None:
         capacities[DEVICE] = int(budget)
     return Pricing(capacities=capacities, channels=tuple(transfer_channels(hardware, tiers)),
-                   op_time_s=op_times(graph, hardware), hardware=hardware.name, training=training)
+                   op_time_s=op_times(graph, hardware, measured_op_s), hardware=hardware.name, training=training)
