@@ -8,6 +8,7 @@ import json
 import time
 
 import pytest
+import torch
 
 from tierplan.cli.remat import abstract_pricing, remat_command, schedule_of
 from tierplan.formats.node_link import graph_from_node_link
@@ -332,3 +333,49 @@ def test_the_ladder_reaches_a_tight_budget() -> None:
     hint = remat_any._ladder(problem, peak, time.perf_counter() + 15, 3, 2)
     assert hint is not None and remat_any.spans_peak(problem, hint) <= problem.room
     assert not remat_any.spans_faults(problem, hint)
+
+
+# -- training graphs (issue 17 item 1: the interval model beside the per-unit models) ---------
+
+def test_training_graph_recomputed_anywhere_runs_and_equals_eager() -> None:
+    """On a training graph the interval model re-runs forward ops anywhere in the backward; the
+    ops whose outputs are partly graph outputs (a weight's gradient beside the input gradient)
+    pin those bytes and free the rest. Its plan below keep-all's peak validates, and its program
+    draws eager's dropout masks and computes eager's loss and gradients. (Whether the search
+    keeps it is the portfolio's call: here it is taken as the model gives it.)"""
+    from tierplan.compile import compile_plan
+    from tierplan.cost_models.hardware import load_hardware
+    from tierplan.passes.capture import capture
+    from tierplan.passes.liveness import liveness
+    from tierplan.placement.keep_all import keep_all_plan
+    from tierplan.placement.pricing import machine_pricing
+    from tierplan.zoo import load_model
+
+    model, args, kwargs = load_model("gpt2-tiny", batch_size=2, seq_len=32)
+    model.train()  # dropout on: the re-runs must replay its random draws
+    captured = capture(model, args, example_kwargs=kwargs)
+    graph = captured.graph
+    budget = int(0.85 * liveness(graph).peak)
+    pricing = machine_pricing(graph, load_hardware("cpu"), tiers=(), training=True).with_budget(budget)
+    reference = keep_all_plan(graph, pricing)
+    problem = remat_any.remat_problem(graph, budget, pricing.op_time_s)
+    assert any(nd.pinned for nd in problem.nodes)  # the mixed ops this is about
+    assert not any(nd.recomputable and nd.pinned for nd in problem.nodes)
+    found = remat_any.search_remat_any(problem, reference.keep_all_peak_bytes, deadline=time.perf_counter() + 5)
+    assert found.fits
+    plan, _ = remat_any.spans_plan(problem, found.spans, pricing, reference, method="t")
+    validate(plan)
+    assert any(s.kind == StepKind.RECOMPUTE for s in plan.schedule)
+    assert plan.peak_bytes[DEVICE] <= budget
+    compiled = compile_plan(model, captured, plan)
+    torch.manual_seed(1)
+    loss = compiled(*args, **kwargs)  # the loss (compile_plan returns the graph's output)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    torch.manual_seed(1)
+    expected = model(*args, **kwargs).loss
+    expected.backward()
+    torch.testing.assert_close(loss.detach(), expected.detach(), rtol=1e-5, atol=1e-6)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(grads[n], p.grad, rtol=1e-5, atol=1e-6, msg=lambda m: f"{n}: {m}")

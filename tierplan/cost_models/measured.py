@@ -3,11 +3,11 @@
 The roofline (``compute.py``) prices an op from its FLOPs and bytes at a device's peak rates. On
 small tensors that is far from what the kernels take: measured on the 2-core dev box, a
 8 x 1024 x 1024 matmul streams its weight at ~17 GB/s where a large copy reaches 22-41 GB/s, a
-64^3 matmul takes 8 us against a 3 us roofline, and a layer norm backward on 64 x 64 values 10 us
-against 2 (thread start-up, cache state, vector units a transcendental keeps busy). When the
+64^3 matmul takes 8 us against a 3 us roofline, and tiny-transformer's layer-norm backwards take
+11 us each against 3.6 (thread start-up, cache state, vector units a transcendental keeps busy). When the
 plan is made for the machine it runs on (``tierplan.compile``, ``bench/fidelity.py``), each op of
 the captured graph can simply be timed there, as Checkmate (Jain et al., MLSys 2020) and MONeT
-profile their cost models: ``measure_op_times`` runs the graph once with ``torch.fx``'s
+profile their cost models: ``measure_op_times`` runs the graph a few times with ``torch.fx``'s
 interpreter and times every call, each on its real inputs.
 
 What a time covers: the ``OpOverload`` call as the generated program makes it (dispatch, the

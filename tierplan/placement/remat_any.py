@@ -91,6 +91,10 @@ class Node:
     recomputable: bool
     to_end: bool  # held to the end of the step (a graph output or caller-owned)
     last: int  # the last stage any compute can read it (its horizon)
+    # Bytes of its outputs held to the end when the others are not (a training graph's
+    # convolution_backward: a graph-output weight gradient beside the input gradient the next
+    # op reads): fixed from its compute on, outside ``nbytes`` and ``storages``, never freed.
+    pinned: int = 0
 
 
 @dataclass(frozen=True)
@@ -110,10 +114,19 @@ class RematProblem:
         made = 0
         floor = 0
         for nd in self.nodes:
-            floor = max(floor, made + nd.nbytes + sum(self.nodes[i].nbytes for i in nd.reads
-                                                      if not self.nodes[i].to_end))
-            made += nd.nbytes if nd.to_end else 0
+            floor = max(floor, made + nd.nbytes + nd.pinned + sum(self.nodes[i].nbytes for i in nd.reads
+                                                                  if not self.nodes[i].to_end))
+            made += (nd.nbytes if nd.to_end else 0) + nd.pinned
         return floor
+
+    def pinned_held(self) -> list[int]:
+        """The pinned bytes (``Node.pinned``) held in each slot."""
+        held = [0] * (2 * self.n)
+        for nd in self.nodes:
+            held[2 * nd.index + 1] += nd.pinned
+        for slot in range(1, len(held)):
+            held[slot] += held[slot - 1]
+        return held
 
 
 def remat_problem(graph: Graph, budget: int, op_time_s: Mapping[str, float]) -> RematProblem:
@@ -126,17 +139,23 @@ def remat_problem(graph: Graph, budget: int, op_time_s: Mapping[str, float]) -> 
         for name in op.outputs:
             if not tensors[name].is_view:
                 producer[name] = index
-    raw: list[tuple[str, int, tuple[str, ...], tuple[int, ...], bool, bool]] = []
+    raw: list[tuple[str, int, tuple[str, ...], tuple[int, ...], bool, bool, int]] = []
     for index, op in enumerate(graph.ops):
         storages = tuple(o for o in op.outputs if not tensors[o].is_view and o not in fixed)
         needed = {tensors[n].storage for n in op.inputs}
         needed |= {tensors[o].storage for o in op.outputs if tensors[o].is_view}  # a view needs its base
         reads = tuple(sorted({producer[s] for s in needed if s in producer and s not in fixed
                               and producer[s] != index}))
-        to_end = any(s in outputs or tensors[s].kind in PERSISTENT_KINDS for s in storages)
+        persistent = tuple(s for s in storages if s in outputs or tensors[s].kind in PERSISTENT_KINDS)
         fresh = all(not tensors[o].is_view for o in op.outputs)
-        recomputable = bool(storages) and fresh and not to_end and op.phase == Phase.FORWARD
-        raw.append((op.name, sum(tensors[s].nbytes for s in storages), storages, reads, recomputable, to_end))
+        recomputable = bool(storages) and fresh and not persistent and op.phase == Phase.FORWARD
+        to_end = bool(persistent) and len(persistent) == len(storages)
+        pinned = 0
+        if persistent and not to_end:
+            # The op's other outputs are freed as any node's; the persistent ones stay pinned.
+            pinned = sum(tensors[s].nbytes for s in persistent)
+            storages = tuple(s for s in storages if s not in persistent)
+        raw.append((op.name, sum(tensors[s].nbytes for s in storages), storages, reads, recomputable, to_end, pinned))
     n = len(raw)
     readers: list[list[int]] = [[] for _ in range(n)]
     for j, item in enumerate(raw):
@@ -144,11 +163,11 @@ def remat_problem(graph: Graph, budget: int, op_time_s: Mapping[str, float]) -> 
             readers[i].append(j)
     last = [0] * n
     for i in reversed(range(n)):
-        _, _, _, _, _, to_end = raw[i]
+        to_end = raw[i][5]
         # A recomputable reader may re-run up to its own horizon and read i again there.
         last[i] = n - 1 if to_end else max([i] + [last[j] if raw[j][4] else j for j in readers[i]])
-    nodes = tuple(Node(name, i, nbytes, storages, reads, rec, to_end, last[i])
-                  for i, (name, nbytes, storages, reads, rec, to_end) in enumerate(raw))
+    nodes = tuple(Node(name, i, nbytes, storages, reads, rec, to_end, last[i], pinned)
+                  for i, (name, nbytes, storages, reads, rec, to_end, pinned) in enumerate(raw))
     fixed_bytes = sum(tensors[s].nbytes for s in fixed)
     return RematProblem(graph, nodes, budget - fixed_bytes, fixed_bytes,
                         tuple(float(op_time_s[nd.op]) for nd in nodes))
@@ -182,9 +201,9 @@ def spans_held(problem: RematProblem, spans: Spans) -> list[int]:
             delta[e + 1] -= nd.nbytes
     held = []
     used = 0
-    for d in delta[:-1]:
+    for d, pinned in zip(delta[:-1], problem.pinned_held()):
         used += d
-        held.append(used)
+        held.append(used + pinned)
     return held
 
 
@@ -254,6 +273,9 @@ def solve_remat_any(problem: RematProblem, *, deadline: float, hint: Spans | Non
                 else:
                     spans.append(model.NewOptionalIntervalVar(s, size, after, a, f"I{i}_{k}"))
                 demands.append(nd.nbytes)
+        if nd.pinned:
+            spans.append(model.NewIntervalVar(2 * i + 1, 2 * (n - i) - 1, 2 * n, f"P{i}"))
+            demands.append(nd.pinned)
         start.append(s_i)
         end.append(e_i)
         active.append(a_i)
@@ -517,9 +539,11 @@ class _Sweep:
         for nd in self.nodes:
             for i in nd.reads:
                 self.readers[i].append(nd.index)
+        # Bytes of the outputs held to the end, by slot (pinned ones: outside any interval).
+        self.fixed = problem.pinned_held()
         self.reset(spans)
         slots = 2 * problem.n
-        self.pinned = [0] * slots  # bytes of the outputs held to the end, by slot
+        self.pinned = list(self.fixed)
         for nd in self.nodes:
             if nd.to_end:
                 for slot in range(2 * nd.index + 1, slots):
@@ -527,7 +551,7 @@ class _Sweep:
 
     def reset(self, spans: Spans) -> None:
         self.spans = [list(mine) for mine in spans]
-        self.used = [0] * (2 * self.problem.n)
+        self.used = list(self.fixed)
         self.starts: list[set[int]] = [set() for _ in self.used]  # the nodes computed in each slot
         for i, mine in enumerate(self.spans):
             for s, e in mine:

@@ -22,10 +22,11 @@ Design (the pieces: ``candidates``, ``linear_model``, ``cpsat``, ``local_search`
   can express. Local moves (``local_search.improve``) find plans the model's conservative
   transient bytes exclude and correct its queue timing, so they get more of the time when copies
   are in play.
-- A graph with no backward op and no slower tier (inference, abstract benchmark graphs) has no
-  units; its first stage (RETAIN) is ``remat_any``'s retention-interval model (Moccasin's), in
-  which any forward op is re-run at any later op as often as pays. Training graphs and settings
-  with a slower tier never run it, so their plans are as before.
+- Without a slower tier the first stage (RETAIN) is ``remat_any``'s retention-interval model
+  (Moccasin's), in which any forward op is re-run at any later op as often as pays. A graph with
+  no backward op (inference, abstract benchmark graphs) has no units, so it gets 0.9 of the time;
+  a training graph gets it as one more measured candidate in 0.25 of the time, beside the
+  per-unit models. Settings with a slower tier never run it.
 - Parameter streams and gradient offloads enlarge the model; they are offered when caller-owned
   state is a large share of the budget, and in a second pass when the first finds no plan.
 - The gaps reported are against ``bound.overhead_lower_bound``: a relaxation that no plan of the
@@ -47,7 +48,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from tierplan.ir import Graph, Phase
+from tierplan.ir import Graph
 from tierplan.passes.liveness import Liveness, liveness
 from tierplan.placement.assemble import Built, build_plan
 from tierplan.placement.baselines import checkpoint_blocks_fates, swap_all_fates
@@ -93,7 +94,7 @@ RECOMPUTE_ONLY = "recompute-only"  # no copies (only when a slower tier is offer
 PER_BLOCK = "per-block"  # every option, one decision per block position (large graphs)
 NEAREST_TIER = "nearest-tier"  # every option, one decision per unit, the nearest slower tier alone
 EVERY_OPTION = "every-option"  # every option, one decision per unit: the model that matters
-ANY_POINT = "any-point"  # any forward op re-run anywhere (graphs without a backward or a slower tier)
+ANY_POINT = "any-point"  # any forward op re-run anywhere (settings without a slower tier)
 
 
 @dataclass(frozen=True)
@@ -106,13 +107,15 @@ class Stage:
     share: float  # of the time left when the stage starts
     share_with_streams: float | None = None  # instead, when streams or offloads are offered
     share_with_copies: float | None = None  # instead, when the model can copy to a slower tier
+    share_with_backward: float | None = None  # instead, on a training graph (its units have models too)
 
 
 STAGES: tuple[Stage, ...] = (
-    # A graph with no backward (inference, abstract benchmark graphs) and no slower tier has no
-    # units: every op may be re-run wherever it is read again, which only the interval model
-    # expresses. It gets most of the time; the stages below then have little to do.
-    Stage(RETAIN, ANY_POINT, 0.9),
+    # Without a slower tier every forward op may be re-run wherever it is read again, which only
+    # the interval model expresses. A graph with no backward (inference, abstract benchmark
+    # graphs) has no units, so it gets most of the time; on a training graph it is one more
+    # candidate beside the per-unit models (recompute at own points, per block), which get the rest.
+    Stage(RETAIN, ANY_POINT, 0.9, share_with_backward=0.25),
     # With streams the per-unit models take seconds to build and rarely solve in the time left;
     # the own-point model does, given the time.
     Stage(SOLVE, OWN_POINT, 0.3, share_with_streams=0.5),
@@ -175,10 +178,8 @@ class _Models:
             linear = linearize(problem, shared=True, tiers=first_tiers) if nearest else self.coarse
             return _Model(linear, "every option, per block position" + only, ", per block position" + only)
         if name == ANY_POINT:
-            graph = problem.graph
-            forward_only = all(op.phase == Phase.FORWARD for op in graph.ops)
             alone = not self.copies and not problem.streams and not problem.offloads
-            return _Model(self.every, "recompute anywhere, retention intervals", "") if forward_only and alone else None
+            return _Model(self.every, "recompute anywhere, retention intervals", "") if alone else None
         if name == NEAREST_TIER:
             if not nearest:
                 return None
@@ -251,6 +252,8 @@ def _search(problem: Problem, started: float, limit: float,
             share = stage.share_with_streams
         if stage.share_with_copies is not None and models.copies:
             share = stage.share_with_copies
+        if stage.share_with_backward is not None and problem.units:
+            share = stage.share_with_backward
         if stage.action == RETAIN:
             search.retain(share, model.solve_label)
         elif stage.action == SOLVE:
@@ -265,7 +268,9 @@ def _search(problem: Problem, started: float, limit: float,
         return None, solved
     if not fitting:
         found = infeasible(problem, models.coarse, problem.pricing.budget, search, suggest_tiers=suggest_tiers)
-        if isinstance(found, InfeasibleBudget) and search.retained is not None:
+        if isinstance(found, InfeasibleBudget) and search.retained is not None and not problem.units:
+            # Without units the per-unit diagnosis has nothing to say; with them it names what
+            # binds (the parameters, the tiers), which the interval model's floor does not.
             found = _retain_infeasible(found, search.retained)
         if isinstance(found, InfeasibleBudget):
             return found, solved
