@@ -90,3 +90,17 @@ def _op_alone(graph, name: str) -> float:
     from tierplan.cost_models.compute import graph_op_times
 
     return graph_op_times(graph, hw)[name] + hw.runtime.op_issue_s
+
+
+def test_compile_says_when_the_unplanned_step_does_not_fit_for_timing(monkeypatch) -> None:
+    """Timing runs the step at keep-all: where that runs out of device memory, compile names the
+    setting and the way out instead of a bare out-of-memory error."""
+    import tierplan.compile as compile_module
+
+    def out_of_memory(*_, **__):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(compile_module, "measure_op_times", out_of_memory)
+    model, args, kwargs = load_model("gpt2-tiny", batch_size=2, seq_len=32)
+    with pytest.raises(RuntimeError, match="op_times='roofline'"):
+        tierplan_compile(model, args, example_kwargs=kwargs, memory_budget=0.7, op_times="measured")

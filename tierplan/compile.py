@@ -348,7 +348,13 @@ class CompiledModule(nn.Module):
         op_times = None
         if s.op_times == "measured":
             inputs = [x.to(self._device) for x in captured.real_inputs(self.model, args, kwargs)]
-            op_times = measure_op_times(captured.joint, inputs)
+            try:
+                op_times = measure_op_times(captured.joint, inputs)
+            except torch.OutOfMemoryError as exc:
+                # Timing runs the step unplanned (keep-all), which is what may not fit.
+                raise RuntimeError(
+                    f"op_times='measured' times {name}'s ops by running its step on {self._device} without a "
+                    f"plan, and that step does not fit there ({exc}); compile with op_times='roofline'") from exc
         plan = None
         if like is not None:
             plan = plan_graph_like(captured.graph, like.plan, hardware=s.hardware, tiers=s.tiers,
@@ -560,7 +566,9 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile
     ``device`` (``tierplan.cost_models.measured``: the graph run a few times, each op timed in
     place) and the plan prices ops by those times instead of ``hardware``'s roofline; the plan is
     then a plan for this machine (on the CPU, ``bench/fidelity.py`` measures its step within 10%
-    median). "roofline" (default) prices by ``hardware``, the machine named, wherever it runs.
+    median). Timing runs the step unplanned, so it must fit the device at keep-all (else a
+    RuntimeError says so). "roofline" (default) prices by ``hardware``, the machine named,
+    wherever it runs.
     """
     args = example_inputs if isinstance(example_inputs, tuple) else (
         tuple(example_inputs) if isinstance(example_inputs, list) else (example_inputs,)
