@@ -67,6 +67,7 @@ import torch
 
 from tierplan.api import plan_graph
 from tierplan.codegen.measure import StorageTracker
+from tierplan.codegen.runtime import keep_freed_memory
 from tierplan.compile import compile_plan
 from tierplan.cost_models.measured import measure_op_times
 from tierplan.passes.capture import capture
@@ -245,6 +246,8 @@ def main(argv: list[str] | None = None) -> None:
         zero = functools.partial(model.zero_grad, set_to_none=True)
         op_times = None
         if a.op_times == "measured":
+            if not cuda:
+                keep_freed_memory()  # as the runtime will: else the first model's ops time page faults
             inputs = [x.to(device) for x in captured.real_inputs(model, args, kwargs)]
             op_times = measure_op_times(captured.joint, inputs)
 
