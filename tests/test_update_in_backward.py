@@ -212,3 +212,17 @@ def test_the_plan_prices_updates_that_start_in_the_backward():
         else:
             assert first < plan.predicted_time_s  # an update starts while the backward runs
             assert during.step_time_s < after.step_time_s
+
+
+def test_cli_plans_the_overlapped_step_and_refuses_it_without_a_training_update(tmp_path, capsys):
+    import json
+
+    from tierplan.cli.commands import main
+
+    out = tmp_path / "plan.json"
+    assert main(["plan", "gpt2-tiny", "--hardware", "h100-sxm", "--budget", "0.7", "--time-limit", "2",
+                 "--update-in-backward", "--json", str(out), "--quiet"]) == 0
+    assert json.loads(out.read_text())["update"]["overlap_backward"] is True
+    for extra in (["--inference"], ["--optimizer", "none"], ["--generate", "4"]):
+        assert main(["plan", "gpt2-tiny", "--update-in-backward", "--quiet", *extra]) != 0
+        assert "--update-in-backward" in capsys.readouterr().err

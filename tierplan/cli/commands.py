@@ -116,6 +116,9 @@ def cmd_plan(args: argparse.Namespace) -> None:
         if args.reorder:
             raise UsageError("--reorder orders the ops of a captured graph; --generate plans a decoder's layers, "
                              "not a graph: drop one of them")
+        if args.update_in_backward:
+            raise UsageError("--update-in-backward overlaps a training step's optimizer update with its backward; "
+                             "--generate plans inference: drop one of them")
         _plan_generation(args, hardware, tiers, budget, progress)
         return
     if args.prompt_len is not None or args.attention is not None:
@@ -145,7 +148,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
         result = plan_graph(
             captured.graph, hardware=hardware, memory_budget=budget, training=args.training,
             tiers=tiers, time_limit=limit, optimizer=optimizer or "none", precision=precision,
-            reorder=args.reorder,
+            reorder=args.reorder, update_in_backward=args.update_in_backward,
         )
         done.note = f"planned: {result.method.split(' (')[0]}"
     emitted = None
@@ -406,6 +409,9 @@ def _check_plan_settings(args: argparse.Namespace, hardware: Any, tiers: tuple[s
 
     if args.time_limit is not None and not (math.isfinite(args.time_limit) and args.time_limit > 0):
         raise UsageError(f"--time-limit {args.time_limit:g}: give a positive number of seconds, e.g. 30")
+    if args.update_in_backward and (not args.training or args.optimizer == "none"):
+        raise UsageError("--update-in-backward overlaps the optimizer update with the backward: it needs a "
+                         "training step with an optimizer (drop --inference / --optimizer none, or the option)")
     for option in ("batch_size", "seq_len"):
         value = getattr(args, option)
         if value is not None and value < 1:
@@ -559,6 +565,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attention", choices=["device", "host"], default=None,
                    help="with --generate: where attention runs (default: the faster, searched)")
     p.add_argument("--reorder", action="store_true", help=REORDER_HELP)
+    p.add_argument("--update-in-backward", action="store_true",
+                   help="host optimizer updates start as the backward makes their gradients (ZeRO-Offload's "
+                        "overlap; compile(update_in_backward=True) runs it)")
     _add_outputs(p)
     p.add_argument("--emit", type=Path, metavar="DIR",
                    help="write the generated Python module that runs the plan into this directory")
