@@ -379,3 +379,29 @@ def test_training_graph_recomputed_anywhere_runs_and_equals_eager() -> None:
     torch.testing.assert_close(loss.detach(), expected.detach(), rtol=1e-5, atol=1e-6)
     for n, p in model.named_parameters():
         torch.testing.assert_close(grads[n], p.grad, rtol=1e-5, atol=1e-6, msg=lambda m: f"{n}: {m}")
+
+
+def test_the_ladder_is_the_answer_when_the_last_solve_has_none(monkeypatch) -> None:
+    """No sweep from keep-all, a ladder that reached the budget, a last solve that ends with
+    nothing within it (a hint CP-SAT did not complete in time): the ladder's spans are the
+    answer ("cp-sat first fit"), not an infeasible budget."""
+    data, graph, times, ids, budget, problem = _standard(100, 0.9)
+    within = remat_any.greedy_spans(problem, 3)
+    assert within is not None
+
+    def nothing(problem, **_):
+        return remat_any.RematSolved(None, "UNKNOWN", None, None, 0.0, fits=False)
+
+    monkeypatch.setattr(remat_any, "greedy_spans", lambda *_, **__: None)
+    monkeypatch.setattr(remat_any, "_ladder", lambda *_, **__: within)
+    monkeypatch.setattr(remat_any, "solve_remat_any", nothing)
+    found = remat_any.search_remat_any(problem, keep_all_peak(data), deadline=time.perf_counter() + 5)
+    assert found.status == remat_any.FIRST_FIT and found.fits and found.spans == within
+    plan, plan_ids = _plan(data, budget, limit=5.0)
+    validate(plan)
+    assert plan.method.startswith("cp-sat first fit (recompute anywhere")
+    replayed = replay(instance(data), schedule_of(plan, plan_ids), budget)
+    assert replayed.peak <= budget and replayed.cost == pytest.approx(plan.predicted_time_s)
+    # A start over the budget is never the answer.
+    monkeypatch.setattr(remat_any, "_ladder", lambda *_, **__: remat_any.keep_all_spans(problem))
+    assert not remat_any.search_remat_any(problem, keep_all_peak(data), deadline=time.perf_counter() + 5).fits

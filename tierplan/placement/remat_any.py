@@ -75,6 +75,7 @@ _SWEEP_SHARE = 0.1  # of a ladder step's time, at most, for its repair by the sw
 # ends when it fits or gets stuck (500 nodes at 0.9: 2 s, which 0.1 of a 17 s limit cut short).
 _FIRST_SWEEP_SHARE = 0.4
 GREEDY = "GREEDY"  # the status of the sweep's answer, when CP-SAT has none within the budget
+FIRST_FIT = "FIRST_FIT"  # the ladder's answer (its last step's), when the last solve has none
 _OVER_STEPS = 10_000  # the overshoot's resolution in the objective: this many steps up to keep-all's peak
 _TIME_UNITS = 1_000_000  # the keep-all step time in the model's integer time units
 
@@ -365,8 +366,10 @@ def search_remat_any(problem: RematProblem, keep_all_peak: int, *, deadline: flo
     first answers of a ladder of budgets from keep-all's peak down to it. From spans over the
     budget, CP-SAT may spend the whole limit on the overshoot (its soft budget is one maximum:
     while one place stays over, clearing another gains nothing); from spans within it, the time
-    goes to the recompute time. When CP-SAT ends with nothing within the budget, the sweep's spans
-    (if any) are the answer."""
+    goes to the recompute time. When the last solve ends with nothing within the budget, the start
+    is the answer when it is within it (the sweep's, or the ladder's last step: a hint CP-SAT did
+    not complete in the time left; 250 nodes at 0.8 of the peak lost its ladder answer so in one
+    run of three)."""
     if intervals is None:
         intervals = SMALL_GRAPH_INTERVALS if problem.n <= SMALL_GRAPH_NODES else DEFAULT_INTERVALS
     now = time.perf_counter()
@@ -377,8 +380,10 @@ def search_remat_any(problem: RematProblem, keep_all_peak: int, *, deadline: flo
         # Proven over the budget with this many intervals per node: one more may fit it.
         found = solve_remat_any(problem, deadline=deadline, hint=found.spans, intervals=intervals + 1,
                                 workers=workers)
-    if not found.fits and greedy is not None:
-        return RematSolved(greedy, GREEDY, spans_recompute_s(problem, greedy), None, found.solve_s)
+    if not found.fits and hint is not None and spans_peak(problem, hint) <= problem.room \
+            and not spans_faults(problem, hint):
+        status = GREEDY if hint is greedy else FIRST_FIT
+        return RematSolved(hint, status, spans_recompute_s(problem, hint), None, found.solve_s)
     return found
 
 

@@ -59,7 +59,9 @@ from tierplan.placement.infeasible import infeasible
 from tierplan.placement.keep_all import keep_all_plan
 from tierplan.placement.linear_model import Key, Linear, greedy, linearize
 from tierplan.placement.local_search import improve
-from tierplan.placement.remat_any import GREEDY, REMAT_ANY_CPSAT, remat_problem, search_remat_any, spans_plan
+from tierplan.placement.remat_any import (
+    FIRST_FIT, GREEDY, REMAT_ANY_CPSAT, remat_problem, search_remat_any, spans_plan,
+)
 from tierplan.placement.schedule import build_schedule, initial_tiers
 from tierplan.placement.simulate import simulate
 from tierplan.units import format_bytes
@@ -408,8 +410,10 @@ class _Search:
         ka_time = reference.predicted_time_s
         info = SolverReport.of(found.status, ka_time + (found.objective_s or 0.0), ka_time + (found.bound_s or 0.0),
                                found.solve_s, keep_all_s=ka_time, bound_kind=REMAT_ANY_CPSAT)
-        # The sweep's spans are the answer when CP-SAT found none within the budget in time.
-        method = f"greedy sweep ({label})" if found.status == GREEDY else f"cp-sat ({label})"
+        # The start's spans are the answer when the last solve found none within the budget in
+        # time: the sweep's, or the ladder's (CP-SAT's first answer within it, no better one).
+        method = {GREEDY: f"greedy sweep ({label})", FIRST_FIT: f"cp-sat first fit ({label})"}.get(
+            found.status, f"cp-sat ({label})")
         plan, figures = spans_plan(remat, found.spans, problem.pricing, reference, method=method, solver=info)
         if info.bound_s is not None and info.bound_s > plan.predicted_time_s:
             # The model's integer op times round: a bound above its own plan is that rounding.
