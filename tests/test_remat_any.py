@@ -8,7 +8,6 @@ import json
 import time
 
 import pytest
-import torch
 
 from tierplan.cli.remat import abstract_pricing, remat_command, schedule_of
 from tierplan.formats.node_link import graph_from_node_link
@@ -343,6 +342,7 @@ def test_training_graph_recomputed_anywhere_runs_and_equals_eager() -> None:
     pin those bytes and free the rest. Its plan below keep-all's peak validates, and its program
     draws eager's dropout masks and computes eager's loss and gradients. (Whether the search
     keeps it is the portfolio's call: here it is taken as the model gives it.)"""
+    from test_reorder import assert_draws_and_grads_equal_eager
     from tierplan.compile import compile_plan
     from tierplan.cost_models.hardware import load_hardware
     from tierplan.passes.capture import capture
@@ -367,18 +367,7 @@ def test_training_graph_recomputed_anywhere_runs_and_equals_eager() -> None:
     validate(plan)
     assert any(s.kind == StepKind.RECOMPUTE for s in plan.schedule)
     assert plan.peak_bytes[DEVICE] <= budget
-    compiled = compile_plan(model, captured, plan)
-    torch.manual_seed(1)
-    loss = compiled(*args, **kwargs)  # the loss (compile_plan returns the graph's output)
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad()
-    torch.manual_seed(1)
-    expected = model(*args, **kwargs).loss
-    expected.backward()
-    torch.testing.assert_close(loss.detach(), expected.detach(), rtol=1e-5, atol=1e-6)
-    for n, p in model.named_parameters():
-        torch.testing.assert_close(grads[n], p.grad, rtol=1e-5, atol=1e-6, msg=lambda m: f"{n}: {m}")
+    assert_draws_and_grads_equal_eager(compile_plan(model, captured, plan), model, args, kwargs)
 
 
 def test_the_ladder_is_the_answer_when_the_last_solve_has_none(monkeypatch) -> None:
