@@ -120,11 +120,12 @@ class RematProblem:
             made += (nd.nbytes if nd.to_end else 0) + nd.pinned
         return floor
 
-    def pinned_held(self) -> list[int]:
-        """The pinned bytes (``Node.pinned``) held in each slot."""
+    def pinned_held(self, *, with_to_end: bool = False) -> list[int]:
+        """The pinned bytes (``Node.pinned``) held in each slot; ``with_to_end``: and the bytes of
+        the nodes held to the end (which their intervals count in ``spans_held``)."""
         held = [0] * (2 * self.n)
         for nd in self.nodes:
-            held[2 * nd.index + 1] += nd.pinned
+            held[2 * nd.index + 1] += nd.pinned + (nd.nbytes if with_to_end and nd.to_end else 0)
         for slot in range(1, len(held)):
             held[slot] += held[slot - 1]
         return held
@@ -544,15 +545,11 @@ class _Sweep:
         for nd in self.nodes:
             for i in nd.reads:
                 self.readers[i].append(nd.index)
-        # Bytes of the outputs held to the end, by slot (pinned ones: outside any interval).
+        # Bytes of the outputs held to the end, by slot: the pinned ones (outside any interval,
+        # so ``used`` starts from them) and with them those of the nodes held to the end.
         self.fixed = problem.pinned_held()
+        self.pinned = problem.pinned_held(with_to_end=True)
         self.reset(spans)
-        slots = 2 * problem.n
-        self.pinned = list(self.fixed)
-        for nd in self.nodes:
-            if nd.to_end:
-                for slot in range(2 * nd.index + 1, slots):
-                    self.pinned[slot] += nd.nbytes
 
     def reset(self, spans: Spans) -> None:
         self.spans = [list(mine) for mine in spans]
