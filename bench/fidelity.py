@@ -67,9 +67,7 @@ import torch
 
 from tierplan.api import plan_graph
 from tierplan.codegen.measure import StorageTracker
-from tierplan.codegen.runtime import keep_freed_memory
-from tierplan.compile import compile_plan
-from tierplan.cost_models.measured import measure_op_times
+from tierplan.compile import compile_plan, measured_op_times
 from tierplan.passes.capture import capture
 from tierplan.plans.plan import DEVICE, InfeasibleBudget
 from tierplan.units import format_bytes
@@ -244,12 +242,8 @@ def main(argv: list[str] | None = None) -> None:
         kwargs = {k: v.to(device) for k, v in kwargs.items()}
         captured = capture(model, args, example_kwargs=kwargs)
         zero = functools.partial(model.zero_grad, set_to_none=True)
-        op_times = None
-        if a.op_times == "measured":
-            if not cuda:
-                keep_freed_memory()  # as the runtime will: else the first model's ops time page faults
-            inputs = [x.to(device) for x in captured.real_inputs(model, args, kwargs)]
-            op_times = measure_op_times(captured.joint, inputs)
+        # As compile(op_times="measured") times them (the runtime's allocator set first).
+        op_times = measured_op_times(model, captured, args, kwargs, device) if a.op_times == "measured" else None
 
         def eager():
             _loss(model(*args, **kwargs)).backward()

@@ -345,18 +345,8 @@ class CompiledModule(nn.Module):
                           f"{signature.describe()} ({how})", stacklevel=3)
         captured = capture(self.model, args, example_kwargs=kwargs, training=signature.training,
                            keep_outputs=True, autocast=autocast_dtype(s.precision, model_dtype(self.model)))
-        op_times = None
-        if s.op_times == "measured":
-            inputs = [x.to(self._device) for x in captured.real_inputs(self.model, args, kwargs)]
-            if self._device.type == "cpu":
-                keep_freed_memory()  # the allocator as the program runs with it (no page faults per step)
-            try:
-                op_times = measure_op_times(captured.joint, inputs)
-            except torch.OutOfMemoryError as exc:
-                # Timing runs the step unplanned (keep-all), which is what may not fit.
-                raise RuntimeError(
-                    f"op_times='measured' times {name}'s ops by running its step on {self._device} without a "
-                    f"plan, and that step does not fit there ({exc}); compile with op_times='roofline'") from exc
+        op_times = (measured_op_times(self.model, captured, args, kwargs, self._device)
+                    if s.op_times == "measured" else None)
         plan = None
         if like is not None:
             plan = plan_graph_like(captured.graph, like.plan, hardware=s.hardware, tiers=s.tiers,
@@ -617,6 +607,22 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile
                                               swap_root=Path(debug_dir) / "swap" if debug_dir is not None else None,
                                               update_in_backward=update_in_backward)
     return compiled
+
+
+def measured_op_times(model: nn.Module, captured: Captured, args: tuple[Any, ...], kwargs: dict[str, Any],
+                      device: torch.device) -> dict[str, float]:
+    """Seconds per op of ``captured`` timed on ``device`` as its program will run there
+    (``compile(op_times="measured")``; ``cost_models.measured``)."""
+    inputs = [x.to(device) for x in captured.real_inputs(model, args, kwargs)]
+    if device.type == "cpu":
+        keep_freed_memory()  # the allocator as the program runs with it: else ops time page faults
+    try:
+        return measure_op_times(captured.joint, inputs)
+    except torch.OutOfMemoryError as exc:
+        # Timing runs the step unplanned (keep-all), which is what may not fit.
+        raise RuntimeError(
+            f"op_times='measured' times {type(model).__name__}'s ops by running its step on {device} without a "
+            f"plan, and that step does not fit there ({exc}); compile with op_times='roofline'") from exc
 
 
 def check_update_in_backward(update_in_backward: bool, optimizer: torch.optim.Optimizer | None,
