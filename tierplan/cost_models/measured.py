@@ -11,7 +11,7 @@ profile their cost models: ``measure_op_times`` runs the graph a few times with 
 interpreter and times every call, each on its real inputs.
 
 What a time covers: the ``OpOverload`` call as the generated program makes it (dispatch, the
-output's allocation, the kernel), timed in place: the graph runs ``repeats`` times after one
+output's allocation, the kernel), timed in place: the graph runs 5 to 25 times (as half a second allows) after one
 untimed run, each op timed where it runs, after the ops before it, so its inputs are as warm or
 cold in cache and its output's allocation as fresh as in a program that runs the ops in that
 order; an op's time is its median over the runs. (Timed alone, each op called again and again on
@@ -34,16 +34,23 @@ import torch
 import torch.fx
 from torch.utils import _pytree as pytree
 
-__all__ = ["DEFAULT_REPEATS", "measure_op_times"]
+__all__ = ["MIN_REPEATS", "MAX_REPEATS", "measure_op_times"]
 
-DEFAULT_REPEATS = 5
+# Runs of the graph: at least MIN_REPEATS, then more while the runs so far took less than
+# REPEAT_SECONDS, up to MAX_REPEATS. A few runs of a small graph leave each op's median to a
+# shared machine's bursts: with 5 runs gpt2-tiny's ops summed to 2.5, 3.0 and 4.1 ms in three
+# measurements a minute apart; a run takes 3-5 ms, so 25 cost 0.1 s.
+MIN_REPEATS = 5
+MAX_REPEATS = 25
+REPEAT_SECONDS = 0.5
 
 
 def measure_op_times(gm: torch.fx.GraphModule, inputs: Sequence[Any], *,
-                     repeats: int = DEFAULT_REPEATS) -> dict[str, float]:
+                     repeats: int | None = None) -> dict[str, float]:
     """Seconds per call_function node of ``gm`` (by node name: the IR's op names), run on
-    ``inputs`` (its placeholders' values, on the device the plan is for)."""
-    if repeats < 1:
+    ``inputs`` (its placeholders' values, on the device the plan is for); ``repeats`` runs
+    (default: MIN_REPEATS to MAX_REPEATS, as REPEAT_SECONDS allows)."""
+    if repeats is not None and repeats < 1:
         raise ValueError(f"repeats={repeats}: time each op at least once")
     cuda = any(isinstance(x, torch.Tensor) and x.is_cuda for x in inputs)
     cpu_rng = torch.random.get_rng_state()
@@ -53,8 +60,12 @@ def measure_op_times(gm: torch.fx.GraphModule, inputs: Sequence[Any], *,
             timer = _TimedInterpreter(gm, sync=torch.cuda.synchronize if cuda else None)
             timer.run(*inputs)  # untimed: first calls (kernel selection, caches, allocator)
             timer.samples.clear()
-            for _ in range(repeats):
+            runs, began = 0, time.perf_counter()
+            while runs < (repeats or MAX_REPEATS):
                 timer.run(*inputs)
+                runs += 1
+                if repeats is None and runs >= MIN_REPEATS and time.perf_counter() - began > REPEAT_SECONDS:
+                    break
     finally:
         torch.random.set_rng_state(cpu_rng)
         if cuda_rng is not None:
