@@ -8,13 +8,18 @@ a few optional retention intervals per node instead of Checkmate's T x T grid. H
   frees what only those re-runs read, runs op t (its first compute), then frees what nothing
   later in the interval reads. Each stage has two time slots: 2t (the re-runs) and 2t + 1 (op t),
   so that a recompute chain's inputs need not be counted while op t runs.
-- Node i (one op; its bytes are its non-view output storages) has up to C intervals [s, e] of
-  slots. The first starts at 2i + 1 and is always there; the others are optional, each starting
-  at a recompute of i (cost: op i's time) at an even slot 2t, t > i.
+- A node is a group of op u's non-view output storages that the same ops read (one node for
+  most ops; train-mode batch norm has two: its output, read by the next op, and its saved
+  statistics, read by the backward), so each output dies at its own last read. Node i has up to
+  C intervals [s, e] of slots. The first starts at 2u + 1 and is always there; the others are
+  optional, each starting at a recompute of i (cost: op u's time) at an even slot 2t, t > u. A
+  re-run makes op u's other outputs too: they take scratch bytes in its slot (the schedule's
+  recompute discards them), and two nodes of one op re-run in one slot are one recompute that
+  the objective counts twice (a plan's own figures count it once).
 - A compute of j in slot s (the first, or a recompute) needs every node it reads held in s: one
   of that node's intervals covers s. Graph outputs are held from their compute to the end.
-- Device bytes: a cumulative constraint over all intervals (demand: the node's bytes) within the
-  budget less the graph inputs. All intervals covering a slot are counted at once, which bounds
+- Device bytes: a cumulative constraint over all intervals (demand: the node's bytes) and the
+  re-runs' scratch within the budget less the graph inputs. All intervals covering a slot are counted at once, which bounds
   Checkmate's accounting (an output occupies memory from the step computing it to the step
   freeing it; inputs and output are resident while a node computes) from above, so the schedule
   read back always replays within the budget.
@@ -44,6 +49,7 @@ Views cost no bytes: reading one needs its base's storage, i.e. the base's produ
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -82,20 +88,22 @@ _TIME_UNITS = 1_000_000  # the keep-all step time in the model's integer time un
 
 @dataclass(frozen=True)
 class Node:
-    """One op of the order, as the interval model sees it."""
+    """A group of an op's output storages that the same ops read, as the interval model sees it:
+    each group has its own intervals, so an op's outputs die at their own last reads (train-mode
+    batch norm: its normalized output at the next op, its saved statistics in the backward)."""
 
     op: str
-    index: int
-    nbytes: int  # its non-view output storages (freed together)
-    storages: tuple[str, ...]
-    reads: tuple[int, ...]  # nodes whose storages it reads (a view's base: its producer)
+    index: int  # in RematProblem.nodes (in op order)
+    stage: int  # its op's place in the order: first computed in slot 2 * stage + 1
+    nbytes: int  # its storages' bytes
+    storages: tuple[str, ...]  # non-view outputs of the op (none: an op that makes no storage)
+    reads: tuple[int, ...]  # nodes its op reads (a view's base: its producer's)
     recomputable: bool
     to_end: bool  # held to the end of the step (a graph output or caller-owned)
     last: int  # the last stage any compute can read it (its horizon)
-    # Bytes of its outputs held to the end when the others are not (a training graph's
-    # convolution_backward: a graph-output weight gradient beside the input gradient the next
-    # op reads): fixed from its compute on, outside ``nbytes`` and ``storages``, never freed.
-    pinned: int = 0
+    # Bytes of the op's other outputs: a re-run of this node makes them too, scratch for that
+    # slot (the schedule's recompute discards them).
+    siblings: int = 0
 
 
 @dataclass(frozen=True)
@@ -110,78 +118,112 @@ class RematProblem:
     def n(self) -> int:
         return len(self.nodes)
 
+    @property
+    def stages(self) -> int:
+        """Ops in the order: the model has two slots per stage."""
+        return len(self.graph.ops)
+
+    @functools.cached_property
+    def stage_reads(self) -> tuple[tuple[int, ...], ...]:
+        """The nodes each stage's op reads."""
+        reads: list[tuple[int, ...]] = [() for _ in range(self.stages)]
+        for nd in self.nodes:
+            reads[nd.stage] = nd.reads
+        return tuple(reads)
+
     def floor(self) -> int:
         """No plan peaks below this: an op with what it reads and the outputs made before it."""
-        made = 0
-        floor = 0
+        made = [0] * self.stages
+        out = [0] * self.stages
         for nd in self.nodes:
-            floor = max(floor, made + nd.nbytes + nd.pinned + sum(self.nodes[i].nbytes for i in nd.reads
-                                                                  if not self.nodes[i].to_end))
-            made += (nd.nbytes if nd.to_end else 0) + nd.pinned
+            out[nd.stage] += nd.nbytes
+            made[nd.stage] += nd.nbytes if nd.to_end else 0
+        floor = 0
+        before = 0
+        for t in range(self.stages):
+            floor = max(floor, before + out[t] + sum(self.nodes[i].nbytes for i in self.stage_reads[t]
+                                                     if not self.nodes[i].to_end))
+            before += made[t]
         return floor
 
-    def pinned_held(self, *, with_to_end: bool = False) -> list[int]:
-        """The pinned bytes (``Node.pinned``) held in each slot; ``with_to_end``: and the bytes of
-        the nodes held to the end (which their intervals count in ``spans_held``)."""
-        held = [0] * (2 * self.n)
+    def to_end_held(self) -> list[int]:
+        """The bytes of the nodes held to the end, by slot."""
+        held = [0] * (2 * self.stages)
         for nd in self.nodes:
-            held[2 * nd.index + 1] += nd.pinned + (nd.nbytes if with_to_end and nd.to_end else 0)
+            if nd.to_end:
+                held[2 * nd.stage + 1] += nd.nbytes
         for slot in range(1, len(held)):
             held[slot] += held[slot - 1]
         return held
 
 
 def remat_problem(graph: Graph, budget: int, op_time_s: Mapping[str, float]) -> RematProblem:
-    """The nodes of ``graph`` in its op order (its capture or file order)."""
+    """The nodes of ``graph`` in its op order (its capture or file order): per op, one node per
+    group of its output storages read by the same ops (one node with no bytes when it makes no
+    storage)."""
     tensors = graph.tensors
     fixed = {tensors[n].storage for n in graph.inputs}
     outputs = {tensors[n].storage for n in graph.outputs}
-    producer = {}
-    for index, op in enumerate(graph.ops):
+    made_by: dict[str, int] = {}  # storage -> the stage making it
+    for t, op in enumerate(graph.ops):
         for name in op.outputs:
-            if not tensors[name].is_view:
-                producer[name] = index
-    raw: list[tuple[str, int, tuple[str, ...], tuple[int, ...], bool, bool, int]] = []
-    for index, op in enumerate(graph.ops):
-        storages = tuple(o for o in op.outputs if not tensors[o].is_view and o not in fixed)
+            if not tensors[name].is_view and name not in fixed:
+                made_by[name] = t
+    needs: list[set[str]] = []  # per stage: the storages its op reads (made by earlier ops)
+    read_by: dict[str, set[int]] = {s: set() for s in made_by}
+    for t, op in enumerate(graph.ops):
         needed = {tensors[n].storage for n in op.inputs}
         needed |= {tensors[o].storage for o in op.outputs if tensors[o].is_view}  # a view needs its base
-        reads = tuple(sorted({producer[s] for s in needed if s in producer and s not in fixed
-                              and producer[s] != index}))
-        persistent = tuple(s for s in storages if s in outputs or tensors[s].kind in PERSISTENT_KINDS)
+        needed = {s for s in needed if s in made_by and made_by[s] != t}
+        needs.append(needed)
+        for s in needed:
+            read_by[s].add(t)
+    producer: dict[str, int] = {}  # storage -> its node
+    raw: list[tuple[int, tuple[str, ...], bool, bool]] = []  # (stage, storages, recomputable, to_end)
+    for t, op in enumerate(graph.ops):
+        storages = [o for o in op.outputs if o in made_by]
+        persistent = {s for s in storages if s in outputs or tensors[s].kind in PERSISTENT_KINDS}
         fresh = all(not tensors[o].is_view for o in op.outputs)
         recomputable = bool(storages) and fresh and not persistent and op.phase == Phase.FORWARD
-        to_end = bool(persistent) and len(persistent) == len(storages)
-        pinned = 0
-        if persistent and not to_end:
-            # The op's other outputs are freed as any node's; the persistent ones stay pinned.
-            pinned = sum(tensors[s].nbytes for s in persistent)
-            storages = tuple(s for s in storages if s not in persistent)
-        raw.append((op.name, sum(tensors[s].nbytes for s in storages), storages, reads, recomputable, to_end, pinned))
+        groups: dict[tuple[bool, frozenset[int]], list[str]] = {}
+        for s in storages:
+            groups.setdefault((s in persistent, frozenset(read_by[s])), []).append(s)
+        for (to_end, _), members in groups.items() if groups else [((False, frozenset()), [])]:
+            for s in members:
+                producer[s] = len(raw)
+            raw.append((t, tuple(members), recomputable, to_end))
+    stage_bytes = [0] * len(graph.ops)
+    for t, members, _, _ in raw:
+        stage_bytes[t] += sum(tensors[s].nbytes for s in members)
     n = len(raw)
+    reads = [tuple(sorted({producer[s] for s in needs[t]})) for t, _, _, _ in raw]
     readers: list[list[int]] = [[] for _ in range(n)]
-    for j, item in enumerate(raw):
-        for i in item[3]:
+    for j in range(n):
+        for i in reads[j]:
             readers[i].append(j)
+    stages = len(graph.ops)
     last = [0] * n
     for i in reversed(range(n)):
-        to_end = raw[i][5]
+        t, _, _, to_end = raw[i]
         # A recomputable reader may re-run up to its own horizon and read i again there.
-        last[i] = n - 1 if to_end else max([i] + [last[j] if raw[j][4] else j for j in readers[i]])
-    nodes = tuple(Node(name, i, nbytes, storages, reads, rec, to_end, last[i], pinned)
-                  for i, (name, nbytes, storages, reads, rec, to_end, pinned) in enumerate(raw))
+        last[i] = stages - 1 if to_end else max([t] + [last[j] if raw[j][2] else raw[j][0] for j in readers[i]])
+    nodes = []
+    for i, (t, members, recomputable, to_end) in enumerate(raw):
+        nbytes = sum(tensors[s].nbytes for s in members)
+        nodes.append(Node(graph.ops[t].name, i, t, nbytes, members, reads[i], recomputable, to_end, last[i],
+                          stage_bytes[t] - nbytes))
     fixed_bytes = sum(tensors[s].nbytes for s in fixed)
-    return RematProblem(graph, nodes, budget - fixed_bytes, fixed_bytes,
+    return RematProblem(graph, tuple(nodes), budget - fixed_bytes, fixed_bytes,
                         tuple(float(op_time_s[nd.op]) for nd in nodes))
 
 
 def keep_all_spans(problem: RematProblem) -> Spans:
     """Every node held from its compute to its last reader's (keep-all)."""
-    last = [2 * nd.index + 1 for nd in problem.nodes]
+    last = [2 * nd.stage + 1 for nd in problem.nodes]
     for nd in problem.nodes:
         for i in nd.reads:
-            last[i] = max(last[i], 2 * nd.index + 1)
-    return [[(2 * nd.index + 1, 2 * problem.n - 1 if nd.to_end else last[nd.index])] for nd in problem.nodes]
+            last[i] = max(last[i], 2 * nd.stage + 1)
+    return [[(2 * nd.stage + 1, 2 * problem.stages - 1 if nd.to_end else last[nd.index])] for nd in problem.nodes]
 
 
 def spans_peak(problem: RematProblem, spans: Spans) -> int:
@@ -196,16 +238,19 @@ def spans_recompute_s(problem: RematProblem, spans: Spans) -> float:
 
 def spans_held(problem: RematProblem, spans: Spans) -> list[int]:
     """The bytes held in each slot, in the model's accounting (graph inputs excluded)."""
-    delta = [0] * (2 * problem.n + 1)
+    delta = [0] * (2 * problem.stages + 1)
     for nd, mine in zip(problem.nodes, spans):
-        for s, e in mine:
+        for k, (s, e) in enumerate(mine):
             delta[s] += nd.nbytes
             delta[e + 1] -= nd.nbytes
+            if k:  # a re-run makes the op's other outputs too, for its slot
+                delta[s] += nd.siblings
+                delta[s + 1] -= nd.siblings
     held = []
     used = 0
-    for d, pinned in zip(delta[:-1], problem.pinned_held()):
+    for d in delta[:-1]:
         used += d
-        held.append(used + pinned)
+        held.append(used)
     return held
 
 
@@ -227,7 +272,7 @@ def solve_remat_any(problem: RematProblem, *, deadline: float, hint: Spans | Non
     """Minimize recompute time over the interval model within ``problem.room``, from ``hint``
     (keep-all when None); ``first_fit``: minimize the overshoot alone (a start for another solve)."""
     started = time.perf_counter()
-    nodes, n = problem.nodes, problem.n
+    nodes, stages = problem.nodes, problem.stages
     if problem.room < problem.floor():
         return RematSolved(None, "INFEASIBLE", None, None, time.perf_counter() - started, fits=False)
     unit_s = max(sum(problem.seconds), 1e-12) / _TIME_UNITS
@@ -241,51 +286,53 @@ def solve_remat_any(problem: RematProblem, *, deadline: float, hint: Spans | Non
     spans: list = []
     demands: list[int] = []
     for nd in nodes:
-        i, hi = nd.index, 2 * nd.last + 1
+        i, first, hi = nd.index, 2 * nd.stage + 1, 2 * nd.last + 1
         s_i: list = []
         e_i: list = []
         a_i: list = []
         for k in range(count[i]):
             if k == 0:
-                s = model.NewConstant(2 * i + 1)
-                e = model.NewConstant(2 * n - 1) if nd.to_end else model.NewIntVar(2 * i + 1, hi, f"e{i}_0")
+                s = model.NewConstant(first)
+                e = model.NewConstant(2 * stages - 1) if nd.to_end else model.NewIntVar(first, hi, f"e{i}_0")
                 a = model.NewConstant(1)
             else:
-                stage = model.NewIntVar(i + 1, nd.last, f"t{i}_{k}")
-                s = model.NewIntVar(2 * i + 2, 2 * nd.last, f"s{i}_{k}")
+                stage = model.NewIntVar(nd.stage + 1, nd.last, f"t{i}_{k}")
+                s = model.NewIntVar(first + 1, 2 * nd.last, f"s{i}_{k}")
                 model.Add(s == 2 * stage)  # a recompute runs in a stage's first slot
-                e = model.NewIntVar(2 * i + 2, hi, f"e{i}_{k}")
+                e = model.NewIntVar(first + 1, hi, f"e{i}_{k}")
                 a = model.NewBoolVar(f"a{i}_{k}")
                 model.Add(e >= s)
                 # Intervals in order, the used ones first; an unused one sits at its earliest.
                 model.AddImplication(a, a_i[k - 1])
                 model.Add(s >= e_i[k - 1] + 1).OnlyEnforceIf(a)
-                model.Add(s == 2 * i + 2).OnlyEnforceIf(a.Not())
-                model.Add(e == 2 * i + 2).OnlyEnforceIf(a.Not())
+                model.Add(s == first + 1).OnlyEnforceIf(a.Not())
+                model.Add(e == first + 1).OnlyEnforceIf(a.Not())
             s_i.append(s)
             e_i.append(e)
             a_i.append(a)
             if nd.nbytes:
-                size = model.NewIntVar(1, 2 * n, f"z{i}_{k}")
+                size = model.NewIntVar(1, 2 * stages, f"z{i}_{k}")
                 model.Add(size == e - s + 1)
-                after = model.NewIntVar(2 * i + 2, 2 * n, f"x{i}_{k}")
+                after = model.NewIntVar(first + 1, 2 * stages, f"x{i}_{k}")
                 model.Add(after == e + 1)
                 if k == 0:
                     spans.append(model.NewIntervalVar(s, size, after, f"I{i}_{k}"))
                 else:
                     spans.append(model.NewOptionalIntervalVar(s, size, after, a, f"I{i}_{k}"))
                 demands.append(nd.nbytes)
-        if nd.pinned:
-            spans.append(model.NewIntervalVar(2 * i + 1, 2 * (n - i) - 1, 2 * n, f"P{i}"))
-            demands.append(nd.pinned)
+            if k and nd.siblings:  # the op's other outputs, made again with it: scratch for the slot
+                spans.append(model.NewOptionalIntervalVar(s, 1, s + 1, a, f"X{i}_{k}"))
+                demands.append(nd.siblings)
         start.append(s_i)
         end.append(e_i)
         active.append(a_i)
     # Every compute of j (first or again) reads each of its inputs held then: one of the input's
-    # intervals covers that slot.
+    # intervals covers that slot (an op's first compute once, for the first of its nodes).
     for nd in nodes:
         j = nd.index
         for a in range(count[j]):
+            if a == 0 and j and nodes[j - 1].stage == nd.stage:
+                continue
             for i in nd.reads:
                 covers = []
                 for b in range(count[i]):
@@ -306,7 +353,7 @@ def solve_remat_any(problem: RematProblem, *, deadline: float, hint: Spans | Non
     capacity = model.NewIntVar(problem.room, top, "capacity")
     model.Add(capacity <= problem.room + step * over)
     model.AddCumulative(spans, demands, capacity)
-    again = [(active[i][k], cost[i]) for i in range(n) for k in range(1, count[i])]
+    again = [(active[i][k], cost[i]) for i in range(problem.n) for k in range(1, count[i])]
     penalty = sum(c for _, c in again) + 1
     if first_fit:
         # The overshoot alone: CP-SAT stops at the first answer within the room (proven optimal),
@@ -316,7 +363,7 @@ def solve_remat_any(problem: RematProblem, *, deadline: float, hint: Spans | Non
     else:
         model.Minimize(cp_model.LinearExpr.WeightedSum([v for v, _ in again] + [over],
                                                        [c for _, c in again] + [penalty]))
-    for i in range(n):
+    for i in range(problem.n):
         mine = hint[i]
         if len(mine) > count[i]:
             continue  # the start needs more intervals here than the model has: no hint
@@ -325,8 +372,8 @@ def solve_remat_any(problem: RematProblem, *, deadline: float, hint: Spans | Non
         for k in range(1, count[i]):
             used = k < len(mine)
             model.AddHint(active[i][k], used)
-            model.AddHint(start[i][k], mine[k][0] if used else 2 * i + 2)
-            model.AddHint(end[i][k], mine[k][1] if used else 2 * i + 2)
+            model.AddHint(start[i][k], mine[k][0] if used else 2 * nodes[i].stage + 2)
+            model.AddHint(end[i][k], mine[k][1] if used else 2 * nodes[i].stage + 2)
     limit = deadline - time.perf_counter()
     if limit <= 0.05:
         return RematSolved(None, "NOT_BUILT", None, None, time.perf_counter() - started, fits=False)
@@ -479,7 +526,7 @@ class _Cut:
 def interval_counts(problem: RematProblem, intervals: int) -> list[int]:
     """Intervals per node in the model: one for a node nothing can read after its own stage (no
     recompute can pay)."""
-    return [intervals if nd.recomputable and nd.last > nd.index else 1 for nd in problem.nodes]
+    return [intervals if nd.recomputable and nd.last > nd.stage else 1 for nd in problem.nodes]
 
 
 def greedy_spans(problem: RematProblem, intervals: int = DEFAULT_INTERVALS, *, start: Spans | None = None,
@@ -506,10 +553,9 @@ def spans_faults(problem: RematProblem, spans: Spans) -> list[str]:
     """What makes ``spans`` no answer of the model (any interval count): a misplaced interval, or
     a compute whose input is not held in its slot."""
     faults = []
-    n = problem.n
     for nd, mine in zip(problem.nodes, spans):
         i = nd.index
-        if not mine or mine[0][0] != 2 * i + 1 or (nd.to_end and mine[0][1] != 2 * n - 1):
+        if not mine or mine[0][0] != 2 * nd.stage + 1 or (nd.to_end and mine[0][1] != 2 * problem.stages - 1):
             faults.append(f"node {i}: first interval {mine[:1]}")
         for k, (s, e) in enumerate(mine):
             if e < s or e > 2 * nd.last + 1 or (k and (s % 2 or s <= mine[k - 1][1] or not nd.recomputable)):
@@ -545,15 +591,12 @@ class _Sweep:
         for nd in self.nodes:
             for i in nd.reads:
                 self.readers[i].append(nd.index)
-        # Bytes of the outputs held to the end, by slot: the pinned ones (outside any interval,
-        # so ``used`` starts from them) and with them those of the nodes held to the end.
-        self.fixed = problem.pinned_held()
-        self.pinned = problem.pinned_held(with_to_end=True)
+        self.to_end = problem.to_end_held()  # bytes of the nodes held to the end, by slot
         self.reset(spans)
 
     def reset(self, spans: Spans) -> None:
         self.spans = [list(mine) for mine in spans]
-        self.used = list(self.fixed)
+        self.used = [0] * (2 * self.problem.stages)
         self.starts: list[set[int]] = [set() for _ in self.used]  # the nodes computed in each slot
         for i, mine in enumerate(self.spans):
             for s, e in mine:
@@ -562,6 +605,8 @@ class _Sweep:
     def _hold(self, i: int, s: int, e: int, sign: int) -> None:
         for slot in range(s, e + 1):
             self.used[slot] += sign * self.nodes[i].nbytes
+        if s % 2 == 0:  # a re-run (first computes are in odd slots) makes the op's other outputs too
+            self.used[s] += sign * self.nodes[i].siblings
         if sign > 0:
             self.starts[s].add(i)
         else:
@@ -581,9 +626,11 @@ class _Sweep:
 
     def floor(self, r: int, also: set[int]) -> int:
         """The bytes no cut frees at re-run slot r (with ``also`` re-run there too): the busy
-        nodes, the inputs of the op in the next slot, the outputs held to the end."""
-        held = self.busy(r, also) | set(self.nodes[r // 2].reads)
-        return sum(self.nodes[j].nbytes for j in held if not self.nodes[j].to_end) + self.pinned[r]
+        nodes, the inputs of the op in the next slot, the outputs held to the end, the scratch of
+        the re-runs there (their ops' other outputs)."""
+        held = self.busy(r, also) | set(self.problem.stage_reads[r // 2])
+        scratch = sum(self.nodes[j].siblings for j in self.starts[r] | also)
+        return sum(self.nodes[j].nbytes for j in held if not self.nodes[j].to_end) + scratch + self.to_end[r]
 
     def fit(self, room: int, deadline: float) -> bool:
         trail: list[tuple[int, _Cut, Spans]] = []  # (slot, cut made there, the spans before it)
@@ -796,23 +843,29 @@ class _Sweep:
 # -- spans to a Plan --------------------------------------------------------------------------
 
 def spans_schedule(problem: RematProblem, spans: Spans) -> list[Step]:
-    """Stage t: the recomputes starting in slot 2t (in op order), the frees of intervals ending
-    there, op t, the frees of intervals ending in slot 2t + 1 (never those of graph outputs)."""
-    n = problem.n
-    again: list[list[int]] = [[] for _ in range(n)]
-    frees: list[list[int]] = [[] for _ in range(2 * n)]
-    for i, mine in enumerate(spans):
+    """Stage t: the recomputes starting in slot 2t (in op order; one per op, discarding the
+    outputs of its nodes not re-run there), the frees of intervals ending there, op t, the frees
+    of intervals ending in slot 2t + 1 (never those of graph outputs)."""
+    stages = problem.stages
+    again: list[dict[int, set[int]]] = [{} for _ in range(stages)]  # stage -> op's stage -> nodes re-run
+    frees: list[list[int]] = [[] for _ in range(2 * stages)]
+    of_stage: list[list[int]] = [[] for _ in range(stages)]
+    for nd, mine in zip(problem.nodes, spans):
+        of_stage[nd.stage].append(nd.index)
         for k, (s, e) in enumerate(mine):
             if k:
-                again[s // 2].append(i)
-            if not problem.nodes[i].to_end:
-                frees[e].append(i)
+                again[s // 2].setdefault(nd.stage, set()).add(nd.index)
+            if not nd.to_end:
+                frees[e].append(nd.index)
+    ops = problem.graph.ops
     schedule: list[Step] = []
-    for t, nd in enumerate(problem.nodes):
-        schedule.extend(recompute(problem.nodes[i].op) for i in sorted(again[t]))
+    for t in range(stages):
+        for u, rerun in sorted(again[t].items()):
+            discard = tuple(s for i in of_stage[u] if i not in rerun for s in problem.nodes[i].storages)
+            schedule.append(recompute(ops[u].name, discard))
         for i in sorted(frees[2 * t]):
             schedule.extend(free(s, DEVICE) for s in problem.nodes[i].storages)
-        schedule.append(compute(nd.op))
+        schedule.append(compute(ops[t].name))
         for i in sorted(frees[2 * t + 1]):
             schedule.extend(free(s, DEVICE) for s in problem.nodes[i].storages)
     return schedule
@@ -839,12 +892,12 @@ def spans_plan(problem: RematProblem, spans: Spans, pricing: Pricing, reference:
 
 def _decisions(problem: RematProblem, spans: Spans, reference: Plan) -> dict[str, Decision]:
     out = dict(reference.decisions)
-    order = problem.nodes
-    for i, mine in enumerate(spans):
+    ops = problem.graph.ops
+    for nd, mine in zip(problem.nodes, spans):
         if len(mine) < 2:
             continue
-        held = ", ".join(f"{order[s // 2].op}..{order[e // 2].op}" for s, e in mine)
-        for storage in order[i].storages:
+        held = ", ".join(f"{ops[s // 2].name}..{ops[e // 2].name}" for s, e in mine)
+        for storage in nd.storages:
             out[storage] = Decision("recompute", DEVICE, (
                 f"computed {len(mine)} times ({len(mine) - 1} recompute(s)), held over {held}: "
                 f"{format_bytes(problem.graph.tensors[storage].nbytes)} off the device in between"))
