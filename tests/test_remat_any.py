@@ -443,3 +443,99 @@ def test_an_ops_outputs_die_at_their_own_last_reads() -> None:
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
     for (name, b), c in zip(model.named_buffers(), eager.buffers()):
         torch.testing.assert_close(b, c, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+# -- loads from a slower tier (issue 17 item 1: the interval model beside swaps) -------------
+
+def _skip_graph(mm_s: float):
+    """A forward-only graph whose 16 MB matmul outputs are read again two blocks later."""
+    from planner_graphs import MB, _Builder
+    from tierplan.ir import TensorKind
+
+    b = _Builder()
+    x = b.tensor("x0", 4 * MB, TensorKind.INPUT)
+    inputs, skips = [x], []
+    for k in range(6):
+        w = b.tensor(f"w{k}", MB // 4, TensorKind.PARAMETER)
+        inputs.append(w)
+        a = b.tensor(f"a{k}", 4 * MB, TensorKind.TEMPORARY)
+        h = b.tensor(f"h{k}", 16 * MB, TensorKind.TEMPORARY)
+        y = b.tensor(f"y{k}", 4 * MB, TensorKind.TEMPORARY)
+        b.op(f"ln{k}", [x], [a], 1e-4)
+        b.op(f"mm{k}", [a, w], [h], mm_s)
+        b.op(f"out{k}", [h, x] + skips[-2:-1], [y], 5e-4)
+        skips.append(h)
+        x = y
+    b.tensors[x].kind = TensorKind.OUTPUT
+    return b.graph("inference", inputs, [x]), b.times
+
+
+@pytest.mark.parametrize("bandwidth, loads", [(1e12, True), (1e8, False)])
+def test_the_interval_model_loads_from_the_tier_when_a_copy_beats_a_rerun(bandwidth, loads) -> None:
+    """With a host tier the interval model may copy a node out after its compute and load it
+    back instead of re-running it: over a fast link the skip connections' matmul outputs come
+    back from the host; over a slow one they are re-run. Either plan validates."""
+    from tierplan.placement.keep_all import keep_all_plan
+    from tierplan.plans.plan import Channel, Pricing
+
+    graph, times = _skip_graph(mm_s=2e-3)
+    channels = (Channel(DEVICE, "host", bandwidth, 0.0, "pcie"), Channel("host", DEVICE, bandwidth, 0.0, "pcie"))
+
+    def pricing(budget: int) -> Pricing:
+        return Pricing(capacities={DEVICE: budget, "host": 10**12}, channels=channels, op_time_s=times,
+                       hardware="t", training=False)
+
+    peak = keep_all_plan(graph, pricing(10**12)).keep_all_peak_bytes
+    budget = int(peak * 0.9)
+    plan = solve(graph, pricing(budget), time_limit_s=6)
+    validate(plan)
+    assert plan.peak_bytes[DEVICE] <= budget < peak
+    assert plan.method.startswith("cp-sat (recompute anywhere or load from host")
+    swapped = {name for name, d in plan.decisions.items() if d.fate == "swap"}
+    assert bool(swapped) == loads
+    assert any(s.kind == StepKind.RECOMPUTE for s in plan.schedule) != loads
+
+
+def test_a_load_runs_and_trains_as_eager() -> None:
+    """A hand-made answer of the model with a load (a node copied to the host after its compute,
+    freed, loaded back before its next reader) and a backward node among them, which no re-run
+    can bring back: its schedule validates and its program trains as eager."""
+    from test_reorder import assert_draws_and_grads_equal_eager
+    from tierplan.compile import compile_plan
+    from tierplan.cost_models.hardware import load_hardware
+    from tierplan.ir import Phase
+    from tierplan.passes.capture import capture
+    from tierplan.placement.keep_all import keep_all_plan
+    from tierplan.placement.pricing import machine_pricing
+    from tierplan.zoo import load_model
+
+    model, args, kwargs = load_model("gpt2-tiny", batch_size=2, seq_len=32)
+    model.train()
+    captured = capture(model, args, example_kwargs=kwargs)
+    graph = captured.graph
+    pricing = machine_pricing(graph, load_hardware("cpu"), tiers=("host",), training=True)
+    out = next(c for c in pricing.channels if (c.src, c.dst) == (DEVICE, "host"))
+    back = next(c for c in pricing.channels if (c.src, c.dst) == ("host", DEVICE))
+    problem = remat_any.remat_problem(graph, pricing.budget, pricing.op_time_s, channels=(out, back))
+    spans = remat_any.keep_all_spans(problem)
+    reloads = set()
+    for phase in (Phase.FORWARD, Phase.BACKWARD):
+        # A node of that phase read at two slots at least two stages apart: held to its first
+        # use, loaded back in the stage of its next one.
+        for nd in problem.nodes:
+            uses = sorted({2 * problem.nodes[j].stage + 1 for j in range(problem.n) if nd.index in problem.nodes[j].reads})
+            gaps = [(u, w) for u, w in zip(uses, uses[1:]) if w - u >= 4]
+            if problem.can_load(nd.index) and graph.ops[nd.stage].phase == phase and gaps and len(spans[nd.index]) == 1:
+                u, w = gaps[0]
+                spans[nd.index] = [(spans[nd.index][0][0], u), (w - 1, spans[nd.index][0][1])]
+                reloads.add((nd.index, 1))
+                break
+    assert len(reloads) == 2
+    reloads = frozenset(reloads)
+    assert not remat_any.spans_faults(problem, spans, reloads)
+    plan, _ = remat_any.spans_plan(problem, spans, pricing, keep_all_plan(graph, pricing), method="t", reloads=reloads)
+    validate(plan)
+    assert sum(s.kind == StepKind.START_TRANSFER for s in plan.schedule) == 4  # out and back, twice
+    assert sum(s.kind == StepKind.FREE and s.tier == "host" for s in plan.schedule) == 2  # once landed
+    assert not any(s.kind == StepKind.RECOMPUTE for s in plan.schedule)
+    assert_draws_and_grads_equal_eager(compile_plan(model, captured, plan), model, args, kwargs)

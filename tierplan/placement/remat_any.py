@@ -18,13 +18,19 @@ a few optional retention intervals per node instead of Checkmate's T x T grid. H
   the objective counts twice (a plan's own figures count it once).
 - A compute of j in slot s (the first, or a recompute) needs every node it reads held in s: one
   of that node's intervals covers s. Graph outputs are held from their compute to the end.
+- With a slower tier (``remat_problem(channels=)``: the nearest one), an interval after a node's
+  first may be a load instead of a re-run: the node is copied to the tier after its first
+  compute (once) and copied back at the interval's start; a load reads nothing, so any node
+  that is not held to the end may leave this way, backward ops' outputs included. A load costs
+  its copy back, whole (the model does not see what hides it; the plan's simulator does), and
+  the copy out costs nothing unless copies run on the compute stream (a CPU device).
 - Device bytes: a cumulative constraint over all intervals (demand: the node's bytes) and the
   re-runs' scratch within the budget less the graph inputs. All intervals covering a slot are counted at once, which bounds
   Checkmate's accounting (an output occupies memory from the step computing it to the step
   freeing it; inputs and output are resident while a node computes) from above, so the schedule
   read back always replays within the budget.
 
-Objective: the recompute time (the first computes are a constant). The model is built in
+Objective: the recompute time and the loads' copy time (the first computes are a constant). The model is built in
 ``solve_remat_any`` and read back in ``_read``.
 
 The start: the budget is soft in the model (each byte over it costs more than all recomputes
@@ -53,13 +59,15 @@ import functools
 import math
 import time
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Mapping, cast
 
 from ortools.sat.python import cp_model
 
 from tierplan.ir import PERSISTENT_KINDS, Graph, Phase
 from tierplan.placement.simulate import Figures, simulate
-from tierplan.plans.plan import DEVICE, Decision, Plan, Pricing, SolverReport, Step, compute, free, recompute
+from tierplan.plans.plan import (
+    DEVICE, Channel, Decision, Plan, Pricing, SolverReport, Step, compute, free, recompute, start_transfer, wait_transfer,
+)
 from tierplan.units import format_bytes
 
 Spans = list[list[tuple[int, int]]]  # node -> its intervals [(first slot, last slot)], in order
@@ -113,10 +121,21 @@ class RematProblem:
     room: int  # the budget less the bytes resident throughout (graph inputs)
     fixed_bytes: int
     seconds: tuple[float, ...]  # each node's op time
+    # The slower tier a node may be copied to after its first compute and loaded back from, in
+    # place of a re-run; per node the copy's seconds each way (``remat_problem(channels=)``).
+    tier: str | None = None
+    out_s: tuple[float, ...] = ()
+    in_s: tuple[float, ...] = ()
+    inline_copies: bool = False  # the copies run on the compute stream (nothing hides them)
 
     @property
     def n(self) -> int:
         return len(self.nodes)
+
+    def can_load(self, i: int) -> bool:
+        """Whether node i may be copied to the tier and loaded back (outputs held to the end stay)."""
+        nd = self.nodes[i]
+        return self.tier is not None and nd.nbytes > 0 and not nd.to_end
 
     @property
     def stages(self) -> int:
@@ -157,10 +176,12 @@ class RematProblem:
         return held
 
 
-def remat_problem(graph: Graph, budget: int, op_time_s: Mapping[str, float]) -> RematProblem:
+def remat_problem(graph: Graph, budget: int, op_time_s: Mapping[str, float], *,
+                  channels: tuple[Channel, Channel] | None = None) -> RematProblem:
     """The nodes of ``graph`` in its op order (its capture or file order): per op, one node per
     group of its output storages read by the same ops (one node with no bytes when it makes no
-    storage)."""
+    storage). ``channels``: the copies to a slower tier and back (device -> tier, tier ->
+    device), which a node may take instead of a re-run."""
     tensors = graph.tensors
     fixed = {tensors[n].storage for n in graph.inputs}
     outputs = {tensors[n].storage for n in graph.outputs}
@@ -213,8 +234,13 @@ def remat_problem(graph: Graph, budget: int, op_time_s: Mapping[str, float]) -> 
         nodes.append(Node(graph.ops[t].name, i, t, nbytes, members, reads[i], recomputable, to_end, last[i],
                           stage_bytes[t] - nbytes))
     fixed_bytes = sum(tensors[s].nbytes for s in fixed)
+    copies: dict = {}
+    if channels is not None:
+        out, back = channels
+        copies = dict(tier=out.dst, out_s=tuple(out.seconds(nd.nbytes) for nd in nodes),
+                      in_s=tuple(back.seconds(nd.nbytes) for nd in nodes), inline_copies=out.inline or back.inline)
     return RematProblem(graph, tuple(nodes), budget - fixed_bytes, fixed_bytes,
-                        tuple(float(op_time_s[nd.op]) for nd in nodes))
+                        tuple(float(op_time_s[nd.op]) for nd in nodes), **copies)
 
 
 def keep_all_spans(problem: RematProblem) -> Spans:
@@ -226,24 +252,26 @@ def keep_all_spans(problem: RematProblem) -> Spans:
     return [[(2 * nd.stage + 1, 2 * problem.stages - 1 if nd.to_end else last[nd.index])] for nd in problem.nodes]
 
 
-def spans_peak(problem: RematProblem, spans: Spans) -> int:
+def spans_peak(problem: RematProblem, spans: Spans, reloads: frozenset[tuple[int, int]] = frozenset()) -> int:
     """The model's own accounting: the fullest slot's bytes held (graph inputs excluded)."""
-    return max(spans_held(problem, spans), default=0)
+    return max(spans_held(problem, spans, reloads), default=0)
 
 
-def spans_recompute_s(problem: RematProblem, spans: Spans) -> float:
-    """The seconds the recomputes of ``spans`` take (each interval after a node's first)."""
-    return sum(problem.seconds[i] * (len(mine) - 1) for i, mine in enumerate(spans))
+def spans_recompute_s(problem: RematProblem, spans: Spans, reloads: frozenset[tuple[int, int]] = frozenset()) -> float:
+    """The seconds the recomputes of ``spans`` take (each interval after a node's first that is
+    no load)."""
+    return sum(problem.seconds[i] for i, mine in enumerate(spans) for k in range(1, len(mine))
+               if (i, k) not in reloads)
 
 
-def spans_held(problem: RematProblem, spans: Spans) -> list[int]:
+def spans_held(problem: RematProblem, spans: Spans, reloads: frozenset[tuple[int, int]] = frozenset()) -> list[int]:
     """The bytes held in each slot, in the model's accounting (graph inputs excluded)."""
     delta = [0] * (2 * problem.stages + 1)
     for nd, mine in zip(problem.nodes, spans):
         for k, (s, e) in enumerate(mine):
             delta[s] += nd.nbytes
             delta[e + 1] -= nd.nbytes
-            if k:  # a re-run makes the op's other outputs too, for its slot
+            if k and (nd.index, k) not in reloads:  # a re-run makes the op's other outputs too, for its slot
                 delta[s] += nd.siblings
                 delta[s + 1] -= nd.siblings
     held = []
@@ -260,17 +288,31 @@ def spans_held(problem: RematProblem, spans: Spans) -> list[int]:
 class RematSolved:
     spans: Spans | None
     status: str
-    objective_s: float | None  # recompute seconds of the model's answer
-    bound_s: float | None  # CP-SAT's bound on the recompute seconds of the model's plans
+    objective_s: float | None  # recompute (and exposed copy) seconds of the model's answer
+    bound_s: float | None  # CP-SAT's bound on the same, over the model's plans
     solve_s: float
     fits: bool = True  # within the room (else only a start for another solve)
+    reloads: frozenset[tuple[int, int]] = frozenset()  # (node, interval): loaded from the tier, not re-run
+
+
+@dataclass
+class _Intervals:
+    """The model's variables per node and interval (k = 0: the first compute)."""
+
+    start: list[list] = dataclasses.field(default_factory=list)
+    end: list[list] = dataclasses.field(default_factory=list)
+    active: list[list] = dataclasses.field(default_factory=list)
+    load: list[list] = dataclasses.field(default_factory=list)  # None where the interval cannot be a load
+    rerun: list[list] = dataclasses.field(default_factory=list)  # None where it cannot be a re-run
 
 
 def solve_remat_any(problem: RematProblem, *, deadline: float, hint: Spans | None = None,
                     intervals: int = DEFAULT_INTERVALS, workers: int = 2, first_fit: bool = False,
-                    seed: int = 0) -> RematSolved:
-    """Minimize recompute time over the interval model within ``problem.room``, from ``hint``
-    (keep-all when None); ``first_fit``: minimize the overshoot alone (a start for another solve)."""
+                    seed: int = 0, loads: bool = True) -> RematSolved:
+    """Minimize recompute time (and, with a tier, exposed copy time) over the interval model
+    within ``problem.room``, from ``hint`` (keep-all when None); ``first_fit``: minimize the
+    overshoot alone (a start for another solve). ``loads``: intervals may be loads from
+    ``problem.tier`` (when it has one)."""
     started = time.perf_counter()
     nodes, stages = problem.nodes, problem.stages
     if problem.room < problem.floor():
@@ -280,17 +322,20 @@ def solve_remat_any(problem: RematProblem, *, deadline: float, hint: Spans | Non
     hint = hint if hint is not None else keep_all_spans(problem)
     model = cp_model.CpModel()
     count = interval_counts(problem, intervals)
-    start: list[list] = []
-    end: list[list] = []
-    active: list[list] = []
+    v = _Intervals()
     spans: list = []
     demands: list[int] = []
+    again: list[tuple[cp_model.IntVar, int]] = []  # (literal, cost) of every re-run or exposed copy
     for nd in nodes:
         i, first, hi = nd.index, 2 * nd.stage + 1, 2 * nd.last + 1
+        loadable = loads and problem.can_load(i)
         s_i: list = []
         e_i: list = []
         a_i: list = []
+        l_i: list = []
+        r_i: list = []
         for k in range(count[i]):
+            load = rerun = None
             if k == 0:
                 s = model.NewConstant(first)
                 e = model.NewConstant(2 * stages - 1) if nd.to_end else model.NewIntVar(first, hi, f"e{i}_0")
@@ -298,7 +343,7 @@ def solve_remat_any(problem: RematProblem, *, deadline: float, hint: Spans | Non
             else:
                 stage = model.NewIntVar(nd.stage + 1, nd.last, f"t{i}_{k}")
                 s = model.NewIntVar(first + 1, 2 * nd.last, f"s{i}_{k}")
-                model.Add(s == 2 * stage)  # a recompute runs in a stage's first slot
+                model.Add(s == 2 * stage)  # a recompute (or load) starts in a stage's first slot
                 e = model.NewIntVar(first + 1, hi, f"e{i}_{k}")
                 a = model.NewBoolVar(f"a{i}_{k}")
                 model.Add(e >= s)
@@ -307,9 +352,24 @@ def solve_remat_any(problem: RematProblem, *, deadline: float, hint: Spans | Non
                 model.Add(s >= e_i[k - 1] + 1).OnlyEnforceIf(a)
                 model.Add(s == first + 1).OnlyEnforceIf(a.Not())
                 model.Add(e == first + 1).OnlyEnforceIf(a.Not())
+                rerun = a
+                if loadable:
+                    load = model.NewBoolVar(f"l{i}_{k}")
+                    rerun = model.NewBoolVar(f"r{i}_{k}") if nd.recomputable else None
+                    if rerun is None:
+                        model.Add(load == a)
+                    else:
+                        model.Add(load + rerun == a)
+                if rerun is not None:
+                    again.append((rerun, cost[i]))
+                    if nd.siblings:  # the op's other outputs, made again with it: scratch for the slot
+                        spans.append(model.NewOptionalIntervalVar(s, 1, s + 1, rerun, f"X{i}_{k}"))
+                        demands.append(nd.siblings)
             s_i.append(s)
             e_i.append(e)
             a_i.append(a)
+            l_i.append(load)
+            r_i.append(rerun)
             if nd.nbytes:
                 size = model.NewIntVar(1, 2 * stages, f"z{i}_{k}")
                 model.Add(size == e - s + 1)
@@ -320,12 +380,11 @@ def solve_remat_any(problem: RematProblem, *, deadline: float, hint: Spans | Non
                 else:
                     spans.append(model.NewOptionalIntervalVar(s, size, after, a, f"I{i}_{k}"))
                 demands.append(nd.nbytes)
-            if k and nd.siblings:  # the op's other outputs, made again with it: scratch for the slot
-                spans.append(model.NewOptionalIntervalVar(s, 1, s + 1, a, f"X{i}_{k}"))
-                demands.append(nd.siblings)
-        start.append(s_i)
-        end.append(e_i)
-        active.append(a_i)
+        v.start.append(s_i)
+        v.end.append(e_i)
+        v.active.append(a_i)
+        v.load.append(l_i)
+        v.rerun.append(r_i)
     # Every compute of j (first or again) reads each of its inputs held then: one of the input's
     # intervals covers that slot (an op's first compute once, for the first of its nodes).
     for nd in nodes:
@@ -333,18 +392,37 @@ def solve_remat_any(problem: RematProblem, *, deadline: float, hint: Spans | Non
         for a in range(count[j]):
             if a == 0 and j and nodes[j - 1].stage == nd.stage:
                 continue
+            if a and v.load[j][a] is not None and not nd.recomputable:
+                continue  # only ever loaded: it reads nothing
             for i in nd.reads:
                 covers = []
                 for b in range(count[i]):
                     z = model.NewBoolVar(f"c{i}_{b}>{j}_{a}")
-                    model.AddImplication(z, active[i][b])
-                    model.Add(start[i][b] <= start[j][a]).OnlyEnforceIf(z)
-                    model.Add(end[i][b] >= start[j][a]).OnlyEnforceIf(z)
+                    model.AddImplication(z, v.active[i][b])
+                    model.Add(v.start[i][b] <= v.start[j][a]).OnlyEnforceIf(z)
+                    model.Add(v.end[i][b] >= v.start[j][a]).OnlyEnforceIf(z)
                     covers.append(z)
                 if a == 0:
                     model.AddBoolOr(covers)
-                else:
-                    model.AddBoolOr(covers).OnlyEnforceIf(active[j][a])
+                elif v.load[j][a] is None:
+                    model.AddBoolOr(covers).OnlyEnforceIf(v.active[j][a])
+                else:  # a re-run reads its inputs; a load does not
+                    model.AddBoolOr(covers + [v.load[j][a]]).OnlyEnforceIf(v.active[j][a])
+    # A load costs its copy back, whole: the model does not see what hides it (the plan's
+    # simulator does). The copy to the tier, after the node's first compute, is on another
+    # queue than the compute, except where copies run on the compute stream.
+    copies: list[cp_model.IntVar] = []
+    for i, l_i in enumerate(v.load):
+        loads_i = [x for x in l_i if x is not None]
+        if not loads_i:
+            continue
+        again.extend((x, max(1, round(problem.in_s[i] / unit_s))) for x in loads_i)
+        copied = model.NewBoolVar(f"out{i}")
+        for x in loads_i:
+            model.AddImplication(x, copied)
+        copies.append(copied)
+        if problem.inline_copies:
+            again.append((copied, max(1, round(problem.out_s[i] / unit_s))))
     # The budget, soft: the capacity may exceed the room (up to the start's peak), each step of
     # overshoot costing more than all recomputes together.
     top = max(problem.room, spans_peak(problem, hint))
@@ -353,7 +431,6 @@ def solve_remat_any(problem: RematProblem, *, deadline: float, hint: Spans | Non
     capacity = model.NewIntVar(problem.room, top, "capacity")
     model.Add(capacity <= problem.room + step * over)
     model.AddCumulative(spans, demands, capacity)
-    again = [(active[i][k], cost[i]) for i in range(problem.n) for k in range(1, count[i])]
     penalty = sum(c for _, c in again) + 1
     if first_fit:
         # The overshoot alone: CP-SAT stops at the first answer within the room (proven optimal),
@@ -361,19 +438,25 @@ def solve_remat_any(problem: RematProblem, *, deadline: float, hint: Spans | Non
         # 250 nodes and 0.8 stalled 1 MiB over for 20 s; alone it reached the room in 3 s).
         model.Minimize(over)
     else:
-        model.Minimize(cp_model.LinearExpr.WeightedSum([v for v, _ in again] + [over],
+        model.Minimize(cp_model.LinearExpr.WeightedSum([x for x, _ in again] + [over],
                                                        [c for _, c in again] + [penalty]))
     for i in range(problem.n):
         mine = hint[i]
         if len(mine) > count[i]:
             continue  # the start needs more intervals here than the model has: no hint
         if not nodes[i].to_end:
-            model.AddHint(end[i][0], mine[0][1])
+            model.AddHint(v.end[i][0], mine[0][1])
         for k in range(1, count[i]):
             used = k < len(mine)
-            model.AddHint(active[i][k], used)
-            model.AddHint(start[i][k], mine[k][0] if used else 2 * nodes[i].stage + 2)
-            model.AddHint(end[i][k], mine[k][1] if used else 2 * nodes[i].stage + 2)
+            model.AddHint(v.active[i][k], used)
+            model.AddHint(v.start[i][k], mine[k][0] if used else 2 * nodes[i].stage + 2)
+            model.AddHint(v.end[i][k], mine[k][1] if used else 2 * nodes[i].stage + 2)
+            if v.load[i][k] is not None:  # the start re-runs (the sweep and the ladder never load)
+                model.AddHint(v.load[i][k], False)
+                if v.rerun[i][k] is not None:
+                    model.AddHint(v.rerun[i][k], used)
+    for copied in copies:
+        model.AddHint(copied, False)
     limit = deadline - time.perf_counter()
     if limit <= 0.05:
         return RematSolved(None, "NOT_BUILT", None, None, time.perf_counter() - started, fits=False)
@@ -387,25 +470,33 @@ def solve_remat_any(problem: RematProblem, *, deadline: float, hint: Spans | Non
         # none in 30 s with it).
         solver.parameters.linearization_level = 0
     status = solver.Solve(model)
-    return _read(solver, status, start, end, active, over, unit_s, time.perf_counter() - started)
+    return _read(solver, status, v, over, unit_s, time.perf_counter() - started)
 
 
-def _read(solver: cp_model.CpSolver, status: int, start: list, end: list, active: list, over: cp_model.IntVar,
-          unit_s: float, elapsed: float) -> RematSolved:
-    """The answer's intervals and recompute seconds. CP-SAT's bound on the combined objective
-    bounds the recompute time of every plan of the model within the budget (they overshoot by 0)."""
+def _read(solver: cp_model.CpSolver, status: int, v: _Intervals, over: cp_model.IntVar, unit_s: float,
+          elapsed: float) -> RematSolved:
+    """The answer's intervals, its loads and its objective seconds. CP-SAT's bound on the
+    combined objective bounds that of every plan of the model within the budget (they overshoot
+    by 0)."""
     name = solver.StatusName(status)
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         return RematSolved(None, name, None, None, elapsed, fits=False)
     spans: Spans = []
-    for s_i, e_i, a_i in zip(start, end, active):
-        spans.append([(solver.Value(s), solver.Value(e)) for s, e, a in zip(s_i, e_i, a_i) if solver.Value(a)])
+    reloads: set[tuple[int, int]] = set()
+    for i, (s_i, e_i, a_i, l_i) in enumerate(zip(v.start, v.end, v.active, v.load)):
+        mine = []
+        for s, e, a, load in zip(s_i, e_i, a_i, l_i):
+            if solver.Value(a):
+                if load is not None and solver.Value(load):
+                    reloads.add((i, len(mine)))
+                mine.append((solver.Value(s), solver.Value(e)))
+        spans.append(mine)
     if solver.Value(over) > 0:
         # Over the budget: no plan, but a start for another solve.
         return RematSolved(spans, "INFEASIBLE" if status == cp_model.OPTIMAL else "OVER_BUDGET", None, None,
-                           elapsed, fits=False)
+                           elapsed, fits=False, reloads=frozenset(reloads))
     return RematSolved(spans, name, solver.ObjectiveValue() * unit_s, solver.BestObjectiveBound() * unit_s,
-                       elapsed)
+                       elapsed, reloads=frozenset(reloads))
 
 
 def search_remat_any(problem: RematProblem, keep_all_peak: int, *, deadline: float,
@@ -430,6 +521,7 @@ def search_remat_any(problem: RematProblem, keep_all_peak: int, *, deadline: flo
                                 workers=workers)
     if not found.fits and hint is not None and spans_peak(problem, hint) <= problem.room \
             and not spans_faults(problem, hint):
+        # (The sweep and the ladder re-run; they never load.)
         status = GREEDY if hint is greedy else FIRST_FIT
         return RematSolved(hint, status, spans_recompute_s(problem, hint), None, found.solve_s)
     return found
@@ -461,7 +553,7 @@ def _ladder(problem: RematProblem, keep_all_peak: int, deadline: float, interval
             # Rounds of at most _ROUND_S, each from the last answer with a fresh seed: another
             # chance for the sweep in between, and a restart for an LNS stuck over the room.
             found = solve_remat_any(step, deadline=min(step_end, now + _ROUND_S), hint=hint, intervals=intervals,
-                                    workers=workers, first_fit=True, seed=attempt)
+                                    workers=workers, first_fit=True, seed=attempt, loads=False)
             if found.spans is not None:
                 # The overshoot alone leaves holds past their last use and re-runs nothing
                 # reads: trimmed, they leave the next step room.
@@ -526,7 +618,8 @@ class _Cut:
 def interval_counts(problem: RematProblem, intervals: int) -> list[int]:
     """Intervals per node in the model: one for a node nothing can read after its own stage (no
     recompute can pay)."""
-    return [intervals if nd.recomputable and nd.last > nd.stage else 1 for nd in problem.nodes]
+    return [intervals if (nd.recomputable or problem.can_load(nd.index)) and nd.last > nd.stage else 1
+            for nd in problem.nodes]
 
 
 def greedy_spans(problem: RematProblem, intervals: int = DEFAULT_INTERVALS, *, start: Spans | None = None,
@@ -549,17 +642,22 @@ def tidy_spans(problem: RematProblem, spans: Spans) -> Spans:
     return _Sweep(problem, spans, [len(mine) for mine in spans]).tidy()
 
 
-def spans_faults(problem: RematProblem, spans: Spans) -> list[str]:
-    """What makes ``spans`` no answer of the model (any interval count): a misplaced interval, or
-    a compute whose input is not held in its slot."""
+def spans_faults(problem: RematProblem, spans: Spans, reloads: frozenset[tuple[int, int]] = frozenset()) -> list[str]:
+    """What makes ``spans`` (with ``reloads``, its intervals that are loads) no answer of the
+    model (any interval count): a misplaced interval, or a compute whose input is not held in its
+    slot."""
     faults = []
     for nd, mine in zip(problem.nodes, spans):
         i = nd.index
         if not mine or mine[0][0] != 2 * nd.stage + 1 or (nd.to_end and mine[0][1] != 2 * problem.stages - 1):
             faults.append(f"node {i}: first interval {mine[:1]}")
         for k, (s, e) in enumerate(mine):
-            if e < s or e > 2 * nd.last + 1 or (k and (s % 2 or s <= mine[k - 1][1] or not nd.recomputable)):
+            load = (i, k) in reloads
+            if e < s or e > 2 * nd.last + 1 or (k and (s % 2 or s <= mine[k - 1][1])) \
+                    or (k and not (problem.can_load(i) if load else nd.recomputable)):
                 faults.append(f"node {i}: interval {k} {(s, e)}")
+            if load:
+                continue  # a load reads nothing
             for p in nd.reads:
                 if not _covers(spans[p], s):
                     faults.append(f"node {i} computes in slot {s} without node {p}")
@@ -842,40 +940,83 @@ class _Sweep:
 
 # -- spans to a Plan --------------------------------------------------------------------------
 
-def spans_schedule(problem: RematProblem, spans: Spans) -> list[Step]:
-    """Stage t: the recomputes starting in slot 2t (in op order; one per op, discarding the
-    outputs of its nodes not re-run there), the frees of intervals ending there, op t, the frees
-    of intervals ending in slot 2t + 1 (never those of graph outputs)."""
-    stages = problem.stages
+def spans_schedule(problem: RematProblem, spans: Spans,
+                   reloads: frozenset[tuple[int, int]] = frozenset()) -> list[Step]:
+    """Stage t: the loads starting in slot 2t (copies from the tier issued), the recomputes
+    starting there (in op order; one per op, discarding the outputs of its nodes not re-run
+    there), the frees of intervals ending there, op t, the copies to the tier of its nodes that
+    are loaded later, the frees of intervals ending in slot 2t + 1 (never those of graph
+    outputs). A compute waits for a load it reads right before it; a free waits for its copy to
+    the tier; the tier's copy is freed when the node's last load has landed."""
+    stages, nodes = problem.stages, problem.nodes
     again: list[dict[int, set[int]]] = [{} for _ in range(stages)]  # stage -> op's stage -> nodes re-run
+    loads: list[list[tuple[int, int]]] = [[] for _ in range(stages)]
     frees: list[list[int]] = [[] for _ in range(2 * stages)]
     of_stage: list[list[int]] = [[] for _ in range(stages)]
-    for nd, mine in zip(problem.nodes, spans):
+    copied = {i for i, _ in reloads}
+    last_load = {i: max(k for j, k in reloads if j == i) for i in copied}
+    for nd, mine in zip(nodes, spans):
         of_stage[nd.stage].append(nd.index)
         for k, (s, e) in enumerate(mine):
-            if k:
+            if (nd.index, k) in reloads:
+                loads[s // 2].append((nd.index, k))
+            elif k:
                 again[s // 2].setdefault(nd.stage, set()).add(nd.index)
             if not nd.to_end:
                 frees[e].append(nd.index)
-    ops = problem.graph.ops
+    ops, tier = problem.graph.ops, problem.tier
     schedule: list[Step] = []
+    landing: dict[str, bool] = {}  # loads not yet waited for -> whether the node's last
+    leaving: set[str] = set()  # copies to the tier not yet waited for
+
+    def landed(storage: str) -> None:
+        schedule.append(wait_transfer(storage, DEVICE))
+        if landing.pop(storage):
+            schedule.append(free(storage, cast(str, tier)))
+
+    def ready(u: int) -> None:
+        for i in problem.stage_reads[u]:
+            for storage in nodes[i].storages:
+                if storage in landing:
+                    landed(storage)
+
+    def release(i: int) -> None:
+        for storage in nodes[i].storages:
+            if storage in leaving:
+                schedule.append(wait_transfer(storage, cast(str, tier)))
+                leaving.discard(storage)
+            if storage in landing:
+                landed(storage)
+            schedule.append(free(storage, DEVICE))
+
     for t in range(stages):
+        for i, k in loads[t]:
+            schedule.extend(start_transfer(storage, cast(str, tier), DEVICE) for storage in nodes[i].storages)
+            landing.update((storage, k == last_load[i]) for storage in nodes[i].storages)
         for u, rerun in sorted(again[t].items()):
-            discard = tuple(s for i in of_stage[u] if i not in rerun for s in problem.nodes[i].storages)
+            ready(u)
+            discard = tuple(s for i in of_stage[u] if i not in rerun for s in nodes[i].storages)
             schedule.append(recompute(ops[u].name, discard))
         for i in sorted(frees[2 * t]):
-            schedule.extend(free(s, DEVICE) for s in problem.nodes[i].storages)
+            release(i)
+        ready(t)
         schedule.append(compute(ops[t].name))
+        for i in of_stage[t]:
+            if i in copied:
+                schedule.extend(start_transfer(storage, DEVICE, cast(str, tier)) for storage in nodes[i].storages)
+                leaving.update(nodes[i].storages)
         for i in sorted(frees[2 * t + 1]):
-            schedule.extend(free(s, DEVICE) for s in problem.nodes[i].storages)
+            release(i)
     return schedule
 
 
 def spans_plan(problem: RematProblem, spans: Spans, pricing: Pricing, reference: Plan, *, method: str,
-               solver: SolverReport | None = None) -> tuple[Plan, Figures]:
-    """The plan of ``spans``, measured by the planner's simulator (the validator's rules)."""
+               solver: SolverReport | None = None,
+               reloads: frozenset[tuple[int, int]] = frozenset()) -> tuple[Plan, Figures]:
+    """The plan of ``spans`` (``reloads``: its intervals that are loads from the tier), measured
+    by the planner's simulator (the validator's rules)."""
     graph = problem.graph
-    schedule = spans_schedule(problem, spans)
+    schedule = spans_schedule(problem, spans, reloads)
     initial = {graph.tensors[name].storage: DEVICE for name in graph.inputs}
     figures = simulate(graph, schedule, pricing, initial_tiers=initial)
     plan = Plan(
@@ -885,20 +1026,29 @@ def spans_plan(problem: RematProblem, spans: Spans, pricing: Pricing, reference:
         compute_time_s=figures.compute_time_s, recompute_time_s=figures.recompute_time_s,
         exposed_transfer_s=figures.exposed_transfer_s, keep_all_time_s=reference.predicted_time_s,
         keep_all_peak_bytes=reference.keep_all_peak_bytes, method=method, solver=solver,
-        decisions=_decisions(problem, spans, reference),
+        decisions=_decisions(problem, spans, reference, reloads),
     )
     return plan, figures
 
 
-def _decisions(problem: RematProblem, spans: Spans, reference: Plan) -> dict[str, Decision]:
+def _decisions(problem: RematProblem, spans: Spans, reference: Plan,
+               reloads: frozenset[tuple[int, int]]) -> dict[str, Decision]:
     out = dict(reference.decisions)
     ops = problem.graph.ops
     for nd, mine in zip(problem.nodes, spans):
         if len(mine) < 2:
             continue
         held = ", ".join(f"{ops[s // 2].name}..{ops[e // 2].name}" for s, e in mine)
+        loaded = sum((nd.index, k) in reloads for k in range(len(mine)))
         for storage in nd.storages:
-            out[storage] = Decision("recompute", DEVICE, (
-                f"computed {len(mine)} times ({len(mine) - 1} recompute(s)), held over {held}: "
-                f"{format_bytes(problem.graph.tensors[storage].nbytes)} off the device in between"))
+            size = format_bytes(problem.graph.tensors[storage].nbytes)
+            if loaded:
+                out[storage] = Decision("swap", cast(str, problem.tier), (
+                    f"copied to {problem.tier} after its compute, loaded back {loaded} time(s)"
+                    f"{f' and recomputed {len(mine) - 1 - loaded} time(s)' if len(mine) - 1 > loaded else ''}, "
+                    f"held over {held}: {size} off the device in between"))
+            else:
+                out[storage] = Decision("recompute", DEVICE, (
+                    f"computed {len(mine)} times ({len(mine) - 1} recompute(s)), held over {held}: "
+                    f"{size} off the device in between"))
     return out

@@ -22,11 +22,12 @@ Design (the pieces: ``candidates``, ``linear_model``, ``cpsat``, ``local_search`
   can express. Local moves (``local_search.improve``) find plans the model's conservative
   transient bytes exclude and correct its queue timing, so they get more of the time when copies
   are in play.
-- Without a slower tier the first stage (RETAIN) is ``remat_any``'s retention-interval model
-  (Moccasin's), in which any forward op is re-run at any later op as often as pays. A graph with
-  no backward op (inference, abstract benchmark graphs) has no units, so it gets 0.9 of the time;
-  a training graph gets it as one more measured candidate in 0.25 of the time, beside the
-  per-unit models. Settings with a slower tier never run it.
+- The first stage (RETAIN) is ``remat_any``'s retention-interval model (Moccasin's), in which
+  any forward op is re-run at any later op as often as pays, and with a slower tier any node is
+  copied to the nearest one after its compute and loaded back instead (``interval_tier``). A
+  graph with no backward op (inference, abstract benchmark graphs) has no units, so it gets 0.9
+  of the time; a training graph, or one whose parameters may need streaming, gets it as one
+  more measured candidate in 0.25 of the time, beside the per-unit models.
 - Parameter streams and gradient offloads enlarge the model; they are offered when caller-owned
   state is a large share of the budget, and in a second pass when the first finds no plan.
 - The gaps reported are against ``bound.overhead_lower_bound``: a relaxation that no plan of the
@@ -66,7 +67,7 @@ from tierplan.placement.schedule import build_schedule, initial_tiers
 from tierplan.placement.simulate import simulate
 from tierplan.units import format_bytes
 from tierplan.plans.plan import (
-    BOUND_ABS_TOL_S, BOUND_REL_TOL, DEVICE, InfeasibleBudget, InternalError, Plan, PlanError, Pricing,
+    BOUND_ABS_TOL_S, BOUND_REL_TOL, DEVICE, Channel, InfeasibleBudget, InternalError, Plan, PlanError, Pricing,
     SolverReport, bound_above, meets_bound,
 )
 
@@ -117,7 +118,9 @@ STAGES: tuple[Stage, ...] = (
     # the interval model expresses. A graph with no backward (inference, abstract benchmark
     # graphs) has no units, so it gets most of the time; on a training graph it is one more
     # candidate beside the per-unit models (recompute at own points, per block), which get the rest.
-    Stage(RETAIN, ANY_POINT, 0.9, share_with_backward=0.25),
+    # Parameter streams are the per-unit models' alone: when they are offered (the budget may need
+    # them) the interval model is one more candidate too.
+    Stage(RETAIN, ANY_POINT, 0.9, share_with_streams=0.25, share_with_backward=0.25),
     # With streams the per-unit models take seconds to build and rarely solve in the time left;
     # the own-point model does, given the time.
     Stage(SOLVE, OWN_POINT, 0.3, share_with_streams=0.5),
@@ -180,8 +183,9 @@ class _Models:
             linear = linearize(problem, shared=True, tiers=first_tiers) if nearest else self.coarse
             return _Model(linear, "every option, per block position" + only, ", per block position" + only)
         if name == ANY_POINT:
-            alone = not self.copies and not problem.streams and not problem.offloads
-            return _Model(self.every, "recompute anywhere, retention intervals", "") if alone else None
+            tier = interval_tier(problem)
+            label = "recompute anywhere" + (f" or load from {tier}" if tier else "") + ", retention intervals"
+            return _Model(self.every, label, "")
         if name == NEAREST_TIER:
             if not nearest:
                 return None
@@ -402,7 +406,9 @@ class _Search:
         deadline = now + share * (self.end - now)
         problem = self.problem
         reference = problem.keep_all
-        remat = remat_problem(problem.graph, self.budget, problem.pricing.op_time_s)
+        tier = interval_tier(problem)
+        channels = None if tier is None else (_channel(problem, DEVICE, tier), _channel(problem, tier, DEVICE))
+        remat = remat_problem(problem.graph, self.budget, problem.pricing.op_time_s, channels=channels)
         found = search_remat_any(remat, reference.keep_all_peak_bytes, deadline=deadline)
         self.retained = (found.status, remat.floor() + remat.fixed_bytes)
         if not found.fits or found.spans is None:
@@ -414,7 +420,8 @@ class _Search:
         # time: the sweep's, or the ladder's (CP-SAT's first answer within it, no better one).
         method = {GREEDY: f"greedy sweep ({label})", FIRST_FIT: f"cp-sat first fit ({label})"}.get(
             found.status, f"cp-sat ({label})")
-        plan, figures = spans_plan(remat, found.spans, problem.pricing, reference, method=method, solver=info)
+        plan, figures = spans_plan(remat, found.spans, problem.pricing, reference, method=method, solver=info,
+                                   reloads=found.reloads)
         if info.bound_s is not None and info.bound_s > plan.predicted_time_s:
             # The model's integer op times round: a bound above its own plan is that rounding.
             plan.solver = SolverReport.of(found.status, plan.predicted_time_s, plan.predicted_time_s, found.solve_s,
@@ -464,6 +471,19 @@ def _retain_infeasible(found: InfeasibleBudget, retained: tuple[str, int]) -> In
         + ("; more time (--time-limit) may find a plan" if status != "INFEASIBLE" and floor <= budget else "")
     )
     return InfeasibleBudget(message, budget_bytes=budget, min_feasible_bytes=found.min_feasible_bytes)
+
+
+def interval_tier(problem: Problem) -> str | None:
+    """The slower tier the interval model may copy to and load from: the one with the fastest
+    round trip (copies to a farther tier are the per-unit models')."""
+    tiers = {c.dst for c in problem.channels if c.src == DEVICE}
+    ways = {t: _copy_seconds_per_byte(problem, t) for t in tiers}
+    reachable = [t for t, cost in ways.items() if cost < math.inf]
+    return min(reachable, key=ways.__getitem__) if reachable else None
+
+
+def _channel(problem: Problem, src: str, dst: str) -> Channel:
+    return next(c for c in problem.channels if (c.src, c.dst) == (src, dst))
 
 
 def _copy_seconds_per_byte(problem: Problem, tier: str) -> float:
