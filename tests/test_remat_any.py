@@ -497,9 +497,9 @@ def test_the_interval_model_loads_from_the_tier_when_a_copy_beats_a_rerun(bandwi
 
 
 def test_a_load_runs_and_trains_as_eager() -> None:
-    """A hand-made answer of the model with a load (a node copied to the host after its compute,
-    freed, loaded back before its next reader) and a backward node among them, which no re-run
-    can bring back: its schedule validates and its program trains as eager."""
+    """A hand-made answer of the model with two loads (a forward node copied to the host after
+    its compute, freed, loaded back before its next reader): its schedule validates and its
+    program trains as eager. A backward node cannot be loaded (the proven bound holds them)."""
     from test_reorder import assert_draws_and_grads_equal_eager
     from tierplan.compile import compile_plan
     from tierplan.cost_models.hardware import load_hardware
@@ -518,18 +518,17 @@ def test_a_load_runs_and_trains_as_eager() -> None:
     back = next(c for c in pricing.channels if (c.src, c.dst) == ("host", DEVICE))
     problem = remat_any.remat_problem(graph, pricing.budget, pricing.op_time_s, channels=(out, back))
     spans = remat_any.keep_all_spans(problem)
+    assert not any(problem.can_load(nd.index) for nd in problem.nodes if graph.ops[nd.stage].phase == Phase.BACKWARD)
     reloads = set()
-    for phase in (Phase.FORWARD, Phase.BACKWARD):
-        # A node of that phase read at two slots at least two stages apart: held to its first
-        # use, loaded back in the stage of its next one.
-        for nd in problem.nodes:
-            uses = sorted({2 * problem.nodes[j].stage + 1 for j in range(problem.n) if nd.index in problem.nodes[j].reads})
-            gaps = [(u, w) for u, w in zip(uses, uses[1:]) if w - u >= 4]
-            if problem.can_load(nd.index) and graph.ops[nd.stage].phase == phase and gaps and len(spans[nd.index]) == 1:
-                u, w = gaps[0]
-                spans[nd.index] = [(spans[nd.index][0][0], u), (w - 1, spans[nd.index][0][1])]
-                reloads.add((nd.index, 1))
-                break
+    for nd in problem.nodes:
+        # A node read at two slots at least two stages apart: held to its first use, loaded back
+        # in the stage of its next one.
+        uses = sorted({2 * problem.nodes[j].stage + 1 for j in range(problem.n) if nd.index in problem.nodes[j].reads})
+        gaps = [(u, w) for u, w in zip(uses, uses[1:]) if w - u >= 4]
+        if problem.can_load(nd.index) and gaps and len(reloads) < 2:
+            u, w = gaps[0]
+            spans[nd.index] = [(spans[nd.index][0][0], u), (w - 1, spans[nd.index][0][1])]
+            reloads.add((nd.index, 1))
     assert len(reloads) == 2
     reloads = frozenset(reloads)
     assert not remat_any.spans_faults(problem, spans, reloads)

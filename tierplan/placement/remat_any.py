@@ -20,8 +20,9 @@ a few optional retention intervals per node instead of Checkmate's T x T grid. H
   of that node's intervals covers s. Graph outputs are held from their compute to the end.
 - With a slower tier (``remat_problem(channels=)``: the nearest one), an interval after a node's
   first may be a load instead of a re-run: the node is copied to the tier after its first
-  compute (once) and copied back at the interval's start; a load reads nothing, so any node
-  that is not held to the end may leave this way, backward ops' outputs included. A load costs
+  compute (once) and copied back at the interval's start; a load reads nothing, so forward
+  nodes no re-run can bring back (an op with view outputs) may leave this way too. Backward
+  nodes stay (the proven bound holds them on the device). A load costs
   its copy back, whole (the model does not see what hides it; the plan's simulator does), and
   the copy out costs nothing unless copies run on the compute stream (a CPU device).
 - Device bytes: a cumulative constraint over all intervals (demand: the node's bytes) and the
@@ -133,9 +134,12 @@ class RematProblem:
         return len(self.nodes)
 
     def can_load(self, i: int) -> bool:
-        """Whether node i may be copied to the tier and loaded back (outputs held to the end stay)."""
+        """Whether node i may be copied to the tier and loaded back: a forward op's output not held
+        to the end. (The proven bound, ``placement.bound``, lets forward-made storages leave the
+        device and holds the backward's: a plan that moved a backward output could beat it.)"""
         nd = self.nodes[i]
-        return self.tier is not None and nd.nbytes > 0 and not nd.to_end
+        return (self.tier is not None and nd.nbytes > 0 and not nd.to_end
+                and self.graph.ops[nd.stage].phase == Phase.FORWARD)
 
     @property
     def stages(self) -> int:
