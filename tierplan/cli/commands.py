@@ -14,6 +14,7 @@ import difflib
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
@@ -291,13 +292,17 @@ def cmd_hardware(args: argparse.Namespace) -> None:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> None:
-    from tierplan.cost_models.calibrate import calibrate, write_hardware_toml
+    from tierplan.cost_models.calibrate import CalibrationWarning, calibrate, write_hardware_toml
     from tierplan.cost_models.hardware import describe_hardware
 
-    hw = calibrate(device=args.device, quick=args.quick)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", CalibrationWarning)
+        hw = calibrate(device=args.device, quick=args.quick)
     write_hardware_toml(hw, args.out)
     print(describe_hardware(hw))
     print(f"hardware file written to {args.out}; use it with --hardware {args.out}")
+    for w in caught:  # after the table, where it is read (the file's sources say it too)
+        print(f"tierplan: warning: {w.message}", file=sys.stderr)
 
 
 def cmd_pack(args: argparse.Namespace) -> None:

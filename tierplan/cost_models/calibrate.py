@@ -38,6 +38,7 @@ import shutil
 import statistics
 import tempfile
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,6 +85,26 @@ _SIZES = {
     ("cuda", True): _Sizes(2048, 256 * _MiB, 64 * _MiB, 16 * _MiB, 2, 0.1),
     ("cuda", False): _Sizes(8192, 1024 * _MiB, 256 * _MiB, 256 * _MiB, 3, 0.4),
 }
+
+
+class CalibrationWarning(UserWarning):
+    """The machine changed speed while calibrate measured it: run it again when it is quiet."""
+
+
+# The host matmul's rate measured first and again last, slower over faster, beyond which the
+# machine was not the same throughout (quiet runs on the 2-core dev box: within 1.15).
+STEADY_RATIO = 1.5
+
+
+def unsteady_machine(first_flops: float, last_flops: float) -> str | None:
+    """What to say when the host matmul ran at ``first_flops`` at the start of calibrate and at
+    ``last_flops`` at its end, if the two are more than STEADY_RATIO apart (else None)."""
+    ratio = max(first_flops, last_flops) / min(first_flops, last_flops)
+    if ratio <= STEADY_RATIO:
+        return None
+    return (f"calibrate: the host's float32 matmul ran at {first_flops / 1e9:.1f} GFLOP/s first and "
+            f"{last_flops / 1e9:.1f} GFLOP/s last ({ratio:.1f}x apart): something else used the machine "
+            f"while it was measured, so these figures may be off; run calibrate again when it is quiet")
 
 
 def _median_seconds(fn: Callable[[], Any], sync: Callable[[], None], budget_s: float) -> float:
@@ -339,14 +360,22 @@ def calibrate(
     finally:
         torch.set_num_threads(threads)
     hw = dataclasses.replace(hw, runtime=runtime)
+    # The host matmul again: a machine whose speed changed while it was measured (a neighbour
+    # taking the cores) wrote figures that describe neither state (a run beside a test suite
+    # wrote conv_efficiency 0.008 and a 7.7 ms per-parameter update where quiet runs give 0.6-0.8
+    # and 45 us). Nothing else can tell, so say so where the figures go.
+    again = _matmul_flops(cpu, torch.float32, _SIZES[("cpu", quick)].matmul_n, sizes.budget_s, no_sync)
+    unsteady = unsteady_machine(cpu_fp32, again)
     hw = dataclasses.replace(
         hw,
         description=f"{hw.device.name}, {stamp}",
         sources=(
             f"{stamp} with torch {torch.__version__}, {threads} CPU threads "
             f"({'quick' if quick else 'full'} run)",
-        ),
+        ) + ((unsteady,) if unsteady else ()),
     )
+    if unsteady:
+        warnings.warn(unsteady, CalibrationWarning, stacklevel=2)
     if base is not None:
         hw = _over_base(hw, base if isinstance(base, Hardware) else load_hardware(base))
     return dataclasses.replace(hw, name=name or hw.name, notes=notes)
