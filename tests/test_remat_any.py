@@ -339,9 +339,10 @@ def test_the_ladder_reaches_a_tight_budget() -> None:
 def test_training_graph_recomputed_anywhere_runs_and_equals_eager() -> None:
     """On a training graph the interval model re-runs forward ops anywhere in the backward; the
     ops whose outputs are partly graph outputs (a weight's gradient beside the input gradient)
-    hold those to the end (a node of their own) and free the rest. Its plan below keep-all's peak validates, and its program
-    draws eager's dropout masks and computes eager's loss and gradients. (Whether the search
-    keeps it is the portfolio's call: here it is taken as the model gives it.)"""
+    hold those to the end (a node of their own) and free the rest. Its plan below keep-all's
+    peak validates, and its program draws eager's dropout masks and computes eager's loss and
+    gradients. (Whether the search keeps it is the portfolio's call: here it is taken as the
+    model gives it.)"""
     from test_reorder import assert_draws_and_grads_equal_eager
     from tierplan.compile import compile_plan
     from tierplan.cost_models.hardware import load_hardware

@@ -22,17 +22,17 @@ a few optional retention intervals per node instead of Checkmate's T x T grid. H
   first may be a load instead of a re-run: the node is copied to the tier after its first
   compute (once) and copied back at the interval's start; a load reads nothing, so forward
   nodes no re-run can bring back (an op with view outputs) may leave this way too. Backward
-  nodes stay (the proven bound holds them on the device). A load costs
-  its copy back, whole (the model does not see what hides it; the plan's simulator does), and
-  the copy out costs nothing unless copies run on the compute stream (a CPU device).
+  nodes stay (the proven bound holds them on the device). A load costs its copy back, whole
+  (the model does not see what hides it; the plan's simulator does), and the copy out costs
+  nothing unless copies run on the compute stream (a CPU device).
 - Device bytes: a cumulative constraint over all intervals (demand: the node's bytes) and the
-  re-runs' scratch within the budget less the graph inputs. All intervals covering a slot are counted at once, which bounds
-  Checkmate's accounting (an output occupies memory from the step computing it to the step
-  freeing it; inputs and output are resident while a node computes) from above, so the schedule
-  read back always replays within the budget.
+  re-runs' scratch, within the budget less the graph inputs. All intervals covering a slot are
+  counted at once, which bounds Checkmate's accounting (an output occupies memory from the step
+  computing it to the step freeing it; inputs and output are resident while a node computes)
+  from above, so the schedule read back always replays within the budget.
 
-Objective: the recompute time and the loads' copy time (the first computes are a constant). The model is built in
-``solve_remat_any`` and read back in ``_read``.
+Objective: the recompute time and the loads' copy time (the first computes are a constant).
+The model is built in ``solve_remat_any`` and read back in ``_read``.
 
 The start: the budget is soft in the model (each byte over it costs more than all recomputes
 together), so any schedule, keep-all included, is a solution to start from. But the overshoot
@@ -67,7 +67,8 @@ from ortools.sat.python import cp_model
 from tierplan.ir import PERSISTENT_KINDS, Graph, Phase
 from tierplan.placement.simulate import Figures, simulate
 from tierplan.plans.plan import (
-    DEVICE, Channel, Decision, Plan, Pricing, SolverReport, Step, compute, free, recompute, start_transfer, wait_transfer,
+    DEVICE, Channel, Decision, Plan, Pricing, SolverReport, Step, compute, free, recompute, start_transfer,
+    wait_transfer,
 )
 from tierplan.units import format_bytes
 
