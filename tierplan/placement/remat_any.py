@@ -971,7 +971,7 @@ def spans_schedule(problem: RematProblem, spans: Spans,
                 frees[e].append(nd.index)
     ops, tier = problem.graph.ops, problem.tier
     schedule: list[Step] = []
-    landing: dict[str, bool] = {}  # loads not yet waited for -> whether the node's last
+    landing: dict[str, bool] = {}  # loads not yet waited for -> whether it is the node's last load
     leaving: set[str] = set()  # copies to the tier not yet waited for
 
     def landed(storage: str) -> None:
