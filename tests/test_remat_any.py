@@ -205,18 +205,26 @@ def test_inference_graph_with_parameters_views_and_two_output_ops() -> None:
         x = y
     b.tensors[x].kind = TensorKind.OUTPUT
     graph = b.graph("inference", inputs, [x])
+    plan = _planned_at(graph, b.times, 0.95, limit_s=4)
+    assert plan.method.startswith("cp-sat (recompute anywhere")
+
+
+def _planned_at(graph, times: dict, fraction: float, *, limit_s: float, channels: tuple = ()):
+    """The planner's plan of ``graph`` priced by ``times`` (and ``channels`` to a host tier) at
+    ``fraction`` of its keep-all peak: validated, within the budget."""
     from tierplan.placement.keep_all import keep_all_plan
     from tierplan.plans.plan import Pricing
 
     def pricing(budget: int) -> Pricing:
-        return Pricing(capacities={DEVICE: budget}, channels=(), op_time_s=b.times, hardware="t", training=False)
+        capacities = {DEVICE: budget, **({"host": 10**12} if channels else {})}
+        return Pricing(capacities=capacities, channels=channels, op_time_s=times, hardware="t", training=False)
 
     peak = keep_all_plan(graph, pricing(10**12)).keep_all_peak_bytes
-    budget = int(peak * 0.95)
-    plan = solve(graph, pricing(budget), time_limit_s=4)
+    budget = int(peak * fraction)
+    plan = solve(graph, pricing(budget), time_limit_s=limit_s)
     validate(plan)
     assert plan.peak_bytes[DEVICE] <= budget < peak
-    assert plan.method.startswith("cp-sat (recompute anywhere")
+    return plan
 
 
 # -- the start: the greedy sweep and the ladder (issue 17: plans at tight budgets) ------------
@@ -476,21 +484,11 @@ def test_the_interval_model_loads_from_the_tier_when_a_copy_beats_a_rerun(bandwi
     """With a host tier the interval model may copy a node out after its compute and load it
     back instead of re-running it: over a fast link the skip connections' matmul outputs come
     back from the host; over a slow one they are re-run. Either plan validates."""
-    from tierplan.placement.keep_all import keep_all_plan
-    from tierplan.plans.plan import Channel, Pricing
+    from tierplan.plans.plan import Channel
 
     graph, times = _skip_graph(mm_s=2e-3)
     channels = (Channel(DEVICE, "host", bandwidth, 0.0, "pcie"), Channel("host", DEVICE, bandwidth, 0.0, "pcie"))
-
-    def pricing(budget: int) -> Pricing:
-        return Pricing(capacities={DEVICE: budget, "host": 10**12}, channels=channels, op_time_s=times,
-                       hardware="t", training=False)
-
-    peak = keep_all_plan(graph, pricing(10**12)).keep_all_peak_bytes
-    budget = int(peak * 0.9)
-    plan = solve(graph, pricing(budget), time_limit_s=6)
-    validate(plan)
-    assert plan.peak_bytes[DEVICE] <= budget < peak
+    plan = _planned_at(graph, times, 0.9, limit_s=6, channels=channels)
     assert plan.method.startswith("cp-sat (recompute anywhere or load from host")
     swapped = {name for name, d in plan.decisions.items() if d.fate == "swap"}
     assert bool(swapped) == loads
