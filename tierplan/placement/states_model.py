@@ -113,8 +113,9 @@ def choose_states(
         model.add(step >= ns(first + _busy_after(timeline, down.queue, first)) + sum(
             ns(down.seconds(ps.grad_bytes)) * off(ps) for ps in moved))
     if up is not None and not up.inline:
+        # The new weights go home after the backward (in step(), overlapped or not).
         back = [ps for ps in params if timeline.home.get(ps.param, DEVICE) == DEVICE]
-        model.add(step >= ns(first + _busy_after(timeline, up.queue, first)) + sum(
+        model.add(step >= ns(timeline.end_s + _busy_after(timeline, up.queue, timeline.end_s)) + sum(
             ns(up.seconds(ps.weight_bytes)) * off(ps) for ps in back))
     for ps in params:
         model.add(step >= ns(avail[ps.param]) + sum(

@@ -318,10 +318,13 @@ def schedule_update(
             nbytes = ps.resident_bytes(NVME)
             released = run(ps, WRITE_STATES, rates.nvme_resource(NVME_WRITE), done,
                            nvme_seconds(nbytes, NVME_WRITE, rates, ps.state_files), nbytes=nbytes)
+        # The new weight goes home in step(), after the backward, even when its update ran during
+        # it (TieredOptimizer never writes a weight the backward may still read).
+        home_ready = max(done, weight_free, timeline.end_s)
         if home == DEVICE:
-            copy(ps, WEIGHT_IN, up, max(done, weight_free), ps.weight_bytes)
+            copy(ps, WEIGHT_IN, up, home_ready, ps.weight_bytes)
         elif home == NVME:
-            run(ps, WEIGHT_OUT, rates.nvme_resource(NVME_WRITE), max(done, weight_free),
+            run(ps, WEIGHT_OUT, rates.nvme_resource(NVME_WRITE), home_ready,
                 nvme_seconds(ps.weight_bytes, NVME_WRITE, rates), nbytes=ps.weight_bytes)
         if staging_bytes(ps, {t.kind for t in tasks[first:]}, tier):
             slot_free[slot] = released
