@@ -24,10 +24,11 @@ Design (the pieces: ``candidates``, ``linear_model``, ``cpsat``, ``local_search`
   are in play.
 - The first stage (RETAIN) is ``remat_any``'s retention-interval model (Moccasin's), in which
   any forward op is re-run at any later op as often as pays, and with a slower tier any forward
-  node is copied to the nearest one after its compute and loaded back instead (``interval_tier``). A
-  graph with no backward op (inference, abstract benchmark graphs) has no units, so it gets 0.9
-  of the time; a training graph, or one whose parameters may need streaming, gets it as one
-  more measured candidate in 0.25 of the time, beside the per-unit models.
+  node is copied to the nearest one after its compute and loaded back instead
+  (``interval_tier``). A graph with no backward op (inference, abstract benchmark graphs) has no
+  units, so it gets 0.9 of the time; a training graph, or one whose parameters may need
+  streaming, gets it as one more measured candidate in 0.25 of the time, beside the per-unit
+  models.
 - Parameter streams and gradient offloads enlarge the model; they are offered when caller-owned
   state is a large share of the budget, and in a second pass when the first finds no plan.
 - The gaps reported are against ``bound.overhead_lower_bound``: a relaxation that no plan of the
