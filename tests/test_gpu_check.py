@@ -1,22 +1,17 @@
 """bench/gpu_check.py without a GPU: arguments, the table, the no-GPU path, the time budget."""
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 from pathlib import Path
 
 import pytest
 
-_PATH = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.py"
+from bench_modules import load_bench
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("gpu_check", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("gpu_check")
 
 
 gc_ = _load()

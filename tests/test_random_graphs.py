@@ -2,12 +2,12 @@
 exact-optimum fixture and the bench/remat.py baselines, checked by the independent replay."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+
+from bench_modules import load_bench
 
 from tierplan.formats.random_graphs import (
     LayeredSpec,
@@ -27,11 +27,7 @@ FIXTURE = ROOT / "tests" / "fixtures" / "remat_layered_100.json"
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_remat", ROOT / "bench" / "remat.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("remat")
 
 
 @pytest.mark.parametrize("n", [100, 250])

@@ -3,13 +3,12 @@ window bound (window_lower_bound, on build_mip's strengthened model) checked on 
 20-node instance, whose optimum CP-SAT proved on the plain model."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
+from bench_modules import load_bench
 from tierplan.formats.random_graphs import instance, replay
 
 pytest.importorskip("ortools.linear_solver.pywraplp")
@@ -19,11 +18,7 @@ FIXTURE = ROOT / "tests" / "fixtures" / "remat_layered_100.json"
 
 
 def _exact():
-    spec = importlib.util.spec_from_file_location("bench_remat_exact", ROOT / "bench" / "remat_exact.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("remat_exact")
 
 
 def test_recorded_bounds_are_consistent() -> None:
