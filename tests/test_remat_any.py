@@ -513,8 +513,7 @@ def test_a_load_runs_and_trains_as_eager() -> None:
     captured = capture(model, args, example_kwargs=kwargs)
     graph = captured.graph
     pricing = machine_pricing(graph, load_hardware("cpu"), tiers=("host",), training=True)
-    out = next(c for c in pricing.channels if (c.src, c.dst) == (DEVICE, "host"))
-    back = next(c for c in pricing.channels if (c.src, c.dst) == ("host", DEVICE))
+    out, back = pricing.channel(DEVICE, "host"), pricing.channel("host", DEVICE)
     problem = remat_any.remat_problem(graph, pricing.budget, pricing.op_time_s, channels=(out, back))
     spans = remat_any.keep_all_spans(problem)
     assert not any(problem.can_load(nd.index) for nd in problem.nodes if graph.ops[nd.stage].phase == Phase.BACKWARD)

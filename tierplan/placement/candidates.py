@@ -449,8 +449,7 @@ def _recompute_points(problem: Problem) -> None:
         unit.swap_variants = {}
         for tier, windows in unit.swaps.items():
             unit.swap_variants[swap_option(tier)] = windows
-            down = next(c for c in problem.channels if c.src == DEVICE and c.dst == tier)
-            up = next(c for c in problem.channels if c.src == tier and c.dst == DEVICE)
+            down, up = problem.pricing.channel(DEVICE, tier), problem.pricing.channel(tier, DEVICE)
             for at in points:
                 early = [_window(problem, unit, s, tier, down, up, lands=at) for s in unit.storages]
                 if all(w is not None for w in early):
@@ -478,8 +477,7 @@ def _streams_and_offloads(problem: Problem, readers: dict[str, list[int]]) -> No
     for tier in problem.capacities:
         if tier == DEVICE:
             continue
-        down = next((c for c in problem.channels if c.src == DEVICE and c.dst == tier), None)
-        up = next((c for c in problem.channels if c.src == tier and c.dst == DEVICE), None)
+        down, up = problem.pricing.channel(DEVICE, tier), problem.pricing.channel(tier, DEVICE)
         if up is not None:
             for storage in graph.storages():
                 t = graph.tensors[storage]
@@ -536,8 +534,7 @@ def _swap_windows(problem: Problem, unit: Unit) -> dict[str, list[SwapWindow]]:
     for tier in problem.capacities:
         if tier == DEVICE:
             continue
-        down = next((c for c in problem.channels if c.src == DEVICE and c.dst == tier), None)
-        up = next((c for c in problem.channels if c.src == tier and c.dst == DEVICE), None)
+        down, up = problem.pricing.channel(DEVICE, tier), problem.pricing.channel(tier, DEVICE)
         if down is None or up is None:
             continue
         windows = [_window(problem, unit, s, tier, down, up) for s in unit.storages]

@@ -25,7 +25,7 @@ Design (the pieces: ``candidates``, ``linear_model``, ``cpsat``, ``local_search`
 - The first stage (RETAIN) is ``remat_any``'s retention-interval model (Moccasin's), in which
   any forward op is re-run at any later op as often as pays, and with a slower tier any forward
   node is copied to the nearest one after its compute and loaded back instead
-  (``interval_tier``). A graph with no backward op (inference, abstract benchmark graphs) has no
+  (``interval_channels``). A graph with no backward op (inference, abstract benchmark graphs) has no
   units, so it gets 0.9 of the time; a training graph, or one whose parameters may need
   streaming, gets it as one more measured candidate in 0.25 of the time, beside the per-unit
   models.
@@ -48,7 +48,7 @@ import functools
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from tierplan.ir import Graph
 from tierplan.passes.liveness import Liveness, liveness
@@ -184,8 +184,8 @@ class _Models:
             linear = linearize(problem, shared=True, tiers=first_tiers) if nearest else self.coarse
             return _Model(linear, "every option, per block position" + only, ", per block position" + only)
         if name == ANY_POINT:
-            tier = interval_tier(problem)
-            label = "recompute anywhere" + (f" or load from {tier}" if tier else "") + ", retention intervals"
+            ways = interval_channels(problem)
+            label = "recompute anywhere" + (f" or load from {ways[0].dst}" if ways else "") + ", retention intervals"
             return _Model(self.every, label, "")
         if name == NEAREST_TIER:
             if not nearest:
@@ -407,9 +407,8 @@ class _Search:
         deadline = now + share * (self.end - now)
         problem = self.problem
         reference = problem.keep_all
-        tier = interval_tier(problem)
-        channels = None if tier is None else (_channel(problem, DEVICE, tier), _channel(problem, tier, DEVICE))
-        remat = remat_problem(problem.graph, self.budget, problem.pricing.op_time_s, channels=channels)
+        remat = remat_problem(problem.graph, self.budget, problem.pricing.op_time_s,
+                              channels=interval_channels(problem))
         found = search_remat_any(remat, reference.keep_all_peak_bytes, deadline=deadline)
         self.retained = (found.status, remat.floor() + remat.fixed_bytes)
         if not found.fits or found.spans is None:
@@ -474,23 +473,21 @@ def _retain_infeasible(found: InfeasibleBudget, retained: tuple[str, int]) -> In
     return InfeasibleBudget(message, budget_bytes=budget, min_feasible_bytes=found.min_feasible_bytes)
 
 
-def interval_tier(problem: Problem) -> str | None:
-    """The slower tier the interval model may copy to and load from: the one with the fastest
-    round trip (copies to a farther tier are the per-unit models')."""
+def interval_channels(problem: Problem) -> tuple[Channel, Channel] | None:
+    """The copies (device -> tier, tier -> device) to the slower tier the interval model may load
+    from: the one with the fastest round trip (copies to a farther tier are the per-unit models')."""
     tiers = {c.dst for c in problem.channels if c.src == DEVICE}
-    ways = {t: _copy_seconds_per_byte(problem, t) for t in tiers}
-    reachable = [t for t, cost in ways.items() if cost < math.inf]
-    return min(reachable, key=ways.__getitem__) if reachable else None
-
-
-def _channel(problem: Problem, src: str, dst: str) -> Channel:
-    return next(c for c in problem.channels if (c.src, c.dst) == (src, dst))
+    reachable = [t for t in tiers if _copy_seconds_per_byte(problem, t) < math.inf]
+    if not reachable:
+        return None
+    tier = min(reachable, key=lambda t: _copy_seconds_per_byte(problem, t))
+    return cast(Channel, problem.pricing.channel(DEVICE, tier)), cast(Channel, problem.pricing.channel(tier, DEVICE))
 
 
 def _copy_seconds_per_byte(problem: Problem, tier: str) -> float:
     """Seconds per byte of a round trip device -> tier -> device (inf when a way is missing)."""
-    ways = [c for c in problem.channels if (c.src, c.dst) in ((DEVICE, tier), (tier, DEVICE))]
-    return sum(1.0 / c.bandwidth for c in ways) if len(ways) == 2 else math.inf
+    ways = (problem.pricing.channel(DEVICE, tier), problem.pricing.channel(tier, DEVICE))
+    return sum(1.0 / c.bandwidth for c in ways if c is not None) if None not in ways else math.inf
 
 
 def _as_options(problem: Problem, fates: dict, segments: dict) -> dict | None:

@@ -213,6 +213,10 @@ class Pricing:
     def budget(self) -> int:
         return self.capacities[DEVICE]
 
+    def channel(self, src: str, dst: str) -> Channel | None:
+        """The copy channel from ``src`` to ``dst``, None when the setting has none."""
+        return next((c for c in self.channels if (c.src, c.dst) == (src, dst)), None)
+
     def with_budget(self, budget: int) -> Pricing:
         """The same setting with another device budget."""
         return dataclasses.replace(self, capacities={**self.capacities, DEVICE: int(budget)})
