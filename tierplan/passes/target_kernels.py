@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -256,13 +257,44 @@ def _functional_sdpa(sdpa: Callable[..., torch.Tensor]) -> Iterator[None]:
         F.scaled_dot_product_attention = old
 
 
+# transformers' switch for passing grouped-query attention to SDPA (``enable_gqa=True``) instead of
+# repeating the K/V heads first (``integrations/sdpa_attention.py: use_gqa_in_sdpa``).
+_TRANSFORMERS_FORCE_GQA = "TRANSFORMERS_SDPA_FORCE_GQA"
+
+
+@contextlib.contextmanager
+def _cpu_grouped_query_attention() -> Iterator[None]:
+    """Trace a transformers model's grouped-query attention as one SDPA call with fewer K/V heads.
+
+    transformers passes ``enable_gqa=True`` only when no attention mask is built, and a trace builds
+    one whenever the decision to skip it reads data (positions, a padding mask: fake while traced),
+    so eager's unpadded step would be traced as ``repeat_kv`` + SDPA. The CPU's flash kernel runs
+    grouped-query attention natively, with a mask too: with the switch on, the graph saves K/V with
+    their own head count (not repeated) and sums the repeated heads' gradients inside the kernel, as
+    eager does (a bf16 autocast step of llama-tiny then equals eager's bitwise; repeated, each
+    head's gradient is rounded to bf16 before the sum, 0.3-0.6% apart per step). GPU targets keep
+    transformers' choice: with a mask, their flash kernel is refused and the memory-efficient one
+    does not run grouped-query attention, so the switch would send them to the math path.
+    """
+    old = os.environ.get(_TRANSFORMERS_FORCE_GQA)
+    os.environ[_TRANSFORMERS_FORCE_GQA] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[_TRANSFORMERS_FORCE_GQA]
+        else:
+            os.environ[_TRANSFORMERS_FORCE_GQA] = old
+
+
 @contextlib.contextmanager
 def target_kernels(kernels: TargetKernels | None, record: KernelRecord | None = None) -> Iterator[KernelRecord]:
     """Trace with ``kernels``' attention kernels (a no-op for the CPU or None); yields ``record``
     (a new one by default), which receives why each SDPA backend was chosen."""
     record = KernelRecord() if record is None else record
     if kernels is None or not kernels.gpu:
-        yield record
+        with _cpu_grouped_query_attention():
+            yield record
         return
 
     def sdpa(*args: Any, **kwargs: Any) -> torch.Tensor:
