@@ -5,7 +5,8 @@
 Table 1 (predicted, one run): model x machine x policy {tierplan, flexgen, layer-streaming,
 all-on-device}, every policy priced by the same simulator and validated: tokens/s (batch x new
 tokens over the whole job, FlexGen's throughput), time to first token, time per decode step, the
-batching (micro-batches x sequences), peak per tier, and the planning time. A policy that cannot
+batching (micro-batches x sequences), where attention runs (attn) and where the hidden states wait
+between layers (acts), peak per tier, and the planning time. A policy that cannot
 run says why. The machines are hardware files (FlexGen's T4 machine in docs/hardware, presets
 otherwise), so these are predictions for them, not measurements; FlexGen's published 0.69 tokens/s
 for OPT-175B on its machine is shown beside them.
@@ -51,18 +52,19 @@ QUICK = JOBS[:1] + JOBS[3:]
 
 def _row(model: str, machine: str, name: str, p: GenerationPlan | str, solve_s: float | None) -> list[str]:
     if isinstance(p, str):
-        return [model, machine, name, "-", "-", "-", "-", "-", "-", "-", "-", f"cannot run: {p}"]
+        return [model, machine, name, "-", "-", "-", "-", "-", "-", "-", "-", "-", f"cannot run: {p}"]
     peaks = " / ".join(format_bytes(p.peak_bytes.get(t, 0)) for t in (DEVICE, HOST, NVME))
     shares = " / ".join(f"{p.weight_share(t):.0%}" for t in (DEVICE, HOST, NVME))
     cache = " / ".join(f"{p.kv_share(t):.0%}" for t in (DEVICE, HOST, NVME))
     return [model, machine, name, f"{p.tokens_per_s:.4g}", f"{p.ttft_s:.4g} s", f"{p.decode_s_per_token:.4g} s",
-            f"{p.policy.num_gpu_batches}x{p.policy.gpu_batch}", shares, cache, p.policy.attention, peaks,
+            f"{p.policy.num_gpu_batches}x{p.policy.gpu_batch}", shares, cache, p.policy.attention,
+            p.policy.activations, peaks,
             f"{solve_s:.1f} s" if solve_s is not None else ""]
 
 
 def predicted_table(jobs: list[tuple]) -> None:
     header = ["model", "machine", "policy", "tokens/s", "1st token", "decode step", "batch", "weights d/h/n",
-              "cache d/h/n", "attn", "peak device / host / nvme", "plan s"]
+              "cache d/h/n", "attn", "acts", "peak device / host / nvme", "plan s"]
     rows = []
     for model_name, machine, host, tiers, batch, prompt, new in jobs:
         hw = load_hardware(machine)
@@ -78,14 +80,14 @@ def predicted_table(jobs: list[tuple]) -> None:
             rows.append(_row(model_name, hw.name, name, found, None))
         published = PUBLISHED.get((model_name, hw.name))
         if published is not None:
-            rows.append([model_name, hw.name, "flexgen (published, measured)", f"{published:.4g}", *[""] * 8])
+            rows.append([model_name, hw.name, "flexgen (published, measured)", f"{published:.4g}", *[""] * 9])
         print(f"# {model_name}, batch {batch}, prompt {prompt}, {new} new tokens on {hw.name}: planned in {solve:.1f} s",
               file=sys.stderr)
     _print(header, rows)
 
 
 def measured_table() -> None:
-    header = ["model", "host", "weights d/h/n", "cache d/h/n", "attn", "tokens equal", "device peak measured",
+    header = ["model", "host", "weights d/h/n", "cache d/h/n", "attn", "acts", "tokens equal", "device peak measured",
               "predicted", "budget", "time measured", "predicted"]
     rows = []
     hw = load_hardware("cpu")
@@ -118,7 +120,7 @@ def measured_table() -> None:
             rows.append([
                 name, "preset" if host is None else format_bytes(host), " / ".join(f"{plan.weight_share(t):.0%}" for t in (DEVICE, HOST, NVME)),
                 " / ".join(f"{plan.kv_share(t):.0%}" for t in (DEVICE, HOST, NVME)), plan.policy.attention,
-                str(torch.equal(tokens, expected)), format_bytes(compiled.last_device_peak),
+                plan.policy.activations, str(torch.equal(tokens, expected)), format_bytes(compiled.last_device_peak),
                 format_bytes(plan.peak_bytes[DEVICE]), format_bytes(plan.capacities[DEVICE]),
                 f"{sorted(times)[1] * 1e3:.1f} ms", f"{plan.total_s * 1e3:.1f} ms"])
     _print(header, rows)

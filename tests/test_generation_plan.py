@@ -241,3 +241,44 @@ def test_compiled_generation_runs_its_plan_within_the_budget(name, tmp_path):
             assert plan.weight_bytes_on(NVME) > 0 and plan.peak_bytes[HOST] <= host
     assert layer_bytes
     assert not any((tmp_path / "swap").glob("**/*.bin"))  # nothing left behind
+
+
+def test_hidden_states_wait_on_the_host_when_only_that_fits():
+    # The least device memory: every weight streamed and the cache on the host, one sequence per
+    # micro-batch. Between that policy with the hidden states on the device and the same on the
+    # host lies a budget only the second fits: the search must find it.
+    shape = _shape("gpt2", batch=8, prompt=512, new=4)
+    rates = generation_rates(load_hardware("cpu"), shape.dtype_bytes)
+    tiers = {n: HOST for n, _ in shape.layer_params}
+    lean = dataclasses.replace(uniform_policy(shape, HOST, HOST), gpu_batch=1, num_gpu_batches=8, attention=HOST)
+    assert set(lean.weight_tiers[shape.param_name(0, n)] for n in tiers) == {HOST}
+    on_device = peak_bytes(shape, lean, rates)
+    on_host = peak_bytes(shape, dataclasses.replace(lean, activations=HOST), rates)
+    block = shape.batch * shape.prompt_len * shape.hidden * shape.dtype_bytes
+    assert on_device[DEVICE] - on_host[DEVICE] > block // 2  # the layer temporaries beside 2 blocks, gone
+    assert on_host[HOST] - on_device[HOST] == 2 * block  # the two host buffers
+    budget = (on_device[DEVICE] + on_host[DEVICE]) // 2
+    plan = plan_for(shape, hardware="cpu", memory_budget=budget, tiers=("host",))
+    assert plan.policy.activations == HOST
+    assert plan.peak_bytes[DEVICE] <= budget < peak_bytes(shape, dataclasses.replace(plan.policy, activations=DEVICE),
+                                                          rates)[DEVICE]
+    assert any("hidden states" in r for r in plan.reasons) and "hidden states between layers on the host" in plan.summary()
+    # Each micro-batch's rows come in before every layer but the first and go out after every
+    # layer but the last, on the compute stream.
+    p, steps = plan.policy, shape.new_tokens
+    acts = [t for t in plan.tasks if t.kind in ("act_in", "act_out")]
+    assert len(acts) == 2 * steps * (shape.layers - 1) * p.num_gpu_batches
+    assert {t.resource for t in acts} == {"compute"}
+    assert all(t.layer > 0 for t in acts if t.kind == "act_in")
+    assert all(t.layer < shape.layers - 1 for t in acts if t.kind == "act_out")
+    # The check replays them: a copy in dropped, or one that starts before the rows went out, is refused.
+    dropped = [t for t in plan.tasks if not (t.kind == "act_in" and t.step == 1 and t.layer == 2 and t.micro_batch == 0)]
+    with pytest.raises(PlanError, match="hidden states copied in and out"):
+        tierplan.validate(dataclasses.replace(plan, tasks=dropped))
+    early = [dataclasses.replace(t, start_s=t.start_s - 1.0, end_s=t.end_s - 1.0)
+             if t.kind == "act_in" and t.step == 1 and t.layer == 2 and t.micro_batch == 0 else t for t in plan.tasks]
+    with pytest.raises(PlanError, match="(before they arrive from the host|at once)"):
+        tierplan.validate(dataclasses.replace(plan, tasks=early))
+    # With the room of the device-side policy, the copies are not worth it.
+    roomy = plan_for(shape, hardware="cpu", memory_budget=on_device[DEVICE] * 2, tiers=("host",))
+    assert roomy.policy.activations == DEVICE

@@ -1,6 +1,6 @@
 """The generation runtime (tierplan.codegen.generate): greedy tokens identical to
 ``model.generate`` whatever tier the weights and the KV cache are on, the device peak it measures,
-the swap files it leaves (none), and its errors."""
+the swap files it leaves (none), and its errors; the hidden states between layers on either side."""
 from __future__ import annotations
 
 import gc
@@ -63,12 +63,12 @@ def case(request: pytest.FixtureRequest) -> tuple[str, torch.nn.Module, torch.Te
 
 def _policy(model: torch.nn.Module, weights: str | Callable[[int, str], str], kv_tiers: tuple[str, ...],
             attention: str = "device", *, gpu_batch: int = BATCH, num_gpu_batches: int = 1,
-            block: int = 8) -> GenerationPolicy:
+            block: int = 8, activations: str = "device") -> GenerationPolicy:
     def tier(i: int, name: str) -> str:
         return weights if isinstance(weights, str) else weights(i, name)
 
     tiers = {name: tier(i, name) for i, (name, _) in enumerate(model.named_parameters())}
-    return GenerationPolicy(gpu_batch, num_gpu_batches, tiers, block, kv_tiers, attention)
+    return GenerationPolicy(gpu_batch, num_gpu_batches, tiers, block, kv_tiers, attention, activations)
 
 
 def _params_back(model: torch.nn.Module) -> bool:
@@ -110,18 +110,45 @@ def test_weights_and_cache_on_nvme_attention_on_host(case, tmp_path, monkeypatch
     assert _params_back(model)
 
 
-@pytest.mark.parametrize("attention, kv_tiers", [
-    ("device", ("device", "host", "nvme") * 2),
-    ("host", ("host", "nvme") * 3),
+@pytest.mark.parametrize("attention, kv_tiers, activations", [
+    ("device", ("device", "host", "nvme") * 2, "device"),
+    ("host", ("host", "nvme") * 3, "device"),
+    ("host", ("host", "nvme") * 3, "host"),
 ])
-def test_mixed_tiers_two_micro_batches(case, tmp_path, attention, kv_tiers):
+def test_mixed_tiers_two_micro_batches(case, tmp_path, attention, kv_tiers, activations):
     name, model, ids, ref = case
     policy = _policy(model, lambda i, _: ("device", "host", "nvme")[i % 3], kv_tiers, attention,
-                     gpu_batch=1, num_gpu_batches=2)
+                     gpu_batch=1, num_gpu_batches=2, activations=activations)
     with TieredGenerator(model, policy, swap_root=tmp_path) as g:
         out = g.generate(ids, NEW)
     assert torch.equal(out, ref)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("num_gpu_batches", [1, 2])
+def test_activations_on_host(case, num_gpu_batches):
+    _, model, ids, ref = case
+    policy = _policy(model, "host", ("host",) * 6, gpu_batch=BATCH // num_gpu_batches,
+                     num_gpu_batches=num_gpu_batches, activations="host")
+    inputs: list[tuple[int, torch.Tensor]] = []
+    hooks = [layer.register_forward_pre_hook(lambda _m, args, i=i: inputs.append((i, args[0])))
+             for i, layer in enumerate(decoder_layers(model)[1])]
+    try:
+        with TieredGenerator(model, policy) as g:
+            out = g.generate(ids, NEW)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert torch.equal(out, ref)
+    hidden = model.config.hidden_size
+    # Layer 0 gets the embedding output; every later one the previous layer's host buffer, one of
+    # two (contiguous [batch, q, hidden], q the prompt's length in the prefill and 1 after).
+    buffers = {t.untyped_storage().data_ptr() for i, t in inputs if i > 0}
+    assert len(buffers) == 1  # tiny models have two layers: layer 0 writes buffer 0, layer 1 reads it
+    assert all(t.untyped_storage().data_ptr() not in buffers for i, t in inputs if i == 0)
+    shapes = [tuple(t.shape) for i, t in inputs if i > 0]
+    assert shapes == [(BATCH, PROMPT, hidden)] + [(BATCH, 1, hidden)] * (NEW - 1)
+    assert all(t.is_contiguous() for _, t in inputs)
 
 
 def test_left_padded_prompt(tmp_path):
@@ -165,6 +192,44 @@ def test_streamed_device_peak_is_the_resident_peak_less_the_streamed_weights():
     assert streamed <= resident - (sum(per_layer) - 2 * max(per_layer)) - kv_bytes
     # ... and the prefetched layer really is there next to the running one.
     assert streamed >= outside + 2 * max(per_layer)
+
+
+def test_activations_on_host_lower_the_device_peak():
+    # The hidden states dominate the layers' traffic: a long prompt, an MLP of 4 x hidden (its
+    # intermediates make every in-layer moment outweigh the final norm's), weights and cache on
+    # the host so that they are the same in every run.
+    batch, prompt, new, hidden = 4, 128, 2, 64
+    torch.manual_seed(0)
+    model = _spread(LlamaForCausalLM(LlamaConfig(
+        hidden_size=hidden, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=4 * hidden, vocab_size=256, max_position_embeddings=prompt + new)))
+    ids = torch.randint(0, 256, (batch, prompt), generator=torch.Generator().manual_seed(1))
+    block_hidden = batch * prompt * hidden * 4  # one layer's input (or output) for the block, fp32
+
+    def peak(num_gpu_batches: int, activations: str) -> tuple[torch.Tensor, int]:
+        policy = _policy(model, "host", ("host",) * 4, gpu_batch=batch // num_gpu_batches,
+                         num_gpu_batches=num_gpu_batches, block=-(-(prompt + new) // 4), activations=activations)
+        with TieredGenerator(model, policy) as g:
+            return g.measure_generate(ids, new)
+
+    n = 4
+    ref, on_device = peak(n, "device")
+    out, on_host = peak(n, "host")
+    assert torch.equal(out, ref)
+    # With activations on the device, micro-batch m of layer i > 0 runs next to the block's input
+    # and the m outputs before it; on the host, next to its own input rows only (a copy: 1/n of
+    # the block) and, in the last layer alone, the m outputs before it (that layer returns on the
+    # device). Everything else is the same, so at every moment of layers 1.. the device holds at
+    # least (n - 1) / n of the block's hidden states fewer: the last layer's margin; the others
+    # save 2 (n - 1) / n (here the peak falls in one of them, and that is what it shows). Layer 0
+    # (its input is the embedding output either way) is layer 1 less the block's input.
+    assert on_device - on_host >= (n - 1) / n * block_hidden
+    # One micro-batch saves nothing: its input is the whole block, copied in, and the tracker
+    # counts the copy as it counts the device-resident input.
+    ref, on_device = peak(1, "device")
+    out, on_host = peak(1, "host")
+    assert torch.equal(out, ref)
+    assert on_host == on_device
 
 
 # -- swap files -----------------------------------------------------------------------------------

@@ -42,6 +42,23 @@ charge of where every weight and cache block is. What runs where:
   another, its weights loaded once for all of them: the layer's forward is wrapped so that every
   argument whose first dimension is the batch is split into micro-batches, the cache is told which
   rows run, and the outputs are concatenated.
+- **activations on the host** (``policy.activations == "host"``, FlexGen's activation placement):
+  between decoder layers the block's hidden states wait in a host buffer, not on the device. Each
+  micro-batch's input rows are copied in just before its forward (layer 0's are taken from the
+  embedding output, already on the device) and its output rows copied out into the layer's output
+  buffer right after, so the device holds one micro-batch's hidden states in and out instead of the
+  block's. Two buffers (pinned on a GPU) of ``batch x prompt x hidden`` are allocated when a
+  generation starts, layer ``i`` reading one and writing the other; a step of ``q`` tokens uses
+  their first ``batch * q * hidden`` elements as a contiguous ``[batch, q, hidden]`` (so a
+  micro-batch's rows are one contiguous span, which an asynchronous copy needs). The last layer
+  returns its output on the device, where the final norm and head run, so its micro-batches'
+  outputs gather there; and the embedding output stays on the device for the whole step in any
+  case (the model's forward holds it: Llama's ``inputs_embeds``). On a GPU both copies are
+  ``non_blocking`` and issued on the current stream: the compute thread does not wait for them and
+  they overlap the weight streamer's side-stream copies, but not the compute: a micro-batch's
+  copy-in runs after the previous micro-batch's compute and copy-out, and that stream order is
+  also what keeps layer ``i + 1`` from reading a buffer before layer ``i``'s copy-out into it is
+  done (the host thread never touches the buffers).
 
 The swap directory (``tempfile.mkdtemp(prefix="tierplan-gen-", dir=swap_root)``) exists only when
 the policy puts something on NVMe. The cache's files live in a subdirectory made for one
@@ -53,9 +70,10 @@ generator is garbage-collected (``weakref.finalize``).
 ``measure_generate`` runs a generation inside a ``StorageTracker`` (``tierplan.codegen.measure``)
 that counts device-tier storages only: the device-tier weights and cache blocks are ``existing``,
 every host-tier buffer (host weights, host cache blocks, staging buffers, the host attention
-workspace) is allocated before the tracker starts and ``exclude``d. On the CPU the tracker cannot
-tell host work from device work otherwise; what it still counts of host attention is its output,
-which on a GPU lands on the device anyway.
+workspace, the host activation buffers) is allocated before the tracker starts and ``exclude``d.
+On the CPU the tracker cannot tell host work from device work otherwise; what it still counts of
+host attention is its output, which on a GPU lands on the device anyway, and of host activations
+the micro-batch copies made on the device.
 """
 from __future__ import annotations
 
@@ -80,7 +98,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from tierplan.codegen.measure import StorageTracker
 from tierplan.codegen.runtime import TierplanRuntimeError, keep_freed_memory
-from tierplan.passes.decoder import check_cache_capture, decoder_layers, kv_geometry, layer_of
+from tierplan.passes.decoder import _config, check_cache_capture, decoder_layers, kv_geometry, layer_of
 from tierplan.plans.generation import GenerationPolicy
 from tierplan.plans.plan import DEVICE, HOST, NVME
 
@@ -664,6 +682,65 @@ def _concat(outputs: list[Any], micro: int) -> Any:
     return pytree.tree_unflatten(merged, spec)
 
 
+# -- activations on the host ---------------------------------------------------------------------
+
+
+class HostActivations:
+    """The two host buffers the block's hidden states wait in between decoder layers (module
+    docstring): layer ``i`` writes buffer ``i % 2``, which layer ``i + 1`` reads."""
+
+    def __init__(self, batch: int, tokens: int, hidden: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.batch, self.tokens, self.hidden, self.dtype = batch, tokens, hidden, dtype
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.buffers = [_host_empty([batch * tokens * hidden], dtype, self.cuda) for _ in range(2)]
+
+    def host_tensors(self) -> list[torch.Tensor]:
+        return list(self.buffers)
+
+    def output(self, layer: int, q: int) -> torch.Tensor:
+        """Where layer ``layer``'s hidden states of a ``q``-token step go: contiguous, so that a
+        micro-batch's rows are one span (a strided ``[:, :q]`` view would make copies of them
+        stage through pageable memory)."""
+        if q > self.tokens:
+            raise TierplanRuntimeError(f"a step of {q} tokens; the host activation buffers hold {self.tokens}")
+        return self.buffers[layer % 2][: self.batch * q * self.hidden].view(self.batch, q, self.hidden)
+
+    def check(self, layer: int, what: str, t: Any, rows: int, q: int | None = None) -> torch.Tensor:
+        """``t`` is hidden states of ``rows`` sequences (of ``q`` tokens) that fit the buffers, or a
+        clear error (a copy into a buffer would cast or broadcast without a word)."""
+        if (not isinstance(t, torch.Tensor) or t.dim() != 3 or t.shape[0] != rows or t.shape[2] != self.hidden
+                or (q is not None and t.shape[1] != q) or t.dtype != self.dtype):
+            got = f"{tuple(t.shape)} of {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise TierplanRuntimeError(
+                f"decoder layer {layer}'s {what} is {got}; activations on the host need hidden states "
+                f"[{rows}, {q or 'tokens'}, {self.hidden}] of {self.dtype}: use activations='device'")
+        return t
+
+    def copy_in(self, rows: torch.Tensor) -> torch.Tensor:
+        """A micro-batch's hidden states, host -> device: a fresh device tensor (also on the CPU,
+        where it is the device's copy the tracker counts). Asynchronous from pinned memory; the
+        current stream orders it after the copy-out that filled the buffer."""
+        return rows.to(self.device, non_blocking=self.cuda, copy=True)
+
+    def copy_out(self, into: torch.Tensor, hidden: torch.Tensor) -> None:
+        """A micro-batch's output hidden states, device -> host, on the current stream: the next
+        layer's copy-in (same stream) reads them only after this is done."""
+        into.copy_(hidden, non_blocking=self.cuda)
+
+
+def _hidden_arg(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """The decoder layer's hidden states: its first positional argument, or ``hidden_states``."""
+    return args[0] if args else kwargs.get("hidden_states")
+
+
+def _with_hidden(args: tuple[Any, ...], kwargs: dict[str, Any],
+                 hidden: torch.Tensor) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
+
+
 # -- the generator --------------------------------------------------------------------------------
 
 
@@ -756,7 +833,8 @@ class TieredGenerator:
                  attention_mask: torch.Tensor | None = None) -> torch.LongTensor:
         """The prompt followed by ``max_new_tokens`` greedy tokens, ``[batch, prompt + new]``."""
         cache = self._new_cache(input_ids, max_new_tokens, attention_mask)
-        return self._guarded(cache, lambda: self._run(cache, input_ids, max_new_tokens, attention_mask))
+        return self._guarded(cache, lambda: self._run(cache, self._new_activations(input_ids), input_ids,
+                                                      max_new_tokens, attention_mask))
 
     def measure_generate(self, input_ids: torch.Tensor, max_new_tokens: int,
                          attention_mask: torch.Tensor | None = None) -> tuple[torch.LongTensor, int]:
@@ -766,10 +844,12 @@ class TieredGenerator:
         cache = self._new_cache(input_ids, max_new_tokens, attention_mask)
 
         def tracked() -> tuple[torch.LongTensor, int]:
+            acts = self._new_activations(input_ids)
             existing = self._streamer.device_tensors() + cache.device_tensors()
-            exclude = self._streamer.host_tensors() + cache.host_tensors()
+            exclude = (self._streamer.host_tensors() + cache.host_tensors()
+                       + (acts.host_tensors() if acts is not None else []))
             with StorageTracker(existing=existing, exclude=exclude, device_type=self.device.type) as tracker:
-                tokens = self._run(cache, input_ids, max_new_tokens, attention_mask)
+                tokens = self._run(cache, acts, input_ids, max_new_tokens, attention_mask)
             return tokens, tracker.peak_bytes
 
         return self._guarded(cache, tracked)
@@ -815,8 +895,20 @@ class TieredGenerator:
         return TieredCache(layout, len(self.layers), self.device, host_attention=p.attention == HOST,
                            cache_dir=cache_dir, worker=self._cache_io)
 
-    def _run(self, cache: TieredCache, input_ids: torch.Tensor, max_new_tokens: int,
-             attention_mask: torch.Tensor | None) -> torch.LongTensor:
+    def _new_activations(self, input_ids: torch.Tensor) -> HostActivations | None:
+        """The host activation buffers of one generation (None with activations on the device):
+        the prefill's ``prompt`` tokens are the most any step runs."""
+        if self.policy.activations != HOST:
+            return None
+        hidden = getattr(_config(self.model), "hidden_size", None)
+        if not isinstance(hidden, int) or hidden < 1:
+            raise TierplanRuntimeError(f"{type(self.model).__name__}'s config names no hidden_size: the host "
+                                       "activation buffers cannot be laid out; use activations='device'")
+        batch, prompt = input_ids.shape
+        return HostActivations(batch, prompt, hidden, self._dtype, self.device)
+
+    def _run(self, cache: TieredCache, acts: HostActivations | None, input_ids: torch.Tensor,
+             max_new_tokens: int, attention_mask: torch.Tensor | None) -> torch.LongTensor:
         self._streamer.stats = GenerationStats()
         ids = input_ids.to(self.device)
         # As GenerationMixin does: positions count the unmasked tokens; a mask of all ones is
@@ -826,7 +918,7 @@ class TieredGenerator:
         positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
         step_mask = None if bool(mask.all()) else mask
         new: list[torch.Tensor] = []
-        with torch.no_grad(), self._installed(cache):
+        with torch.no_grad(), self._installed(cache, acts):
             step_ids = ids
             for _ in range(max_new_tokens):
                 logits = self._step(cache, step_ids, step_mask, positions)
@@ -853,7 +945,7 @@ class TieredGenerator:
         return self.model(input_ids=ids, **kwargs).logits[:, -1, :]
 
     @contextmanager
-    def _installed(self, cache: TieredCache) -> Iterator[None]:
+    def _installed(self, cache: TieredCache, acts: HostActivations | None) -> Iterator[None]:
         """For one generation: host attention switched on, the non-layer weights on the device,
         the decoder layers wrapped; all undone on the way out."""
         with ExitStack() as stack:
@@ -863,7 +955,7 @@ class TieredGenerator:
             stack.callback(self._streamer.release, None)
             stack.callback(self._discard_pending)
             for i, layer in enumerate(self.layers):
-                stack.enter_context(self._wrapped(i, layer, cache))
+                stack.enter_context(self._wrapped(i, layer, cache, acts))
             yield
 
     @contextmanager
@@ -881,13 +973,14 @@ class TieredGenerator:
             self.model.set_attn_implementation(original)
 
     @contextmanager
-    def _wrapped(self, index: int, layer: nn.Module, cache: TieredCache) -> Iterator[None]:
+    def _wrapped(self, index: int, layer: nn.Module, cache: TieredCache,
+                 acts: HostActivations | None) -> Iterator[None]:
         had_own = "forward" in layer.__dict__
         own = layer.__dict__.get("forward")
         forward = layer.forward
 
         def run(*args: Any, **kwargs: Any) -> Any:
-            return self._run_layer(index, forward, cache, args, kwargs)
+            return self._run_layer(index, forward, cache, acts, args, kwargs)
 
         layer.forward = run
         try:
@@ -899,7 +992,7 @@ class TieredGenerator:
                 del layer.forward
 
     def _run_layer(self, index: int, forward: Callable[..., Any], cache: TieredCache,
-                   args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+                   acts: HostActivations | None, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """Decoder layer ``index``: its weights in, the next layer's load issued, its micro-batches
         run one after another, its weights out."""
         load = self._pending.pop(index, None) or self._streamer.fetch(index)
@@ -908,24 +1001,55 @@ class TieredGenerator:
             if index + 1 < len(self.layers):
                 self._pending[index + 1] = self._streamer.fetch(index + 1)
                 cache.prefetch_layer(index + 1)
-            return self._micro_batches(forward, cache, args, kwargs)
+            return self._micro_batches(index, forward, cache, acts, args, kwargs)
         finally:
             self._streamer.release(index)
 
-    def _micro_batches(self, forward: Callable[..., Any], cache: TieredCache, args: tuple[Any, ...],
-                       kwargs: dict[str, Any]) -> Any:
+    def _micro_batches(self, index: int, forward: Callable[..., Any], cache: TieredCache,
+                       acts: HostActivations | None, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         p = self.policy
-        if p.num_gpu_batches == 1:
+        if acts is None and p.num_gpu_batches == 1:
             cache.set_rows(slice(None), last=True)
             return forward(*args, **kwargs)
+        out = None
+        if acts is not None:
+            hidden = acts.check(index, "input", _hidden_arg(args, kwargs), p.batch)
+            if index > 0 and hidden.untyped_storage().data_ptr() != acts.buffers[(index - 1) % 2].data_ptr():
+                raise TierplanRuntimeError(f"decoder layer {index} got hidden states that are not layer "
+                                           f"{index - 1}'s output: the model changes them between layers; "
+                                           "use activations='device'")
+            if index < len(self.layers) - 1:  # the last layer's output stays on the device
+                out = acts.output(index, hidden.shape[1])
         outputs = []
         for m in range(p.num_gpu_batches):
             rows = slice(m * p.gpu_batch, (m + 1) * p.gpu_batch)
-            part_args, part_kwargs = pytree.tree_map(lambda x: _rows(x, p.batch, rows), (args, kwargs))
             cache.set_rows(rows, last=m == p.num_gpu_batches - 1)
-            outputs.append(forward(*part_args, **part_kwargs))
+            outputs.append(self._micro_batch(index, forward, acts, args, kwargs, rows, out))
         cache.set_rows(slice(None), last=True)
-        return _concat(outputs, p.gpu_batch)
+        # With activations on the host every output's hidden states are ``out`` itself, the whole
+        # block (not ``gpu_batch`` rows): _concat passes it through as the first micro-batch gave it.
+        return outputs[0] if len(outputs) == 1 else _concat(outputs, p.gpu_batch)
+
+    def _micro_batch(self, index: int, forward: Callable[..., Any], acts: HostActivations | None,
+                     args: tuple[Any, ...], kwargs: dict[str, Any], rows: slice, out: torch.Tensor | None) -> Any:
+        """One micro-batch of decoder layer ``index``: ``rows`` of every batch-first argument. With
+        activations on the host, its hidden states are copied in (but layer 0's: the embedding
+        output is on the device) and, unless it is the last layer, out into ``out``. Its own
+        function, so that its device copies are dropped when it returns, before the next one's."""
+        p = self.policy
+        part_args, part_kwargs = pytree.tree_map(lambda x: _rows(x, p.batch, rows), (args, kwargs))
+        if acts is not None and index > 0:
+            part_args, part_kwargs = _with_hidden(part_args, part_kwargs,
+                                                  acts.copy_in(_hidden_arg(part_args, part_kwargs)))
+        output = forward(*part_args, **part_kwargs)
+        if out is None:
+            return output
+        assert acts is not None
+        leaves, spec = pytree.tree_flatten(output)  # a bare tensor, or a tuple that starts with it
+        hidden = acts.check(index, "output", leaves[0] if leaves else None, p.gpu_batch, out.shape[1])
+        acts.copy_out(out[rows], hidden)
+        leaves[0] = out
+        return pytree.tree_unflatten(leaves, spec)
 
     def _discard_pending(self) -> None:
         for load in self._pending.values():
@@ -933,5 +1057,5 @@ class TieredGenerator:
         self._pending.clear()
 
 
-__all__ = ["GenerationStats", "HOST_ATTENTION", "KVLayout", "TieredCache", "TieredGenerator",
+__all__ = ["GenerationStats", "HOST_ATTENTION", "HostActivations", "KVLayout", "TieredCache", "TieredGenerator",
            "TieredKVLayer", "Weight", "WeightStreamer", "host_attention"]

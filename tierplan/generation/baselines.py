@@ -9,7 +9,9 @@
   cache on device, host and NVMe, with one decode step priced at the mean context; the batching
   with the best LP value wins, and its fractions become a placement as FlexGen's runtime makes
   them (each weight tensor to the tier whose share of the layer holds the tensor's midpoint, in
-  the order NVMe, host, device; the cache's fractions rounded to blocks). Where rounding overruns
+  the order NVMe, host, device; the cache's fractions rounded to blocks; the hidden states on the
+  host when more than half of them are there: FlexGen's LP has a fraction of them on each tier,
+  and tierplan's runtime keeps them whole on one, so its disk share is not modelled). Where rounding overruns
   a tier, the fastest tier's last block or largest tensor moves one tier down until it fits.
 """
 from __future__ import annotations
@@ -91,12 +93,13 @@ def flexgen_policy(shape: GenerationShape, rates: GenerationRates, capacities: d
             answer = model.solve(10.0)
             if answer is None:
                 continue
-            shares, kv_shares, value = answer
+            shares, kv_shares, act, value = answer
             if best is not None and value >= best[0]:
                 continue
             cache = CacheOption("rounded", rounded_blocks(blocks, kv_shares), tokens)
             best = (value, make_policy(shape, gpu_batch=g, cache=cache, attention=attention,
-                                       layer_tiers=midpoint_tiers(list(shape.layer_params), shares["layer"])))
+                                       layer_tiers=midpoint_tiers(list(shape.layer_params), shares["layer"]),
+                                       activations=HOST if act > 0.5 else DEVICE))
     if best is None:
         return "FlexGen's LP finds no fractions that fit any batching"
     return best[1]

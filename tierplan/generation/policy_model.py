@@ -8,7 +8,9 @@ For one batching (``gpu_batch`` x ``num_gpu_batches``) and one attention place i
   FlexGen's single unit is the whole layer, split in continuous fractions;
 - one cache *option*: tierplan's options are the splits of the cache's blocks into device, host
   and NVMe runs (device first, so that the blocks a decode step reads most are the fast ones;
-  binary, one chosen); FlexGen's options are the three whole tiers, mixed in fractions.
+  binary, one chosen); FlexGen's options are the three whole tiers, mixed in fractions;
+- where the block's hidden states wait between layers (``act``: 1 on the host), when the job has a
+  host tier: binary for tierplan, a fraction in FlexGen's LP (rounded by its caller).
 
 Time: each step's time is at least the load of each resource in that step (every copy, every
 layer's compute, the head), as FlexGen's LP has it; the objective is the job's time, the steps'
@@ -23,9 +25,9 @@ from dataclasses import dataclass
 
 from ortools.linear_solver import pywraplp
 
-from tierplan.generation.simulate import head_seconds, layer_work, working_bytes
+from tierplan.generation.simulate import head_seconds, host_activation_bytes, layer_work, working_bytes
 from tierplan.plans.generation import (
-    ATTENTION, ATTN_IN, KV_IN, KV_OUT, KV_READ, KV_WRITE, LAYER, QKV_OUT, WEIGHT_IN, WEIGHT_READ,
+    ACT_IN, ACT_OUT, ATTENTION, ATTN_IN, KV_IN, KV_OUT, KV_READ, KV_WRITE, LAYER, QKV_OUT, WEIGHT_IN, WEIGHT_READ,
     GenerationRates, GenerationShape,
 )
 from tierplan.plans.plan import DEVICE, HOST, NVME
@@ -113,6 +115,8 @@ class PolicyModel:
         new = solver.IntVar if integral else solver.NumVar
         self.x = {(u.name, t): new(0, 1, f"w[{u.name},{t}]") for u in units for t in tiers}
         self.y = {o.name: new(0, 1, f"kv[{o.name}]") for o in options}
+        # The hidden states on the host: only where there is one.
+        act = self.act = new(0, 1 if HOST in capacities else 0, "act")
         for u in units:
             solver.Add(sum(self.x[u.name, t] for t in tiers) == 1)
         solver.Add(sum(self.y.values()) == 1)
@@ -148,6 +152,9 @@ class PolicyModel:
                 add(ATTN_IN, L * k * copy_s(ATTN_IN, g * grp.q * s.heads * s.head_dim * dt))
             else:
                 add(LAYER, L * k * rates.device_seconds(work.flops, work.nbytes, rates.kernels_per_layer))
+            rows = g * grp.q * s.hidden * dt  # a micro-batch's hidden states: in (not layer 0), out (not the last)
+            add(ACT_IN, act * ((L - 1) * k * copy_s(ACT_IN, rows)))
+            add(ACT_OUT, act * ((L - 1) * k * copy_s(ACT_OUT, rows)))
             add(LAYER, head_seconds(s, rates)[0])
             for tier in (HOST, NVME):
                 add(WEIGHT_IN, L * w(tier, lambda u: copy_s(WEIGHT_IN, u.nbytes) + (u.tensors - 1) * rates.pcie_latency_s))
@@ -172,6 +179,9 @@ class PolicyModel:
         layer_total = sum(u.nbytes for u in units)
         streamed = min(2, L) * (layer_total - w(DEVICE, lambda u: u.nbytes))
         prefill, decode = working_bytes(s, g, rates)
+        prefill_host, decode_host = working_bytes(s, g, rates, HOST)
+        prefill = prefill + act * (prefill_host - prefill)
+        decode = decode + act * (decode_host - decode)
         if attention == DEVICE:
             decode = decode + g * kvb * n + kv(lambda o: 2 * g * kvb * (o.positions(HOST, old) + o.positions(NVME, old)))
         working = solver.NumVar(0, solver.infinity(), "working")
@@ -184,7 +194,7 @@ class PolicyModel:
             DEVICE: (L * w(DEVICE, lambda u: u.nbytes) + s.other_bytes + streamed + kv_bytes[DEVICE] + working * GIB
                      + s.batch * s.vocab * 4),
             HOST: (L * w(HOST, lambda u: u.nbytes) + kv_bytes.get(HOST, 0) + min(2, L) * w(NVME, lambda u: u.nbytes)
-                   + kv(lambda o: 2 * g * kvb * o.positions(NVME, old))
+                   + kv(lambda o: 2 * g * kvb * o.positions(NVME, old)) + act * host_activation_bytes(s, HOST)
                    + ((g * s.heads * n * 4 + g * kvb * n) if attention == HOST else 0)),
             NVME: L * w(NVME, lambda u: u.nbytes) + kv_bytes.get(NVME, 0),
         }
@@ -192,8 +202,9 @@ class PolicyModel:
             solver.Add(need[tier] * (1 / GIB) <= capacities[tier] / GIB)
         solver.Minimize(objective)
 
-    def solve(self, time_limit_s: float) -> tuple[dict[str, dict[str, float]], dict[str, float], float] | None:
-        """(unit -> tier -> share, option -> share, predicted seconds), or None when nothing fits."""
+    def solve(self, time_limit_s: float) -> tuple[dict[str, dict[str, float]], dict[str, float], float, float] | None:
+        """(unit -> tier -> share, option -> share, the hidden states' share on the host, predicted
+        seconds), or None when nothing fits."""
         self.solver.SetTimeLimit(int(time_limit_s * 1000))
         status = self.solver.Solve()
         if status not in (pywraplp.Solver.OPTIMAL, pywraplp.Solver.FEASIBLE):
@@ -201,7 +212,8 @@ class PolicyModel:
         shares: dict[str, dict[str, float]] = {}
         for (unit, tier), var in self.x.items():
             shares.setdefault(unit, {})[tier] = var.solution_value()
-        return shares, {name: var.solution_value() for name, var in self.y.items()}, self.solver.Objective().Value()
+        return (shares, {name: var.solution_value() for name, var in self.y.items()}, self.act.solution_value(),
+                self.solver.Objective().Value())
 
 
 __all__ = ["CacheOption", "PolicyModel", "StepGroup", "WeightUnit", "cache_splits", "step_groups"]

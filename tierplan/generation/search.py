@@ -37,14 +37,15 @@ def attention_places(capacities: dict[str, int]) -> list[str]:
 
 
 def make_policy(shape: GenerationShape, *, gpu_batch: int, layer_tiers: dict[str, str],
-                cache: CacheOption, attention: str) -> GenerationPolicy:
+                cache: CacheOption, attention: str, activations: str = DEVICE) -> GenerationPolicy:
     """Every layer's tensors as ``layer_tiers`` (name inside a layer -> tier), the rest on the
-    device, the cache as ``cache``'s blocks."""
+    device, the cache as ``cache``'s blocks, the hidden states between layers on ``activations``."""
     tiers = {shape.param_name(i, name): layer_tiers[name] for i in range(shape.layers) for name, _ in shape.layer_params}
     tiers.update((name, DEVICE) for name, _ in shape.other_params)
     assert cache.blocks is not None
     return GenerationPolicy(gpu_batch=gpu_batch, num_gpu_batches=shape.batch // gpu_batch, weight_tiers=tiers,
-                            kv_block_tokens=cache.block_tokens, kv_tiers=cache.blocks, attention=attention)
+                            kv_block_tokens=cache.block_tokens, kv_tiers=cache.blocks, attention=attention,
+                            activations=activations)
 
 
 def over_tier(peaks: dict[str, int], capacities: dict[str, int]) -> str | None:
@@ -93,10 +94,11 @@ def plan_generation(shape: GenerationShape, rates: GenerationRates, capacities: 
             if answer is None:
                 why_not.append(f"{label}: nothing fits")
                 continue
-            shares, chosen, _ = answer
+            shares, chosen, act, _ = answer
             layer_tiers = {u: max(s, key=s.__getitem__) for u, s in shares.items()}
             cache = next(o for o in options if chosen[o.name] > 0.5)
-            policy = make_policy(shape, gpu_batch=g, layer_tiers=layer_tiers, cache=cache, attention=place)
+            policy = make_policy(shape, gpu_batch=g, layer_tiers=layer_tiers, cache=cache, attention=place,
+                                 activations=HOST if act > 0.5 else DEVICE)
             plan = price(shape, policy, rates, capacities, hardware, record=False)
             if isinstance(plan, str):  # the model's memory is the simulator's: only rounding gets here
                 why_not.append(f"{label}: {plan}")
@@ -128,9 +130,11 @@ def least_device_bytes(shape: GenerationShape, rates: GenerationRates, slower: t
         slower = (DEVICE,)
     tier = slower[-1]
     cache = CacheOption("off", (tier,) * math.ceil(shape.max_positions / block_tokens(shape)), block_tokens(shape))
-    policy = make_policy(shape, gpu_batch=1, layer_tiers={n: tier for n, _ in shape.layer_params}, cache=cache,
-                         attention=HOST if tier != DEVICE else DEVICE)
-    return peak_bytes(shape, policy, rates)[DEVICE]
+    places = (DEVICE, HOST) if HOST in slower else (DEVICE,)
+    return min(peak_bytes(shape, make_policy(shape, gpu_batch=1, layer_tiers={n: tier for n, _ in shape.layer_params},
+                                             cache=cache, attention=HOST if tier != DEVICE else DEVICE,
+                                             activations=place), rates)[DEVICE]
+               for place in places)
 
 
 def explain_choice(plan: GenerationPlan, tried: list[tuple[float, str]]) -> list[str]:
@@ -154,6 +158,11 @@ def explain_choice(plan: GenerationPlan, tried: list[tuple[float, str]]) -> list
     if p.attention == HOST:
         reasons.append("attention runs on the host CPU next to the cache: only the new positions' Q, K and V "
                        "cross PCIe, not the whole cache every step")
+    if p.activations == HOST:
+        block = s.batch * s.prompt_len * s.hidden * s.dtype_bytes
+        reasons.append(f"the block's hidden states ({format_bytes(block)} in the prefill) wait on the host between "
+                       f"layers: the device holds one micro-batch's ({format_bytes(block // p.num_gpu_batches)}) "
+                       "in and out of a layer instead of the block's, for a copy in and out of every layer")
     ranked = sorted(tried, reverse=True)
     if len(ranked) > 1:
         reasons.append("micro-batches x sequences and attention place, tokens/s: " + ", ".join(f"{label} {tps:.4g}" for tps, label in ranked[:6]))

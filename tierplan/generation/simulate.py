@@ -13,7 +13,11 @@ current, store current*:
   (attention on the device); with attention on the host nothing comes in but the NVMe part, read
   into host staging;
 - after a micro-batch computes, its new positions that live off the device go out (d2h), and the
-  NVMe part of them on to the drive.
+  NVMe part of them on to the drive;
+- with the block's hidden states on the host (``activations="host"``), a micro-batch's input rows
+  come in right before its layer (not in layer 0, which reads the embedding on the device) and its
+  output rows go out right after it (not in the last layer, which the head reads), both on the
+  compute stream, as the runtime does them.
 
 Each resource runs its tasks one at a time in the order they are issued (a CUDA stream, a copy
 queue, the drive); a task starts when its resource is free, its inputs have arrived and it has
@@ -25,7 +29,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from tierplan.plans.generation import (
-    ATTENTION, ATTN_IN, HEAD, KV_IN, KV_OUT, KV_READ, KV_WRITE, LAYER, PROJECT, QKV_OUT, WEIGHT_IN,
+    ACT_IN, ACT_OUT, ATTENTION, ATTN_IN, HEAD, KV_IN, KV_OUT, KV_READ, KV_WRITE, LAYER, PROJECT, QKV_OUT, WEIGHT_IN,
     WEIGHT_READ, GenerationPolicy, GenerationRates, GenerationShape, GenerationTask,
 )
 from tierplan.plans.plan import DEVICE, HOST, NVME
@@ -108,6 +112,7 @@ class _StepCosts:
     kv_write: int  # their NVMe part, written to the drive
     qkv_out: int  # host attention: the new positions' Q, K and V sent to the host
     attn_in: int  # and the attention output sent back
+    act: int  # hidden states on the host: the micro-batch's rows copied in before and out after
 
 
 def _step_costs(shape: GenerationShape, policy: GenerationPolicy, rates: GenerationRates,
@@ -118,6 +123,7 @@ def _step_costs(shape: GenerationShape, policy: GenerationPolicy, rates: Generat
     on_host = pol.attention == HOST and not prefill
     pos = {t: (pol.kv_positions(t, before), pol.kv_positions(t, after)) for t in (HOST, NVME)}
     new_off = sum(b - a for a, b in pos.values())
+    act = g * q * s.hidden * s.dtype_bytes if pol.activations == HOST else 0
     if on_host:
         flops, nbytes = work.flops - work.attention_flops, work.nbytes - work.attention_bytes
         dense_s = rates.device_seconds(flops, nbytes, rates.kernels_per_layer)
@@ -129,12 +135,12 @@ def _step_costs(shape: GenerationShape, policy: GenerationPolicy, rates: Generat
             kv_read=g * kvb * pos[NVME][0], kv_in=0, kv_out=0,
             kv_write=g * kvb * (pos[NVME][1] - pos[NVME][0]),
             qkv_out=g * q * (s.heads + 2 * s.kv_heads) * s.head_dim * s.dtype_bytes,
-            attn_in=g * q * s.heads * s.head_dim * s.dtype_bytes)
+            attn_in=g * q * s.heads * s.head_dim * s.dtype_bytes, act=act)
     return _StepCosts(
         compute_s=rates.device_seconds(work.flops, work.nbytes, rates.kernels_per_layer), project_s=0.0,
         compute_flops=work.flops, compute_bytes=int(work.nbytes), attention_s=0.0, attention_flops=0.0,
         attention_bytes=0, kv_read=g * kvb * pos[NVME][0], kv_in=g * kvb * (pos[HOST][0] + pos[NVME][0]),
-        kv_out=g * kvb * new_off, kv_write=g * kvb * (pos[NVME][1] - pos[NVME][0]), qkv_out=0, attn_in=0)
+        kv_out=g * kvb * new_off, kv_write=g * kvb * (pos[NVME][1] - pos[NVME][0]), qkv_out=0, attn_in=0, act=act)
 
 
 def simulate(shape: GenerationShape, policy: GenerationPolicy, rates: GenerationRates, *,
@@ -143,7 +149,8 @@ def simulate(shape: GenerationShape, policy: GenerationPolicy, rates: Generation
     s, pol, k = shape, policy, policy.num_gpu_batches
     free: dict[str, float] = defaultdict(float)
     queue = {kind: rates.queue(kind) for kind in (WEIGHT_READ, WEIGHT_IN, KV_READ, KV_IN, KV_OUT, KV_WRITE,
-                                                   LAYER, PROJECT, QKV_OUT, ATTENTION, ATTN_IN, HEAD)}
+                                                   LAYER, PROJECT, QKV_OUT, ATTENTION, ATTN_IN, HEAD, ACT_IN,
+                                                   ACT_OUT)}
     tasks: list[GenerationTask] = []
     last_end = 0.0
 
@@ -209,7 +216,9 @@ def simulate(shape: GenerationShape, policy: GenerationPolicy, rates: Generation
                     weights_ready[layer_next] = load_weights(*layer_next, start)
                 if nxt[0] <= last_step:
                     cache_ready = load_cache(*nxt, start)
-                # Compute current.
+                # Compute current (its hidden states in first, when they wait on the host).
+                if i > 0:
+                    ready = copy(ACT_IN, st, i, j, start, c.act)
                 if on_host[st]:
                     projected = run(PROJECT, st, i, j, ready, c.project_s, flops=c.compute_flops * c.project_s / c.compute_s)
                     home = copy(QKV_OUT, st, i, j, projected, c.qkv_out)
@@ -220,6 +229,8 @@ def simulate(shape: GenerationShape, policy: GenerationPolicy, rates: Generation
                 else:
                     done = run(LAYER, st, i, j, ready, c.compute_s, c.compute_bytes, c.compute_flops)
                     home = copy(KV_OUT, st, i, j, done, c.kv_out)
+                if i < last_layer:
+                    copy(ACT_OUT, st, i, j, done, c.act)
                 # Store current: the new positions' NVMe part goes on to the drive.
                 stored[(i, j)] = copy(KV_WRITE, st, i, j, home, c.kv_write)
         head_end = run(HEAD, st, -1, -1, done, head_s, flops=head_flops)
@@ -229,22 +240,41 @@ def simulate(shape: GenerationShape, policy: GenerationPolicy, rates: Generation
     return tasks, step_end
 
 
-def working_bytes(shape: GenerationShape, g: int, rates: GenerationRates) -> tuple[int, int]:
+def working_bytes(shape: GenerationShape, g: int, rates: GenerationRates, activations: str = DEVICE) -> tuple[int, int]:
     """The device's working set in the prefill and in a decode step, the cache brought in aside:
-    the block's hidden states (in and out of a layer), one micro-batch's layer temporaries (Q, K,
-    V and the attention output, 4 x hidden per token, and three intermediate-sized tensors: an
-    MLP's up and gate projections and its activation; GPT-2's tanh GELU holds its input, the tanh
-    and the product at once), the new positions' K and V, the scores where attention is not
-    fused, and the step's bookkeeping tensors (token ids, positions, the attention mask: int64
-    per position of every sequence, and SMALL_TENSOR_BYTES for the rest)."""
+    the block's hidden states, one micro-batch's layer temporaries (Q, K, V and the attention
+    output, 4 x hidden per token, and three intermediate-sized tensors: an MLP's up and gate
+    projections and its activation; GPT-2's tanh GELU holds its input, the tanh and the product at
+    once), the new positions' K and V, the scores where attention is not fused, and the step's
+    bookkeeping tensors (token ids, positions, the attention mask: int64 per position of every
+    sequence, and SMALL_TENSOR_BYTES for the rest).
+
+    The block's hidden states H (batch x positions x hidden): on the device, a layer's input and
+    output, 2H beside the temporaries. On the host (``activations="host"``), a layer holds one
+    micro-batch's rows in and out, M each, but the embedding's output stays whole through layer 0
+    (its micro-batches read rows of it) and the last layer's outputs gather on the device for the
+    head: H + 2M beside the temporaries, or 2H + M while the last layer's outputs are joined."""
     s, dt, kvb = shape, shape.dtype_bytes, shape.kv_bytes_per_token
     per_token = (4 * s.hidden + 3 * s.intermediate) * dt
     scores = 0 if rates.fused_attention else 1
     bookkeeping = 3 * s.batch * s.max_positions * 8 + SMALL_TENSOR_BYTES
-    prefill = (2 * s.batch * s.prompt_len * s.hidden * dt + g * s.prompt_len * per_token + g * kvb * s.prompt_len
-               + scores * g * s.heads * s.prompt_len ** 2 * dt + bookkeeping)
-    decode = 2 * s.batch * s.hidden * dt + g * per_token + scores * g * s.heads * s.max_positions * dt + bookkeeping
+
+    def hidden_and(q: int, temporaries: int) -> int:
+        block, micro = s.batch * q * s.hidden * dt, g * q * s.hidden * dt
+        if activations == HOST:
+            return max(block + 2 * micro + temporaries, 2 * block + micro)
+        return 2 * block + temporaries
+
+    prefill = hidden_and(s.prompt_len, g * s.prompt_len * per_token + g * kvb * s.prompt_len
+                         + scores * g * s.heads * s.prompt_len ** 2 * dt) + bookkeeping
+    decode = hidden_and(1, g * per_token + scores * g * s.heads * s.max_positions * dt) + bookkeeping
     return prefill, decode
+
+
+def host_activation_bytes(shape: GenerationShape, activations: str) -> int:
+    """The host buffers the block's hidden states wait in between layers: two (a layer reads one and
+    writes the other), each the block's rows at the longest step (the prompt)."""
+    return 2 * shape.batch * shape.prompt_len * shape.hidden * shape.dtype_bytes if activations == HOST else 0
 
 
 def peak_bytes(shape: GenerationShape, policy: GenerationPolicy, rates: GenerationRates) -> dict[str, int]:
@@ -262,16 +292,17 @@ def peak_bytes(shape: GenerationShape, policy: GenerationPolicy, rates: Generati
     kv = {t: s.batch * s.layers * kvb * pol.kv_positions(t, n) for t in (DEVICE, HOST, NVME)}
     old = n - 1  # the positions a decode step reads from the cache at most
     off_device = pol.kv_positions(HOST, old) + pol.kv_positions(NVME, old)
-    prefill, decode = working_bytes(s, g, rates)
+    prefill, decode = working_bytes(s, g, rates, pol.activations)
     if pol.attention == DEVICE:
         decode += 2 * g * kvb * off_device + g * kvb * n  # the cache coming in, and assembled
     logits = s.batch * s.vocab * 4
     device = (weights[DEVICE] + other_off + sum(streamed) + kv[DEVICE] + max(prefill, decode) + logits)
-    host = weights[HOST] + kv[HOST] + sum(staged) + 2 * g * kvb * pol.kv_positions(NVME, old)
+    host = (weights[HOST] + kv[HOST] + sum(staged) + 2 * g * kvb * pol.kv_positions(NVME, old)
+            + host_activation_bytes(s, pol.activations))
     if pol.attention == HOST:
         host += g * s.heads * n * 4 + g * kvb * n  # scores and the assembled cache, on the host
     return {DEVICE: int(device), HOST: int(host), NVME: int(weights[NVME] + kv[NVME])}
 
 
-__all__ = ["LayerWork", "head_seconds", "layer_work", "peak_bytes", "simulate", "streamed_bytes", "streamed_tensors",
+__all__ = ["LayerWork", "head_seconds", "host_activation_bytes", "layer_work", "peak_bytes", "simulate", "streamed_bytes", "streamed_tensors",
            "working_bytes"]

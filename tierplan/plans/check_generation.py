@@ -8,7 +8,9 @@ device over time; and it checks
 - every layer of every micro-batch of every step is computed once, after its streamed weights and
   its cache have arrived, in order, and each step's head after its last layer; each resource runs
   one task at a time;
-- every copy moves exactly the bytes the policy implies and lasts what the rates say;
+- every copy moves exactly the bytes the policy implies and lasts what the rates say; with the
+  hidden states on the host, each micro-batch's rows come in after the previous layer sent them
+  out and before its layer computes;
 - at most two layers' streamed weights are on the device at once (the one computing and the next);
 - the peak per tier (resident weights and cache, the replayed streamed weights and cache copies,
   the working set) fits the tier, and the plan does not claim less than the replay finds;
@@ -21,7 +23,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 from tierplan.plans.generation import (
-    ATTENTION, ATTN_IN, HEAD, KV_IN, KV_OUT, KV_READ, KV_WRITE, LAYER, PROJECT, QKV_OUT, WEIGHT_IN,
+    ACT_IN, ACT_OUT, ATTENTION, ATTN_IN, HEAD, KV_IN, KV_OUT, KV_READ, KV_WRITE, LAYER, PROJECT, QKV_OUT, WEIGHT_IN,
     WEIGHT_READ, GenerationPlan,
 )
 from tierplan.plans.plan import DEVICE, HOST, NVME, PlanError
@@ -87,7 +89,7 @@ def check_generation(plan: GenerationPlan) -> None:
         if key in one:
             raise PlanError(f"{t.kind} of {_where(t.step, t.layer, t.micro_batch)} runs twice")
         one[key] = t
-        if t.kind in (WEIGHT_READ, WEIGHT_IN, KV_READ, KV_IN, KV_OUT, KV_WRITE, QKV_OUT, ATTN_IN):
+        if t.kind in (WEIGHT_READ, WEIGHT_IN, KV_READ, KV_IN, KV_OUT, KV_WRITE, QKV_OUT, ATTN_IN, ACT_IN, ACT_OUT):
             count = 1
             if t.kind == WEIGHT_IN and t.layer >= 0:
                 count = len(off[t.layer])
@@ -153,6 +155,15 @@ def check_generation(plan: GenerationPlan) -> None:
                     raise PlanError(f"{_where(st, i, j)}: the new positions sent to the host are not the policy's")
                 if moved(KV_WRITE, st, i, j) != g * kvb * new[NVME]:
                     raise PlanError(f"{_where(st, i, j)}: the new positions written to NVMe are not the policy's")
+                rows = g * (after[st] - before[st]) * s.hidden * s.dtype_bytes if pol.activations == HOST else 0
+                if (moved(ACT_IN, st, i, j) != (rows if i > 0 else 0)
+                        or moved(ACT_OUT, st, i, j) != (rows if i < s.layers - 1 else 0)):
+                    raise PlanError(f"{_where(st, i, j)}: the hidden states copied in and out are not the "
+                                    f"policy's ({pol.activations} between layers)")
+                act_in, sent = get(ACT_IN, st, i, j), get(ACT_OUT, st, i - 1, j)
+                if act_in is not None and (start < act_in.end_s - ABS_TOL_S  # type: ignore[attr-defined]
+                                           or sent is None or act_in.start_s < sent.end_s - ABS_TOL_S):  # type: ignore[attr-defined]
+                    raise PlanError(f"{_where(st, i, j)}: its hidden states are used before they arrive from the host")
                 layer_end = max(layer_end, done.end_s)  # type: ignore[attr-defined]
                 if kv_in is not None and want_in:
                     live_cache.append((kv_in.start_s, done.end_s, want_in))  # type: ignore[attr-defined]
@@ -189,6 +200,8 @@ def check_generation(plan: GenerationPlan) -> None:
         home[pol.weight_tiers[name]] += nbytes
     for tier in home:
         home[tier] += s.batch * s.layers * kvb * positions(tier, s.max_positions)
+    if pol.activations == HOST:  # two buffers of the block's hidden states at the prompt's length
+        home[HOST] += 2 * s.batch * s.prompt_len * s.hidden * s.dtype_bytes
     held = sum(b for n, b in s.other_params if pol.weight_tiers[n] != DEVICE)  # on the device for the whole job
     replayed = {DEVICE: home[DEVICE] + held + streamed_peak + cache_peak, HOST: home[HOST], NVME: home[NVME]}
     for tier, need in replayed.items():

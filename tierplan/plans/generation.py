@@ -12,7 +12,10 @@ load overlapping this layer's compute), the tier of every block of ``kv_block_to
 positions (the same in every layer), and where attention over the cache runs: on the device (the
 cache's host and NVMe blocks are copied in) or on the host CPU next to the cache (``host``: the
 device sends the query, key and value of the new tokens and gets the attention output back, as
-FlexGen's CPU attention). The hidden states of the block stay on the device.
+FlexGen's CPU attention), and where the block's hidden states wait between decoder layers
+(``activations``): on the device, or on the host (FlexGen's activation placement: each micro-batch's
+input rows are copied in before its layer runs and its output rows copied out after, so the device
+holds one micro-batch's hidden states, and the next one's arriving, instead of the block's).
 
 ``GenerationPlan`` is a policy with its setting, its predictions (time to first token, decode
 time, tokens per second, peak bytes per tier) and the timed tasks that carry it out; it is
@@ -30,6 +33,7 @@ from tierplan.units import format_bytes
 
 GENERATION_TIERS = (DEVICE, HOST, NVME)
 ATTENTION_PLACES = (DEVICE, HOST)
+ACTIVATION_PLACES = (DEVICE, HOST)
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,7 @@ class GenerationPolicy:
     kv_block_tokens: int  # cache positions per block
     kv_tiers: tuple[str, ...]  # the tier of each block of positions, in order, every layer alike
     attention: str = DEVICE  # where attention over the cache runs: "device" or "host"
+    activations: str = DEVICE  # where the block's hidden states wait between layers: "device" or "host"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kv_tiers", tuple(self.kv_tiers))
@@ -54,6 +59,8 @@ class GenerationPolicy:
             raise PlanError(f"kv_block_tokens must be at least 1, not {self.kv_block_tokens}")
         if self.attention not in ATTENTION_PLACES:
             raise PlanError(f"attention must be one of {ATTENTION_PLACES}, not {self.attention!r}")
+        if self.activations not in ACTIVATION_PLACES:
+            raise PlanError(f"activations must be one of {ACTIVATION_PLACES}, not {self.activations!r}")
         for where, tier in [*(("weight " + n, t) for n, t in self.weight_tiers.items()),
                             *((f"cache block {i}", t) for i, t in enumerate(self.kv_tiers))]:
             if tier not in GENERATION_TIERS:
@@ -107,9 +114,13 @@ NVME_READ, NVME_WRITE, NVME_BOTH = "nvme:read", "nvme:write", "nvme"
 #   compute (the layer on the device), or with attention on the host:
 #     compute (projections) -> qkv_out (d2h) -> attention (host CPU) -> attn_in (h2d) -> compute;
 #   kv_out (the new positions' K and V to the host) -> kv_write (their NVMe part to the drive).
+# With the block's hidden states on the host: act_in (the micro-batch's input rows, h2d) before
+# its compute (not in layer 0, which reads the embedding) and act_out (its output rows, d2h) after
+# it (not in the last layer, whose output the head reads on the device).
 # ``head`` is the final norm, LM head and next-token pick after the last layer of a step.
 WEIGHT_READ, WEIGHT_IN = "weight_read", "weight_in"
 KV_READ, KV_IN, KV_OUT, KV_WRITE = "kv_read", "kv_in", "kv_out", "kv_write"
+ACT_IN, ACT_OUT = "act_in", "act_out"
 LAYER, PROJECT, QKV_OUT, ATTENTION, ATTN_IN, HEAD = "layer", "project", "qkv_out", "attention", "attn_in", "head"
 
 
@@ -208,11 +219,15 @@ class GenerationRates:
 
     def queue(self, kind: str) -> str:
         """The resource a copy of kind ``kind`` runs on."""
-        if self.shared_cpu and kind in (WEIGHT_IN, KV_IN, KV_OUT, QKV_OUT, ATTN_IN):
+        if kind in (ACT_IN, ACT_OUT):
+            # The runtime copies a micro-batch's hidden states on the compute stream, right
+            # before and after its layer (they are small: one micro-batch's rows).
             return COMPUTE
-        if kind in (WEIGHT_IN, KV_IN, ATTN_IN):
+        if self.shared_cpu and kind in (WEIGHT_IN, KV_IN, KV_OUT, QKV_OUT, ATTN_IN, ACT_IN, ACT_OUT):
+            return COMPUTE
+        if kind in (WEIGHT_IN, KV_IN, ATTN_IN, ACT_IN):
             return H2D if self.pcie_duplex else PCIE
-        if kind in (KV_OUT, QKV_OUT):
+        if kind in (KV_OUT, QKV_OUT, ACT_OUT):
             return D2H if self.pcie_duplex else PCIE
         if kind in (WEIGHT_READ, KV_READ):
             return NVME_READ if self.nvme_duplex else NVME_BOTH
@@ -230,7 +245,7 @@ class GenerationRates:
             return count * self.nvme_latency_s + nbytes / self.nvme_read_bandwidth
         if kind == KV_WRITE:
             return count * self.nvme_latency_s + nbytes / self.nvme_write_bandwidth
-        bandwidth = self.h2d_bandwidth if kind in (WEIGHT_IN, KV_IN, ATTN_IN) else self.d2h_bandwidth
+        bandwidth = self.h2d_bandwidth if kind in (WEIGHT_IN, KV_IN, ATTN_IN, ACT_IN) else self.d2h_bandwidth
         return count * self.pcie_latency_s + nbytes / bandwidth
 
     def device_seconds(self, flops: float, nbytes: float, kernels: int) -> float:
@@ -349,7 +364,7 @@ class GenerationPlan:
             f"({p.num_gpu_batches} x {p.gpu_batch} sequences), prompt {s.prompt_len}, {s.new_tokens} new tokens",
             f"  weights    {shares(self.weight_share)}",
             f"  KV cache   {shares(self.kv_share)}  (blocks of {p.kv_block_tokens} positions)",
-            f"  attention  on the {p.attention}",
+            f"  attention  on the {p.attention}; the block's hidden states between layers on the {p.activations}",
             f"  predicted  {self.tokens_per_s:.4g} tokens/s, time to first token {self.ttft_s:.4g} s, "
             f"{self.decode_s_per_token:.4g} s per decode step, {self.total_s:.4g} s in all",
             "  peak       " + ", ".join(f"{t} {format_bytes(self.peak_bytes.get(t, 0))} of "
@@ -368,6 +383,6 @@ def load_generation_plan(path: str | Path) -> GenerationPlan:
 
 
 __all__ = [
-    "ATTENTION_PLACES", "GENERATION_TIERS", "GenerationPlan", "GenerationPolicy", "GenerationRates",
+    "ACTIVATION_PLACES", "ATTENTION_PLACES", "GENERATION_TIERS", "GenerationPlan", "GenerationPolicy", "GenerationRates",
     "GenerationShape", "GenerationTask", "load_generation_plan",
 ]
