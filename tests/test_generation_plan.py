@@ -262,7 +262,8 @@ def test_hidden_states_wait_on_the_host_when_only_that_fits():
     assert plan.policy.activations == HOST
     assert plan.peak_bytes[DEVICE] <= budget < peak_bytes(shape, dataclasses.replace(plan.policy, activations=DEVICE),
                                                           rates)[DEVICE]
-    assert any("hidden states" in r for r in plan.reasons) and "hidden states between layers on the host" in plan.summary()
+    assert any("hidden states" in r for r in plan.reasons)
+    assert "hidden states between layers on the host" in plan.summary()
     # Each micro-batch's rows come in before every layer but the first and go out after every
     # layer but the last, on the compute stream.
     p, steps = plan.policy, shape.new_tokens
@@ -272,11 +273,13 @@ def test_hidden_states_wait_on_the_host_when_only_that_fits():
     assert all(t.layer > 0 for t in acts if t.kind == "act_in")
     assert all(t.layer < shape.layers - 1 for t in acts if t.kind == "act_out")
     # The check replays them: a copy in dropped, or one that starts before the rows went out, is refused.
-    dropped = [t for t in plan.tasks if not (t.kind == "act_in" and t.step == 1 and t.layer == 2 and t.micro_batch == 0)]
+    def chosen(t) -> bool:  # noqa: ANN001
+        return t.kind == "act_in" and t.step == 1 and t.layer == 2 and t.micro_batch == 0
+
     with pytest.raises(PlanError, match="hidden states copied in and out"):
-        tierplan.validate(dataclasses.replace(plan, tasks=dropped))
-    early = [dataclasses.replace(t, start_s=t.start_s - 1.0, end_s=t.end_s - 1.0)
-             if t.kind == "act_in" and t.step == 1 and t.layer == 2 and t.micro_batch == 0 else t for t in plan.tasks]
+        tierplan.validate(dataclasses.replace(plan, tasks=[t for t in plan.tasks if not chosen(t)]))
+    early = [dataclasses.replace(t, start_s=t.start_s - 1.0, end_s=t.end_s - 1.0) if chosen(t) else t
+             for t in plan.tasks]
     with pytest.raises(PlanError, match="(before they arrive from the host|at once)"):
         tierplan.validate(dataclasses.replace(plan, tasks=early))
     # With the room of the device-side policy, the copies are not worth it.

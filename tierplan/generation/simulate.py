@@ -304,5 +304,5 @@ def peak_bytes(shape: GenerationShape, policy: GenerationPolicy, rates: Generati
     return {DEVICE: int(device), HOST: int(host), NVME: int(weights[NVME] + kv[NVME])}
 
 
-__all__ = ["LayerWork", "head_seconds", "host_activation_bytes", "layer_work", "peak_bytes", "simulate", "streamed_bytes", "streamed_tensors",
-           "working_bytes"]
+__all__ = ["LayerWork", "head_seconds", "host_activation_bytes", "layer_work", "peak_bytes", "simulate",
+           "streamed_bytes", "streamed_tensors", "working_bytes"]

@@ -161,8 +161,9 @@ def check_generation(plan: GenerationPlan) -> None:
                     raise PlanError(f"{_where(st, i, j)}: the hidden states copied in and out are not the "
                                     f"policy's ({pol.activations} between layers)")
                 act_in, sent = get(ACT_IN, st, i, j), get(ACT_OUT, st, i - 1, j)
-                if act_in is not None and (start < act_in.end_s - ABS_TOL_S  # type: ignore[attr-defined]
-                                           or sent is None or act_in.start_s < sent.end_s - ABS_TOL_S):  # type: ignore[attr-defined]
+                if act_in is not None and (
+                        start < act_in.end_s - ABS_TOL_S  # type: ignore[attr-defined]
+                        or sent is None or act_in.start_s < sent.end_s - ABS_TOL_S):  # type: ignore[attr-defined]
                     raise PlanError(f"{_where(st, i, j)}: its hidden states are used before they arrive from the host")
                 layer_end = max(layer_end, done.end_s)  # type: ignore[attr-defined]
                 if kv_in is not None and want_in:

@@ -383,6 +383,6 @@ def load_generation_plan(path: str | Path) -> GenerationPlan:
 
 
 __all__ = [
-    "ACTIVATION_PLACES", "ATTENTION_PLACES", "GENERATION_TIERS", "GenerationPlan", "GenerationPolicy", "GenerationRates",
-    "GenerationShape", "GenerationTask", "load_generation_plan",
+    "ACTIVATION_PLACES", "ATTENTION_PLACES", "GENERATION_TIERS", "GenerationPlan", "GenerationPolicy",
+    "GenerationRates", "GenerationShape", "GenerationTask", "load_generation_plan",
 ]
