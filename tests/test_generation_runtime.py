@@ -3,6 +3,7 @@
 the swap files it leaves (none), and its errors; the hidden states between layers on either side."""
 from __future__ import annotations
 
+import copy
 import gc
 from pathlib import Path
 from typing import Callable
@@ -350,3 +351,28 @@ def test_decoder_layers_and_layer_of(name):
     assert layer_of("lm_head.weight", prefix) is None
     assert layer_of(f"{prefix}x.1.w", prefix) is None
     check_cache_capture(model)
+
+
+# -- on a GPU (pytest -m cuda; bench/gpu_check.py runs them) ---------------------------------------
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("activations", ["device", "host"])
+@pytest.mark.parametrize("num_gpu_batches", [1, 2])
+def test_cuda_streams_weights_cache_and_hidden_states(case, tmp_path, activations, num_gpu_batches):
+    # The CUDA paths: pinned staging and side-stream weight copies, cache blocks on pinned host
+    # memory and NVMe files, the hidden states' non-blocking copies through pinned buffers.
+    # Attention on the device (host attention would run another kernel than the reference's).
+    name, model, ids, _ = case
+    ref = _reference(copy.deepcopy(model).cuda(), ids.cuda()).cpu()
+    policy = _policy(model, lambda i, _: ("device", "host", "nvme")[i % 3], ("device", "host", "nvme") * 2,
+                     gpu_batch=BATCH // num_gpu_batches, num_gpu_batches=num_gpu_batches, activations=activations)
+    with TieredGenerator(model, policy, device="cuda", swap_root=tmp_path) as g:
+        out, peak = g.measure_generate(ids, NEW)
+    assert torch.equal(out.cpu(), ref)
+    assert peak > 0
+    assert list(tmp_path.iterdir()) == []
+    assert _params_back(model)
