@@ -135,8 +135,7 @@ class Specialization:
         """Outputs before the gradients (all of them for inference)."""
         if not self.captured.training:
             return len(self.program.outputs)
-        n_primals = sum(1 for s in self.captured.inputs if s.source != "tangent")
-        return len(self.program.outputs) - n_primals
+        return first_gradient(self.captured, len(self.program.outputs))
 
     def flat_inputs(self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
                     device: torch.device, seed: float = 1.0) -> list[torch.Tensor]:
@@ -646,8 +645,7 @@ def host_update_gradients(captured: Captured, plan: Plan) -> dict[int, str]:
     if update is None or not captured.training:
         return {}
     primals = [spec for spec in captured.inputs if spec.source != "tangent"]
-    n_outputs = len(_flat_outputs(captured.joint))
-    first = n_outputs - len(primals)
+    first = first_gradient(captured, len(_flat_outputs(captured.joint)))
     found: dict[int, str] = {}
     for i, spec in enumerate(primals):
         if spec.kind is not TensorKind.PARAMETER or spec.name not in plan.graph.tensors:
@@ -655,6 +653,12 @@ def host_update_gradients(captured: Captured, plan: Plan) -> dict[int, str]:
         if update.update_on.get(plan.graph.tensors[spec.name].storage) == HOST:
             found[first + i] = spec.source
     return found
+
+
+def first_gradient(captured: Captured, n_outputs: int) -> int:
+    """Where the gradients start among a training step's ``n_outputs`` outputs: they come last,
+    one per primal input (every input but the loss seed)."""
+    return n_outputs - sum(1 for spec in captured.inputs if spec.source != "tangent")
 
 
 def _flat_outputs(gm: torch.fx.GraphModule) -> list[Any]:
