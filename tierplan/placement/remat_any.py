@@ -14,8 +14,9 @@ a few optional retention intervals per node instead of Checkmate's T x T grid. H
   C intervals [s, e] of slots. The first starts at 2u + 1 and is always there; the others are
   optional, each starting at a recompute of i (cost: op u's time) at an even slot 2t, t > u. A
   re-run makes op u's other outputs too: they take scratch bytes in its slot (the schedule's
-  recompute discards them), and two nodes of one op re-run in one slot are one recompute that
-  the objective counts twice (a plan's own figures count it once).
+  recompute discards them; a sibling re-run in the same slot is counted there twice, bytes the
+  model over-counts), and two nodes of one op re-run in one slot are one recompute: a node's
+  re-run in the slot of a re-run of its op's first node costs nothing more.
 - A compute of j in slot s (the first, or a recompute) needs every node it reads held in s: one
   of that node's intervals covers s. Graph outputs are held from their compute to the end.
 - With a slower tier (``remat_problem(channels=)``: the nearest one), an interval after a node's
@@ -148,6 +149,15 @@ class RematProblem:
         return len(self.graph.ops)
 
     @functools.cached_property
+    def first_sibling(self) -> tuple[int | None, ...]:
+        """Per node, the first node of its op when that is another node (None for the first and
+        for an op's only node): a re-run of both in one slot is one recompute of the op."""
+        first: dict[int, int] = {}
+        for nd in self.nodes:
+            first.setdefault(nd.stage, nd.index)
+        return tuple(None if first[nd.stage] == nd.index else first[nd.stage] for nd in self.nodes)
+
+    @functools.cached_property
     def stage_reads(self) -> tuple[tuple[int, ...], ...]:
         """The nodes each stage's op reads."""
         reads: list[tuple[int, ...]] = [() for _ in range(self.stages)]
@@ -264,9 +274,18 @@ def spans_peak(problem: RematProblem, spans: Spans, reloads: frozenset[tuple[int
 
 def spans_recompute_s(problem: RematProblem, spans: Spans, reloads: frozenset[tuple[int, int]] = frozenset()) -> float:
     """The seconds the recomputes of ``spans`` take (each interval after a node's first that is
-    no load)."""
-    return sum(problem.seconds[i] for i, mine in enumerate(spans) for k in range(1, len(mine))
-               if (i, k) not in reloads)
+    no load; a node re-run in the slot of its op's first node's re-run is that one recompute)."""
+    def rerun_slots(i: int) -> set[int]:
+        return {spans[i][k][0] for k in range(1, len(spans[i])) if (i, k) not in reloads}
+
+    total = 0.0
+    for i in range(len(spans)):
+        slots = rerun_slots(i)
+        first = problem.first_sibling[i]
+        if first is not None:
+            slots -= rerun_slots(first)
+        total += problem.seconds[i] * len(slots)
+    return total
 
 
 def spans_held(problem: RematProblem, spans: Spans, reloads: frozenset[tuple[int, int]] = frozenset()) -> list[int]:
@@ -331,6 +350,7 @@ def solve_remat_any(problem: RematProblem, *, deadline: float, hint: Spans | Non
     spans: list = []
     demands: list[int] = []
     again: list[tuple[cp_model.IntVar, int]] = []  # (literal, cost) of every re-run or exposed copy
+    shared: list[tuple[cp_model.IntVar, int]] = []  # (literal, cost given back) of a sibling's re-run
     for nd in nodes:
         i, first, hi = nd.index, 2 * nd.stage + 1, 2 * nd.last + 1
         loadable = loads and problem.can_load(i)
@@ -413,6 +433,20 @@ def solve_remat_any(problem: RematProblem, *, deadline: float, hint: Spans | Non
                     model.AddBoolOr(covers).OnlyEnforceIf(v.active[j][a])
                 else:  # a re-run reads its inputs; a load does not
                     model.AddBoolOr(covers + [v.load[j][a]]).OnlyEnforceIf(v.active[j][a])
+    # Two nodes of one op re-run in one slot are one recompute: a node's re-run in the slot of a
+    # re-run of its op's first node gives its cost back.
+    for j, f in enumerate(problem.first_sibling):
+        if f is None:
+            continue
+        for k, r_jk in enumerate(v.rerun[j]):
+            for m, r_fm in enumerate(v.rerun[f]):
+                if r_jk is None or r_fm is None:  # a first compute, or an interval only ever loaded
+                    continue
+                both = model.NewBoolVar(f"one{j}_{k}={f}_{m}")
+                model.AddImplication(both, r_jk)
+                model.AddImplication(both, r_fm)
+                model.Add(v.start[j][k] == v.start[f][m]).OnlyEnforceIf(both)
+                shared.append((both, cost[j]))
     # A load costs its copy back, whole: the model does not see what hides it (the plan's
     # simulator does). The copy to the tier, after the node's first compute, is on another
     # queue than the compute, except where copies run on the compute stream.
@@ -443,8 +477,8 @@ def solve_remat_any(problem: RematProblem, *, deadline: float, hint: Spans | Non
         # 250 nodes and 0.8 stalled 1 MiB over for 20 s; alone it reached the room in 3 s).
         model.Minimize(over)
     else:
-        model.Minimize(cp_model.LinearExpr.WeightedSum([x for x, _ in again] + [over],
-                                                       [c for _, c in again] + [penalty]))
+        model.Minimize(cp_model.LinearExpr.WeightedSum([x for x, _ in again + shared] + [over],
+                                                       [c for _, c in again] + [-c for _, c in shared] + [penalty]))
     for i in range(problem.n):
         mine = hint[i]
         if len(mine) > count[i]:
