@@ -98,7 +98,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from tierplan.codegen.measure import StorageTracker
 from tierplan.codegen.runtime import TierplanRuntimeError, keep_freed_memory
-from tierplan.passes.decoder import _config, check_cache_capture, decoder_layers, kv_geometry, layer_of
+from tierplan.passes.decoder import check_cache_capture, decoder_layers, kv_geometry, layer_of, text_config
 from tierplan.plans.generation import GenerationPolicy
 from tierplan.plans.plan import DEVICE, HOST, NVME
 
@@ -900,7 +900,7 @@ class TieredGenerator:
         the prefill's ``prompt`` tokens are the most any step runs."""
         if self.policy.activations != HOST:
             return None
-        hidden = getattr(_config(self.model), "hidden_size", None)
+        hidden = getattr(text_config(self.model), "hidden_size", None)
         if not isinstance(hidden, int) or hidden < 1:
             raise TierplanRuntimeError(f"{type(self.model).__name__}'s config names no hidden_size: the host "
                                        "activation buffers cannot be laid out; use activations='device'")

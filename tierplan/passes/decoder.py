@@ -29,7 +29,7 @@ class DecoderError(ValueError):
     """The model is not a decoder the generation runtime can run; the message names the module."""
 
 
-def _config(model: torch.nn.Module) -> Any:
+def text_config(model: torch.nn.Module) -> Any:
     """The model's (text, decoder-side) Hugging Face config, or None."""
     config = getattr(model, "config", None)
     if config is None:
@@ -39,7 +39,7 @@ def _config(model: torch.nn.Module) -> Any:
 
 
 def _layer_count(model: torch.nn.Module) -> int:
-    config = _config(model)
+    config = text_config(model)
     if config is None:
         raise DecoderError(
             f"{type(model).__name__} (the model itself) has no `config`: the decoder layers are "
@@ -83,7 +83,7 @@ def decoder_layers(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
 def kv_geometry(model: torch.nn.Module) -> tuple[int, int]:
     """(key/value heads, head dimension) of the model's attention, from its config: what one
     cache position of one sequence holds per layer, for K and for V alike."""
-    config = _config(model)
+    config = text_config(model)
     heads = getattr(config, "num_attention_heads", None)
     if not isinstance(heads, int) or heads < 1:
         raise DecoderError(f"{type(model).__name__} (the model itself): its config names no num_attention_heads")
@@ -127,7 +127,7 @@ def check_cache_capture(model: torch.nn.Module) -> None:
     with a KV cache the runtime owns: a decoder-only causal LM whose forward takes a cache, with
     one stack of full-attention layers each writing the cache under its own index."""
     cls = type(model).__name__
-    config = _config(model)
+    config = text_config(model)
     if not isinstance(model, torch.nn.Module) or config is None:
         raise DecoderError(
             f"{cls} (the model itself) is not a Hugging Face causal LM (no `config`): the "
@@ -167,4 +167,4 @@ def check_cache_capture(model: torch.nn.Module) -> None:
             )
 
 
-__all__ = ["DecoderError", "check_cache_capture", "decoder_layers", "kv_geometry", "layer_of"]
+__all__ = ["DecoderError", "check_cache_capture", "decoder_layers", "kv_geometry", "layer_of", "text_config"]
