@@ -149,13 +149,19 @@ class RematProblem:
         return len(self.graph.ops)
 
     @functools.cached_property
+    def stage_nodes(self) -> tuple[tuple[int, ...], ...]:
+        """The nodes of each stage's op, in order."""
+        of_stage: list[list[int]] = [[] for _ in range(self.stages)]
+        for nd in self.nodes:
+            of_stage[nd.stage].append(nd.index)
+        return tuple(map(tuple, of_stage))
+
+    @functools.cached_property
     def first_sibling(self) -> tuple[int | None, ...]:
         """Per node, the first node of its op when that is another node (None for the first and
         for an op's only node): a re-run of both in one slot is one recompute of the op."""
-        first: dict[int, int] = {}
-        for nd in self.nodes:
-            first.setdefault(nd.stage, nd.index)
-        return tuple(None if first[nd.stage] == nd.index else first[nd.stage] for nd in self.nodes)
+        firsts = [self.stage_nodes[nd.stage][0] for nd in self.nodes]
+        return tuple(None if first == i else first for i, first in enumerate(firsts))
 
     @functools.cached_property
     def stage_reads(self) -> tuple[tuple[int, ...], ...]:
@@ -415,7 +421,7 @@ def solve_remat_any(problem: RematProblem, *, deadline: float, hint: Spans | Non
     for nd in nodes:
         j = nd.index
         for a in range(count[j]):
-            if a == 0 and j and nodes[j - 1].stage == nd.stage:
+            if a == 0 and problem.first_sibling[j] is not None:
                 continue
             if a and v.load[j][a] is not None and not nd.recomputable:
                 continue  # only ever loaded: it reads nothing
@@ -991,11 +997,9 @@ def spans_schedule(problem: RematProblem, spans: Spans,
     again: list[dict[int, set[int]]] = [{} for _ in range(stages)]  # stage -> op's stage -> nodes re-run
     loads: list[list[tuple[int, int]]] = [[] for _ in range(stages)]
     frees: list[list[int]] = [[] for _ in range(2 * stages)]
-    of_stage: list[list[int]] = [[] for _ in range(stages)]
     copied = {i for i, _ in reloads}
     last_load = {i: max(k for j, k in reloads if j == i) for i in copied}
     for nd, mine in zip(nodes, spans):
-        of_stage[nd.stage].append(nd.index)
         for k, (s, e) in enumerate(mine):
             if (nd.index, k) in reloads:
                 loads[s // 2].append((nd.index, k))
@@ -1034,13 +1038,13 @@ def spans_schedule(problem: RematProblem, spans: Spans,
             landing.update((storage, k == last_load[i]) for storage in nodes[i].storages)
         for u, rerun in sorted(again[t].items()):
             ready(u)
-            discard = tuple(s for i in of_stage[u] if i not in rerun for s in nodes[i].storages)
+            discard = tuple(s for i in problem.stage_nodes[u] if i not in rerun for s in nodes[i].storages)
             schedule.append(recompute(ops[u].name, discard))
         for i in sorted(frees[2 * t]):
             release(i)
         ready(t)
         schedule.append(compute(ops[t].name))
-        for i in of_stage[t]:
+        for i in problem.stage_nodes[t]:
             if i in copied:
                 schedule.extend(start_transfer(storage, DEVICE, cast(str, tier)) for storage in nodes[i].storages)
                 leaving.update(nodes[i].storages)

@@ -476,11 +476,10 @@ def _retain_infeasible(found: InfeasibleBudget, retained: tuple[str, int]) -> In
 def interval_channels(problem: Problem) -> tuple[Channel, Channel] | None:
     """The copies (device -> tier, tier -> device) to the slower tier the interval model may load
     from: the one with the fastest round trip (copies to a farther tier are the per-unit models')."""
-    tiers = {c.dst for c in problem.channels if c.src == DEVICE}
-    reachable = [t for t in tiers if _copy_seconds_per_byte(problem, t) < math.inf]
-    if not reachable:
+    round_trip = {c.dst: _copy_seconds_per_byte(problem, c.dst) for c in problem.channels if c.src == DEVICE}
+    tier = min(round_trip, key=round_trip.__getitem__, default=None)
+    if tier is None or round_trip[tier] == math.inf:
         return None
-    tier = min(reachable, key=lambda t: _copy_seconds_per_byte(problem, t))
     return cast(Channel, problem.pricing.channel(DEVICE, tier)), cast(Channel, problem.pricing.channel(tier, DEVICE))
 
 
