@@ -96,16 +96,23 @@ def test_bad_device() -> None:
             calibrate("cuda", quick=True)
 
 
+def _host_matmul_slows_down(monkeypatch: pytest.MonkeyPatch) -> None:
+    """calibrate's host float32 matmul measures 100 GFLOP/s first and 20 GFLOP/s last."""
+    from tierplan.cost_models import calibrate as module
+
+    rates = iter([100e9, 20e9])
+    real = module._matmul_flops
+    monkeypatch.setattr(module, "_matmul_flops", lambda device, dtype, *a: next(rates) if device.type == "cpu"
+                        and dtype == torch.float32 else real(device, dtype, *a))
+
+
 def test_a_machine_that_changed_speed_is_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The host matmul is timed first and again last: when the two rates are far apart (a
     neighbour took the cores meanwhile) calibrate warns and the file's sources say so."""
     from tierplan.cost_models import calibrate as module
 
     assert module.unsteady_machine(100e9, 90e9) is None
-    rates = iter([100e9, 20e9])
-    real = module._matmul_flops
-    monkeypatch.setattr(module, "_matmul_flops", lambda device, dtype, *a: next(rates) if device.type == "cpu"
-                        and dtype == torch.float32 else real(device, dtype, *a))
+    _host_matmul_slows_down(monkeypatch)
     with pytest.warns(module.CalibrationWarning, match=r"100\.0 GFLOP/s first and 20\.0 GFLOP/s last \(5\.0x"):
         hw = calibrate("cpu", quick=True, scratch_dir=tmp_path)
     assert any("run calibrate again when it is quiet" in s for s in hw.sources)
@@ -116,10 +123,7 @@ def test_the_cli_prints_the_warning_after_the_table(tmp_path: Path, monkeypatch:
     from tierplan.cli import main
     from tierplan.cost_models import calibrate as module
 
-    rates = iter([100e9, 20e9])
-    real = module._matmul_flops
-    monkeypatch.setattr(module, "_matmul_flops", lambda device, dtype, *a: next(rates) if device.type == "cpu"
-                        and dtype == torch.float32 else real(device, dtype, *a))
+    _host_matmul_slows_down(monkeypatch)
     monkeypatch.setattr(module.tempfile, "tempdir", str(tmp_path))
     assert main(["calibrate", "--quick", "--out", str(tmp_path / "cal.toml")]) == 0
     err = capsys.readouterr().err
