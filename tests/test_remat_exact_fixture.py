@@ -31,6 +31,10 @@ def test_recorded_bounds_are_consistent() -> None:
         assert entry["gap"] == pytest.approx((best - entry["bound"]) / best)
         assert (entry["status"] == "OPTIMAL") == (entry["bound"] >= best)
         assert entry.get("within_1_percent", entry["bound"] >= best / 1.01) == (entry["bound"] >= best / 1.01)
+        local = entry.get("local_check")
+        if local:  # no window of the schedule re-solved with the rest fixed found it cheaper
+            assert all(w["cost"] >= best for w in local["windows"])
+            assert local["windows"][-1]["cost"] == pytest.approx(best)
         method = entry.get("bound_method")
         if method:  # the bound is the sum the method describes
             windows = sum(w["bound"] for w in method["windows"])
@@ -61,3 +65,26 @@ def test_window_bounds_on_the_small_optimum(index) -> None:
     solver.SetNumThreads(1)
     assert solver.Solve() == 0  # pywraplp.Solver.OPTIMAL
     assert solver.Objective().Value() == pytest.approx(optimum)
+
+
+def test_a_window_with_the_rest_fixed_finds_the_cheaper_schedule() -> None:
+    """solve_window_fixed: on the 20-node optimum no window is cheaper (OPTIMAL at its cost); a
+    schedule that re-runs a node for nothing is mended inside the window that holds the waste,
+    and the mended schedule replays within the budget at the optimum."""
+    exact = _exact()
+    small = json.loads(FIXTURE.read_text())["small_optimal"]
+    entry = small["budgets"][1]
+    graph, budget, optimum = small["graph"], entry["budget_bytes"], entry["optimal_cost"]
+    inst = instance(graph)
+    window, same = exact.solve_window_fixed(graph, budget, entry["schedule"], 5, 14, time_limit_s=60)
+    assert (window.status, window.cost) == ("OPTIMAL", optimum)
+    assert replay(inst, same, budget).cost == optimum
+    # Waste: right after a compute, free its output and compute it again (its inputs are still resident).
+    schedule = [list(s) for s in entry["schedule"]]
+    at = max(k for k, (kind, node) in enumerate(schedule) if kind == "compute" and inst.preds[node])
+    node = schedule[at][1]
+    wasteful = schedule[:at + 1] + [["free", node], ["compute", node]] + schedule[at + 1:]
+    assert replay(inst, wasteful, budget).cost == optimum + inst.cpu[node]
+    window, mended = exact.solve_window_fixed(graph, budget, wasteful, 10, 19, time_limit_s=60)
+    assert window.status == "OPTIMAL" and window.cost == optimum
+    assert replay(inst, mended, budget).cost == optimum
