@@ -260,6 +260,8 @@ def tierplan_row(data: dict[str, Any], inst: Instance, budget: int, *, reorder: 
         plan = plan_fn(graph, times, budget, time_limit_s, **kwargs)
     except InfeasibleBudget as exc:
         low = f", planner's min {exc.min_feasible_bytes / MIB:.1f} MiB" if exc.min_feasible_bytes else ""
+        closest = getattr(exc, "closest_bytes", None)  # (a planner of another version may not say)
+        low += f", closest {closest / MIB:.1f} MiB" if closest else ""
         return Row(label, budget_label, budget, method, "infeasible", seconds=time.perf_counter() - started,
                    note=f"infeasible{low}")
     except PlanError as exc:

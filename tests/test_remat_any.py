@@ -592,3 +592,23 @@ def test_within_one_percent_of_the_proven_optimum_at_100_nodes() -> None:
     checked = replay(instance(fixture["graph"]), schedule_of(plan, ids), entry["budget_bytes"])
     assert checked.peak <= entry["budget_bytes"]
     assert entry["optimal_cost"] <= checked.cost <= 1.01 * entry["optimal_cost"]
+
+
+def test_no_plan_within_the_budget_says_how_close_the_search_came(tmp_path) -> None:
+    """Below what the interval model reaches in its time (0.7 of the 100-node graph's keep-all
+    peak, 15 s), the error names the lowest plan it found on the way down (below keep-all's
+    peak, over the budget), while the smallest feasible budget it carries stays one a search is
+    sure to meet again (keep-all's: the caller may plan there)."""
+    from tierplan.formats.random_graphs import standard_spec
+
+    data = layered_graph(standard_spec(100))
+    peak = keep_all_peak(data)
+    path = tmp_path / "g.json"
+    path.write_text(json.dumps(data))
+    budget = int(0.7 * peak)
+    with pytest.raises(InfeasibleBudget) as info:
+        remat_command(path, budget, time_limit=15)
+    text = str(info.value)
+    assert info.value.min_feasible_bytes == peak and "sure to be met" in text
+    closest = info.value.closest_bytes
+    assert closest is not None and budget < closest < peak and f"({closest} bytes; a search" in text

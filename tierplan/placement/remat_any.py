@@ -316,7 +316,7 @@ def spans_held(problem: RematProblem, spans: Spans, reloads: frozenset[tuple[int
 
 @dataclass
 class RematSolved:
-    spans: Spans | None
+    spans: Spans | None  # with fits False: the lowest-peak spans seen, over the room (or None)
     status: str
     objective_s: float | None  # recompute (and exposed copy) seconds of the model's answer
     bound_s: float | None  # CP-SAT's bound on the same, over the model's plans
@@ -553,7 +553,8 @@ def search_remat_any(problem: RematProblem, keep_all_peak: int, *, deadline: flo
     goes to the recompute time. When the last solve ends with nothing within the budget, the start
     is the answer when it is within it (the sweep's, or the ladder's last step: a hint CP-SAT did
     not complete in the time left; 250 nodes at 0.8 of the peak lost its ladder answer so in one
-    run of three)."""
+    run of three). With nothing within the budget (``fits`` False), the answer's spans are the
+    lowest-peak ones seen, over the budget: the caller reports how close the search came."""
     if intervals is None:
         intervals = SMALL_GRAPH_INTERVALS if problem.n <= SMALL_GRAPH_NODES else DEFAULT_INTERVALS
     now = time.perf_counter()
@@ -564,11 +565,16 @@ def search_remat_any(problem: RematProblem, keep_all_peak: int, *, deadline: flo
         # Proven over the budget with this many intervals per node: one more may fit it.
         found = solve_remat_any(problem, deadline=deadline, hint=found.spans, intervals=intervals + 1,
                                 workers=workers)
-    if not found.fits and hint is not None and spans_peak(problem, hint) <= problem.room \
-            and not spans_faults(problem, hint):
-        # (The sweep and the ladder re-run; they never load.)
+    if found.fits or hint is None or spans_faults(problem, hint):
+        return found
+    # (The sweep and the ladder re-run; they never load.)
+    if spans_peak(problem, hint) <= problem.room:
         status = GREEDY if hint is greedy else FIRST_FIT
         return RematSolved(hint, status, spans_recompute_s(problem, hint), None, found.solve_s)
+    if found.spans is None or spans_peak(problem, hint) < spans_peak(problem, found.spans, found.reloads):
+        # Nothing within the budget: the answer carries the lowest spans seen (the ladder's last
+        # step may peak lower than the last solve's answer), to say how close the search came.
+        return dataclasses.replace(found, spans=hint, reloads=frozenset())
     return found
 
 

@@ -338,6 +338,15 @@ def _check_bound(plan: Plan, bound_s: float, ka_time: float, kind: str, bound_st
 
 
 @dataclass
+class IntervalOutcome:
+    """What the interval model (``remat_any``) found in a search with no plan within the budget."""
+
+    status: str
+    floor_bytes: int  # no schedule peaks below this (``RematProblem.floor``, graph inputs included)
+    closest_peak_bytes: int | None = None  # the peak of the lowest plan it found over the budget
+
+
+@dataclass
 class _Search:
     """What one search has built and the time it has, shared by its stages.
 
@@ -350,7 +359,7 @@ class _Search:
     limit: float
     tried: list[Built] = field(default_factory=list)
     fates_of: dict[int, dict] = field(default_factory=dict)  # id(built) -> its member fates
-    retained: tuple[str, int] | None = None  # the interval model's (status, floor bytes), when it ran
+    retained: IntervalOutcome | None = None  # what the interval model found, when it ran
 
     @property
     def budget(self) -> int:
@@ -410,8 +419,15 @@ class _Search:
         remat = remat_problem(problem.graph, self.budget, problem.pricing.op_time_s,
                               channels=interval_channels(problem))
         found = search_remat_any(remat, reference.keep_all_peak_bytes, deadline=deadline)
-        self.retained = (found.status, remat.floor() + remat.fixed_bytes)
-        if not found.fits or found.spans is None:
+        self.retained = IntervalOutcome(found.status, remat.floor() + remat.fixed_bytes)
+        if found.spans is None:
+            return
+        if not found.fits:
+            # Over the budget, but a plan: its peak (the simulator's) tells the user how close
+            # the search came, where keep-all's peak would say it found nothing below keep-all.
+            _, closest = spans_plan(remat, found.spans, problem.pricing, reference, method="closest",
+                                    reloads=found.reloads)
+            self.retained.closest_peak_bytes = closest.peak_bytes[DEVICE]
             return
         ka_time = reference.predicted_time_s
         info = SolverReport.of(found.status, ka_time + (found.objective_s or 0.0), ka_time + (found.bound_s or 0.0),
@@ -455,22 +471,29 @@ class _Search:
                            f"{start.plan.method}", start=True, solver=start.plan.solver)
 
 
-def _retain_infeasible(found: InfeasibleBudget, retained: tuple[str, int]) -> InfeasibleBudget:
+def _retain_infeasible(found: InfeasibleBudget, retained: IntervalOutcome) -> InfeasibleBudget:
     """The infeasible-budget message when any op could be re-run anywhere: the per-unit models'
     smallest peak (keep-all's, with no units) is not this space's; say what the interval model
-    found and the floor no schedule goes below."""
-    status, floor = retained
-    budget = found.budget_bytes
+    found, the floor no schedule goes below and how close the interval model came. The smallest
+    feasible budget stays the per-unit models' (a plan found again at that budget: callers plan
+    there, ``api.plan_graph_fractional``); the interval model's closest plan is reported beside it,
+    since a search at its peak walks other steps and may not find it."""
+    status, floor = retained.status, retained.floor_bytes
+    budget, smallest, closest = found.budget_bytes, found.min_feasible_bytes, retained.closest_peak_bytes
     proven = "none fits (proven for that model)" if status == "INFEASIBLE" else f"none found in the time given ({status})"
     message = (
         f"device budget {format_bytes(budget)} ({budget} bytes): no plan found. Re-running any op at any "
         f"later point (the retention-interval model): {proven}; no schedule peaks below "
-        f"{format_bytes(floor)} ({floor} bytes: an op's inputs and output and the outputs made before it). "
-        f"The smallest peak of a plan found is {format_bytes(found.min_feasible_bytes or 0)} "
-        f"({found.min_feasible_bytes} bytes)"
-        + ("; more time (--time-limit) may find a plan" if status != "INFEASIBLE" and floor <= budget else "")
+        f"{format_bytes(floor)} ({floor} bytes: an op's inputs and output and the outputs made before it)."
     )
-    return InfeasibleBudget(message, budget_bytes=budget, min_feasible_bytes=found.min_feasible_bytes)
+    if closest is not None and smallest is not None and closest >= smallest:
+        closest = None
+    if closest is not None:
+        message += (f" Its lowest plan on the way down peaks at {format_bytes(closest)} ({closest} bytes; a "
+                    "search at that budget takes other steps and may not find it again).")
+    message += (f" The smallest budget sure to be met is {format_bytes(smallest or 0)} ({smallest} bytes)"
+                + ("; more time (--time-limit) may find a plan" if status != "INFEASIBLE" and floor <= budget else ""))
+    return InfeasibleBudget(message, budget_bytes=budget, min_feasible_bytes=smallest, closest_bytes=closest)
 
 
 def interval_channels(problem: Problem) -> tuple[Channel, Channel] | None:

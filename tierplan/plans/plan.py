@@ -71,12 +71,16 @@ def bound_above(objective_s: float, bound_s: float) -> bool:
 
 
 class InfeasibleBudget(PlanError):
-    """No plan fits the memory budget; carries the smallest budget known to work."""
+    """No plan fits the memory budget; carries the smallest budget known to work (a search at it
+    finds a plan again) and, when lower, the peak of the lowest plan found over the budget (a
+    search at that peak may take another path and miss it)."""
 
-    def __init__(self, message: str, *, budget_bytes: int, min_feasible_bytes: int | None) -> None:
+    def __init__(self, message: str, *, budget_bytes: int, min_feasible_bytes: int | None,
+                 closest_bytes: int | None = None) -> None:
         super().__init__(message)
         self.budget_bytes = budget_bytes
         self.min_feasible_bytes = min_feasible_bytes
+        self.closest_bytes = closest_bytes
 
 
 class StepKind(str, enum.Enum):
