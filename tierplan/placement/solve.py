@@ -339,7 +339,7 @@ def _check_bound(plan: Plan, bound_s: float, ka_time: float, kind: str, bound_st
 
 @dataclass
 class IntervalOutcome:
-    """What the interval model (``remat_any``) found in a search with no plan within the budget."""
+    """What the interval model (``remat_any``) found in a search: read when no plan fits the budget."""
 
     status: str
     floor_bytes: int  # no schedule peaks below this (``RematProblem.floor``, graph inputs included)
@@ -425,8 +425,11 @@ class _Search:
         if not found.fits:
             # Over the budget, but a plan: its peak (the simulator's) tells the user how close
             # the search came, where keep-all's peak would say it found nothing below keep-all.
-            _, closest = spans_plan(remat, found.spans, problem.pricing, reference, method="closest",
-                                    reloads=found.reloads)
+            try:
+                _, closest = spans_plan(remat, found.spans, problem.pricing, reference, method="closest",
+                                        reloads=found.reloads)
+            except PlanError:  # only a figure for the message: the search goes on without it
+                return
             self.retained.closest_peak_bytes = closest.peak_bytes[DEVICE]
             return
         ka_time = reference.predicted_time_s
