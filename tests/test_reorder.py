@@ -15,8 +15,8 @@ from tierplan.formats.random_graphs import check_topological, instance, layered_
 from tierplan.ir import GraphError, Phase
 from tierplan.passes.liveness import peak_bytes
 from tierplan.passes.ordering import check_order, dependencies, order_free_first, order_lpmf, reorder_graph
-from tierplan.placement.reorder import CAPTURE, candidate_orders
-from tierplan.plans.plan import DEVICE, StepKind
+from tierplan.placement.reorder import CAPTURE, candidate_orders, plan_in_orders
+from tierplan.plans.plan import DEVICE, InfeasibleBudget, StepKind
 from test_ordering import make_graph
 
 F, B = Phase.FORWARD, Phase.BACKWARD
@@ -46,6 +46,24 @@ def test_reorder_plans_a_layered_graph_below_its_capture_order_cost(tmp_path):
     computes = [ids[s.op] for s in reordered.schedule if s.kind == StepKind.COMPUTE]
     assert computes != [ids[op.name] for op in graph.ops]
     check_topological(computes, instance(data).preds)
+
+
+def test_when_no_order_has_a_plan_the_closest_one_is_raised(tmp_path):
+    """Every order refused with the same smallest sure budget: the error raised is the order's
+    whose search came closest (its lowest plan's peak), not merely the first."""
+    _, path = _abstract(tmp_path, 100)
+    graph, _, _ = load_abstract(path)
+    budget = int(0.8 * peak_bytes(graph))
+    closest = iter([95, 90, 97, 93, 99, 94])  # one per order planned, in turn
+
+    def refuse(ordered, seconds):
+        raise InfeasibleBudget(f"order {ordered.meta.get('op_order', CAPTURE)}", budget_bytes=budget,
+                               min_feasible_bytes=100, closest_bytes=next(closest))
+
+    with pytest.raises(InfeasibleBudget) as info:
+        plan_in_orders(graph, refuse, budget=budget, time_limit_s=1.0)
+    orders = len(candidate_orders(graph, budget=budget))
+    assert orders >= 2 and info.value.closest_bytes == min([95, 90, 97, 93, 99, 94][:orders])
 
 
 def test_candidates_hold_fewer_bytes_than_the_capture_order(tmp_path):

@@ -121,7 +121,9 @@ def plan_in_orders(graph: Graph, plan_in: Callable[[Graph, float], Plan], *, bud
         if best is None or (plan.step_time_s, plan.peak_bytes[DEVICE]) < (best.step_time_s, best.peak_bytes[DEVICE]):
             best = plan
     if best is None:
-        raise min(refused, key=lambda e: e.min_feasible_bytes if e.min_feasible_bytes is not None else 2**63)
+        # The order with the smallest budget sure to be met; among equals, the one that came closest.
+        raise min(refused, key=lambda e: (2**63 if e.min_feasible_bytes is None else e.min_feasible_bytes,
+                                          2**63 if e.closest_bytes is None else e.closest_bytes))
     chosen = best.graph.meta.get("op_order", CAPTURE)
     rest = f"; not planned, no overhead left to remove: {', '.join(skipped)}" if skipped else ""
     best.method = (f"{best.method}; op order {chosen} (orders planned: {', '.join(tried)}{rest}; the "
