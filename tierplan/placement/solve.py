@@ -62,7 +62,7 @@ from tierplan.placement.keep_all import keep_all_plan
 from tierplan.placement.linear_model import Key, Linear, greedy, linearize
 from tierplan.placement.local_search import improve
 from tierplan.placement.remat_any import (
-    FIRST_FIT, GREEDY, REMAT_ANY_CPSAT, remat_problem, search_remat_any, spans_plan,
+    FIRST_FIT, GREEDY, REMAT_ANY_CPSAT, RematProblem, RematSolved, remat_problem, search_remat_any, spans_plan,
 )
 from tierplan.placement.schedule import build_schedule, initial_tiers
 from tierplan.placement.simulate import simulate
@@ -278,7 +278,7 @@ def _search(problem: Problem, started: float, limit: float,
         if isinstance(found, InfeasibleBudget) and search.retained is not None and not problem.units:
             # Without units the per-unit diagnosis has nothing to say; with them it names what
             # binds (the parameters, the tiers), which the interval model's floor does not.
-            found = _retain_infeasible(found, search.retained)
+            found = _retain_infeasible(found, search.retained, search.closest_peak())
         if isinstance(found, InfeasibleBudget):
             return found, solved
         fitting = [found]  # the min-peak probe found a plan within the budget
@@ -337,13 +337,13 @@ def _check_bound(plan: Plan, bound_s: float, ka_time: float, kind: str, bound_st
     )
 
 
-@dataclass
+@dataclass(frozen=True)
 class IntervalOutcome:
-    """What the interval model (``remat_any``) found in a search: read when no plan fits the budget."""
+    """The interval model's (``remat_any``) problem and answer in a search: read when no plan
+    fits the budget."""
 
-    status: str
-    floor_bytes: int  # no schedule peaks below this (``RematProblem.floor``, graph inputs included)
-    closest_peak_bytes: int | None = None  # the peak of the lowest plan it found over the budget
+    problem: RematProblem
+    answer: RematSolved
 
 
 @dataclass
@@ -419,18 +419,8 @@ class _Search:
         remat = remat_problem(problem.graph, self.budget, problem.pricing.op_time_s,
                               channels=interval_channels(problem))
         found = search_remat_any(remat, reference.keep_all_peak_bytes, deadline=deadline)
-        self.retained = IntervalOutcome(found.status, remat.floor() + remat.fixed_bytes)
-        if found.spans is None:
-            return
-        if not found.fits:
-            # Over the budget, but a plan: its peak (the simulator's) tells the user how close
-            # the search came, where keep-all's peak would say it found nothing below keep-all.
-            try:
-                _, closest = spans_plan(remat, found.spans, problem.pricing, reference, method="closest",
-                                        reloads=found.reloads)
-            except PlanError:  # only a figure for the message: the search goes on without it
-                return
-            self.retained.closest_peak_bytes = closest.peak_bytes[DEVICE]
+        self.retained = IntervalOutcome(remat, found)
+        if not found.fits or found.spans is None:
             return
         ka_time = reference.predicted_time_s
         info = SolverReport.of(found.status, ka_time + (found.objective_s or 0.0), ka_time + (found.bound_s or 0.0),
@@ -446,6 +436,20 @@ class _Search:
             plan.solver = SolverReport.of(found.status, plan.predicted_time_s, plan.predicted_time_s, found.solve_s,
                                           keep_all_s=ka_time, bound_kind=REMAT_ANY_CPSAT)
         self.tried.append(Built(plan, figures))
+
+    def closest_peak(self) -> int | None:
+        """The device peak of the interval model's lowest plan over the budget, when it answered
+        with one: it tells the user how close the search came, where keep-all's peak would say it
+        found nothing below keep-all. Built here, for the infeasible budget's message only."""
+        outcome = self.retained
+        if outcome is None or outcome.answer.fits or outcome.answer.spans is None:
+            return None
+        try:
+            _, figures = spans_plan(outcome.problem, outcome.answer.spans, self.problem.pricing, self.problem.keep_all,
+                                    method="closest", reloads=outcome.answer.reloads)
+        except PlanError:  # only a figure for the message: the message goes on without it
+            return None
+        return figures.peak_bytes[DEVICE]
 
     def measure(self, model: Linear, choice: dict[Key, Option]) -> tuple[bool, float]:
         """(fits every tier, step time) of the choice's plan, from the simulator."""
@@ -474,15 +478,15 @@ class _Search:
                            f"{start.plan.method}", start=True, solver=start.plan.solver)
 
 
-def _retain_infeasible(found: InfeasibleBudget, retained: IntervalOutcome) -> InfeasibleBudget:
+def _retain_infeasible(found: InfeasibleBudget, retained: IntervalOutcome, closest: int | None) -> InfeasibleBudget:
     """The infeasible-budget message when any op could be re-run anywhere: the per-unit models'
     smallest peak (keep-all's, with no units) is not this space's; say what the interval model
     found, the floor no schedule goes below and how close the interval model came. The smallest
     feasible budget stays the per-unit models' (a plan found again at that budget: callers plan
     there, ``api.plan_graph_fractional``); the interval model's closest plan is reported beside it,
     since a search at its peak walks other steps and may not find it."""
-    status, floor = retained.status, retained.floor_bytes
-    budget, smallest, closest = found.budget_bytes, found.min_feasible_bytes, retained.closest_peak_bytes
+    status, floor = retained.answer.status, retained.problem.floor() + retained.problem.fixed_bytes
+    budget, smallest = found.budget_bytes, found.min_feasible_bytes
     proven = "none fits (proven for that model)" if status == "INFEASIBLE" else f"none found in the time given ({status})"
     message = (
         f"device budget {format_bytes(budget)} ({budget} bytes): no plan found. Re-running any op at any "
