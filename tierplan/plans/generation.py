@@ -223,11 +223,11 @@ class GenerationRates:
             # The runtime copies a micro-batch's hidden states on the compute stream, right
             # before and after its layer (they are small: one micro-batch's rows).
             return COMPUTE
-        if self.shared_cpu and kind in (WEIGHT_IN, KV_IN, KV_OUT, QKV_OUT, ATTN_IN, ACT_IN, ACT_OUT):
+        if self.shared_cpu and kind in (WEIGHT_IN, KV_IN, KV_OUT, QKV_OUT, ATTN_IN):
             return COMPUTE
-        if kind in (WEIGHT_IN, KV_IN, ATTN_IN, ACT_IN):
+        if kind in (WEIGHT_IN, KV_IN, ATTN_IN):
             return H2D if self.pcie_duplex else PCIE
-        if kind in (KV_OUT, QKV_OUT, ACT_OUT):
+        if kind in (KV_OUT, QKV_OUT):
             return D2H if self.pcie_duplex else PCIE
         if kind in (WEIGHT_READ, KV_READ):
             return NVME_READ if self.nvme_duplex else NVME_BOTH
