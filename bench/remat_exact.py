@@ -535,10 +535,10 @@ def check_local(path: Path, width: int, stride: int, time_limit_s: float) -> Non
     schedule of the fixture at ``path`` with the rest of the schedule fixed, keep any cheaper
     schedule found, and record per budget what each window showed."""
     fx = json.loads(path.read_text())
+    n = len(fx["graph"]["nodes"])
+    firsts = sorted({min(a, max(0, n - width)) for a in range(0, n, stride)})
     for entry in fx["budgets"]:
         schedule, budget = entry["schedule"], entry["budget_bytes"]
-        n = len(fx["graph"]["nodes"])
-        firsts = sorted({min(a, max(0, n - width)) for a in range(0, n, stride)})
         windows = []
         print(f"  {entry['fraction']:.2f}, best {entry['best_cost']:g}:", flush=True)
         for first in firsts:

@@ -16,12 +16,13 @@ second allows) after one untimed run, each op timed where it runs, after the ops
 its inputs are as warm or cold in cache and its output's allocation as fresh as in a program that
 runs the ops in that order; an op's time is its median over the runs. (Timed alone, each op
 called again and again on the same inputs, gpt2-tiny's ops sum to 2.2 ms where the whole graph
-takes 3.2 ms.) On CUDA every call is synchronized. Ops that write into an input (``copy_``, ``add_``) run on copies of their
-inputs, and the random generators' states are restored at the end: measuring changes neither
-the model's buffers nor the random stream. A view is timed too: it launches no kernel, but its
-call is a line of the program. The caller sets the allocator up as the program will run (on the
-CPU, ``codegen.runtime.keep_freed_memory``): timed before it, the MLP's 3-4 MiB gradients came
-from fresh mmaps and one matmul took 1.2 ms of page faults instead of 0.3.
+takes 3.2 ms.) On CUDA every call is synchronized. Ops that write into an input (``copy_``,
+``add_``) run on copies of their inputs, and the random generators' states are restored at the
+end: measuring changes neither the model's buffers nor the random stream. A view is timed too:
+it launches no kernel, but its call is a line of the program. The caller sets the allocator up
+as the program will run (on the CPU, ``codegen.runtime.keep_freed_memory``): timed before it,
+the MLP's 3-4 MiB gradients came from fresh mmaps and one matmul took 1.2 ms of page faults
+instead of 0.3.
 """
 from __future__ import annotations
 
