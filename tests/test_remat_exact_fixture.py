@@ -36,9 +36,6 @@ def test_recorded_bounds_are_consistent() -> None:
         if local:  # no window of the schedule re-solved with the rest fixed found it cheaper
             assert all(w["cost"] >= best for w in local["windows"])
             assert local["windows"][-1]["cost"] == pytest.approx(best)
-        moment = entry.get("moment_method")
-        if moment:  # a proven bound of the relaxation, no higher than the best schedule
-            assert moment["bound"] <= best and entry["bound"] >= moment["bound"]
         method = entry.get("bound_method")
         if method:  # the bound is the sum the method describes
             windows = sum(w["bound"] for w in method["windows"])

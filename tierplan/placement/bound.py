@@ -98,9 +98,11 @@ def overhead_lower_bound(
     live: Liveness | None = None,
     steps: int = _STEPS,
     time_limit_s: float = _TIME_LIMIT_S,
+    at: Sequence[int] | None = None,
 ) -> LowerBound:
     """The largest per-step bound over ``steps`` high-pressure steps of keep-all (``_peaks``),
-    at ``pricing``'s budget. ``live``: the liveness in capture order, when the caller has it."""
+    at ``pricing``'s budget; over the op positions ``at`` instead when given. ``live``: the
+    liveness in the graph's op order, when the caller has it."""
     live = live if live is not None else liveness(graph)
     budget, channels, op_time_s = pricing.budget, pricing.channels, pricing.op_time_s
     order = list(live.order)
@@ -112,7 +114,7 @@ def overhead_lower_bound(
     cumulative = np.concatenate([[0.0], np.cumsum([op_time_s[n] for n in order])])
     lives = list(live.lifetimes)
     best = LowerBound(0.0, -1, 0, True)
-    for step in _peaks(graph, base, lives, steps):
+    for step in (at if at is not None else _peaks(graph, base, lives, steps)):
         found = _step_bound(graph, order, lives, int(step), budget, channels, op_time_s, readers, cumulative,
                             time_limit_s)
         if found.overhead_s > best.overhead_s:
