@@ -89,19 +89,44 @@ class _Model:
     FREE: dict[tuple[int, int, int], cp_model.IntVar]
 
 
+@dataclass(frozen=True)
+class _Indexed:
+    """An instance by position in its order, memory in units of the gcd of the sizes (the
+    linear models' rows stay integral)."""
+
+    n: int
+    mem: list[int]
+    cap: int  # the budget in those units
+    preds: list[list[int]]
+    succs: list[list[int]]
+    sinks: set[int]
+    cost: list[float]
+
+    @staticmethod
+    def of(inst: Instance, budget: int) -> "_Indexed":
+        pos = {node: i for i, node in enumerate(inst.order)}
+        unit = math.gcd(*(inst.ram[v] for v in inst.order)) or 1
+        succs = [[pos[s] for s in inst.succs[v]] for v in inst.order]
+        return _Indexed(len(inst.order), [inst.ram[v] // unit for v in inst.order], budget // unit,
+                        [[pos[p] for p in inst.preds[v]] for v in inst.order], succs,
+                        {i for i, out in enumerate(succs) if not out}, [float(inst.cpu[v]) for v in inst.order])
+
+
+def _linear_solver(backend: str) -> Any:
+    from ortools.linear_solver import pywraplp
+
+    solver = pywraplp.Solver.CreateSolver(backend)
+    if solver is None:
+        raise SystemExit(f"OR-tools has no {backend} backend here")
+    return solver
+
+
 def build_model(inst: Instance, budget: int) -> _Model:
     """Checkmate's MILP over positions 0..n-1 of ``inst.order``; memory in units of the gcd of the
     sizes (the same model, smaller numbers for the solver)."""
-    n = len(inst.order)
-    pos = {node: i for i, node in enumerate(inst.order)}
-    unit = math.gcd(*(inst.ram[v] for v in inst.order)) or 1
-    mem = [inst.ram[v] // unit for v in inst.order]
-    cap = budget // unit
-    preds = [[pos[p] for p in inst.preds[v]] for v in inst.order]
-    succs = [[pos[s] for s in inst.succs[v]] for v in inst.order]
-    sinks = {i for i in range(n) if not succs[i]}
+    g = _Indexed.of(inst, budget)
+    n, mem, cap, preds, succs, sinks, cpu = g.n, g.mem, g.cap, g.preds, g.succs, g.sinks, g.cost
     # Costs must be integers for CP-SAT; scale by 1000 when a benchmark's costs are fractional.
-    cpu = [inst.cpu[v] for v in inst.order]
     scale = 1 if all(float(c).is_integer() for c in cpu) else 1000
     cost = [int(round(c * scale)) for c in cpu]
 
@@ -203,20 +228,9 @@ def build_mip(inst: Instance, budget: int, backend: str, window: Window | None =
       at s, so an input not retained out of the window must be computed there too. Those are
       recomputes (i <= last < s), each node counted once, in stages no window covers.
     """
-    from ortools.linear_solver import pywraplp
-
-    solver = pywraplp.Solver.CreateSolver(backend)
-    if solver is None:
-        raise SystemExit(f"OR-tools has no {backend} backend here")
-    n = len(inst.order)
-    pos = {node: i for i, node in enumerate(inst.order)}
-    unit = math.gcd(*(inst.ram[v] for v in inst.order)) or 1
-    mem = [inst.ram[v] // unit for v in inst.order]
-    cap = budget // unit
-    preds = [[pos[p] for p in inst.preds[v]] for v in inst.order]
-    succs = [[pos[s] for s in inst.succs[v]] for v in inst.order]
-    sinks = {i for i in range(n) if not succs[i]}
-    cost = [float(inst.cpu[v]) for v in inst.order]
+    solver = _linear_solver(backend)
+    g = _Indexed.of(inst, budget)
+    n, mem, cap, preds, succs, sinks, cost = g.n, g.mem, g.cap, g.preds, g.succs, g.sinks, g.cost
     first, last = (window.first, window.last) if window else (0, n - 1)
     stages = range(first, last + 1)
     R = {(t, i): solver.BoolVar(f"R{t}_{i}") for t in stages for i in range(t + 1)}
@@ -488,8 +502,8 @@ def build_moment_model(inst: Instance, budget: int, backend: str = "SCIP",
     What it drops: the memory between recomputes other than at their own moments, and which
     outputs a recompute chain holds together beyond one node's inputs. Objective: every node's
     cost once plus sum cost[i] r[i,t]. It has O(n^2) binaries against the MILP's O(n^3) FREE
-    (its recompute rows hold O(n^3) terms), and on the fixture an LP-based solver's bound on it
-    rises above the window bound in minutes.
+    (its recompute rows hold O(n^3) terms). On the fixture at 0.8 the whole model does not close
+    (SCIP's bound 571.5 after 28 minutes); its windows do, and prove 591.
 
     With ``window``, only the moments of its stages, as build_mip's windows: what is resident at
     the moment before the first is free (a[i, first-1] unconstrained), the objective is its
@@ -498,20 +512,9 @@ def build_moment_model(inst: Instance, budget: int, backend: str = "SCIP",
     window's last moment is not retained out of it, so a reader after it needs a recompute after
     it, whose inputs must be resident then).
     """
-    from ortools.linear_solver import pywraplp
-
-    solver = pywraplp.Solver.CreateSolver(backend)
-    if solver is None:
-        raise SystemExit(f"OR-tools has no {backend} backend here")
-    n = len(inst.order)
-    pos = {node: i for i, node in enumerate(inst.order)}
-    unit = math.gcd(*(inst.ram[v] for v in inst.order)) or 1
-    mem = [inst.ram[v] // unit for v in inst.order]
-    cap = budget // unit
-    preds = [[pos[p] for p in inst.preds[v]] for v in inst.order]
-    succs = [[pos[s] for s in inst.succs[v]] for v in inst.order]
-    sinks = {i for i in range(n) if not succs[i]}
-    cost = [float(inst.cpu[v]) for v in inst.order]
+    solver = _linear_solver(backend)
+    g = _Indexed.of(inst, budget)
+    n, mem, cap, preds, succs, sinks, cost = g.n, g.mem, g.cap, g.preds, g.succs, g.sinks, g.cost
     first, last = (window.first, window.last) if window else (0, n - 1)
     moments = range(first, last + 1)
     a: dict[tuple[int, int], Any] = {}
