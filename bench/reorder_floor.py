@@ -36,7 +36,7 @@ from zoo_graph import training_graph  # noqa: E402
 
 from tierplan.cost_models.hardware import load_hardware  # noqa: E402
 from tierplan.ir import Graph, Phase  # noqa: E402
-from tierplan.passes.liveness import liveness  # noqa: E402
+from tierplan.passes.liveness import Liveness, liveness  # noqa: E402
 from tierplan.passes.ordering import reorder_graph  # noqa: E402
 from tierplan.placement.bound import overhead_lower_bound  # noqa: E402
 from tierplan.placement.torch_baseline import TorchBudgetBaseline  # noqa: E402
@@ -118,11 +118,11 @@ def extreme_orders(graph: Graph, cross: Crossing) -> dict[str, Graph]:
             for label, to in (("crossing ops before T", 0), ("crossing ops after T", 2))}
 
 
-def bound_at(graph: Graph, pricing: Pricing, op_name: str) -> float:
+def bound_at(graph: Graph, pricing: Pricing, op_name: str, live: Liveness | None = None) -> float:
     """The remat-only bound's overhead (placement/bound.py) at the step of ``op_name`` in
-    ``graph``'s own order."""
+    ``graph``'s own order (``live``: its liveness, when the caller has it)."""
     step = [op.name for op in graph.ops].index(op_name)
-    return overhead_lower_bound(graph, pricing, at=[step]).overhead_s
+    return overhead_lower_bound(graph, pricing, live=live, at=[step]).overhead_s
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  {'order':24s} {'live at T':>10s} {'bound at T':>22s} {'bound, usual steps':>24s}")
         for label, ordered in {"capture": graph, **extreme_orders(graph, cross)}.items():
             live = liveness(ordered)
-            at_t = bound_at(ordered, pricing, binding)
+            at_t = bound_at(ordered, pricing, binding, live)
             usual = overhead_lower_bound(ordered, pricing, live=live).overhead_s
             t = [op.name for op in ordered.ops].index(binding)
             print(f"  {label:24s} {live.live_bytes[t] / MIB:8.0f} M {at_t * 1e3:8.2f} ms ({at_t / torch_s:5.3f}x) "
